@@ -1,0 +1,245 @@
+"""Train the toy backend's models on ShapeWorld: the VAE, then the text encoder + UNet.
+
+Run with `python -m lr_tutorial train-toy --ckpt-dir DIR` (see `cli.py`). Every stage is
+seeded, checkpoints atomically every `ckpt_every` steps into `ckpt_dir`, and resumes from the
+newest checkpoint when started again; data for step s is drawn from a generator seeded with
+(seed, s), so a resumed run sees exactly the batches an uninterrupted run would. Progress goes
+to a tqdm bar and to `ckpt_dir/log.jsonl` (one JSON line per `log_every` steps).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import components, heldout, world
+
+
+@dataclass
+class ToyTrainConfig:
+    """Knobs of `train-toy`. Defaults are what produced the shipped weights (data/toy/README.md)."""
+    ckpt_dir: str
+    seed: int = 0
+    # VAE
+    vae_steps: int = 2000
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    # latents of a fixed set of scenes, encoded once
+    dataset_size: int = 100_000
+    # text encoder + UNet
+    unet_steps: int = 15_000
+    unet_batch: int = 64
+    unet_lr: float = 3e-4
+    unet_warmup: int = 500
+    min_snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al. 2023)
+    ema_decay: float = 0.999
+    keep_prob: float = 0.7  # each attribute is stated in the caption with this probability
+    uncond_prob: float = 0.1  # empty caption, for classifier-free guidance
+    ckpt_every: int = 250
+    log_every: int = 25
+    unet_overrides: dict = field(default_factory=dict)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _log(cfg: ToyTrainConfig, **row) -> None:
+    with open(Path(cfg.ckpt_dir) / "log.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 (H, W, 3) images -> float (B, 3, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------- VAE
+def vae_scene(rng: np.random.Generator) -> world.Scene:
+    """VAE data: plain objects, the subject, and random two-colour patterns (so that any
+    patterned subject a user brings survives the autoencoder, not just ours)."""
+    u = rng.random()
+    if u < 0.6:
+        return world.sample_scene(rng)
+    if u < 0.75:
+        return world.subject_scene(rng) if rng.random() < 0.7 else world.reference_scene(rng)
+    cols = rng.integers(0, 256, size=(2, 3))
+    pattern = world.Pattern(tuple(int(c) for c in cols[0]), tuple(int(c) for c in cols[1]),
+                            core_radius=float(rng.uniform(0.3, 0.55)))
+    return world.sample_scene(rng, pattern=pattern, rotation=float(rng.uniform(-15, 15)))
+
+
+def train_vae(cfg: ToyTrainConfig):
+    ckdir = Path(cfg.ckpt_dir)
+    ckdir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    vae = components.build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    start, path = 0, ckdir / "vae.pt"
+    if path.exists():
+        state = torch.load(path, weights_only=True)
+        vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
+        start = state["step"]
+    bar = tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="vae")
+    t0, run = time.time(), []
+    for step in bar:
+        rng = np.random.default_rng([cfg.seed, 1, step])
+        x = to_tensor([world.render(vae_scene(rng)) for _ in range(cfg.vae_batch)])
+        lr = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        post = vae.encode(x).latent_dist
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
+        rec = vae.decode(post.sample(generator=gen)).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + cfg.vae_kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        run.append(loss.item())
+        if (step + 1) % cfg.log_every == 0:
+            _log(cfg, stage="vae", step=step + 1, loss=float(np.mean(run)), lr=lr,
+                 elapsed=time.time() - t0)
+            bar.set_postfix(loss=f"{np.mean(run):.4f}")
+            run = []
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.vae_steps:
+            _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, path)
+    return vae
+
+
+# ----------------------------------------------------------------------------- latents
+def dataset_scene(seed: int, i: int) -> world.Scene:
+    return world.sample_scene(np.random.default_rng([seed, 2, i]))
+
+
+@torch.no_grad()
+def encode_dataset(cfg: ToyTrainConfig, vae) -> tuple[torch.Tensor, float]:
+    """Latent means of `dataset_size` scenes, and the scaling factor 1/std of those latents."""
+    path = Path(cfg.ckpt_dir) / "latents.pt"
+    if path.exists():
+        state = torch.load(path, weights_only=True)
+        return state["latents"].float(), state["scaling_factor"]
+    vae.eval()
+    out = []
+    for s in tqdm(range(0, cfg.dataset_size, 500), desc="encode latents"):
+        imgs = [world.render(dataset_scene(cfg.seed, i))
+                for i in range(s, min(s + 500, cfg.dataset_size))]
+        out.append(vae.encode(to_tensor(imgs)).latent_dist.mean)
+    latents = torch.cat(out)
+    scaling = float(1.0 / latents.std())
+    _atomic_save({"latents": latents.half(), "scaling_factor": scaling}, path)
+    return latents, scaling
+
+
+# ----------------------------------------------------------------------------- UNet
+def training_caption(scene: world.Scene, rng: np.random.Generator, cfg: ToyTrainConfig,
+                     excluded: frozenset[str]) -> str:
+    if rng.random() < cfg.uncond_prob:
+        return ""
+    keep = {a: bool(rng.random() < cfg.keep_prob) for a in heldout.ATTRS}
+    cap = world.scene_caption(scene, keep)
+    while cap in excluded:  # a held-out prompt: state one attribute fewer
+        stated = [a for a in heldout.ATTRS if keep[a]]
+        keep[stated[int(rng.integers(len(stated)))]] = False
+        cap = world.scene_caption(scene, keep)
+    return cap
+
+
+def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float):
+    ckdir = Path(cfg.ckpt_dir)
+    torch.manual_seed(cfg.seed)
+    tok = components.build_tokenizer()
+    te = components.build_text_encoder(tok)
+    unet = components.build_unet(**cfg.unet_overrides)
+    sched = components.build_scheduler()
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
+    ema = [p.detach().clone() for p in params]
+    start, path = 0, ckdir / "unet.pt"
+    if path.exists():
+        state = torch.load(path, weights_only=True)
+        unet.load_state_dict(state["unet"]), te.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["opt"])
+        ema = state["ema"]
+        start = state["step"]
+    excluded = heldout.training_exclusions()
+    alphas = sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # (1000,)
+    bar = tqdm(range(start, cfg.unet_steps), initial=start, total=cfg.unet_steps, desc="unet")
+    t0, run = time.time(), []
+    for step in bar:
+        rng = np.random.default_rng([cfg.seed, 3, step])
+        idx = rng.integers(0, len(latents), size=cfg.unet_batch)
+        caps = [training_caption(dataset_scene(cfg.seed, int(i)), rng, cfg, excluded) for i in idx]
+        ids = tok(caps, padding="max_length", max_length=tok.model_max_length,
+                  return_tensors="pt").input_ids
+        z0 = latents[torch.from_numpy(idx)] * scaling  # (B, 4, 16, 16)
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        zt = sched.add_noise(z0, noise, t)
+        lr = cfg.unet_lr * min(1.0, (step + 1) / cfg.unet_warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        pred = unet(zt, t, te(ids)[0]).sample
+        loss = (weight[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        run.append(loss.item())
+        if (step + 1) % cfg.log_every == 0:
+            _log(cfg, stage="unet", step=step + 1, loss=float(np.mean(run)), lr=lr,
+                 elapsed=time.time() - t0)
+            bar.set_postfix(loss=f"{np.mean(run):.4f}")
+            run = []
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.unet_steps:
+            _atomic_save({"unet": unet.state_dict(), "text_encoder": te.state_dict(),
+                          "opt": opt.state_dict(), "ema": ema, "step": step + 1,
+                          "config": asdict(cfg)}, path)
+    return unet, te
+
+
+def ema_models(cfg: ToyTrainConfig):
+    """(tokenizer, text_encoder, unet) from the newest UNet checkpoint, with EMA weights."""
+    state = torch.load(Path(cfg.ckpt_dir) / "unet.pt", weights_only=True)
+    tok = components.build_tokenizer()
+    te = components.build_text_encoder(tok)
+    unet = components.build_unet(**cfg.unet_overrides)
+    params = list(unet.parameters()) + list(te.parameters())
+    with torch.no_grad():
+        for p, e in zip(params, state["ema"]):
+            p.copy_(e)
+    return tok, te.eval(), unet.eval(), state["step"]
+
+
+def trained_vae(cfg: ToyTrainConfig, scaling: float | None = None):
+    vae = components.build_vae()
+    vae.load_state_dict(torch.load(Path(cfg.ckpt_dir) / "vae.pt", weights_only=True)["model"])
+    if scaling is not None:
+        vae.register_to_config(scaling_factor=scaling)
+    return vae.eval()
+
+
+def train_all(cfg: ToyTrainConfig) -> None:
+    with open(Path(cfg.ckpt_dir) / "config.json", "w") as f:
+        json.dump(asdict(cfg), f, indent=1)
+    vae = train_vae(cfg)
+    latents, scaling = encode_dataset(cfg, vae)
+    train_unet(cfg, latents, scaling)
