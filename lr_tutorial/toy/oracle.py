@@ -23,7 +23,7 @@ from . import world
 _BG = {k: np.array(v, np.float32) / 255 for k, v in world.BACKGROUNDS.items()}
 _PALETTE = {k: np.array(v, np.float32) / 255 for k, v in world.COLOURS.items()}
 FG_THRESHOLD = 0.2  # RGB distance (0..1 per channel) from the background that marks the object
-SIZE_THRESHOLD = 13.5  # px: estimated R between small (R = 11) and big (R = 16) objects
+SIZE_THRESHOLD = 14.0  # px: estimated R between small (R = 12) and big (R = 16) objects
 CANON = 24  # side of the normalized frame for shape templates and identity
 
 

@@ -243,3 +243,23 @@ def train_all(cfg: ToyTrainConfig) -> None:
     vae = train_vae(cfg)
     latents, scaling = encode_dataset(cfg, vae)
     train_unet(cfg, latents, scaling)
+
+
+def export(cfg: ToyTrainConfig, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write the trained models (EMA weights) in the diffusers pipeline layout, as safetensors:
+    out_dir/{tokenizer,text_encoder,vae,unet,scheduler}/ + model_index.json, so both
+    `load_models("toy")` and `StableDiffusionPipeline.from_pretrained(out_dir)` read them."""
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(out_dir)
+    if (out / "unet").exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds toy weights; pass overwrite=True "
+                              "(--overwrite) to replace them")
+    scaling = torch.load(Path(cfg.ckpt_dir) / "latents.pt", weights_only=True)["scaling_factor"]
+    tok, te, unet, _ = ema_models(cfg)
+    pipe = StableDiffusionPipeline(
+        vae=trained_vae(cfg, scaling), text_encoder=te, tokenizer=tok, unet=unet,
+        scheduler=components.build_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

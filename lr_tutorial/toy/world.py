@@ -29,7 +29,7 @@ COLOURS = {  # name -> RGB; chosen to stay far from every background's colour
     "purple": (140, 60, 200),
     "pink": (245, 130, 190),
 }
-SIZES = {"small": 11.0, "big": 16.0}  # half-extent R in pixels: 22 px and 32 px objects
+SIZES = {"small": 12.0, "big": 16.0}  # half-extent R in pixels: ~24 px and ~32 px objects
 POSITIONS = {  # name -> (x, y) centre in pixels
     "left": (18.0, 32.0),
     "right": (46.0, 32.0),

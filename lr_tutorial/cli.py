@@ -1,0 +1,154 @@
+"""Command line: `python -m lr_tutorial <command> ...` (`--help` on any command)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _default_ckpt() -> str:
+    return str(Path.home() / ".cache" / "lr_tutorial" / "train-toy")
+
+
+def cmd_train_toy(a) -> int:
+    import torch
+
+    from .models import data_dir
+    from .toy import train
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = train.ToyTrainConfig(ckpt_dir=a.ckpt_dir, seed=a.seed)
+    for k in ("vae_steps", "unet_steps", "dataset_size"):
+        if getattr(a, k) is not None:
+            setattr(cfg, k, getattr(a, k))
+    Path(cfg.ckpt_dir).mkdir(parents=True, exist_ok=True)
+    print(f"checkpoints and log.jsonl in {cfg.ckpt_dir} (rerun the same command to resume)")
+    if a.stage in ("all", "vae", "unet"):
+        vae = train.train_vae(cfg)
+        if a.stage != "vae":
+            latents, scaling = train.encode_dataset(cfg, vae)
+            train.train_unet(cfg, latents, scaling)
+    if a.stage in ("all", "export"):
+        out = Path(a.out) if a.out else data_dir() / "toy"
+        train.export(cfg, out, overwrite=a.overwrite)
+        print(f"wrote the toy models to {out}")
+    return 0
+
+
+def cmd_references(a) -> int:
+    from .toy import subject
+    paths = subject.write_references(a.out, overwrite=a.overwrite)
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_personalize_toy(a) -> int:
+    import torch
+
+    from .models import data_dir, load_models
+    from .personalize import DreamBoothConfig, dreambooth_lora
+    from .toy import subject
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    bundle = load_models("toy", personalized=None)
+    cfg = DreamBoothConfig(steps=a.steps, seed=a.seed, rank=a.rank, lr=a.lr)
+    out = Path(a.out) if a.out else data_dir() / "toy" / "lora"
+    dreambooth_lora(bundle, subject.reference_images(), cfg, out_dir=out, overwrite=a.overwrite)
+    print(f"wrote the LoRA to {out}")
+    return 0
+
+
+def cmd_toy_report(a) -> int:
+    import torch
+
+    from .models import load_models
+    from .toy import report
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    bundle = load_models("toy")
+    prompts = report.read_prompts(a.prompts)
+    if a.limit:
+        prompts = prompts[:a.limit]
+    res = report.toy_report(bundle, prompts, list(range(a.seeds)), steps=a.steps,
+                            guidance=a.guidance, progress=not a.json)
+    res["prompt_file"] = str(a.prompts)
+    print(json.dumps(res, indent=1) if a.json else _pretty(res))
+    return 0
+
+
+def _pretty(res: dict) -> str:
+    lines = [f"{res['prompts']} prompts x {len(res['seeds'])} seeds, {res['steps']} steps, "
+             f"guidance {res['guidance']}"]
+    for k in ("vanilla", "vanilla_same_prompts", "personalized"):
+        if k in res:
+            r = res[k]
+            lines.append(f"{k:>22}: fidelity {r['fidelity']} identity {r['identity']} "
+                         f"positions {r['position_hist']}")
+    return "\n".join(lines)
+
+
+def cmd_demo(a) -> int:
+    from . import demo
+    path = demo.run(Path(a.out))
+    print(f"figures written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lr_tutorial", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train-toy", help="train the ShapeWorld VAE, text encoder and UNet")
+    t.add_argument("--ckpt-dir", default=_default_ckpt())
+    t.add_argument("--stage", choices=("all", "vae", "unet", "export"), default="all")
+    t.add_argument("--out", default=None, help="where to export (default data/toy)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--vae-steps", type=int)
+    t.add_argument("--unet-steps", type=int)
+    t.add_argument("--dataset-size", type=int)
+    t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--overwrite", action="store_true")
+    t.set_defaults(func=cmd_train_toy)
+
+    r = sub.add_parser("toy-references", help="write the subject's reference photos (PNG)")
+    r.add_argument("--out", default=None, help="default data/toy/reference")
+    r.add_argument("--overwrite", action="store_true")
+    r.set_defaults(func=cmd_references)
+
+    q = sub.add_parser("personalize-toy", help="DreamBooth-LoRA on the subject's references")
+    q.add_argument("--out", default=None, help="default data/toy/lora")
+    q.add_argument("--steps", type=int, default=400)
+    q.add_argument("--rank", type=int, default=8)
+    q.add_argument("--lr", type=float, default=1e-3)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--threads", type=int, default=0)
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=cmd_personalize_toy)
+
+    s = sub.add_parser("toy-report", help="oracle metrics of the toy models on a prompt file")
+    s.add_argument("--prompts", required=True)
+    s.add_argument("--seeds", type=int, default=4)
+    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--guidance", type=float, default=7.5)
+    s.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_toy_report)
+
+    d = sub.add_parser("demo", help="render the demo figures (toy backend) under --out")
+    d.add_argument("--out", default="outputs/demo")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""ModelBundle: the five Stable Diffusion components plus a vanilla/personalized switch.
+
+    bundle = load_models("toy")                  # ShapeWorld models shipped in data/toy
+    with bundle.using("vanilla"): ...            # eps   (base model)
+    with bundle.using("personalized"): ...       # eps*  (LoRA on, or the DreamBooth UNet)
+
+LoRA personalization shares one UNet between the two modes (adapter off/on: half the memory of
+two UNets, docs/method.md stage 1); a full DreamBooth fine-tune holds two UNets and swaps them;
+textual inversion keeps one UNet and only the prompt changes (mode "personalized" is then a no-op).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+MODES = ("vanilla", "personalized")
+
+
+def data_dir() -> Path:
+    """The repository's data/ folder (override with LR_TUTORIAL_DATA)."""
+    env = os.environ.get("LR_TUTORIAL_DATA")
+    path = Path(env) if env else Path(__file__).resolve().parents[1] / "data"
+    if not (path / "toy").is_dir():
+        raise FileNotFoundError(
+            f"ShapeWorld weights not found in {path / 'toy'}. The toy backend's weights live in "
+            "the repository's data/ folder: clone the repository and install it with "
+            "`pip install -e .`, or set LR_TUTORIAL_DATA to a folder that holds toy/.")
+    return path
+
+
+@dataclass
+class ModelBundle:
+    """tokenizer, text_encoder, vae, unet, scheduler, and how to switch eps <-> eps*.
+
+    `personalization` is "lora" (adapter `adapter_name` on `unet`), "dreambooth"
+    (`personal_unet` is a second UNet), "textual_inversion" or "none".
+    """
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    scheduler: object
+    backend: str = "toy"
+    identifier: str | None = None  # e.g. "sks"
+    class_noun: str | None = None  # e.g. "dog"
+    personalization: str = "none"
+    adapter_name: str = "personal"
+    personal_unet: torch.nn.Module | None = None
+    mode: str = field(default="vanilla")
+
+    def __post_init__(self):
+        self._vanilla_unet = self.unet
+        self._apply(self.mode)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def latent_size(self) -> int:
+        return int(self.unet.config.sample_size)
+
+    @property
+    def image_size(self) -> int:
+        return self.latent_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def has_personal(self) -> bool:
+        return self.personalization != "none"
+
+    # ------------------------------------------------------------------ switching
+    def _apply(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "personalized" and not self.has_personal:
+            raise ValueError("this bundle has no personalized model: load one with "
+                             "load_models(..., personalized=PATH) or personalize.dreambooth_lora()")
+        if self.personalization == "lora":
+            if mode == "personalized":
+                self.unet.enable_adapters()
+                self.unet.set_adapters([self.adapter_name])
+            else:
+                self.unet.disable_adapters()
+        elif self.personalization == "dreambooth":
+            self.unet = self.personal_unet if mode == "personalized" else self._vanilla_unet
+        self.mode = mode
+
+    @contextlib.contextmanager
+    def using(self, mode: str):
+        """Temporarily switch to `mode` ("vanilla" or "personalized"); restored on exit."""
+        previous = self.mode
+        self._apply(mode)
+        try:
+            yield self
+        finally:
+            self._apply(previous)
+
+    def to(self, device=None, dtype=None) -> "ModelBundle":
+        for m in (self.text_encoder, self.vae, self._vanilla_unet, self.personal_unet):
+            if m is not None:
+                m.to(device=device, dtype=dtype)
+        return self
+
+    def pipeline(self):
+        """A diffusers StableDiffusionPipeline over the same components (current mode)."""
+        from diffusers import StableDiffusionPipeline
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=self.scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+
+
+def attach_lora(bundle: ModelBundle, path: str | Path, adapter_name: str = "personal") -> ModelBundle:
+    """Load diffusers-format LoRA weights (pytorch_lora_weights.safetensors) onto the UNet."""
+    bundle.unet.load_lora_adapter(str(path), prefix="unet", adapter_name=adapter_name)
+    bundle.personalization, bundle.adapter_name = "lora", adapter_name
+    bundle._apply(bundle.mode)
+    return bundle
+
+
+def load_toy(personalized: str | Path | None = "default", device: str = "cpu") -> ModelBundle:
+    """The ShapeWorld models from data/toy (vanilla) plus the shipped `sks star` LoRA."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, PreTrainedTokenizerFast
+
+    from .toy import world
+
+    root = data_dir() / "toy"
+    bundle = ModelBundle(
+        tokenizer=PreTrainedTokenizerFast.from_pretrained(root / "tokenizer"),
+        text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder").eval(),
+        vae=AutoencoderKL.from_pretrained(root / "vae").eval(),
+        unet=UNet2DConditionModel.from_pretrained(root / "unet").eval(),
+        scheduler=DDIMScheduler.from_pretrained(root / "scheduler"),
+        backend="toy", identifier=world.SUBJECT_IDENTIFIER, class_noun=world.SUBJECT_CLASS,
+    )
+    for m in (bundle.text_encoder, bundle.vae, bundle.unet):
+        m.requires_grad_(False)
+    if personalized == "default":
+        personalized = root / "lora"
+    if personalized is not None:
+        attach_lora(bundle, personalized)
+    return bundle.to(device)
+
+
+def load_models(backend: str = "toy", **kwargs) -> ModelBundle:
+    """`load_models("toy")` or `load_models("sd", base=..., personalized=..., ...)`."""
+    if backend == "toy":
+        return load_toy(**kwargs)
+    if backend == "sd":
+        from .sd import load_sd
+        return load_sd(**kwargs)
+    raise ValueError(f"backend must be 'toy' or 'sd', got {backend!r}")

@@ -1,0 +1,130 @@
+"""Sampling: prompt encoding, classifier-free guidance, DDIM sampling and DDIM inversion.
+
+The denoising loop is written out (diffusers' scheduler API: `set_timesteps`, `step`), so every
+intermediate is visible. Notation follows docs/method.md: N steps, k = 0..N-1 in denoising order
+(k = 0 is the noisiest), z_k the latent entering step k, z_N the final latent.
+
+    eps_hat = eps(z_k, t_k, "") + w * (eps(z_k, t_k, y) - eps(z_k, t_k, ""))     (CFG)
+    z_{k+1}, x0_k = DDIM(z_k, eps_hat, t_k)                                       (scheduler.step)
+
+Works for epsilon- and v-prediction models alike: the scheduler converts the model output.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+StepCallback = Callable[[dict], None]  # receives {"step", "timestep", "latent", "x0"}
+
+
+@dataclass
+class Trajectory:
+    """A denoising run: `latents[k]` is z_k (k = 0..N, z_N the result), `x0[k]` the x0
+    predicted at step k, `timesteps[k]` = t_k. Tensors live on the CPU."""
+    timesteps: list[int] = field(default_factory=list)
+    latents: list[torch.Tensor] = field(default_factory=list)
+    x0: list[torch.Tensor] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.latents[-1]
+
+
+def make_scheduler(bundle, steps: int):
+    """A private copy of the bundle's scheduler with `steps` inference timesteps."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}; 50 is the usual DDIM setting")
+    sched = copy.deepcopy(bundle.scheduler)
+    sched.set_timesteps(steps)
+    return sched
+
+
+@torch.no_grad()
+def encode_prompts(bundle, prompts: list[str]) -> torch.Tensor:
+    """Text embeddings (B, L, D) of prompts, padded to the tokenizer's max length."""
+    tok = bundle.tokenizer
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.to(bundle.device)
+    return bundle.text_encoder(ids)[0].to(bundle.dtype)
+
+
+def initial_noise(bundle, seeds: list[int]) -> torch.Tensor:
+    """z_0 for each seed, drawn on the CPU from its own generator: the same seed gives the
+    same noise whatever the batch and device."""
+    c = bundle.unet.config.in_channels
+    h = w = bundle.latent_size
+    z = [torch.randn((1, c, h, w), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.cat(z).to(bundle.device, bundle.dtype) * bundle.scheduler.init_noise_sigma
+
+
+def guided_eps(unet, z: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor | None,
+               guidance: float) -> torch.Tensor:
+    """Classifier-free guidance, both halves in one UNet call. z: (B, C, h, w)."""
+    if uncond is None or guidance == 1.0:
+        return unet(z, t, encoder_hidden_states=cond).sample
+    out = unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+    eps_u, eps_c = out.chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
+@torch.no_grad()
+def denoise(bundle, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
+            sched, guidance: float, k_range: range, traj: Trajectory | None = None,
+            callback: StepCallback | None = None) -> torch.Tensor:
+    """Run DDIM steps k in `k_range` from z = z_k; append to `traj`. Returns z after the range."""
+    for k in k_range:
+        t = sched.timesteps[k]
+        eps = guided_eps(bundle.unet, z, t, cond, uncond, guidance)
+        out = sched.step(eps, t, z)
+        if traj is not None:
+            traj.timesteps.append(int(t))
+            traj.x0.append(out.pred_original_sample.detach().cpu())
+            traj.latents.append(out.prev_sample.detach().cpu())
+        if callback is not None:
+            callback({"step": k, "timestep": int(t), "latent": out.prev_sample,
+                      "x0": out.pred_original_sample})
+        z = out.prev_sample
+    return z
+
+
+def sample(bundle, prompts: list[str], seeds: list[int], *, steps: int = 50,
+           guidance: float = 7.5, negative: str = "", callback: StepCallback | None = None,
+           ) -> tuple[torch.Tensor, Trajectory]:
+    """Plain text-to-image DDIM sampling with the bundle's current UNet. Returns (z_N, Trajectory)."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; give one seed per prompt")
+    if guidance < 0:
+        raise ValueError(f"guidance must be >= 0, got {guidance}")
+    sched = make_scheduler(bundle, steps)
+    cond = encode_prompts(bundle, list(prompts))
+    uncond = encode_prompts(bundle, [negative] * len(prompts))
+    z = initial_noise(bundle, seeds)
+    traj = Trajectory(latents=[z.detach().cpu()])
+    z = denoise(bundle, z, cond, uncond, sched=sched, guidance=guidance, k_range=range(steps),
+                traj=traj, callback=callback)
+    return z, traj
+
+
+@torch.no_grad()
+def decode(bundle, z: torch.Tensor) -> np.ndarray:
+    """Latents (B, 4, h, w) -> uint8 images (B, H, W, 3)."""
+    vae = bundle.vae
+    x = vae.decode(z.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def encode(bundle, images: np.ndarray) -> torch.Tensor:
+    """uint8 images (B, H, W, 3) -> latents (B, 4, h, w) (posterior mean, scaled)."""
+    vae = bundle.vae
+    x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
+    return z * vae.config.scaling_factor

@@ -1,0 +1,47 @@
+"""The personal subject's reference photos: five DreamBooth-style PNGs in data/toy/reference.
+
+Centred, large, on plain light backdrops, with a small jitter of position, scale and rotation
+(`world.reference_scene`). Regenerate with `python -m lr_tutorial toy-references --overwrite`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import world
+
+N_REFERENCES = 5
+REFERENCE_SEED = 1234
+
+
+def reference_scenes() -> list[world.Scene]:
+    rng = np.random.default_rng(REFERENCE_SEED)
+    return [world.reference_scene(rng) for _ in range(N_REFERENCES)]
+
+
+def reference_dir() -> Path:
+    from ..models import data_dir
+    return data_dir() / "toy" / "reference"
+
+
+def write_references(out: str | Path | None = None, overwrite: bool = False) -> list[Path]:
+    out = Path(out) if out else reference_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{i:02d}.png" for i in range(N_REFERENCES)]
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace the references")
+    for p, scene in zip(paths, reference_scenes()):
+        Image.fromarray(world.render(scene)).save(p)
+    return paths
+
+
+def reference_paths() -> list[Path]:
+    return sorted(reference_dir().glob("*.png"))
+
+
+def reference_images() -> np.ndarray:
+    """The shipped reference photos as uint8 (5, 64, 64, 3)."""
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in reference_paths()])
