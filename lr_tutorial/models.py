@@ -24,7 +24,7 @@ def data_dir() -> Path:
     """The repository's data/ folder (override with LR_TUTORIAL_DATA)."""
     env = os.environ.get("LR_TUTORIAL_DATA")
     path = Path(env) if env else Path(__file__).resolve().parents[1] / "data"
-    if not (path / "toy").is_dir():
+    if not (path / "toy").is_dir():  # noqa: SIM102
         raise FileNotFoundError(
             f"ShapeWorld weights not found in {path / 'toy'}. The toy backend's weights live in "
             "the repository's data/ folder: clone the repository and install it with "

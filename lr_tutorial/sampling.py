@@ -77,10 +77,16 @@ def guided_eps(unet, z: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tenso
 @torch.no_grad()
 def denoise(bundle, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
             sched, guidance: float, k_range: range, traj: Trajectory | None = None,
-            callback: StepCallback | None = None) -> torch.Tensor:
-    """Run DDIM steps k in `k_range` from z = z_k; append to `traj`. Returns z after the range."""
+            callback: StepCallback | None = None, observers: tuple = ()) -> torch.Tensor:
+    """Run DDIM steps k in `k_range` from z = z_k; append to `traj`. Returns z after the range.
+
+    Each observer (an attention store or swap controller) hears `on_step(k, t, cfg)` before
+    the step's UNet call, `cfg` telling whether the batch is [uncond; cond]."""
+    cfg = uncond is not None and guidance != 1.0
     for k in k_range:
         t = sched.timesteps[k]
+        for obs in observers:
+            obs.on_step(k, int(t), cfg)
         eps = guided_eps(bundle.unet, z, t, cond, uncond, guidance)
         out = sched.step(eps, t, z)
         if traj is not None:
@@ -96,7 +102,7 @@ def denoise(bundle, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | 
 
 def sample(bundle, prompts: list[str], seeds: list[int], *, steps: int = 50,
            guidance: float = 7.5, negative: str = "", callback: StepCallback | None = None,
-           ) -> tuple[torch.Tensor, Trajectory]:
+           observers: tuple = ()) -> tuple[torch.Tensor, Trajectory]:
     """Plain text-to-image DDIM sampling with the bundle's current UNet. Returns (z_N, Trajectory)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; give one seed per prompt")
@@ -108,7 +114,7 @@ def sample(bundle, prompts: list[str], seeds: list[int], *, steps: int = 50,
     z = initial_noise(bundle, seeds)
     traj = Trajectory(latents=[z.detach().cpu()])
     z = denoise(bundle, z, cond, uncond, sched=sched, guidance=guidance, k_range=range(steps),
-                traj=traj, callback=callback)
+                traj=traj, callback=callback, observers=observers)
     return z, traj
 
 

@@ -120,3 +120,11 @@ def test_heldout_prompts_are_stable_and_excluded_from_training():
     ex = heldout.training_exclusions()
     assert heldout.strip_identifier(p[0]) in ex and v[0] in ex
     assert "a star" not in ex  # single-word prompts stay in training
+
+
+def test_shipped_prompt_files_equal_the_generators():
+    from lr_tutorial.models import data_dir
+    from lr_tutorial.toy.report import read_prompts
+    d = data_dir() / "prompts"
+    assert read_prompts(d / "heldout_personal.txt") == heldout.personal_prompts()
+    assert read_prompts(d / "heldout_vanilla.txt") == heldout.vanilla_prompts()

@@ -263,3 +263,15 @@ def export(cfg: ToyTrainConfig, out_dir: str | Path, overwrite: bool = False) ->
         requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def checkpoint_bundle(cfg: ToyTrainConfig):
+    """A vanilla ModelBundle straight from the newest checkpoints (to watch training)."""
+    from ..models import ModelBundle
+
+    scaling = torch.load(Path(cfg.ckpt_dir) / "latents.pt", weights_only=True)["scaling_factor"]
+    tok, te, unet, step = ema_models(cfg)
+    bundle = ModelBundle(tokenizer=tok, text_encoder=te, vae=trained_vae(cfg, scaling), unet=unet,
+                         scheduler=components.build_scheduler(), backend="toy",
+                         identifier=world.SUBJECT_IDENTIFIER, class_noun=world.SUBJECT_CLASS)
+    return bundle, step

@@ -1,0 +1,257 @@
+"""Attention capture and the multi-source attention swap, through diffusers' processor API.
+
+Layers are addressed by module path, exactly as `unet.attn_processors` names them minus the
+".processor" suffix, e.g. `up_blocks.1.attentions.0.transformer_blocks.0.attn1` (self-attention)
+or `...attn2` (cross-attention). Selections are glob patterns over those paths plus optional
+latent resolutions; a selection that matches nothing raises. Processors are installed with
+`unet.set_attn_processor({path + ".processor": proc})` and always restored on exit, also after an
+exception. Layers that are not selected keep their original (fused SDPA) processor.
+
+The denoising loop tells every processor which step it is in through observers:
+`observer.on_step(k, t, cfg)` before the UNet call of step k (see sampling.denoise), where cfg
+says whether the batch is [uncond; cond] (classifier-free guidance in one call).
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- layer selection
+_PATH = re.compile(r"^(down_blocks|up_blocks|mid_block)(?:\.(\d+))?\..*\.(attn1|attn2)$")
+
+
+def attention_layers(unet) -> list[str]:
+    """Module paths of every attention layer of the UNet, in the model's order."""
+    return [k[: -len(".processor")] for k in unet.attn_processors]
+
+
+def layer_resolution(unet, path: str, latent_size: int | None = None) -> int:
+    """Side length of the latent grid a layer attends over, from the block's place in the UNet
+    (down block i works at size / 2^i; up block i mirrors it; the mid block is the smallest)."""
+    size = latent_size or unet.config.sample_size
+    m = _PATH.match(path)
+    if m is None:
+        raise ValueError(f"not a UNet attention path: {path!r}")
+    n = len(unet.config.down_block_types)
+    if m.group(1) == "down_blocks":
+        level = int(m.group(2))
+    elif m.group(1) == "up_blocks":
+        level = n - 1 - int(m.group(2))
+    else:
+        level = n - 1
+    return size // 2 ** level
+
+
+def select_layers(unet, patterns: str | Sequence[str] = "*", kind: str = "both",
+                  resolutions: Sequence[int] | None = None, latent_size: int | None = None) -> list[str]:
+    """Paths matching any glob pattern, of `kind` "self" (attn1), "cross" (attn2) or "both",
+    at the given latent resolutions (None: all). Raises ValueError when nothing matches."""
+    if kind not in ("self", "cross", "both"):
+        raise ValueError(f"kind must be 'self', 'cross' or 'both', got {kind!r}")
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    all_paths = attention_layers(unet)
+    out = []
+    for p in all_paths:
+        if kind == "self" and not p.endswith("attn1") or kind == "cross" and not p.endswith("attn2"):
+            continue
+        if not any(fnmatch.fnmatchcase(p, pat) for pat in patterns):
+            continue
+        if resolutions is not None and layer_resolution(unet, p, latent_size) not in resolutions:
+            continue
+        out.append(p)
+    if not out:
+        sizes = sorted({layer_resolution(unet, p, latent_size) for p in all_paths})
+        raise ValueError(
+            f"no attention layer matches patterns={patterns} kind={kind!r} "
+            f"resolutions={resolutions}. This UNet has {len(all_paths)} attention layers, e.g. "
+            f"{all_paths[:2]}, at resolutions {sizes}; fix the pattern (globs over these paths).")
+    return out
+
+
+@contextlib.contextmanager
+def processors(unet, replacements: dict[str, object]):
+    """Install processors for some layer paths; restore every original processor on exit."""
+    original = unet.attn_processors
+    missing = [p for p in replacements if p + ".processor" not in original]
+    if missing:
+        raise ValueError(f"unknown attention layers {missing[:3]}; see attention_layers(unet)")
+    new = dict(original)
+    for path, proc in replacements.items():
+        new[path + ".processor"] = proc
+    unet.set_attn_processor(new)
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(original)
+
+
+# ----------------------------------------------------------------------------- explicit attention
+def project_qkv(attn, hidden_states, encoder_hidden_states=None):
+    """q, k, v of a diffusers Attention module, shaped (B, heads, N, d). hidden_states: (B, N, C)."""
+    if attn.spatial_norm is not None or hidden_states.ndim != 3:
+        raise NotImplementedError("only the transformer-block attention of SD UNets is supported")
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    q = attn.to_q(hidden_states)
+    ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    if encoder_hidden_states is not None and attn.norm_cross:
+        ctx = attn.norm_encoder_hidden_states(ctx)
+    k, v = attn.to_k(ctx), attn.to_v(ctx)
+    b, h = q.shape[0], attn.heads
+    split = lambda x: x.view(b, -1, h, x.shape[-1] // h).transpose(1, 2)  # noqa: E731
+    return split(q), split(k), split(v)
+
+
+def output(attn, o, residual):
+    """Merge heads and apply the output projection. o: (B, heads, N, d) -> (B, N, C)."""
+    b, h, n, d = o.shape
+    o = attn.to_out[1](attn.to_out[0](o.transpose(1, 2).reshape(b, n, h * d)))
+    if attn.residual_connection:
+        o = o + residual
+    return o / attn.rescale_output_factor
+
+
+def attention_probs(attn, q, k):
+    """softmax(q k^T * scale) in float32. (B, heads, Nq, Nk)."""
+    return torch.softmax(q.float() @ k.float().transpose(-1, -2) * attn.scale, dim=-1)
+
+
+# ----------------------------------------------------------------------------- capture
+@dataclass
+class CaptureSpec:
+    """What to record: layers (glob patterns over module paths, and/or latent resolutions),
+    attention kind ("cross", "self", "both"), steps (None: all), tokens (cross-attention key
+    indices; None: all), heads ("mean" or "all"), whether to keep the unconditional CFG half,
+    and the storage dtype. Maps are stored on the CPU."""
+    layers: str | Sequence[str] = "*"
+    kind: str = "cross"
+    resolutions: Sequence[int] | None = None
+    steps: Sequence[int] | None = None
+    tokens: Sequence[int] | None = None
+    heads: str = "mean"
+    keep_uncond: bool = False
+    dtype: torch.dtype = torch.float16
+
+    def __post_init__(self):
+        if self.heads not in ("mean", "all"):
+            raise ValueError(f"heads must be 'mean' or 'all', got {self.heads!r}")
+
+    def match(self, unet, latent_size: int | None = None) -> list[str]:
+        return select_layers(unet, self.layers, self.kind, self.resolutions, latent_size)
+
+    def estimate(self, unet, steps: int, batch: int = 1, latent_size: int | None = None,
+                 n_tokens: int | None = None, cfg: bool = True) -> int:
+        """Bytes the store will hold after a run of `steps` steps on `batch` images."""
+        n_tokens = n_tokens or unet.config.get("max_position_embeddings", None) or 77
+        n_steps = len([s for s in range(steps) if self.steps is None or s in self.steps])
+        rows = batch * (2 if cfg and self.keep_uncond else 1)
+        total = 0
+        for p in self.match(unet, latent_size):
+            hw = layer_resolution(unet, p, latent_size) ** 2
+            keys = (len(self.tokens) if self.tokens is not None else n_tokens) if p.endswith("attn2") else hw
+            heads = 1 if self.heads == "mean" else _heads(unet, p)
+            total += rows * heads * hw * keys
+        return total * n_steps * torch.finfo(self.dtype).bits // 8
+
+
+def _heads(unet, path: str) -> int:
+    return unet.get_submodule(path).heads
+
+
+class AttentionStore:
+    """Recorded maps: `maps[(layer, step)]` is a (B, HW, K) tensor (heads averaged) or
+    (B, heads, HW, K) (heads kept), K = selected tokens (cross) or HW (self)."""
+
+    def __init__(self, spec: CaptureSpec, n_tokens: int | None = None):
+        self.spec = spec
+        self.maps: dict[tuple[str, int], torch.Tensor] = {}
+        self.step: int | None = None
+        self.cfg = False
+
+    def on_step(self, k: int, t: int | None = None, cfg: bool = False) -> None:
+        self.step, self.cfg = k, cfg
+
+    def wants(self) -> bool:
+        if self.step is None:
+            raise RuntimeError("the attention store does not know the step: pass it to the "
+                               "sampler (observers=[store]) or call store.on_step(k) yourself")
+        return self.spec.steps is None or self.step in self.spec.steps
+
+    def add(self, layer: str, probs: torch.Tensor) -> None:
+        """probs: (B, heads, HW, K) float."""
+        if self.cfg and not self.spec.keep_uncond:
+            probs = probs[probs.shape[0] // 2:]
+        if self.spec.tokens is not None and layer.endswith("attn2"):
+            probs = probs[..., list(self.spec.tokens)]
+        if self.spec.heads == "mean":
+            probs = probs.mean(1)
+        self.maps[(layer, self.step)] = probs.detach().to("cpu", self.spec.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.maps.values())
+
+    def layers(self) -> list[str]:
+        return list(dict.fromkeys(layer for layer, _ in self.maps))
+
+    def steps(self) -> list[int]:
+        return sorted({s for _, s in self.maps})
+
+    def cross_map(self, token: int, size: int, steps: Sequence[int] | None = None,
+                  layers: Sequence[str] | None = None) -> torch.Tensor:
+        """Mean cross-attention map of one token (an index into the prompt's tokens, or into
+        spec.tokens when the spec selected tokens) over steps and layers, each map resized to
+        size x size: (B, size, size) float32."""
+        keys = [(layer, s) for (layer, s) in self.maps if layer.endswith("attn2")
+                and (steps is None or s in steps) and (layers is None or layer in layers)]
+        if not keys:
+            raise ValueError("no cross-attention maps stored for these steps/layers; "
+                             f"stored steps {self.steps()}, layers {self.layers()[:3]}...")
+        acc = 0
+        for key in keys:
+            m = self.maps[key].float()
+            m = m.mean(1) if m.ndim == 4 else m  # heads
+            if token >= m.shape[-1]:
+                raise IndexError(f"token index {token} out of range: maps hold {m.shape[-1]} tokens")
+            side = int(math.isqrt(m.shape[1]))
+            m = m[..., token].view(-1, 1, side, side)
+            acc = acc + F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)
+        return (acc / len(keys))[:, 0]
+
+
+class CaptureProcessor:
+    """Records attention probabilities of one layer, then computes its output explicitly.
+    Steps the spec does not want go through the layer's original (fused) processor."""
+
+    def __init__(self, store: AttentionStore, path: str, original):
+        self.store, self.path, self.original = store, path, original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        if not self.store.wants():
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                 temb, *args, **kwargs)
+        if attention_mask is not None:
+            raise NotImplementedError("attention capture with an attention mask")
+        q, k, v = project_qkv(attn, hidden_states, encoder_hidden_states)
+        probs = attention_probs(attn, q, k)  # (B, heads, HW, K)
+        self.store.add(self.path, probs)
+        return output(attn, (probs @ v.float()).to(q.dtype), hidden_states)
+
+
+@contextlib.contextmanager
+def capture(unet, spec: CaptureSpec, latent_size: int | None = None):
+    """`with capture(unet, spec) as store:` records attention for the layers `spec` selects."""
+    store = AttentionStore(spec)
+    paths = spec.match(unet, latent_size)
+    current = unet.attn_processors
+    procs = {p: CaptureProcessor(store, p, current[p + ".processor"]) for p in paths}
+    with processors(unet, procs):
+        yield store

@@ -1,0 +1,224 @@
+"""The Stable Diffusion backend: `load_sd()` builds a ModelBundle from diffusers weights.
+
+    bundle = load_sd()                                            # vanilla SD-1.5 only
+    bundle = load_sd(personalized="out/sks-dog-lora", class_noun="dog")        # + LoRA
+    bundle = load_sd(personalized="out/sks-dog-dreambooth", class_noun="dog")  # + DreamBooth UNet
+
+`base` is a Hub id or a local folder in the diffusers layout (unet/, vae/, text_encoder/,
+tokenizer/, scheduler/). `personalized` is a local path; with personalization="auto" its kind is
+detected: a folder with unet/ is a full DreamBooth pipeline (only its UNet is used), a
+pytorch_lora_weights.* file (or folder holding one) is a LoRA, and any other .safetensors/.bin
+holding {token: embedding} is a textual-inversion embedding. Nothing touches the network at import.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .models import ModelBundle, attach_lora
+
+PERSONALIZATIONS = ("auto", "none", "lora", "dreambooth", "textual_inversion")
+LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+TI_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")
+# UNet config keys that fix the architecture: a personalized UNet must agree on all of them.
+ARCH_KEYS = ("in_channels", "out_channels", "sample_size", "block_out_channels", "layers_per_block",
+             "down_block_types", "up_block_types", "mid_block_type", "cross_attention_dim",
+             "attention_head_dim", "num_attention_heads", "use_linear_projection",
+             "transformer_layers_per_block", "norm_num_groups", "class_embed_type",
+             "addition_embed_type", "time_cond_proj_dim")
+# runwayml took its repositories down in 2024; this mirror holds the same files.
+MOVED = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+
+
+class WeightsNotFoundError(OSError):
+    """Stable Diffusion weights could not be loaded (offline, not downloaded, wrong path)."""
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "these weights are not available here" (OSError covers the
+    Hub's HTTP / offline / missing-file errors; the others are not OSErrors)."""
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+    return (OSError, EntryNotFoundError, HFValidationError)
+
+
+def _not_found(base: str, part: str, err: BaseException) -> WeightsNotFoundError:
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    note = ""
+    if base in MOVED:
+        note = f"\n(Note: {base} was removed from the Hub in 2024; use base={MOVED[base]!r}.)"
+    elif Path(base).is_dir():
+        note = f"\n(Note: the folder {base} exists; is its {part}/ complete, in the diffusers layout?)"
+    elif base.startswith(("/", ".", "~")) or "\\" in base:
+        note = f"\n(Note: {base!r} looks like a local path, but there is no such folder.)"
+    return WeightsNotFoundError(
+        f"Could not load the Stable Diffusion weights {base!r} ({part}): "
+        f"{type(err).__name__}: {first}{note}\n"
+        "Fixes (any one):\n"
+        f"  1. on a machine with internet, pre-download them: `huggingface-cli download {base}` "
+        f"(or `hf download {base}`); they are then read from the Hugging Face cache, offline too;\n"
+        "  2. pass a local folder in the diffusers layout (unet/, vae/, text_encoder/, tokenizer/, "
+        "scheduler/): load_models(\"sd\", base=\"/path/to/stable-diffusion-v1-5\");\n"
+        "  3. use the toy backend, which needs no download: load_models(\"toy\").")
+
+
+def _from_pretrained(cls, path: str, subfolder: str, **kwargs):
+    """cls.from_pretrained(path, subfolder=...), with every "not available" error turned into
+    one WeightsNotFoundError."""
+    try:
+        return cls.from_pretrained(path, subfolder=subfolder, **kwargs)
+    except _hub_errors() as err:
+        raise _not_found(str(path), subfolder, err) from err
+
+
+def detect_personalization(path: str | Path) -> str:
+    """"dreambooth", "lora" or "textual_inversion" for a local file or folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"personalized={str(path)!r} does not exist. It must be a local file or folder; "
+            "fetch a Hub repository first with `hf download REPO --local-dir DIR`.")
+    if path.is_dir():
+        if (path / "unet" / "config.json").is_file():
+            return "dreambooth"
+        if any((path / f).is_file() for f in LORA_FILES):
+            return "lora"
+        if any((path / f).is_file() for f in TI_FILES):
+            return "textual_inversion"
+        raise ValueError(
+            f"cannot tell what {path} holds: expected a DreamBooth pipeline (unet/config.json), "
+            f"a LoRA ({' or '.join(LORA_FILES)}) or a textual-inversion embedding "
+            f"({' or '.join(TI_FILES)}); pass personalization=... explicitly if the names differ")
+    keys = _state_dict(path).keys()
+    return "lora" if any("lora" in k for k in keys) else "textual_inversion"
+
+
+def _state_dict(file: Path) -> dict[str, torch.Tensor]:
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(file))
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _find_file(path: Path, names: tuple[str, ...]) -> Path:
+    if path.is_file():
+        return path
+    for name in names:
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"{path} holds none of {names}")
+
+
+def _check_lora(unet, file: Path) -> None:
+    """Every PEFT-format `unet.<module>.lora_A/B.weight` must name a layer of this UNet with
+    matching width; anything else means the LoRA was trained on another base model."""
+    modules = dict(unet.named_modules())
+    bad = []
+    for key, w in _state_dict(file).items():
+        name, _, kind = key.removeprefix("unet.").rpartition(".lora_")
+        if not key.startswith("unet.") or kind not in ("A.weight", "B.weight"):
+            continue  # text-encoder LoRA / other formats: left to the loader
+        layer = modules.get(name)
+        if layer is None:
+            bad.append(f"{name} (no such layer)")
+        elif isinstance(layer, torch.nn.Linear):
+            want, got = ((layer.in_features, w.shape[1]) if kind == "A.weight"
+                         else (layer.out_features, w.shape[0]))
+            if want != got:
+                bad.append(f"{name}.lora_{kind} (width {got}, layer has {want})")
+    if bad:
+        raise ValueError(_other_base(file, f"{len(bad)} mismatches, e.g. " + "; ".join(bad[:3])))
+
+
+def _other_base(file: Path, detail: str) -> str:
+    return (f"the LoRA {file} was made for another base model: it does not fit this base UNet "
+            f"({detail}). Load it with the base it was trained on (base=...), or retrain it on this one.")
+
+
+def _check_unet_config(base_cfg, personal_cfg, path) -> None:
+    diff = [k for k in ARCH_KEYS if _norm(base_cfg.get(k)) != _norm(personal_cfg.get(k))]
+    if diff:
+        details = ", ".join(f"{k}: base {base_cfg.get(k)!r} vs {personal_cfg.get(k)!r}" for k in diff)
+        raise ValueError(
+            f"the DreamBooth UNet in {path} has another architecture than the base model "
+            f"(mismatched config keys: {details}). Pass the base model it was fine-tuned from as base=...")
+
+
+def _norm(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def _add_textual_inversion(bundle: ModelBundle, file: Path) -> None:
+    """Add the learned token of a {token: (D,) or (1, D)} embedding file to the tokenizer."""
+    embeds = _state_dict(file)
+    if len(embeds) != 1:
+        raise ValueError(f"{file}: expected one {{token: embedding}} entry, found keys {list(embeds)[:5]}")
+    (token, vec), = embeds.items()
+    vec = vec.reshape(-1, vec.shape[-1])
+    emb = bundle.text_encoder.get_input_embeddings()
+    if vec.shape != (1, emb.embedding_dim):
+        raise ValueError(f"{file}: embedding of shape {tuple(vec.shape)}, this text encoder needs "
+                         f"(1, {emb.embedding_dim}) (one vector; made for another base model?)")
+    if bundle.tokenizer.add_tokens(token) != 1:
+        raise ValueError(f"token {token!r} of {file} is already in the tokenizer; rename it")
+    bundle.text_encoder.resize_token_embeddings(len(bundle.tokenizer))
+    with torch.no_grad():
+        emb = bundle.text_encoder.get_input_embeddings()
+        emb.weight[bundle.tokenizer.convert_tokens_to_ids(token)] = vec[0].to(emb.weight)
+    bundle.identifier = token
+
+
+def load_sd(base: str = "runwayml/stable-diffusion-v1-5", personalized: str | None = None,
+            personalization: str = "auto", identifier: str = "sks", class_noun: str | None = None,
+            device: str | None = None, dtype=None, local_files_only: bool | None = None,
+            ) -> ModelBundle:
+    """Load Stable Diffusion (tokenizer, text encoder, VAE, UNet, DDIM scheduler) from `base`,
+    plus an optional personalized model (see the module docstring). All models in eval mode,
+    frozen, on `device` (default cuda if available) in `dtype` (default fp16 on cuda, fp32 on cpu).
+    `local_files_only` defaults to True when HF_HUB_OFFLINE is set or `base` is a local folder.
+    For textual inversion, `bundle.identifier` becomes the learned token."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if personalization not in PERSONALIZATIONS:
+        raise ValueError(f"personalization must be one of {PERSONALIZATIONS}, got {personalization!r}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+    if local_files_only is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+        local_files_only = offline or Path(base).is_dir()
+    kind = "none" if personalized is None or personalization == "none" else personalization
+    if kind == "auto":
+        kind = detect_personalization(personalized)
+
+    kw = dict(local_files_only=local_files_only)
+    bundle = ModelBundle(  # cheap parts first, so a missing download fails fast
+        scheduler=_from_pretrained(DDIMScheduler, base, "scheduler", **kw),
+        tokenizer=_from_pretrained(CLIPTokenizer, base, "tokenizer", **kw),
+        text_encoder=_from_pretrained(CLIPTextModel, base, "text_encoder", **kw),  # cast below
+        vae=_from_pretrained(AutoencoderKL, base, "vae", torch_dtype=dtype, **kw),
+        unet=_from_pretrained(UNet2DConditionModel, base, "unet", torch_dtype=dtype, **kw),
+        backend="sd", identifier=identifier, class_noun=class_noun)
+
+    if kind == "lora":
+        file = _find_file(Path(personalized), LORA_FILES)
+        _check_lora(bundle.unet, file)
+        try:  # a file path: attach_lora on a folder would look for the .bin only
+            attach_lora(bundle, file)
+        except (ValueError, RuntimeError, KeyError) as err:
+            raise ValueError(_other_base(file, f"{type(err).__name__}: {err}")) from err
+    elif kind == "dreambooth":
+        cfg = UNet2DConditionModel.load_config(str(personalized), subfolder="unet")
+        _check_unet_config(bundle.unet.config, cfg, personalized)
+        bundle.personal_unet = _from_pretrained(UNet2DConditionModel, str(personalized), "unet",
+                                                torch_dtype=dtype, local_files_only=True)
+        bundle.personalization = "dreambooth"
+    elif kind == "textual_inversion":
+        _add_textual_inversion(bundle, _find_file(Path(personalized), TI_FILES))
+        bundle.personalization = "textual_inversion"
+
+    for m in (bundle.text_encoder, bundle.vae, bundle.unet, bundle.personal_unet):
+        if m is not None:
+            m.eval().requires_grad_(False)
+    return bundle.to(device, dtype)

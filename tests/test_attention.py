@@ -1,0 +1,100 @@
+"""Attention capture through diffusers processors: exact, explicit about memory, restored."""
+import math
+
+import pytest
+import torch
+
+from lr_tutorial import attention
+from lr_tutorial.toy import components
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return components.build_unet().eval()
+
+
+def _inputs(batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, 16, 16, generator=g), torch.tensor(500),
+            torch.randn(batch, components.MAX_LENGTH, 64, generator=g))
+
+
+def test_capture_does_not_change_the_output(unet):
+    z, t, ctx = _inputs()
+    with torch.no_grad():
+        ref = unet(z, t, ctx).sample
+        with attention.capture(unet, attention.CaptureSpec(kind="both")) as store:
+            store.on_step(0)
+            got = unet(z, t, ctx).sample
+    assert torch.allclose(ref, got, atol=1e-5), (ref - got).abs().max()
+    assert len(store.layers()) == len(attention.attention_layers(unet))
+
+
+def test_capture_shapes_resolutions_and_estimate(unet):
+    spec = attention.CaptureSpec(layers="*", kind="cross", tokens=[1, 2, 3], steps=[0, 2])
+    z, t, ctx = _inputs()
+    with torch.no_grad(), attention.capture(unet, spec) as store:
+        for k in range(3):
+            store.on_step(k, cfg=True)  # batch is [uncond; cond]: only the cond half is kept
+            unet(z, t, ctx)
+    assert store.steps() == [0, 2]
+    for (layer, _), m in store.maps.items():
+        side = attention.layer_resolution(unet, layer)
+        assert m.shape == (1, side * side, 3) and m.dtype == torch.float16
+        assert torch.allclose(m.float().sum(-1), m.float().sum(-1))  # finite
+    est = spec.estimate(unet, steps=3, batch=1, cfg=True)
+    assert est == store.nbytes
+    cm = store.cross_map(token=1, size=16)
+    assert cm.shape == (1, 16, 16) and torch.isfinite(cm).all()
+
+
+def test_cross_attention_rows_sum_to_one_over_all_tokens(unet):
+    z, t, ctx = _inputs(batch=1)
+    with torch.no_grad(), attention.capture(unet, attention.CaptureSpec(kind="cross")) as store:
+        store.on_step(0)
+        unet(z, t, ctx)
+    for m in store.maps.values():
+        assert torch.allclose(m.float().sum(-1), torch.ones(1), atol=1e-2)
+
+
+def test_layer_resolution_matches_the_sequence_length(unet):
+    z, t, ctx = _inputs(batch=1)
+    with torch.no_grad(), attention.capture(unet, attention.CaptureSpec(kind="self")) as store:
+        store.on_step(0)
+        unet(z, t, ctx)
+    for (layer, _), m in store.maps.items():
+        assert int(math.isqrt(m.shape[1])) == attention.layer_resolution(unet, layer)
+    # SD 1.x's block layout: attention at 16, 8 and 4, plus the mid block at 2 (SD: 64/32/16 + 8);
+    # decoder self-attention in up_blocks 1-3
+    sizes = {attention.layer_resolution(unet, p) for p in attention.attention_layers(unet)}
+    assert sizes == {16, 8, 4, 2}
+    assert {attention.layer_resolution(unet, p) for p in attention.select_layers(unet, "mid_block*")} == {2}
+    dec = attention.select_layers(unet, "up_blocks.*", kind="self")
+    assert {p.split(".")[1] for p in dec} == {"1", "2", "3"}
+
+
+def test_spec_matching_nothing_raises_with_a_helpful_message(unet):
+    with pytest.raises(ValueError, match="no attention layer matches"):
+        with attention.capture(unet, attention.CaptureSpec(layers="up_blocks.9.*")):
+            pass
+    with pytest.raises(ValueError, match="resolutions"):
+        attention.select_layers(unet, "*", resolutions=[64])
+
+
+def test_processors_are_restored_also_after_an_exception(unet):
+    before = {k: type(v) for k, v in unet.attn_processors.items()}
+    ids_before = {k: id(v) for k, v in unet.attn_processors.items()}
+    with pytest.raises(RuntimeError, match="boom"):
+        with attention.capture(unet, attention.CaptureSpec(kind="both")):
+            assert any(isinstance(p, attention.CaptureProcessor) for p in unet.attn_processors.values())
+            raise RuntimeError("boom")
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == before
+    assert {k: id(v) for k, v in unet.attn_processors.items()} == ids_before
+
+
+def test_store_without_step_fails_loudly(unet):
+    z, t, ctx = _inputs(batch=1)
+    with pytest.raises(RuntimeError, match="does not know the step"):
+        with torch.no_grad(), attention.capture(unet, attention.CaptureSpec()):
+            unet(z, t, ctx)
