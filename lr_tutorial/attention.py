@@ -255,3 +255,148 @@ def capture(unet, spec: CaptureSpec, latent_size: int | None = None):
     procs = {p: CaptureProcessor(store, p, current[p + ".processor"]) for p in paths}
     with processors(unet, procs):
         yield store
+
+
+# ----------------------------------------------------------------------------- swap (stage 2)
+BRANCHES = ("reference", "context", "target")
+
+
+@dataclass
+class SwapConfig:
+    """Multi-source attention swap (docs/method.md stage 2).
+
+    lambda2: end of the structure phase, fraction of N or step count (default 0.2 N, never
+    before step 4 [ours]). structure_layers / retouch_layers: glob patterns over self-attention
+    paths (structure: all self-attention; retouch: the decoder's, SD 1.x up_blocks 1-3 [prior]).
+    mode: "multi" (masked reference + context, the paper's), "reference" (single-source: the
+    target reads the whole reference, MasaCtrl-like ablation), "context" (context only) or "none".
+    """
+    lambda2: float | int = 0.2
+    min_lambda2: int = 4
+    structure_layers: str | Sequence[str] = "*attn1"
+    retouch_layers: str | Sequence[str] = "up_blocks.*attn1"
+    mode: str = "multi"
+
+    def __post_init__(self):
+        if self.mode not in ("multi", "reference", "context", "none"):
+            raise ValueError(f"swap mode must be 'multi', 'reference', 'context' or 'none', "
+                             f"got {self.mode!r}")
+
+
+class SwapController:
+    """Per-step state shared by the swap processors: the phase, and the target and reference
+    masks (B, H, W) in [0, 1] at latent resolution, resized per layer on demand.
+
+    The batch of every UNet call is [reference; context; target] (each B rows), twice
+    ([uncond; cond]) under classifier-free guidance.
+    """
+
+    def __init__(self, unet, config: SwapConfig, n_steps: int, latent_size: int | None = None):
+        from .layout import resolve_steps
+
+        self.config = config
+        self.lambda2 = max(resolve_steps(config.lambda2, n_steps, "lambda2"),
+                           min(config.min_lambda2, n_steps))
+        self.structure = set(select_layers(unet, config.structure_layers, "self"))
+        self.retouch = set(select_layers(unet, config.retouch_layers, "self"))
+        self.latent_size = latent_size or unet.config.sample_size
+        self.step: int | None = None
+        self.cfg = False
+        self.target_mask: torch.Tensor | None = None
+        self.reference_mask: torch.Tensor | None = None
+        self._cache: dict = {}
+
+    def on_step(self, k: int, t: int | None = None, cfg: bool = False) -> None:
+        self.step, self.cfg = k, cfg
+
+    def set_masks(self, target: torch.Tensor | None = None, reference: torch.Tensor | None = None):
+        """Masks (B, H, W) or (H, W) in [0, 1]; None keeps the current one."""
+        if target is not None:
+            self.target_mask = target if target.ndim == 3 else target[None]
+        if reference is not None:
+            self.reference_mask = reference if reference.ndim == 3 else reference[None]
+        self._cache.clear()
+
+    def mask_at(self, which: str, side: int, device, dtype) -> torch.Tensor:
+        """(B, side*side) mask for a layer working at side x side."""
+        key = (which, side, device, dtype)
+        if key not in self._cache:
+            m = self.target_mask if which == "target" else self.reference_mask
+            if m is None:
+                raise RuntimeError(f"the swap needs a {which} mask: call controller.set_masks()")
+            m = F.interpolate(m[:, None].float(), size=(side, side), mode="bilinear",
+                              align_corners=False)
+            self._cache[key] = m.flatten(1).to(device, dtype)
+        return self._cache[key]
+
+    def action(self, path: str) -> str | None:
+        """What the target's self-attention does at this layer and step."""
+        if self.step is None:
+            raise RuntimeError("the swap controller does not know the step: pass it to the "
+                               "sampler (observers=[controller])")
+        mode = self.config.mode
+        if mode == "none":
+            return None
+        if self.step < self.lambda2:
+            return "structure" if path in self.structure else None
+        if path in self.retouch:
+            return {"multi": "retouch", "reference": "reference", "context": "structure"}[mode]
+        return None
+
+
+def _sdpa(q, k, v, scale, mask=None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+class SwapProcessor:
+    """Self-attention of the target branch reading keys/values from the other branches:
+
+        structure:  O^t = Attn(Q^t, K^c, V^c)
+        retouch:    O^t = M^t * Attn(Q^t, K^r|M^r, V^r) + (1 - M^t) * Attn(Q^t, K^c, V^c)
+        reference:  O^t = Attn(Q^t, K^r, V^r)              (single-source ablation)
+
+    K|M: keys outside the reference mask get -inf logits. Reference and context rows attend
+    to themselves as usual."""
+
+    def __init__(self, controller: SwapController, path: str, original):
+        self.ctl, self.path, self.original = controller, path, original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        act = self.ctl.action(self.path)
+        if act is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                 temb, *args, **kwargs)
+        q, k, v = project_qkv(attn, hidden_states)  # (N, heads, HW, d), N = halves * 3 * B
+        halves = 2 if self.ctl.cfg else 1
+        n, h, hw, d = q.shape
+        b = n // (3 * halves)
+        split = lambda x: x.view(halves, 3, b, h, hw, d)  # noqa: E731
+        q5, k5, v5 = split(q), split(k), split(v)
+        o = _sdpa(q, k, v, attn.scale).view(halves, 3, b, h, hw, d).clone()
+        qt = q5[:, 2]  # (halves, B, heads, HW, d)
+        if act == "structure":
+            o[:, 2] = _sdpa(qt, k5[:, 1], v5[:, 1], attn.scale)
+        elif act == "reference":
+            o[:, 2] = _sdpa(qt, k5[:, 0], v5[:, 0], attn.scale)
+        else:  # retouch: masked multi-source
+            side = int(math.isqrt(hw))
+            mr = self.ctl.mask_at("reference", side, q.device, q.dtype) > 0.5  # (B', HW)
+            mr = mr | ~mr.any(dim=1, keepdim=True)  # an empty mask falls back to all keys
+            key_mask = mr.expand(b, hw)[None, :, None, None, :]  # (1, B, 1, 1, HW) over keys
+            o_ref = _sdpa(qt, k5[:, 0], v5[:, 0], attn.scale, mask=key_mask)
+            o_ctx = _sdpa(qt, k5[:, 1], v5[:, 1], attn.scale)
+            mt = self.ctl.mask_at("target", side, q.device, q.dtype).expand(b, hw)
+            mt = mt[None, :, None, :, None]  # (1, B, 1, HW, 1) over queries
+            o[:, 2] = mt * o_ref + (1 - mt) * o_ctx
+        return output(attn, o.view(n, h, hw, d), hidden_states)
+
+
+@contextlib.contextmanager
+def swap(unet, controller: SwapController):
+    """`with swap(unet, controller):` installs SwapProcessor on the structure/retouch layers."""
+    current = unet.attn_processors
+    paths = sorted(controller.structure | controller.retouch)
+    procs = {p: SwapProcessor(controller, p, current[p + ".processor"]) for p in paths}
+    with processors(unet, procs):
+        yield controller

@@ -29,7 +29,8 @@ ARCH_KEYS = ("in_channels", "out_channels", "sample_size", "block_out_channels",
              "transformer_layers_per_block", "norm_num_groups", "class_embed_type",
              "addition_embed_type", "time_cond_proj_dim")
 # runwayml took its repositories down in 2024; this mirror holds the same files.
-MOVED = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+DEFAULT_MIRROR = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+MOVED = {"runwayml/stable-diffusion-v1-5": DEFAULT_MIRROR}
 
 
 class WeightsNotFoundError(OSError):
@@ -45,19 +46,21 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
 
 def _not_found(base: str, part: str, err: BaseException) -> WeightsNotFoundError:
     first = (str(err).strip().splitlines() or [""])[0][:300]
-    note = ""
+    repo = MOVED.get(base, base)
+    note, download = "", f"`huggingface-cli download {repo}` (or `hf download {repo}`)"
     if base in MOVED:
         note = f"\n(Note: {base} was removed from the Hub in 2024; use base={MOVED[base]!r}.)"
     elif Path(base).is_dir():
         note = f"\n(Note: the folder {base} exists; is its {part}/ complete, in the diffusers layout?)"
     elif base.startswith(("/", ".", "~")) or "\\" in base:
         note = f"\n(Note: {base!r} looks like a local path, but there is no such folder.)"
+        download = f"`hf download {DEFAULT_MIRROR} --local-dir {base}`"
     return WeightsNotFoundError(
         f"Could not load the Stable Diffusion weights {base!r} ({part}): "
         f"{type(err).__name__}: {first}{note}\n"
         "Fixes (any one):\n"
-        f"  1. on a machine with internet, pre-download them: `huggingface-cli download {base}` "
-        f"(or `hf download {base}`); they are then read from the Hugging Face cache, offline too;\n"
+        f"  1. on a machine with internet, pre-download them: {download}; a Hub id is then "
+        "read from the Hugging Face cache, offline too;\n"
         "  2. pass a local folder in the diffusers layout (unet/, vae/, text_encoder/, tokenizer/, "
         "scheduler/): load_models(\"sd\", base=\"/path/to/stable-diffusion-v1-5\");\n"
         "  3. use the toy backend, which needs no download: load_models(\"toy\").")

@@ -98,3 +98,48 @@ def test_store_without_step_fails_loudly(unet):
     with pytest.raises(RuntimeError, match="does not know the step"):
         with torch.no_grad(), attention.capture(unet, attention.CaptureSpec()):
             unet(z, t, ctx)
+
+
+# ----------------------------------------------------------------------------- swap
+def _swap_run(unet, z, ctx, mode, step, cfg=False, ref_mask=None, tgt_mask=None):
+    ctl = attention.SwapController(unet, attention.SwapConfig(lambda2=4, mode=mode), n_steps=10)
+    ctl.set_masks(target=tgt_mask if tgt_mask is not None else torch.rand(1, 16, 16),
+                  reference=ref_mask if ref_mask is not None else torch.ones(1, 16, 16))
+    with torch.no_grad(), attention.swap(unet, ctl):
+        ctl.on_step(step, cfg=cfg)
+        return unet(z, torch.tensor(500), ctx).sample
+
+
+@pytest.mark.parametrize("mode", ["multi", "reference", "context"])
+@pytest.mark.parametrize("step", [0, 7])  # structure phase, retouch phase
+def test_swap_from_identical_sources_is_a_no_op(unet, mode, step):
+    z1, _, c1 = _inputs(batch=1, seed=3)
+    z = z1.repeat(6, 1, 1, 1)  # [ref, ctx, tgt] x [uncond, cond], all the same image
+    ctx = c1.repeat(6, 1, 1)
+    with torch.no_grad():
+        ref = unet(z, torch.tensor(500), ctx).sample
+    got = _swap_run(unet, z, ctx, mode, step, cfg=True)
+    assert torch.allclose(ref, got, atol=1e-5), (ref - got).abs().max()
+
+
+def test_swap_changes_only_the_target_rows(unet):
+    z, _, c = _inputs(batch=3, seed=4)  # ref, ctx, tgt: three different latents
+    with torch.no_grad():
+        plain = unet(z, torch.tensor(500), c).sample
+    for step in (0, 7):
+        got = _swap_run(unet, z, c, "multi", step, ref_mask=(torch.rand(1, 16, 16) > 0.5).float())
+        assert torch.allclose(plain[:2], got[:2], atol=1e-5)  # reference and context untouched
+        assert (plain[2] - got[2]).abs().max() > 1e-3  # the target reads from the others
+
+
+def test_retouch_with_zero_target_mask_equals_context_only(unet):
+    z, _, c = _inputs(batch=3, seed=5)
+    zero = torch.zeros(1, 16, 16)
+    a = _swap_run(unet, z, c, "multi", 7, tgt_mask=zero)
+    b = _swap_run(unet, z, c, "context", 7, tgt_mask=zero)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_swap_layer_selection_matching_nothing_raises(unet):
+    with pytest.raises(ValueError, match="no attention layer matches"):
+        attention.SwapController(unet, attention.SwapConfig(retouch_layers="decoder.*"), 10)

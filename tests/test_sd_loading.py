@@ -1,0 +1,149 @@
+"""load_sd on tiny random-weight checkpoints (tests/tiny_sd.py): CPU only, no network, seconds."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_sd import CROSS_DIM, LATENT_SIZE, make_tiny_lora, make_tiny_sd, tiny_unet  # noqa: E402
+
+from lr_tutorial.models import load_models  # noqa: E402
+from lr_tutorial.sampling import encode_prompts, sample  # noqa: E402
+from lr_tutorial.sd import WeightsNotFoundError, load_sd  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory) -> Path:
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny_sd1"))
+
+
+@pytest.fixture(scope="module")
+def lora_dir(sd1, tmp_path_factory) -> Path:
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(sd1, subfolder="unet")
+    return make_tiny_lora(unet, tmp_path_factory.mktemp("lora"), seed=1)
+
+
+def unet_out(unet, prompt_emb, seed=0):
+    """One UNet call on fixed noise. -> (1, 4, 8, 8)"""
+    z = torch.randn(1, 4, LATENT_SIZE, LATENT_SIZE, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return unet(z, 500, encoder_hidden_states=prompt_emb).sample
+
+
+def test_vanilla_loads_samples_and_runs_pipeline(sd1):
+    bundle = load_sd(str(sd1), local_files_only=True, class_noun="dog")
+    assert (bundle.backend, bundle.personalization, bundle.identifier) == ("sd", "none", "sks")
+    assert bundle.class_noun == "dog" and bundle.device.type == "cpu" and bundle.dtype == torch.float32
+    assert not bundle.unet.training and not any(p.requires_grad for p in bundle.unet.parameters())
+    assert bundle.image_size == 64
+
+    z, traj = sample(bundle, ["a sks dog"], [0], steps=2, guidance=7.5)
+    assert z.shape == (1, 4, LATENT_SIZE, LATENT_SIZE) and torch.isfinite(z).all()
+    assert len(traj) == 2 and len(traj.latents) == 3
+
+    images = bundle.pipeline()("a sks dog on the beach", num_inference_steps=2, output_type="np",
+                               generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+    with pytest.raises(ValueError, match="no personalized model"):
+        bundle.using("personalized").__enter__()
+
+
+def test_lora_switches_and_vanilla_is_the_base_unet(sd1, lora_dir):
+    from diffusers import UNet2DConditionModel
+    bundle = load_models("sd", base=str(sd1), personalized=str(lora_dir), local_files_only=True)
+    assert bundle.personalization == "lora"
+    emb = encode_prompts(bundle, ["a sks dog"])  # (1, 77, 32)
+    assert emb.shape == (1, 77, CROSS_DIM)
+    with bundle.using("vanilla"):
+        vanilla = unet_out(bundle.unet, emb)
+    with bundle.using("personalized"):
+        personal = unet_out(bundle.unet, emb)
+        z, _ = sample(bundle, ["a sks dog"], [0], steps=2)
+        assert torch.isfinite(z).all()
+    assert bundle.mode == "vanilla"  # restored
+    base = UNet2DConditionModel.from_pretrained(sd1, subfolder="unet").eval()
+    assert torch.equal(vanilla, unet_out(base, emb))
+    assert (vanilla - personal).abs().max() > 1e-4
+
+
+def test_lora_file_path_and_auto_detection(sd1, lora_dir):
+    bundle = load_sd(str(sd1), personalized=str(lora_dir / "pytorch_lora_weights.safetensors"),
+                     local_files_only=True)
+    assert bundle.personalization == "lora"
+
+
+def test_dreambooth_folder(sd1, tmp_path):
+    db = tmp_path / "dreambooth"
+    tiny_unet(seed=7).save_pretrained(db / "unet")
+    bundle = load_sd(str(sd1), personalized=str(db), local_files_only=True)
+    assert bundle.personalization == "dreambooth"
+    emb = encode_prompts(bundle, ["a sks dog"])
+    with bundle.using("personalized"):
+        assert bundle.unet is bundle.personal_unet
+        personal = unet_out(bundle.unet, emb)
+    assert not torch.equal(unet_out(bundle.unet, emb), personal)
+    assert not any(p.requires_grad for p in bundle.personal_unet.parameters())
+
+
+def test_dreambooth_other_architecture_names_the_keys(sd1, tmp_path):
+    db = tmp_path / "dreambooth_other"
+    tiny_unet(block_out_channels=(16, 16, 32, 32), cross_attention_dim=64).save_pretrained(db / "unet")
+    with pytest.raises(ValueError, match="another architecture") as info:
+        load_sd(str(sd1), personalized=str(db), local_files_only=True)
+    assert "block_out_channels" in str(info.value) and "cross_attention_dim" in str(info.value)
+    assert "sample_size" not in str(info.value)
+
+
+def test_lora_for_another_base_model(sd1, tmp_path):
+    other = tiny_unet(cross_attention_dim=64)  # like an SD-2 LoRA (1024) on SD-1.5 (768)
+    make_tiny_lora(other, tmp_path / "lora_other")
+    with pytest.raises(ValueError, match="made for another base model") as info:
+        load_sd(str(sd1), personalized=str(tmp_path / "lora_other"), local_files_only=True)
+    assert "attn2.to_k" in str(info.value)
+
+
+def test_textual_inversion_embedding(sd1, tmp_path):
+    from safetensors.torch import save_file
+    vec = torch.randn(1, CROSS_DIM)
+    save_file({"<sks-dog>": vec}, str(tmp_path / "learned_embeds.safetensors"))
+    bundle = load_sd(str(sd1), personalized=str(tmp_path), local_files_only=True)
+    assert bundle.personalization == "textual_inversion" and bundle.identifier == "<sks-dog>"
+    ids = bundle.tokenizer("a <sks-dog>").input_ids
+    token_id = bundle.tokenizer.convert_tokens_to_ids("<sks-dog>")
+    assert token_id in ids
+    assert torch.equal(bundle.text_encoder.get_input_embeddings().weight[token_id], vec[0])
+
+
+def test_offline_missing_weights_give_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsNotFoundError) as info:
+        load_sd("lr-tutorial-tests/no-such-model", device="cpu")
+    msg = str(info.value)
+    assert isinstance(info.value, OSError)
+    assert 'load_models("toy")' in msg and "local folder" in msg
+    assert "huggingface-cli download lr-tutorial-tests/no-such-model" in msg
+
+
+def test_missing_local_folder(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="no such folder"):
+        load_sd(str(tmp_path / "nope"), device="cpu")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(WeightsNotFoundError, match="scheduler"):
+        load_sd(str(tmp_path / "half"), device="cpu")
+
+
+def test_v_prediction_linear_projection_variant(tmp_path):
+    folder = make_tiny_sd(tmp_path / "sd2", v_prediction=True, linear_projection=True)
+    bundle = load_sd(str(folder), local_files_only=True)
+    assert bundle.scheduler.config.prediction_type == "v_prediction"
+    assert bundle.unet.config.use_linear_projection is True
+    assert list(bundle.unet.config.attention_head_dim) == [2, 2, 4, 4]
+    z, _ = sample(bundle, ["a sks dog on the beach"], [3], steps=2, guidance=7.5)
+    assert z.shape == (1, 4, LATENT_SIZE, LATENT_SIZE) and torch.isfinite(z).all()
