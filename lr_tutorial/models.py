@@ -121,6 +121,9 @@ class ModelBundle:
 
 def attach_lora(bundle: ModelBundle, path: str | Path, adapter_name: str = "personal") -> ModelBundle:
     """Load diffusers-format LoRA weights (pytorch_lora_weights.safetensors) onto the UNet."""
+    path = Path(path)
+    if path.is_dir():  # diffusers looks for the .bin name in a folder unless told otherwise
+        path = path / "pytorch_lora_weights.safetensors"
     bundle.unet.load_lora_adapter(str(path), prefix="unet", adapter_name=adapter_name)
     bundle.personalization, bundle.adapter_name = "lora", adapter_name
     bundle._apply(bundle.mode)

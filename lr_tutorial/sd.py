@@ -172,7 +172,7 @@ def _add_textual_inversion(bundle: ModelBundle, file: Path) -> None:
     bundle.identifier = token
 
 
-def load_sd(base: str = "runwayml/stable-diffusion-v1-5", personalized: str | None = None,
+def load_sd(base: str = DEFAULT_MIRROR, personalized: str | None = None,
             personalization: str = "auto", identifier: str = "sks", class_noun: str | None = None,
             device: str | None = None, dtype=None, local_files_only: bool | None = None,
             ) -> ModelBundle:

@@ -1,0 +1,236 @@
+"""Adaptive mask blending: the subject's foreground mask from cross-attention and a segmenter.
+
+docs/method.md "Adaptive mask blending" [paper: components; ours: the exact recipe]:
+1. A = cross-attention map of the class token, min-max normalized          (attention_mask)
+2. S = segmenter mask of the image, prompted from A (box, peak points,     (segmenter_prompts,
+   background points)                                                        Segmenter.predict)
+3. B = (A >= tau_lo) & S        keep only attention support SAM agrees with (fuse)
+   M = clip(1/2 + sdt(B) / 2w)  feather with the signed distance transform
+   M = max(M, A >= tau_hi)      add back confident attention SAM missed
+4. latent blending z^t <- M z^t + (1 - M) z^c for k < lambda3               (retouch.py)
+
+Segmenters share SAM's predictor interface: `set_image(uint8 HxWx3)`, then
+`predict(point_coords, point_labels, box, multimask_output) -> (masks (K, H, W) bool, scores (K,),
+logits)`. `SamSegmenter` wraps segment_anything.SamPredictor; `ShapeWorldSegmenter` is the toy
+backend's stand-in with the same interface.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+
+@dataclass
+class MaskConfig:
+    """Knobs of the mask recipe [ours], docs/method.md "Adaptive mask blending".
+
+    attention_fractions: cross-attention layers used, by resolution as a fraction of the latent
+      side (SD 1.x at 64 latents: 0.25 -> the 16x16 layers, 0.5 -> 32x32).
+    attention_window: (start, end) steps of the aggregation window, fractions of N.
+    tau_lo / tau_hi: support and confident thresholds on the normalized map.
+    feather: w, the feather width in latent pixels of the signed-distance ramp.
+    n_positive / n_negative: SAM prompt points at attention peaks / confident background.
+    lambda3: latent blending for k < lambda3 (fraction of N or step count).
+    adaptive: recompute the target mask every step from the target's own cross-attention,
+      united with the context mask.
+    """
+    attention_fractions: tuple[float, ...] = (0.25, 0.5)
+    attention_window: tuple[float, float] = (0.0, 1.0)
+    tau_lo: float = 0.3
+    tau_hi: float = 0.7
+    feather: float = 1.0
+    n_positive: int = 3
+    n_negative: int = 2
+    lambda3: float | int = 0.8
+    adaptive: bool = True
+
+    def __post_init__(self):
+        if not 0 <= self.tau_lo <= self.tau_hi <= 1:
+            raise ValueError(f"need 0 <= tau_lo <= tau_hi <= 1, got {self.tau_lo}, {self.tau_hi}")
+        if self.feather < 0:
+            raise ValueError(f"feather must be >= 0 latent pixels, got {self.feather}")
+
+
+def normalize(a: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Min-max normalize each map of a (B, h, w) or (h, w) array to [0, 1]."""
+    a = np.asarray(a, dtype=np.float32)
+    flat = a.reshape(-1, a.shape[-2] * a.shape[-1]) if a.ndim == 3 else a.reshape(1, -1)
+    lo, hi = flat.min(1, keepdims=True), flat.max(1, keepdims=True)
+    return ((flat - lo) / np.maximum(hi - lo, 1e-8)).reshape(a.shape)
+
+
+def resize(mask: np.ndarray, size: int) -> np.ndarray:
+    """Resize (h, w) or (B, h, w) float/bool maps to size x size (area when shrinking)."""
+    t = torch.as_tensor(np.asarray(mask, np.float32))
+    squeeze = t.ndim == 2
+    t = t[None, None] if squeeze else t[:, None]
+    mode = "area" if size < t.shape[-1] else "bilinear"
+    out = F.interpolate(t, size=(size, size), mode=mode, **({} if mode == "area" else {"align_corners": False}))
+    out = out[0, 0] if squeeze else out[:, 0]
+    return out.numpy()
+
+
+# ----------------------------------------------------------------------------- segmenters
+class Segmenter(Protocol):
+    def set_image(self, image: np.ndarray) -> None: ...
+
+    def predict(self, point_coords=None, point_labels=None, box=None,
+                multimask_output: bool = False): ...
+
+
+def segmenter_prompts(attn: np.ndarray, image_size: int, cfg: MaskConfig):
+    """SAM prompts from a normalized attention map (h, w): positive points at the peaks,
+    negative points in confident background, and the box of the support, in image pixels."""
+    h = attn.shape[0]
+    scale = image_size / h
+    order = np.argsort(attn.ravel())
+    pos = order[::-1][: cfg.n_positive]
+    neg = order[: cfg.n_negative]
+    pts = np.array([[(i % h + 0.5) * scale, (i // h + 0.5) * scale] for i in (*pos, *neg)],
+                   dtype=np.float32)  # (x, y)
+    labels = np.array([1] * len(pos) + [0] * len(neg))
+    ys, xs = np.nonzero(attn >= cfg.tau_lo)
+    box = np.array([xs.min() * scale, ys.min() * scale, (xs.max() + 1) * scale,
+                    (ys.max() + 1) * scale], dtype=np.float32)
+    return pts, labels, box
+
+
+class ShapeWorldSegmenter:
+    """The toy backend's segmenter, with SAM's predictor interface: the object is the region
+    that differs from the background colour (the oracle's segmentation), restricted to the
+    connected component holding the positive points (or, failing that, the largest in the box)."""
+
+    def set_image(self, image: np.ndarray) -> None:
+        from .toy import oracle
+        img = oracle._as_array(image)
+        _, bg = oracle._classify_background(img)
+        diff = np.linalg.norm(img - bg, axis=-1) > oracle.FG_THRESHOLD
+        self._labels, self._n = ndimage.label(diff)
+        self._shape = diff.shape
+
+    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=False):
+        labels = self._labels
+        keep = set()
+        if point_coords is not None:
+            for (x, y), lab in zip(np.asarray(point_coords), np.asarray(point_labels)):
+                v = labels[min(int(y), labels.shape[0] - 1), min(int(x), labels.shape[1] - 1)]
+                if lab == 1 and v > 0:
+                    keep.add(int(v))
+        if not keep and self._n > 0:
+            region = np.ones(self._shape, bool)
+            if box is not None:
+                x0, y0, x1, y1 = (int(round(c)) for c in box)
+                region = np.zeros(self._shape, bool)
+                region[max(y0, 0):y1, max(x0, 0):x1] = True
+            sizes = ndimage.sum(region, labels, range(1, self._n + 1))
+            if sizes.max() > 0:
+                keep.add(1 + int(np.argmax(sizes)))
+        mask = ndimage.binary_fill_holes(np.isin(labels, list(keep))) if keep else np.zeros(self._shape, bool)
+        return mask[None], np.array([1.0 if keep else 0.0], np.float32), None
+
+
+class SamSegmenter:
+    """segment_anything.SamPredictor behind the Segmenter interface.
+
+    Build from a checkpoint file (`.pth` from the SAM release; loaded with
+    torch.load(weights_only=True), so no code from the file runs) or from a `Sam` model.
+    """
+
+    def __init__(self, checkpoint: str | Path | None = None, model_type: str = "vit_b",
+                 device: str = "cpu", sam=None):
+        from segment_anything import SamPredictor, sam_model_registry
+
+        if sam is None:
+            if checkpoint is None:
+                raise ValueError("give a SAM checkpoint path (e.g. sam_vit_b_01ec64.pth) or sam=")
+            path = Path(checkpoint)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"SAM checkpoint {path} not found. Download it on a machine with internet "
+                    f"(github.com/facebookresearch/segment-anything#model-checkpoints) and pass its "
+                    f"path, or use ShapeWorldSegmenter on the toy backend")
+            if model_type not in sam_model_registry:
+                raise ValueError(f"model_type must be one of {list(sam_model_registry)}, got {model_type!r}")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # not a tensor-only pickle, or not a checkpoint at all
+                raise ValueError(f"{path} is not a loadable SAM checkpoint ({e.__class__.__name__}: "
+                                 f"{str(e)[:200]})") from e
+            if not isinstance(state, dict) or not any(k.startswith("image_encoder.") for k in state):
+                raise ValueError(f"{path} is not a SAM checkpoint: no image_encoder.* weights")
+            sam = sam_model_registry[model_type](checkpoint=None)
+            try:
+                sam.load_state_dict(state)
+            except RuntimeError as e:
+                raise ValueError(f"{path} does not fit SAM {model_type}: pass the model_type it "
+                                 f"was made for (vit_b, vit_l or vit_h)") from e
+        self.predictor = SamPredictor(sam.to(device).eval())
+
+    def set_image(self, image: np.ndarray) -> None:
+        self.predictor.set_image(np.asarray(image, np.uint8))
+
+    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=False):
+        masks, scores, logits = self.predictor.predict(
+            point_coords=point_coords, point_labels=point_labels, box=box,
+            multimask_output=multimask_output)
+        return masks.astype(bool), scores, logits
+
+
+def segment(segmenter: Segmenter, image: np.ndarray, attn: np.ndarray, cfg: MaskConfig) -> np.ndarray:
+    """The segmenter's best mask (H, W) bool for `image`, prompted from the attention map."""
+    segmenter.set_image(image)
+    pts, labels, box = segmenter_prompts(attn, image.shape[0], cfg)
+    masks, scores, _ = segmenter.predict(point_coords=pts, point_labels=labels, box=box,
+                                         multimask_output=False)
+    return masks[int(np.argmax(scores))]
+
+
+# ----------------------------------------------------------------------------- fusion
+def feather(binary: np.ndarray, width: float) -> np.ndarray:
+    """Soft mask from the signed Euclidean distance to the boundary: 1/2 + sd / (2 width),
+    clipped to [0, 1]; sd > 0 inside. width 0 returns the binary mask."""
+    binary = np.asarray(binary, bool)
+    if width <= 0 or not binary.any() or binary.all():
+        return binary.astype(np.float32)
+    sd = ndimage.distance_transform_edt(binary) - ndimage.distance_transform_edt(~binary)
+    # edt gives the distance to the nearest pixel of the other set: shift by 1/2 to the boundary
+    sd = np.where(binary, sd - 0.5, sd + 0.5)
+    return np.clip(0.5 + sd / (2 * width), 0.0, 1.0).astype(np.float32)
+
+
+@dataclass
+class FusedMask:
+    """Every stage of the recipe, at latent resolution (h, w): attention A (normalized),
+    segmenter S (resized), support B = (A >= tau_lo) & S, the final soft mask M."""
+    attention: np.ndarray
+    segmenter: np.ndarray
+    support: np.ndarray
+    mask: np.ndarray
+
+
+def fuse(attn: np.ndarray, seg: np.ndarray, cfg: MaskConfig) -> FusedMask:
+    """Fuse a normalized attention map (h, w) with a segmenter mask (H, W) into M (h, w)."""
+    h = attn.shape[-1]
+    s = resize(seg.astype(np.float32), h) >= 0.5
+    support = (attn >= cfg.tau_lo) & s
+    m = feather(support, cfg.feather)
+    m = np.maximum(m, (attn >= cfg.tau_hi).astype(np.float32))
+    return FusedMask(attn, s, support, m)
+
+
+def subject_mask(image: np.ndarray, attn: np.ndarray, segmenter: Segmenter | None,
+                 cfg: MaskConfig) -> FusedMask:
+    """The whole recipe for one image: normalized attention (h, w) -> FusedMask.
+    Without a segmenter, the attention support alone is feathered (the ablation)."""
+    a = normalize(attn)
+    if segmenter is None:
+        seg = resize((a >= cfg.tau_lo).astype(np.float32), image.shape[0]) >= 0.5
+    else:
+        seg = segment(segmenter, image, a, cfg)
+    return fuse(a, seg, cfg)
