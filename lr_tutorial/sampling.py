@@ -134,3 +134,56 @@ def encode(bundle, images: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
     return z * vae.config.scaling_factor
+
+
+def to_eps(model_output: torch.Tensor, z: torch.Tensor, alpha_bar: torch.Tensor,
+           prediction_type: str) -> torch.Tensor:
+    """The noise prediction eps from an epsilon- or v-prediction model's output."""
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":  # v = sqrt(a) eps - sqrt(1 - a) x0
+        return alpha_bar.sqrt() * model_output + (1 - alpha_bar).sqrt() * z
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+@torch.no_grad()
+def ddim_invert(bundle, z_clean: torch.Tensor, prompt: str | list[str] = "", *, steps: int = 50,
+                guidance: float = 1.0, observers: tuple = (), callback: StepCallback | None = None,
+                ) -> Trajectory:
+    """DDIM inversion: walk a clean latent z_N back to noise along the deterministic DDIM path.
+
+    Convention (null-text inversion's and MasaCtrl's): to go from level t_{k+1} to the noisier
+    t_k, evaluate the model at the *target* timestep t_k on the current latent:
+
+        eps = eps(z_{k+1}, t_k, y);  x0 = (z_{k+1} - sqrt(1 - a_{k+1}) eps) / sqrt(a_{k+1})
+        z_k = sqrt(a_k) x0 + sqrt(1 - a_k) eps
+
+    with a_k = alpha_bar(t_k) and a_N = the scheduler's final alpha. Observers hear
+    on_step(k, t_k) in inversion order (k = N-1 .. 0). Returns the Trajectory in denoising order
+    (latents[k] = z_k, latents[N] = z_clean; x0[k] the x0 seen at step k), ready to be replayed.
+    """
+    sched = make_scheduler(bundle, steps)
+    ts, abar = sched.timesteps, sched.alphas_cumprod
+    ptype = sched.config.prediction_type
+    b = z_clean.shape[0]
+    prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
+    cond = encode_prompts(bundle, prompts)
+    uncond = encode_prompts(bundle, [""] * b) if guidance != 1.0 else None
+    cfg = uncond is not None
+    z = z_clean.to(bundle.device, bundle.dtype)
+    lat, x0s = [z.detach().cpu()], []
+    for k in reversed(range(steps)):
+        t = ts[k]
+        a_next = abar[t].to(z)
+        a_cur = (abar[ts[k + 1]] if k + 1 < steps else sched.final_alpha_cumprod).to(z)
+        for obs in observers:
+            obs.on_step(k, int(t), cfg)
+        out = guided_eps(bundle.unet, z, t, cond, uncond, guidance)
+        eps = to_eps(out, z, a_next, ptype)
+        x0 = (z - (1 - a_cur).sqrt() * eps) / a_cur.sqrt()
+        z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+        lat.append(z.detach().cpu())
+        x0s.append(x0.detach().cpu())
+        if callback is not None:
+            callback({"step": k, "timestep": int(t), "latent": z, "x0": x0})
+    return Trajectory(timesteps=[int(t) for t in ts], latents=lat[::-1], x0=x0s[::-1])
