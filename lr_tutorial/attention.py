@@ -128,8 +128,9 @@ def attention_probs(attn, q, k):
 class CaptureSpec:
     """What to record: layers (glob patterns over module paths, and/or latent resolutions),
     attention kind ("cross", "self", "both"), steps (None: all), tokens (cross-attention key
-    indices; None: all), heads ("mean" or "all"), whether to keep the unconditional CFG half,
-    and the storage dtype. Maps are stored on the CPU."""
+    indices, the same for every row, or one list per batch row; None: all), heads ("mean" or
+    "all"), whether to keep the unconditional CFG half, and the storage dtype. Maps are stored
+    on the CPU."""
     layers: str | Sequence[str] = "*"
     kind: str = "cross"
     resolutions: Sequence[int] | None = None
@@ -155,10 +156,16 @@ class CaptureSpec:
         total = 0
         for p in self.match(unet, latent_size):
             hw = layer_resolution(unet, p, latent_size) ** 2
-            keys = (len(self.tokens) if self.tokens is not None else n_tokens) if p.endswith("attn2") else hw
+            keys = (_n_selected(self.tokens) or n_tokens) if p.endswith("attn2") else hw
             heads = 1 if self.heads == "mean" else _heads(unet, p)
             total += rows * heads * hw * keys
         return total * n_steps * torch.finfo(self.dtype).bits // 8
+
+
+def _n_selected(tokens) -> int | None:
+    if tokens is None:
+        return None
+    return len(tokens[0]) if len(tokens) and isinstance(tokens[0], (list, tuple)) else len(tokens)
 
 
 def _heads(unet, path: str) -> int:
@@ -188,8 +195,16 @@ class AttentionStore:
         """probs: (B, heads, HW, K) float."""
         if self.cfg and not self.spec.keep_uncond:
             probs = probs[probs.shape[0] // 2:]
-        if self.spec.tokens is not None and layer.endswith("attn2"):
-            probs = probs[..., list(self.spec.tokens)]
+        tokens = self.spec.tokens
+        if tokens is not None and layer.endswith("attn2"):
+            if len(tokens) and isinstance(tokens[0], (list, tuple)):  # one list per row
+                if len(tokens) != probs.shape[0]:
+                    raise ValueError(f"spec.tokens has {len(tokens)} rows, the batch {probs.shape[0]}")
+                idx = torch.tensor(tokens, device=probs.device)  # (B, K)
+                idx = idx[:, None, None, :].expand(-1, probs.shape[1], probs.shape[2], -1)
+                probs = probs.gather(-1, idx)
+            else:
+                probs = probs[..., list(tokens)]
         if self.spec.heads == "mean":
             probs = probs.mean(1)
         self.maps[(layer, self.step)] = probs.detach().to("cpu", self.spec.dtype)

@@ -29,9 +29,9 @@ class ToyTrainConfig:
     ckpt_dir: str
     seed: int = 0
     # VAE
-    vae_steps: int = 2000
+    vae_steps: int = 2500
     vae_batch: int = 16
-    vae_lr: float = 1e-3
+    vae_lr: float = 5e-4  # 1e-3 was unstable (loss spikes, washed-out colours at step 500)
     vae_kl_weight: float = 1e-6
     # latents of a fixed set of scenes, encoded once
     dataset_size: int = 100_000
@@ -100,9 +100,10 @@ def train_vae(cfg: ToyTrainConfig):
         lr = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
         for g in opt.param_groups:
             g["lr"] = lr
+        # decode the posterior mean: the diffusion model is trained on means too, and sampling
+        # here washed the objects' colours out in a 500-step trial (KL still keeps latents O(1))
         post = vae.encode(x).latent_dist
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
-        rec = vae.decode(post.sample(generator=gen)).sample
+        rec = vae.decode(post.mean).sample
         loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + cfg.vae_kl_weight * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
