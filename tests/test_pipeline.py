@@ -1,0 +1,99 @@
+"""The method on tiny random-weight Stable Diffusion components (SD 1.5 block structure, and an
+SD 2 style v-prediction / linear-projection variant): invariants that must hold for any weights."""
+import numpy as np
+import pytest
+import torch
+
+from lr_tutorial import attention, sampling
+from lr_tutorial.layout import LayoutConfig, resolve_steps, step_blended
+from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
+from lr_tutorial.sd import load_sd
+
+from tiny_sd import make_tiny_lora, make_tiny_sd, tiny_unet
+
+PROMPTS = ["a sks dog on the beach", "a sks dog"]
+SEEDS = [0, 1]
+
+
+@pytest.fixture(scope="module", params=["sd15", "sd2"])
+def bundle(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    sd2 = request.param == "sd2"
+    make_tiny_sd(d / "base", v_prediction=sd2, linear_projection=sd2)
+    make_tiny_lora(tiny_unet(linear_projection=sd2), d / "lora")
+    return load_sd(str(d / "base"), personalized=str(d / "lora"), class_noun="dog",
+                   local_files_only=True)
+
+
+def test_lambda1_zero_is_the_personalized_model_and_n_the_vanilla_model(bundle):
+    n = 6
+    with bundle.using("personalized"):
+        z_p, _ = sampling.sample(bundle, PROMPTS, SEEDS, steps=n)
+    with bundle.using("vanilla"):
+        z_v, _ = sampling.sample(bundle, ["a dog on the beach", "a dog"], SEEDS, steps=n)
+    l0 = step_blended(bundle, PROMPTS, SEEDS, LayoutConfig(lambda1=0, steps=n), decode=False)
+    ln = step_blended(bundle, PROMPTS, SEEDS, LayoutConfig(lambda1=n, steps=n), decode=False)
+    assert torch.equal(l0.trajectory.final, z_p.cpu())
+    assert torch.equal(ln.trajectory.final, z_v.cpu())
+    assert not torch.allclose(z_p, z_v)  # the two models differ, so the test can fail
+    mid = step_blended(bundle, PROMPTS, SEEDS, LayoutConfig(lambda1=0.5, steps=n), decode=False)
+    assert mid.lambda1 == 3 and len(mid.trajectory.latents) == n + 1
+    assert mid.vanilla_prompt == ["a dog on the beach", "a dog"]
+
+
+def test_lambda_as_fraction_or_steps_and_out_of_range():
+    assert resolve_steps(0.2, 50) == 10 and resolve_steps(10, 50) == 10
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        resolve_steps(1.5, 50)
+    with pytest.raises(ValueError, match="outside"):
+        resolve_steps(60, 50)
+
+
+def test_capturing_attention_does_not_change_the_sample(bundle):
+    z, _ = sampling.sample(bundle, PROMPTS, SEEDS, steps=4)
+    spec = attention.CaptureSpec(kind="both")
+    with attention.capture(bundle.unet, spec) as store:
+        z2, _ = sampling.sample(bundle, PROMPTS, SEEDS, steps=4, observers=(store,))
+    assert torch.allclose(z, z2, atol=1e-5)
+    assert store.steps() == [0, 1, 2, 3] and store.nbytes > 0
+
+
+def test_same_seed_same_result_bit_for_bit(bundle):
+    a, _ = sampling.sample(bundle, PROMPTS, SEEDS, steps=3)
+    b, _ = sampling.sample(bundle, PROMPTS[::-1], SEEDS[::-1], steps=3)  # batch order irrelevant
+    assert torch.equal(a, b.flip(0))
+
+
+def test_trajectory_and_callback_carry_latent_and_x0(bundle):
+    seen = []
+    _, traj = sampling.sample(bundle, PROMPTS[:1], SEEDS[:1], steps=3, callback=seen.append)
+    assert [d["step"] for d in seen] == [0, 1, 2]
+    assert set(seen[0]) == {"step", "timestep", "latent", "x0"}
+    assert len(traj) == 3 and len(traj.latents) == 4 and len(traj.x0) == 3
+    assert torch.equal(traj.latents[-1], seen[-1]["latent"].cpu())
+
+
+def test_full_pipeline_runs_and_keeps_every_intermediate(bundle, tmp_path):
+    n = 6
+    lr = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=n)))
+    ref = (np.random.default_rng(0).random((1, 64, 64, 3)) * 255).astype(np.uint8)
+    res = lr(PROMPTS, ref, seed=SEEDS)
+    assert res.images.shape == (2, 64, 64, 3) and res.images.dtype == np.uint8
+    assert res.layout.images.shape == (2, 64, 64, 3)
+    assert len(res.target) == n and res.masks.per_step.shape == (n, 2, 8, 8)
+    assert len(res.reference.trajectory.latents) == n + 1
+    assert res.config["layout"]["steps"] == n and "diffusers" in res.versions
+    # the reference inversion is computed once and reused across prompts and seeds
+    again = lr(PROMPTS[:1], ref, seed=5)
+    assert again.reference is res.reference
+    out = res.save(tmp_path / "run")
+    assert (out / "final_00.png").exists() and (out / "result.json").exists()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        res.save(tmp_path / "run")
+    res.save(tmp_path / "run", overwrite=True)
+
+
+def test_prompt_without_identifier_is_rejected(bundle):
+    lr = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=2)))
+    with pytest.raises(ValueError, match="identifier 'sks'"):
+        lr("a dog on the beach", np.zeros((64, 64, 3), np.uint8))
