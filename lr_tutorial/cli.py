@@ -91,6 +91,45 @@ def _pretty(res: dict) -> str:
     return "\n".join(lines)
 
 
+def cmd_generate(a) -> int:
+    import matplotlib
+    matplotlib.use("Agg")
+    from PIL import Image
+
+    from .attention import SwapConfig
+    from .images import load_images
+    from .layout import LayoutConfig
+    from .masks import MaskConfig
+    from .models import load_models
+    from .pipeline import LayoutAndRetouch, LRConfig
+    from .viz import result_panel
+
+    out = Path(a.out)
+    if out.exists() and not a.overwrite:
+        print(f"error: {out} exists; choose another --out or pass --overwrite", file=sys.stderr)
+        return 2
+    if a.backend == "toy":
+        bundle = load_models("toy")
+    else:
+        extra = {k: v for k, v in dict(base=a.base, personalized=a.personalized,
+                                       class_noun=a.class_noun).items() if v is not None}
+        bundle = load_models("sd", **extra)
+    refs = load_images(a.reference, bundle.image_size) if a.reference else None
+    cfg = LRConfig(layout=LayoutConfig(lambda1=_num(a.lambda1), steps=a.steps, guidance=a.guidance),
+                   swap=SwapConfig(lambda2=_num(a.lambda2)), mask=MaskConfig(lambda3=_num(a.lambda3)))
+    result = LayoutAndRetouch(bundle, cfg)(a.prompt, refs, seed=a.seed)
+    result.save(out, overwrite=a.overwrite)
+    Image.fromarray(result.images[0]).save(out / "final.png")
+    result_panel(result, bundle).savefig(out / "panel.png", dpi=130)
+    print(f"wrote {out / 'final.png'} and {out / 'panel.png'} (intermediates in {out})")
+    return 0
+
+
+def _num(s: str) -> float | int:
+    """'10' -> 10 steps; '0.2' -> fraction 0.2 of the steps."""
+    return float(s) if any(c in s for c in ".eE") else int(s)
+
+
 def cmd_demo(a) -> int:
     from . import demo
     path = demo.run(Path(a.out))
@@ -138,6 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_toy_report)
+
+    g = sub.add_parser("generate", help="run Layout-and-Retouch on one prompt and seed")
+    g.add_argument("--prompt", required=True, help="with the identifier, e.g. 'a sks star at night'")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", required=True)
+    g.add_argument("--backend", choices=("toy", "sd"), default="toy")
+    g.add_argument("--base", default=None, help="sd: hub id or local folder of the base model")
+    g.add_argument("--personalized", default=None, help="sd: LoRA file/folder or DreamBooth folder")
+    g.add_argument("--class-noun", default=None, help="sd: the subject's class noun, e.g. dog")
+    g.add_argument("--reference", nargs="*", default=None,
+                   help="reference photos (default on toy: data/toy/reference)")
+    g.add_argument("--lambda1", default="0.2", help="vanilla steps: fraction (0.2) or count (10)")
+    g.add_argument("--lambda2", default="0.2", help="end of the structure phase")
+    g.add_argument("--lambda3", default="0.8", help="end of latent blending")
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--overwrite", action="store_true")
+    g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="render the demo figures (toy backend) under --out")
     d.add_argument("--out", default="outputs/demo")

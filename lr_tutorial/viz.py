@@ -38,3 +38,33 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     if x.min() < 0:
         x = (x + 1) / 2
     return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, colour=(255, 40, 40), alpha: float = 0.5) -> np.ndarray:
+    """Tint an image where a soft mask (h, w) in [0, 1] (any resolution) is high."""
+    from .masks import resize
+    m = resize(np.asarray(mask, np.float32), image.shape[0])[..., None] * alpha
+    return (image * (1 - m) + np.array(colour) * m).round().astype(np.uint8)
+
+
+def result_panel(result, bundle, index: int = 0, n_x0: int = 6):
+    """One image's story: reference, its mask, the layout x^c, attention and fused mask of the
+    context, the final image; below, the target's predicted x0 at a few steps."""
+    from . import sampling
+
+    ref = result.reference
+    ctx = result.masks.context[index]
+    top = [ref.image, overlay(ref.image, ref.mask.mask), result.layout.images[index],
+           overlay(result.layout.images[index], ctx.attention, (255, 200, 0)),
+           overlay(result.layout.images[index], ctx.mask), result.images[index]]
+    titles = ["reference x^r", "reference mask M^r", "layout x^c (stage 1)",
+              "class-token attention", "fused mask M^c", "Layout-and-Retouch"]
+    ks = np.linspace(0, len(result.target.x0) - 1, n_x0).round().astype(int)
+    x0 = sampling.decode(bundle, __import__("torch").cat(
+        [result.target.x0[k][index:index + 1] for k in ks]))
+    images = top + list(x0)
+    titles += [f"target x0, step {k}" for k in ks]
+    ncols = max(len(top), n_x0)
+    pad = [np.full_like(top[0], 255)] * (ncols - len(top)) if ncols > len(top) else []
+    return image_grid(top + pad + list(x0), titles[:len(top)] + [""] * len(pad) + titles[len(top):],
+                      ncols=ncols, suptitle=result.prompts[index])
