@@ -242,32 +242,46 @@ class AttentionStore:
 
 
 class CaptureProcessor:
-    """Records attention probabilities of one layer, then computes its output explicitly.
-    Steps the spec does not want go through the layer's original (fused) processor."""
+    """Records attention probabilities of one layer into every store that wants the current
+    step, then computes the layer's output explicitly. When no store wants the step, the call
+    goes through the layer's original (fused) processor. Nested captures share one processor."""
 
-    def __init__(self, store: AttentionStore, path: str, original):
-        self.store, self.path, self.original = store, path, original
+    def __init__(self, stores: list[AttentionStore], path: str, original):
+        self.stores, self.path, self.original = stores, path, original
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
-        if not self.store.wants():
+        active = [s for s in self.stores if s.wants()]
+        if not active:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
                                  temb, *args, **kwargs)
         if attention_mask is not None:
             raise NotImplementedError("attention capture with an attention mask")
         q, k, v = project_qkv(attn, hidden_states, encoder_hidden_states)
         probs = attention_probs(attn, q, k)  # (B, heads, HW, K)
-        self.store.add(self.path, probs)
+        for store in active:
+            store.add(self.path, probs)
         return output(attn, (probs @ v.float()).to(q.dtype), hidden_states)
 
 
 @contextlib.contextmanager
 def capture(unet, spec: CaptureSpec, latent_size: int | None = None):
-    """`with capture(unet, spec) as store:` records attention for the layers `spec` selects."""
+    """`with capture(unet, spec) as store:` records attention for the layers `spec` selects.
+    Captures nest (each store gets what its own spec asks for); a self-attention layer that a
+    swap is running on cannot be captured (the capture would bypass the swap)."""
     store = AttentionStore(spec)
     paths = spec.match(unet, latent_size)
     current = unet.attn_processors
-    procs = {p: CaptureProcessor(store, p, current[p + ".processor"]) for p in paths}
+    procs = {}
+    for p in paths:
+        cur = current[p + ".processor"]
+        if isinstance(cur, SwapProcessor):
+            raise ValueError(f"{p} runs the attention swap; capture cross-attention (attn2) "
+                             "there, or capture self-attention without the swap")
+        if isinstance(cur, CaptureProcessor):
+            procs[p] = CaptureProcessor(cur.stores + [store], p, cur.original)
+        else:
+            procs[p] = CaptureProcessor([store], p, cur)
     with processors(unet, procs):
         yield store
 

@@ -143,3 +143,29 @@ def test_retouch_with_zero_target_mask_equals_context_only(unet):
 def test_swap_layer_selection_matching_nothing_raises(unet):
     with pytest.raises(ValueError, match="no attention layer matches"):
         attention.SwapController(unet, attention.SwapConfig(retouch_layers="decoder.*"), 10)
+
+
+def test_nested_captures_each_get_their_own_spec(unet):
+    z, t, ctx = _inputs(batch=1)
+    outer = attention.CaptureSpec(kind="cross", tokens=[1])
+    inner = attention.CaptureSpec(kind="cross", resolutions=[16], heads="all")
+    with torch.no_grad(), attention.capture(unet, outer) as s1:
+        with attention.capture(unet, inner) as s2:
+            s1.on_step(0), s2.on_step(0)
+            unet(z, t, ctx)
+        s1.on_step(1)
+        unet(z, t, ctx)  # after the inner exits, the outer still records
+    assert len(s1.layers()) == len(attention.select_layers(unet, "*", "cross"))
+    assert s1.steps() == [0, 1] and s2.steps() == [0]
+    assert all(attention.layer_resolution(unet, layer) == 16 for layer in s2.layers())
+    assert all(m.ndim == 4 for m in s2.maps.values())  # heads kept
+
+
+def test_capturing_self_attention_of_a_swapped_layer_raises(unet):
+    ctl = attention.SwapController(unet, attention.SwapConfig(), n_steps=10)
+    with attention.swap(unet, ctl):
+        with pytest.raises(ValueError, match="runs the attention swap"):
+            with attention.capture(unet, attention.CaptureSpec(kind="self")):
+                pass
+        with attention.capture(unet, attention.CaptureSpec(kind="cross")):
+            pass
