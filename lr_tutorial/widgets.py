@@ -1,0 +1,156 @@
+"""Notebook explorers on core ipywidgets, each with a static fallback (`to_figure`).
+
+TimestepScrubber(result, bundle): a step slider with a Play button; for the chosen step and for
+every branch (reference, context, target) it shows the latent preview, the predicted x0, the
+class-token cross-attention overlay (layer resolution or mean, head or mean) and the mask; for
+the target also the blended latent. Every frame is precomputed as PNG bytes (or cached on first
+view), so moving the slider only swaps images.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from . import sampling
+from .preview import linear_preview
+from .viz import overlay
+
+BRANCHES = ("reference", "context", "target")
+KINDS = ("latent", "x0", "attention", "mask")
+
+
+def png(img: np.ndarray, scale: int = 1) -> bytes:
+    from PIL import Image
+    im = Image.fromarray(img)
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class ScrubData:
+    """Per-branch, per-step arrays for one image of a Result. latents/x0: (N+1 or N, C, h, w)."""
+    steps: int
+    latents: dict[str, torch.Tensor]
+    x0: dict[str, np.ndarray]  # decoded (N, H, W, 3) uint8
+    attention: dict[str, dict[tuple[int, str], np.ndarray]]  # branch -> (step, layer) -> (hw)
+    masks: np.ndarray  # (N, h, w) target mask per step
+    layers: list[str]
+    start: int
+
+    @classmethod
+    def from_result(cls, result, bundle, index: int = 0, decode_x0: bool | None = None):
+        b = len(result.prompts)
+        n = len(result.layout.trajectory.x0)
+        start = n - len(result.target.x0)
+        ref, ctx, tgt = result.reference.trajectory, result.layout.trajectory, result.target
+        lat = {"reference": torch.cat([z[:1] for z in ref.latents[:n]]),
+               "context": torch.cat([z[index:index + 1] for z in ctx.latents[:n]]),
+               "target": torch.cat([z[index:index + 1] for z in
+                                    ctx.latents[:start] + tgt.latents[:n - start]])}
+        x0s = {"reference": torch.cat([z[:1] for z in ref.x0]),
+               "context": torch.cat([z[index:index + 1] for z in ctx.x0]),
+               "target": torch.cat([z[index:index + 1] for z in ctx.x0[:start] + tgt.x0])}
+        decode_x0 = bundle.backend == "toy" if decode_x0 is None else decode_x0
+        fit = x0s["context"][-4:]
+        if decode_x0:
+            x0 = {k: sampling.decode(bundle, v) for k, v in x0s.items()}
+        else:
+            x0 = {k: linear_preview(bundle, v, fit, upscale=8) for k, v in x0s.items()}
+        linear_preview(bundle, fit[:1], fit)  # make sure the latent preview map is fitted
+        store = result.attention
+        rows = {"reference": index, "context": b + index, "target": 2 * b + index}
+        att: dict[str, dict] = {k: {} for k in BRANCHES}
+        for (layer, step), m in store.maps.items():
+            m = m.float()
+            m = m.mean(1) if m.ndim == 4 else m
+            for br, r in rows.items():
+                att[br][(step, layer)] = m[r, :, 0].numpy()
+        masks = np.concatenate([np.repeat(result.masks.per_step[:1, index], start, 0),
+                                result.masks.per_step[:, index]]) if start else \
+            result.masks.per_step[:, index]
+        return cls(n, lat, x0, att, masks, store.layers(), start)
+
+    def attention_map(self, branch: str, step: int, layer: str = "mean") -> np.ndarray | None:
+        """Class-token map at `step` (hw,) -> (side, side) at the largest captured size."""
+        from .masks import normalize, resize
+        maps = self.attention[branch]
+        layers = self.layers if layer == "mean" else [layer]
+        got = [maps[(step, ly)] for ly in layers if (step, ly) in maps]
+        if not got:
+            return None
+        side = max(int(np.sqrt(g.size)) for g in got)
+        acc = np.mean([resize(g.reshape(int(np.sqrt(g.size)), -1), side) for g in got], axis=0)
+        return normalize(acc)
+
+
+class TimestepScrubber:
+    """`TimestepScrubber(result, bundle).widget()` in a live notebook; `.to_figure()` elsewhere."""
+
+    def __init__(self, result, bundle, index: int = 0, scale: int = 3):
+        self.data = ScrubData.from_result(result, bundle, index)
+        self.bundle, self.scale = bundle, scale
+        self.prompt = result.prompts[index]
+
+    @lru_cache(maxsize=4096)
+    def frame(self, branch: str, kind: str, step: int, layer: str = "mean") -> np.ndarray:
+        d = self.data
+        if kind == "latent":
+            img = linear_preview(self.bundle, d.latents[branch][step:step + 1],
+                                 upscale=d.x0[branch].shape[1] // d.latents[branch].shape[-1])[0]
+        elif kind == "x0":
+            img = d.x0[branch][step]
+        elif kind == "attention":
+            a = d.attention_map(branch, step, layer)
+            base = d.x0[branch][step]
+            img = base if a is None else overlay(base, a, (255, 200, 0), 0.6)
+        elif kind == "mask":
+            base = d.x0[branch][step]
+            img = overlay(base, d.masks[step]) if branch == "target" else base
+        else:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        return img
+
+    def widget(self):
+        import ipywidgets as W
+
+        d = self.data
+        play = W.Play(min=0, max=d.steps - 1, step=1, interval=150, description="play")
+        slider = W.IntSlider(min=0, max=d.steps - 1, value=d.steps - 1, description="step k",
+                             continuous_update=True)
+        W.jslink((play, "value"), (slider, "value"))
+        layer = W.Dropdown(options=["mean"] + d.layers, value="mean", description="layer")
+        images = {(br, kd): W.Image(format="png") for br in BRANCHES for kd in KINDS}
+
+        def update(*_):
+            for (br, kd), im in images.items():
+                im.value = png(self.frame(br, kd, slider.value, layer.value), self.scale)
+
+        slider.observe(update, "value")
+        layer.observe(update, "value")
+        update()
+        header = [W.HTML(f"<b>{k}</b>") for k in ("", *KINDS)]
+        cells = header + [c for br in BRANCHES for c in
+                          [W.HTML(f"<b>{br}</b>")] + [images[(br, kd)] for kd in KINDS]]
+        grid = W.GridBox(cells, layout=W.Layout(grid_template_columns="90px repeat(4, auto)"))
+        self._controls = dict(play=play, slider=slider, layer=layer, images=images)
+        return W.VBox([W.HTML(f"<code>{self.prompt}</code>"), W.HBox([play, slider, layer]), grid])
+
+    def to_figure(self, steps=None):
+        """Static fallback: rows = branch x kind, columns = a few steps."""
+        from .viz import image_grid
+        d = self.data
+        steps = steps if steps is not None else np.linspace(0, d.steps - 1, 6).round().astype(int)
+        imgs, titles = [], []
+        for br in BRANCHES:
+            for kd in KINDS:
+                for s in steps:
+                    imgs.append(self.frame(br, kd, int(s)))
+                    titles.append(f"{br} {kd} k={s}")
+        return image_grid(imgs, titles, ncols=len(steps), scale=1.2, suptitle=self.prompt)

@@ -1,0 +1,39 @@
+"""The timestep scrubber: frames per branch and step, the slider swaps images, static fallback."""
+import numpy as np
+import pytest
+
+from lr_tutorial.layout import LayoutConfig
+from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
+from lr_tutorial.sd import load_sd
+from lr_tutorial.widgets import KINDS, TimestepScrubber
+
+from tiny_sd import make_tiny_lora, make_tiny_sd, tiny_unet
+
+
+@pytest.fixture(scope="module")
+def result_and_bundle(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sd")
+    make_tiny_sd(d / "base")
+    make_tiny_lora(tiny_unet(), d / "lora")
+    b = load_sd(str(d / "base"), personalized=str(d / "lora"), class_noun="dog",
+                local_files_only=True)
+    ref = (np.random.default_rng(0).random((1, 64, 64, 3)) * 255).astype(np.uint8)
+    res = LayoutAndRetouch(b, LRConfig(layout=LayoutConfig(steps=5)))(["a sks dog"], ref, seed=0)
+    return res, b
+
+
+def test_scrubber_frames_and_slider(result_and_bundle):
+    res, b = result_and_bundle
+    sc = TimestepScrubber(res, b)
+    for kind in KINDS:
+        f0, f4 = sc.frame("target", kind, 0), sc.frame("target", kind, 4)
+        assert f0.dtype == np.uint8 and f0.shape == f4.shape and f0.shape[-1] == 3
+    assert not np.array_equal(sc.frame("target", "x0", 0), sc.frame("target", "x0", 4))
+    box = sc.widget()
+    img = sc._controls["images"][("target", "x0")]
+    before = img.value
+    sc._controls["slider"].value = 0
+    assert img.value != before  # moving the slider swaps the displayed image
+    fig = sc.to_figure()
+    assert len(fig.axes) == 3 * len(KINDS) * 6
+    assert box is not None
