@@ -34,7 +34,7 @@ class ToyTrainConfig:
     vae_lr: float = 5e-4  # 1e-3 was unstable (loss spikes, washed-out colours at step 500)
     vae_kl_weight: float = 1e-6
     # latents of a fixed set of scenes, encoded once
-    dataset_size: int = 100_000
+    dataset_size: int = 50_000
     # text encoder + UNet
     unet_steps: int = 15_000
     unet_batch: int = 64
