@@ -138,6 +138,11 @@ def load_toy(personalized: str | Path | None = "default", device: str = "cpu") -
     from .toy import world
 
     root = data_dir() / "toy"
+    if not (root / "unet").is_dir():
+        raise FileNotFoundError(
+            f"no toy model weights in {root} (expected unet/, vae/, text_encoder/, tokenizer/, "
+            "scheduler/). Train and export them with `python -m lr_tutorial train-toy`, or "
+            "check out a revision of the repository that ships them.")
     bundle = ModelBundle(
         tokenizer=PreTrainedTokenizerFast.from_pretrained(root / "tokenizer"),
         text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder").eval(),
