@@ -426,6 +426,10 @@ def swap(unet, controller: SwapController):
     """`with swap(unet, controller):` installs SwapProcessor on the structure/retouch layers."""
     current = unet.attn_processors
     paths = sorted(controller.structure | controller.retouch)
+    captured = [p for p in paths if isinstance(current[p + ".processor"], CaptureProcessor)]
+    if captured:
+        raise ValueError(f"{captured[0]} is being captured; the swap would bypass the capture. "
+                         "Capture cross-attention (attn2) during a swap, not self-attention")
     procs = {p: SwapProcessor(controller, p, current[p + ".processor"]) for p in paths}
     with processors(unet, procs):
         yield controller

@@ -10,6 +10,7 @@ reference image, reused across prompts and seeds) -> stage 2 (retouch.py).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -64,6 +65,7 @@ class Result:
     attention: object  # AttentionStore of the class token in stage 2 (all three branches)
     config: dict
     versions: dict
+    capture: object = None  # the caller's own AttentionStore of stage 2 (capture= argument)
 
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write final and layout images (PNG), masks (NPZ) and config + versions (JSON).
@@ -144,7 +146,10 @@ class LayoutAndRetouch:
 
     # ------------------------------------------------------------------ call
     def __call__(self, prompt: str | list[str], reference_images: np.ndarray | None = None,
-                 seed: int | list[int] = 0, callback=None) -> Result:
+                 seed: int | list[int] = 0, callback=None,
+                 capture: attention.CaptureSpec | None = None) -> Result:
+        """Run both stages. `capture`: an extra CaptureSpec recorded during stage 2 for all
+        three branches (rows [reference; context; target] x B), e.g. what a scrubber shows."""
         cfg, bundle = self.config, self.models
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
@@ -168,9 +173,12 @@ class LayoutAndRetouch:
                      for img, a in zip(layout.images, attn)]
 
         # stage 2
-        z, traj, per_step, store2 = retouch(
-            bundle, layout, ref, np.stack([m.mask for m in ctx_masks]), cls,
-            swap_cfg=cfg.swap, mask_cfg=cfg.mask, steps=n, guidance=cfg.layout.guidance,
-            start_step=cfg.start_step, callback=callback)
+        with contextlib.ExitStack() as stack:
+            user = stack.enter_context(attention.capture(bundle.unet, capture)) if capture else None
+            z, traj, per_step, store2 = retouch(
+                bundle, layout, ref, np.stack([m.mask for m in ctx_masks]), cls,
+                swap_cfg=cfg.swap, mask_cfg=cfg.mask, steps=n, guidance=cfg.layout.guidance,
+                start_step=cfg.start_step, callback=callback, observers=(user,) if user else ())
         return Result(prompts, seeds, sampling.decode(bundle, z), layout, traj, ref,
-                      Masks(ctx_masks, ref.mask, per_step), store2, cfg.to_dict(), versions())
+                      Masks(ctx_masks, ref.mask, per_step), store2, cfg.to_dict(), versions(),
+                      capture=user)

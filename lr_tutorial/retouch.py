@@ -72,9 +72,11 @@ def invert_reference(bundle, image: np.ndarray, prompt: str, class_index: int, *
 def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.ndarray,
             class_indices: list[int], *, swap_cfg: attention.SwapConfig,
             mask_cfg: masks.MaskConfig, steps: int, guidance: float, start_step: int = 0,
-            callback=None) -> tuple[torch.Tensor, sampling.Trajectory, np.ndarray, object]:
+            callback=None, observers: tuple = (),
+            ) -> tuple[torch.Tensor, sampling.Trajectory, np.ndarray, object]:
     """Denoise the target branch. Returns (z^t_N, target trajectory, masks used per step
-    (N - start, B, h, w), the attention store of the class token for all three branches)."""
+    (N - start, B, h, w), the attention store of the class token for all three branches).
+    Extra observers (e.g. a user's attention store, already capturing) hear every step."""
     b = len(layout.prompt)
     size = bundle.latent_size
     sched = sampling.make_scheduler(bundle, steps)
@@ -99,8 +101,8 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
             t = sched.timesteps[k]
             zr = reference.trajectory.latents[k].to(zt).expand(b, -1, -1, -1)
             zc = layout.trajectory.latents[k].to(zt)
-            for obs in (ctl, store):
-                obs.on_step(k, int(t), True)
+            for obs in (ctl, store, *observers):
+                obs.on_step(k, int(t), guidance != 1.0)
             eps = sampling.guided_eps(bundle.unet, torch.cat([zr, zc, zt]), t, cond, uncond,
                                       guidance)[2 * b:]
             out = sched.step(eps, t, zt)

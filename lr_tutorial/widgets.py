@@ -64,25 +64,52 @@ class ScrubData:
         else:
             x0 = {k: linear_preview(bundle, v, fit, upscale=8) for k, v in x0s.items()}
         linear_preview(bundle, fit[:1], fit)  # make sure the latent preview map is fitted
-        store = result.attention
+        # the caller's full capture (all tokens, maybe heads) when present, else the class token
+        store = result.capture if result.capture is not None else result.attention
         rows = {"reference": index, "context": b + index, "target": 2 * b + index}
         att: dict[str, dict] = {k: {} for k in BRANCHES}
         for (layer, step), m in store.maps.items():
+            if not layer.endswith("attn2"):
+                continue
             m = m.float()
-            m = m.mean(1) if m.ndim == 4 else m
+            m = m[:, None] if m.ndim == 3 else m  # (rows, heads, HW, tokens)
             for br, r in rows.items():
-                att[br][(step, layer)] = m[r, :, 0].numpy()
+                att[br][(step, layer)] = m[r].numpy()
         masks = np.concatenate([np.repeat(result.masks.per_step[:1, index], start, 0),
                                 result.masks.per_step[:, index]]) if start else \
             result.masks.per_step[:, index]
-        return cls(n, lat, x0, att, masks, store.layers(), start)
+        from .prompts import token_index
+        if result.capture is not None and result.capture.spec.tokens is None:
+            tokens = bundle.tokenizer.convert_ids_to_tokens(bundle.tokenizer(
+                result.prompts[index]).input_ids)
+            default = token_index(bundle.tokenizer, result.prompts[index], bundle.class_noun)
+        else:
+            tokens, default = [bundle.class_noun], 0
+        layers = [ly for ly in store.layers() if ly.endswith("attn2")]
+        return cls(n, lat, x0, att, masks, layers, start, tokens, default)
 
-    def attention_map(self, branch: str, step: int, layer: str = "mean") -> np.ndarray | None:
-        """Class-token map at `step` (hw,) -> (side, side) at the largest captured size."""
+    tokens: list[str] = None
+    default_token: int = 0
+
+    @property
+    def heads(self) -> int:
+        return max((m.shape[0] for maps in self.attention.values() for m in maps.values()), default=1)
+
+    def attention_map(self, branch: str, step: int, layer: str = "mean", token: int | None = None,
+                      head: str | int = "mean") -> np.ndarray | None:
+        """Normalized cross-attention map of one token at `step`, for one layer or the mean of
+        all (each resized to the largest captured side), one head or their mean."""
         from .masks import normalize, resize
+        token = self.default_token if token is None else token
         maps = self.attention[branch]
         layers = self.layers if layer == "mean" else [layer]
-        got = [maps[(step, ly)] for ly in layers if (step, ly) in maps]
+        got = []
+        for ly in layers:
+            m = maps.get((step, ly))
+            if m is None:
+                continue
+            m = m.mean(0) if head == "mean" or m.shape[0] == 1 else m[int(head)]  # (HW, T)
+            got.append(m[:, token])
         if not got:
             return None
         side = max(int(np.sqrt(g.size)) for g in got)
@@ -99,7 +126,8 @@ class TimestepScrubber:
         self.prompt = result.prompts[index]
 
     @lru_cache(maxsize=4096)
-    def frame(self, branch: str, kind: str, step: int, layer: str = "mean") -> np.ndarray:
+    def frame(self, branch: str, kind: str, step: int, layer: str = "mean", token: int | None = None,
+              head: str | int = "mean") -> np.ndarray:
         d = self.data
         if kind == "latent":
             img = linear_preview(self.bundle, d.latents[branch][step:step + 1],
@@ -107,7 +135,7 @@ class TimestepScrubber:
         elif kind == "x0":
             img = d.x0[branch][step]
         elif kind == "attention":
-            a = d.attention_map(branch, step, layer)
+            a = d.attention_map(branch, step, layer, token, head)
             base = d.x0[branch][step]
             img = base if a is None else overlay(base, a, (255, 200, 0), 0.6)
         elif kind == "mask":
@@ -126,21 +154,27 @@ class TimestepScrubber:
                              continuous_update=True)
         W.jslink((play, "value"), (slider, "value"))
         layer = W.Dropdown(options=["mean"] + d.layers, value="mean", description="layer")
+        token = W.Dropdown(options=[(t, i) for i, t in enumerate(d.tokens)], value=d.default_token,
+                           description="token")
+        head = W.Dropdown(options=["mean"] + list(range(d.heads)), value="mean", description="head")
         images = {(br, kd): W.Image(format="png") for br in BRANCHES for kd in KINDS}
 
         def update(*_):
             for (br, kd), im in images.items():
-                im.value = png(self.frame(br, kd, slider.value, layer.value), self.scale)
+                im.value = png(self.frame(br, kd, slider.value, layer.value, token.value,
+                                          head.value), self.scale)
 
-        slider.observe(update, "value")
-        layer.observe(update, "value")
+        for w in (slider, layer, token, head):
+            w.observe(update, "value")
         update()
         header = [W.HTML(f"<b>{k}</b>") for k in ("", *KINDS)]
         cells = header + [c for br in BRANCHES for c in
                           [W.HTML(f"<b>{br}</b>")] + [images[(br, kd)] for kd in KINDS]]
         grid = W.GridBox(cells, layout=W.Layout(grid_template_columns="90px repeat(4, auto)"))
-        self._controls = dict(play=play, slider=slider, layer=layer, images=images)
-        return W.VBox([W.HTML(f"<code>{self.prompt}</code>"), W.HBox([play, slider, layer]), grid])
+        self._controls = dict(play=play, slider=slider, layer=layer, token=token, head=head,
+                              images=images)
+        return W.VBox([W.HTML(f"<code>{self.prompt}</code>"), W.HBox([play, slider]),
+                       W.HBox([layer, token, head]), grid])
 
     def to_figure(self, steps=None):
         """Static fallback: rows = branch x kind, columns = a few steps."""

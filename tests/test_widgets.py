@@ -37,3 +37,23 @@ def test_scrubber_frames_and_slider(result_and_bundle):
     fig = sc.to_figure()
     assert len(fig.axes) == 3 * len(KINDS) * 6
     assert box is not None
+
+
+def test_scrubber_with_a_full_capture_scrubs_tokens_and_heads(result_and_bundle):
+    from lr_tutorial.attention import CaptureSpec
+    _, b = result_and_bundle
+    ref = (np.random.default_rng(0).random((1, 64, 64, 3)) * 255).astype(np.uint8)
+    lr = LayoutAndRetouch(b, LRConfig(layout=LayoutConfig(steps=4)))
+    res = lr(["a sks dog on the beach"], ref, seed=0,
+             capture=CaptureSpec(kind="cross", heads="all"))
+    sc = TimestepScrubber(res, b)
+    assert "dog</w>" in sc.data.tokens[sc.data.default_token]
+    assert sc.data.heads == 2
+    a = sc.data.attention_map("target", 2, token=sc.data.default_token, head=0)
+    c = sc.data.attention_map("target", 2, token=1, head=1)
+    assert a.shape == c.shape and not np.allclose(a, c)
+    sc.widget()
+    img = sc._controls["images"][("context", "attention")]
+    before = img.value
+    sc._controls["token"].value = 1
+    assert img.value != before

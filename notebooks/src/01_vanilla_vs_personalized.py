@@ -1,0 +1,126 @@
+# %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/lr_tutorial/blob/main/notebooks/01_vanilla_vs_personalized.ipynb)
+#
+# # 01 · Vanilla vs personalized: the diversity problem, measured
+#
+# **Learning goals**
+# - see what DreamBooth-style personalization does to a text-to-image model: it learns the subject
+#   and forgets how to place it;
+# - measure it: prompt fidelity per attribute, identity, and where the subject lands.
+#
+# **Prerequisites**: Python, what a diffusion model samples (noise -> image in N steps).
+# Runs in about a minute on a laptop CPU with the toy backend.
+
+# %%
+# Setup: in Colab this installs the package from the repository; locally it is installed already.
+import os, subprocess, sys
+if "google.colab" in sys.modules and not os.path.isdir("lr_tutorial"):
+    subprocess.run(["git", "clone", "--depth", "1", "https://github.com/OWNER/lr_tutorial"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "lr_tutorial"], check=True)
+    sys.path.insert(0, "lr_tutorial")
+
+# %%
+import matplotlib.pyplot as plt
+import numpy as np
+from lr_tutorial.notebook import pick_backend
+bundle = pick_backend()  # toy without a GPU; Stable Diffusion with one
+
+# %% [markdown]
+# ## The toy world
+# ShapeWorld images are 64x64: one shape, with a colour, size and position, on a background.
+# Our models have exactly Stable Diffusion's architecture, only tiny. The personal subject is a
+# teal star with an orange core, which no caption can describe: its identifier is `sks`, its
+# class noun `star`. These are its five "photos", DreamBooth style: centred, large, plain backdrop.
+
+# %%
+from lr_tutorial.toy import subject, world, oracle
+from lr_tutorial.viz import image_grid
+refs = subject.reference_images()
+image_grid(refs, [f"reference {i}" for i in range(len(refs))], scale=1.4);
+
+# %% [markdown]
+# The personalized model is the vanilla model plus a LoRA fine-tuned on these five photos with
+# the prompt "a sks star" (`lr_tutorial.personalize.dreambooth_lora`). `bundle.using(...)`
+# switches the LoRA off (vanilla, $\epsilon$) and on (personalized, $\epsilon^*$).
+#
+# Below, each prompt is sampled by the vanilla model *without* the identifier ($y^{-p}$) and by
+# the personalized model *with* it ($y^{p}$), from the same noise seeds.
+
+# %%
+from lr_tutorial.toy import report
+prompts = ["a sks star on the left in the snow", "a sks star at the top on the grass",
+           "a small sks star on the right at night"]
+seeds = [0, 1, 2]
+rows, titles = [], []
+for p in prompts:
+    v = report.generate(bundle, [report.heldout.strip_identifier(p)], seeds, "vanilla", steps=25, progress=False)
+    q = report.generate(bundle, [p], seeds, "personalized", steps=25, progress=False)
+    rows += list(v) + list(q)
+    for img in list(v) + list(q):
+        f = oracle.analyze(img)
+        titles.append(f"{f.position}/{f.background}\nid {oracle.identity_score(img, f):.2f}")
+fig = image_grid(rows, titles, ncols=6, scale=1.3)
+fig.suptitle("left 3: vanilla on y^-p  |  right 3: personalized on y^p", fontsize=8);
+
+# %% [markdown]
+# ## Measuring it
+# The oracle (`lr_tutorial.toy.oracle.analyze`) reads shape, colour, size, position and
+# background back from any image, and `identity_score` compares the object's pattern with the
+# subject's (1 = the subject, 0 = a plain object). Prompt fidelity for an attribute is the share
+# of images whose attribute matches the prompt, over the prompts that state it.
+#
+# $$\text{fidelity}_a = \frac{1}{|P_a|}\sum_{(y, x) \in P_a} [\,\text{oracle}_a(x) = y_a\,]$$
+
+# %%
+from lr_tutorial.toy import heldout
+test_prompts = heldout.personal_prompts()[:24]
+res = report.toy_report(bundle, test_prompts, seeds=[0, 1], steps=25, progress=False)
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for name in ("vanilla", "personalized"):
+    r = res[name]
+    print(f"{name:>13}: position {r['fidelity']['position']:.1f}  background "
+          f"{r['fidelity']['background']:.1f}  identity {r['identity']:.1f}")
+
+# %% [markdown]
+# The vanilla model follows the prompt but draws plain stars (identity near 0). The
+# personalized model draws *our* star, but position and background fidelity drop: it has
+# learnt "centred, large, plain backdrop" together with the subject. That is the problem
+# Layout-and-Retouch addresses. Where does the subject land when the prompt does not say?
+
+# %%
+fig, ax = plt.subplots(1, 2, figsize=(7, 2.2), sharey=True)
+for a, name in zip(ax, ("vanilla", "personalized")):
+    h = res[name]["position_hist"]
+    a.bar(list(h), list(h.values()), color="tab:blue" if name == "vanilla" else "tab:orange")
+    a.set_title(f"{name}: position when omitted", fontsize=9)
+fig.tight_layout()
+
+# %% [markdown]
+# ## Exercises
+# **1.1** Using `report.score(images, prompts)` rows (each has `row["match"]`, a dict of
+# attribute -> bool), compute the personalized model's *position* fidelity on the first 8 test
+# prompts with seed 0, then check it.
+
+# %%
+from lr_tutorial import exercises
+imgs = report.generate(bundle, test_prompts[:8], [0], "personalized", steps=25, progress=False)
+rows_ = report.score(imgs, test_prompts[:8])
+# your answer: replace None
+answer = None
+# solution (delete to try yourself):
+hits = [r["match"]["position"] for r in rows_ if "position" in r["match"]]
+answer = sum(hits) / len(hits)
+truth = report.summarize(rows_)["fidelity"]["position"]
+exercises.check_fraction(answer, truth, "position fidelity")
+
+# %% [markdown]
+# **1.2** Write `strip(prompt, identifier)` that turns $y^p$ into $y^{-p}$ ("a sks dog on the
+# beach" -> "a dog on the beach"): the vanilla model must never see the identifier.
+
+# %%
+def strip(prompt, identifier):
+    return " ".join(w for w in prompt.split() if w != identifier)
+
+exercises.check_strip_identifier(strip)
