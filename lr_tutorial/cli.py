@@ -73,8 +73,9 @@ def cmd_toy_report(a) -> int:
     prompts = report.read_prompts(a.prompts)
     if a.limit:
         prompts = prompts[:a.limit]
+    methods = tuple(m for m in a.methods.split(",") if m)
     res = report.toy_report(bundle, prompts, list(range(a.seeds)), steps=a.steps,
-                            guidance=a.guidance, progress=not a.json)
+                            guidance=a.guidance, progress=not a.json, methods=methods)
     res["prompt_file"] = str(a.prompts)
     print(json.dumps(res, indent=1) if a.json else _pretty(res))
     return 0
@@ -83,7 +84,7 @@ def cmd_toy_report(a) -> int:
 def _pretty(res: dict) -> str:
     lines = [f"{res['prompts']} prompts x {len(res['seeds'])} seeds, {res['steps']} steps, "
              f"guidance {res['guidance']}"]
-    for k in ("vanilla", "vanilla_same_prompts", "personalized"):
+    for k in ("vanilla", "vanilla_same_prompts", "personalized", "stage1", "layout_and_retouch"):
         if k in res:
             r = res[k]
             lines.append(f"{k:>22}: fidelity {r['fidelity']} identity {r['identity']} "
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--guidance", type=float, default=7.5)
     s.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
+    s.add_argument("--methods", default="", help="extra rows: stage1,layout_and_retouch")
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_toy_report)

@@ -44,6 +44,29 @@ def generate(bundle, prompts: list[str], seeds: list[int], mode: str, *, steps: 
     return np.concatenate(out)
 
 
+def generate_method(bundle, prompts: list[str], seeds: list[int], method: str, *,
+                    steps: int = 50, guidance: float = 7.5, batch: int = 32, config=None,
+                    progress: bool = True) -> np.ndarray:
+    """Images of `method`: "stage1" (step-blended layout only) or "layout_and_retouch"."""
+    from ..layout import step_blended
+    from ..pipeline import LayoutAndRetouch, LRConfig
+
+    cfg = config or LRConfig()
+    cfg.layout.steps, cfg.layout.guidance = steps, guidance
+    lr = LayoutAndRetouch(bundle, cfg)
+    jobs = [(p, s) for p in prompts for s in seeds]
+    out = []
+    for i in tqdm(range(0, len(jobs), batch), desc=method, disable=not progress):
+        ps, ss = [p for p, _ in jobs[i:i + batch]], [s for _, s in jobs[i:i + batch]]
+        if method == "stage1":
+            out.append(step_blended(bundle, ps, ss, cfg.layout).images)
+        elif method == "layout_and_retouch":
+            out.append(lr(ps, seed=ss).images)
+        else:
+            raise ValueError(f"unknown method {method!r}")
+    return np.concatenate(out)
+
+
 def score(images: np.ndarray, prompts: list[str]) -> list[dict]:
     """One row per image: the prompt's stated attributes, what the oracle read, identity."""
     rows = []
@@ -89,10 +112,12 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def toy_report(bundle, prompts: list[str], seeds: list[int], *, steps: int = 50,
-               guidance: float = 7.5, progress: bool = True) -> dict:
+               guidance: float = 7.5, progress: bool = True, methods: tuple[str, ...] = (),
+               config=None) -> dict:
     """{'vanilla': summary over every prompt without identifier,
         'personalized': summary over the prompts that carry the identifier (if the bundle has
-        a personalized model)}."""
+        a personalized model), and one summary per extra method ("stage1",
+        "layout_and_retouch") on those prompts}."""
     vanilla_prompts = [heldout.strip_identifier(p) for p in prompts]
     report = {"prompts": len(prompts), "seeds": list(seeds), "steps": steps, "guidance": guidance}
     imgs = generate(bundle, vanilla_prompts, seeds, "vanilla", steps=steps, guidance=guidance,
@@ -109,4 +134,8 @@ def toy_report(bundle, prompts: list[str], seeds: list[int], *, steps: int = 50,
             imgs = generate(bundle, same, seeds, "vanilla", steps=steps, guidance=guidance,
                             progress=progress)
             report["vanilla_same_prompts"] = summarize(score(imgs, [p for p in same for _ in seeds]))
+        for method in methods:
+            imgs = generate_method(bundle, personal, seeds, method, steps=steps,
+                                   guidance=guidance, progress=progress, config=config)
+            report[method] = summarize(score(imgs, [p for p in personal for _ in seeds]))
     return report
