@@ -188,3 +188,130 @@ class TimestepScrubber:
                     imgs.append(self.frame(br, kd, int(s)))
                     titles.append(f"{br} {kd} k={s}")
         return image_grid(imgs, titles, ncols=len(steps), scale=1.2, suptitle=self.prompt)
+
+
+class LambdaExplorer:
+    """A lambda1 slider over precomputed stage-1 layouts, with the oracle's readout (toy) of
+    prompt fidelity and identity for each lambda1. `scores(images, prompts)` -> (fidelity,
+    identity) may be given for other backends."""
+
+    def __init__(self, bundle, prompts: list[str], seeds: list[int], lambdas, steps: int = 25,
+                 guidance: float = 7.5, scores=None):
+        from .layout import LayoutConfig, step_blended
+        self.lambdas = list(lambdas)
+        self.prompts = [p for p in prompts for _ in seeds]
+        seeds_all = [s for _ in prompts for s in seeds]
+        self.images = {lam: step_blended(bundle, self.prompts, seeds_all,
+                                         LayoutConfig(lambda1=lam, steps=steps, guidance=guidance)).images
+                       for lam in self.lambdas}
+        scores = scores or _toy_scores
+        self.readout = {lam: scores(imgs, self.prompts) for lam, imgs in self.images.items()}
+
+    def widget(self):
+        import ipywidgets as W
+        slider = W.SelectionSlider(options=self.lambdas, value=self.lambdas[0], description="lambda1")
+        strip = W.Image(format="png")
+        text = W.HTML()
+
+        def update(*_):
+            lam = slider.value
+            strip.value = png(np.concatenate(list(self.images[lam]), axis=1), 2)
+            f, i = self.readout[lam]
+            text.value = f"<b>lambda1 = {lam}</b>: prompt fidelity {f:.2f}, identity {i:.2f}"
+
+        slider.observe(update, "value")
+        update()
+        self._controls = dict(slider=slider, image=strip, text=text)
+        return W.VBox([slider, text, strip])
+
+    def to_figure(self):
+        import matplotlib.pyplot as plt
+        lams = self.lambdas
+        f = [self.readout[lam][0] for lam in lams]
+        i = [self.readout[lam][1] for lam in lams]
+        fig, ax = plt.subplots(figsize=(4, 2.6))
+        ax.plot(lams, f, "o-", label="prompt fidelity")
+        ax.plot(lams, i, "s-", label="identity")
+        ax.set_xlabel("lambda1 (vanilla steps)"), ax.set_ylim(0, 1.05), ax.legend(fontsize=7)
+        ax.set_title("stage 1 trade-off", fontsize=9)
+        fig.tight_layout()
+        return fig
+
+
+def _toy_scores(images, prompts) -> tuple[float, float]:
+    from .toy.report import score, summarize
+    s = summarize(score(images, prompts))
+    return s["fidelity_mean"], s["identity"]
+
+
+class MaskExplorer:
+    """Attention vs segmenter vs fused mask of a context image, with live thresholds/feather."""
+
+    def __init__(self, image: np.ndarray, attn: np.ndarray, segmenter=None, config=None):
+        from .masks import MaskConfig, normalize, segment
+        self.image, self.attn = image, normalize(attn)
+        self.config = config or MaskConfig()
+        self.seg = (segment(segmenter, image, self.attn, self.config) if segmenter is not None
+                    else None)
+
+    def panels(self, tau_lo: float, tau_hi: float, feather: float):
+        from dataclasses import replace
+
+        from .masks import fuse
+        cfg = replace(self.config, tau_lo=tau_lo, tau_hi=max(tau_lo, tau_hi), feather=feather)
+        seg = self.seg if self.seg is not None else np.ones(self.image.shape[:2], bool)
+        fm = fuse(self.attn, seg, cfg)
+        imgs = [self.image, overlay(self.image, fm.attention, (255, 200, 0), 0.7),
+                overlay(self.image, fm.segmenter), overlay(self.image, fm.support, (0, 160, 255)),
+                overlay(self.image, fm.mask, (40, 220, 40), 0.7)]
+        return imgs, ["image", "attention A", "segmenter S", "support (A>=lo)&S", "fused M"]
+
+    def widget(self):
+        import ipywidgets as W
+        lo = W.FloatSlider(value=self.config.tau_lo, min=0, max=1, step=0.05, description="tau_lo")
+        hi = W.FloatSlider(value=self.config.tau_hi, min=0, max=1, step=0.05, description="tau_hi")
+        fe = W.FloatSlider(value=self.config.feather, min=0, max=4, step=0.25, description="feather")
+        ims = [W.Image(format="png") for _ in range(5)]
+
+        def update(*_):
+            for w, img in zip(ims, self.panels(lo.value, hi.value, fe.value)[0]):
+                w.value = png(img, 3)
+
+        for w in (lo, hi, fe):
+            w.observe(update, "value")
+        update()
+        self._controls = dict(tau_lo=lo, tau_hi=hi, feather=fe, images=ims)
+        return W.VBox([W.HBox([lo, hi, fe]), W.HBox(ims)])
+
+    def to_figure(self):
+        from .viz import image_grid
+        imgs, titles = self.panels(self.config.tau_lo, self.config.tau_hi, self.config.feather)
+        return image_grid(imgs, titles, scale=1.5)
+
+
+class SwapExplorer:
+    """Precomputed Layout-and-Retouch results for several swap settings (e.g. single- vs
+    multi-source, lambda2 values), picked with a dropdown; `to_figure` shows them side by side."""
+
+    def __init__(self, results: dict):
+        self.results = results  # label -> Result
+
+    def widget(self):
+        import ipywidgets as W
+        dd = W.Dropdown(options=list(self.results), description="setting")
+        im = W.Image(format="png")
+
+        def update(*_):
+            r = self.results[dd.value]
+            im.value = png(np.concatenate([r.layout.images[0], r.images[0]], axis=1), 3)
+
+        dd.observe(update, "value")
+        update()
+        self._controls = dict(dropdown=dd, image=im)
+        return W.VBox([dd, W.HTML("layout x^c | result"), im])
+
+    def to_figure(self):
+        from .viz import image_grid
+        first = next(iter(self.results.values()))
+        imgs = [first.reference.image, first.layout.images[0]] + [r.images[0] for r in self.results.values()]
+        return image_grid(imgs, ["reference", "layout x^c"] + list(self.results), scale=1.5)

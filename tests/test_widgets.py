@@ -57,3 +57,35 @@ def test_scrubber_with_a_full_capture_scrubs_tokens_and_heads(result_and_bundle)
     before = img.value
     sc._controls["token"].value = 1
     assert img.value != before
+
+
+def test_mask_and_swap_explorers(result_and_bundle):
+    from lr_tutorial.widgets import MaskExplorer, SwapExplorer
+    res, _ = result_and_bundle
+    ctx = res.masks.context[0]
+    me = MaskExplorer(res.layout.images[0], ctx.attention)
+    a, _ = me.panels(0.3, 0.7, 1.0)
+    b, _ = me.panels(0.8, 0.9, 1.0)
+    assert len(a) == 5 and not np.array_equal(a[4], b[4])  # thresholds change the fused mask
+    me.widget()
+    w = me._controls["images"][4]
+    before = w.value
+    me._controls["tau_lo"].value = 0.9
+    assert w.value != before
+    se = SwapExplorer({"multi": res, "again": res})
+    se.widget()
+    assert len(se.to_figure().axes) == 4
+
+
+def test_lambda_explorer(result_and_bundle):
+    from lr_tutorial.widgets import LambdaExplorer
+    _, b = result_and_bundle
+    ex = LambdaExplorer(b, ["a sks dog"], [0, 1], [0, 2, 4], steps=4,
+                        scores=lambda imgs, prompts: (float(imgs.mean() / 255), 0.5))
+    assert set(ex.images) == {0, 2, 4} and ex.images[0].shape == (2, 64, 64, 3)
+    assert not np.array_equal(ex.images[0], ex.images[4])
+    ex.widget()
+    t = ex._controls["text"].value
+    ex._controls["slider"].value = 4
+    assert ex._controls["text"].value != t
+    assert ex.to_figure() is not None

@@ -1,0 +1,147 @@
+# %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/lr_tutorial/blob/main/notebooks/02_inside_the_unet.ipynb)
+#
+# # 02 · Inside the UNet: cross- and self-attention, captured and scrubbed
+#
+# **Learning goals**
+# - find every attention layer of a Stable Diffusion UNet by its module path, and its resolution;
+# - record attention maps with an explicit capture spec, knowing the memory cost *before* the run;
+# - scrub a run step by step: latent, predicted $x_0$, the attention of any token, layer and head.
+#
+# **Prerequisites**: notebook 01; scaled dot-product attention. About a minute on a CPU.
+
+# %%
+# Setup: in Colab this installs the package from the repository; locally it is installed already.
+import os, subprocess, sys
+if "google.colab" in sys.modules and not os.path.isdir("lr_tutorial"):
+    subprocess.run(["git", "clone", "--depth", "1", "https://github.com/OWNER/lr_tutorial"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "lr_tutorial"], check=True)
+    sys.path.insert(0, "lr_tutorial")
+
+# %%
+import numpy as np
+from lr_tutorial import attention, sampling
+from lr_tutorial.notebook import pick_backend
+bundle = pick_backend()
+
+# %% [markdown]
+# ## Where attention lives
+# Each transformer block of the UNet has a self-attention `attn1` (queries, keys and values all
+# from the image) and a cross-attention `attn2` (keys and values from the text encoder's tokens).
+# diffusers names every one by its module path; `unet.attn_processors` lists them, and
+# `unet.set_attn_processor({path: processor})` lets us replace the computation of any of them.
+# No call counting, no hard-coded layer totals: a path is an address.
+
+# %%
+for path in attention.attention_layers(bundle.unet):
+    print(f"{attention.layer_resolution(bundle.unet, path):>3} x{attention.layer_resolution(bundle.unet, path):<3} {path}")
+
+# %% [markdown]
+# ## Capturing cross-attention
+# For a query pixel $i$ and token $j$, cross-attention weights are
+# $$A_{ij} = \mathrm{softmax}_j\!\left(\frac{q_i \cdot k_j}{\sqrt d}\right),\quad q = W_q h,\; k = W_k\, \mathrm{text}.$$
+# Column $j$ of $A$, reshaped to the layer's grid, is the map of where token $j$ is drawn.
+# A `CaptureSpec` says what to keep: layers (glob patterns or resolutions), steps, tokens, heads
+# averaged or kept. `spec.estimate` gives the bytes before the run; layers not captured keep
+# the fused attention kernel.
+
+# %%
+prompt = "a sks star on the left in the snow"
+spec = attention.CaptureSpec(kind="cross", heads="mean")
+steps = 25
+print(f"estimate before the run: {spec.estimate(bundle.unet, steps, batch=1) / 1e6:.2f} MB")
+with bundle.using("personalized"), attention.capture(bundle.unet, spec) as store:
+    z, traj = sampling.sample(bundle, [prompt], [0], steps=steps, observers=(store,))
+print(f"stored after the run:    {store.nbytes / 1e6:.2f} MB in {len(store.maps)} maps")
+
+# %% [markdown]
+# The lines that do it (`lr_tutorial/attention.py`, `CaptureProcessor`): project, softmax, store,
+# then finish the layer exactly as diffusers would:
+# ```python
+# q, k, v = project_qkv(attn, hidden_states, encoder_hidden_states)
+# probs = attention_probs(attn, q, k)          # (B, heads, HW, tokens)
+# store.add(self.path, probs)                  # heads averaged, tokens selected, CPU, fp16
+# return output(attn, probs @ v, hidden_states)
+# ```
+
+# %%
+from lr_tutorial.viz import image_grid, overlay
+from lr_tutorial.prompts import token_index
+img = sampling.decode(bundle, z)[0]
+tokens = bundle.tokenizer.convert_ids_to_tokens(bundle.tokenizer(prompt).input_ids)
+panels, titles = [img], ["image"]
+for j, tok in enumerate(tokens[1:-1], start=1):
+    m = store.cross_map(j, 16, steps=range(steps // 2, steps)).numpy()[0]
+    panels.append(overlay(img, (m - m.min()) / (m.max() - m.min() + 1e-8), (255, 200, 0), 0.7))
+    titles.append(tok)
+image_grid(panels, titles, ncols=len(panels), scale=1.3);
+
+# %% [markdown]
+# The class noun `star` lights up the object; the identifier `sks` does too (it was trained
+# with it); words like `left` or `snow` spread over the background. Stage 2's masks start
+# from the class token's map.
+#
+# ## Self-attention
+# Self-attention maps are $HW \times HW$: for one query pixel, where in the image does it look?
+# They carry *structure*, which is why stage 2 swaps them. We capture them at one resolution only
+# (their size grows with the fourth power of the side).
+
+# %%
+spec_self = attention.CaptureSpec(kind="self", resolutions=[16], steps=[steps - 5])
+print(f"self-attention estimate: {spec_self.estimate(bundle.unet, steps) / 1e6:.2f} MB")
+with bundle.using("personalized"), attention.capture(bundle.unet, spec_self) as sstore:
+    sampling.sample(bundle, [prompt], [0], steps=steps, observers=(sstore,))
+layer = sstore.layers()[-1]
+sa = sstore.maps[(layer, steps - 5)].float()[0]  # (HW, HW)
+ys, xs = np.nonzero(img.mean(-1) < 200)  # a pixel on the object
+q = (ys.mean() // 4).astype(int) * 16 + (xs.mean() // 4).astype(int)
+image_grid([img, overlay(img, sa[q].view(16, 16).numpy() / sa[q].max().item(), (0, 120, 255), 0.8)],
+           ["image", f"where one object pixel looks\n{layer.split('.transformer')[0]}"], scale=1.8);
+
+# %% [markdown]
+# ## Scrubbing a whole run
+# `TimestepScrubber` shows, for every denoising step and every branch of Layout-and-Retouch
+# (reference, context, target), the latent, the predicted $x_0$, the cross-attention overlay of
+# a chosen token / layer / head, and the target's mask. Frames are precomputed, so the slider is
+# instant. Where no widget front end runs (GitHub, nbviewer), `to_figure()` draws the same frames.
+
+# %%
+from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
+from lr_tutorial.layout import LayoutConfig
+from lr_tutorial.widgets import TimestepScrubber
+lr = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=25)))
+result = lr(prompt, seed=0, capture=attention.CaptureSpec(kind="cross", heads="all"))
+scrubber = TimestepScrubber(result, bundle)
+scrubber.widget()
+
+# %%
+scrubber.to_figure(steps=[0, 5, 10, 15, 20, 24]);
+
+# %% [markdown]
+# ## Exercises
+# **2.1** How many bytes does a capture of the cross-attention of tokens 1-3 at every layer,
+# heads averaged, for 10 steps of one image, store in fp16? Work it out from the layer list
+# above (rows x heads x HW x tokens x steps x 2 bytes), then check.
+
+# %%
+from lr_tutorial import exercises
+ex_spec = attention.CaptureSpec(kind="cross", tokens=[1, 2, 3])
+sizes = [attention.layer_resolution(bundle.unet, p) for p in attention.select_layers(bundle.unet, "*", "cross")]
+answer = None
+answer = sum(s * s for s in sizes) * 3 * 10 * 2  # solution
+exercises.check_capture_bytes(answer, ex_spec, bundle.unet, steps=10)
+
+# %% [markdown]
+# **2.2** Threshold the class token's map (normalized, >= 0.5) and compare it with the object
+# mask the oracle reads from the image: write `iou(a, b)` for boolean masks and check it.
+
+# %%
+def iou(a, b):
+    union = (a | b).sum()
+    return 1.0 if union == 0 else (a & b).sum() / union
+
+exercises.check_iou(iou)
+from lr_tutorial.toy import oracle
+from lr_tutorial.masks import normalize, resize
+cls_map = normalize(store.cross_map(token_index(bundle.tokenizer, prompt, "star"), 16).numpy()[0])
+print(f"IoU(attention >= 0.5, oracle mask) = {iou(resize(cls_map, 64) >= 0.5, oracle.analyze(img).mask):.2f}")
