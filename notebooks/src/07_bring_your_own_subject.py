@@ -33,8 +33,8 @@ from lr_tutorial.viz import image_grid
 # %%
 pattern = world.Pattern(body=(120, 40, 170), core=(250, 220, 60), core_radius=0.45)
 rng = np.random.default_rng(7)
-photos = np.stack([world.render(world.reference_scene(rng).__class__(**{
-    **world.reference_scene(rng).__dict__, "shape": "circle", "pattern": pattern})) for _ in range(5)])
+photos = np.stack([world.render(world.with_attrs(world.reference_scene(rng), shape="circle",
+                                                 pattern=pattern)) for _ in range(5)])
 image_grid(photos, [f"photo {i}" for i in range(5)], scale=1.3);
 
 # %% [markdown]
