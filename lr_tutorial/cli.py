@@ -24,6 +24,12 @@ def cmd_train_toy(a) -> int:
         if getattr(a, k) is not None:
             setattr(cfg, k, getattr(a, k))
     Path(cfg.ckpt_dir).mkdir(parents=True, exist_ok=True)
+    if a.from_export:
+        if (Path(cfg.ckpt_dir) / "unet.pt").exists():
+            print(f"error: {cfg.ckpt_dir} already holds checkpoints; resume from them instead",
+                  file=sys.stderr)
+            return 2
+        train.seed_from_export(cfg, a.from_export)
     print(f"checkpoints and log.jsonl in {cfg.ckpt_dir} (rerun the same command to resume)")
     if a.stage in ("all", "vae", "unet"):
         vae = train.train_vae(cfg)
@@ -152,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dataset-size", type=int)
     t.add_argument("--threads", type=int, default=0)
     t.add_argument("--overwrite", action="store_true")
+    t.add_argument("--from-export", default=None,
+                   help="seed empty checkpoints from exported weights (e.g. data/toy) to go on "
+                        "training on a machine that lost --ckpt-dir")
     t.set_defaults(func=cmd_train_toy)
 
     r = sub.add_parser("toy-references", help="write the subject's reference photos (PNG)")

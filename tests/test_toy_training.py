@@ -49,3 +49,20 @@ def test_unet_training_resumes_exactly(tmp_path):
     assert sa["step"] == sb["step"] == 3
     for k, v in sa["unet"].items():
         assert torch.equal(v, sb["unet"][k]), k
+
+
+def test_training_can_go_on_from_exported_weights(tmp_path):
+    """A machine that lost its checkpoints seeds them from an export and keeps training."""
+    cfg = tiny_cfg(tmp_path / "ck")
+    (tmp_path / "ck").mkdir()
+    vae = train.train_vae(cfg)
+    latents, scaling = train.encode_dataset(cfg, vae)
+    train.train_unet(cfg, latents, scaling)
+    train.export(cfg, tmp_path / "export")
+    meta = json.load(open(tmp_path / "export" / "training.json"))
+    assert meta["unet_step"] == 3
+    fresh = tiny_cfg(tmp_path / "fresh", unet_steps=5)
+    train.seed_from_export(fresh, tmp_path / "export")
+    assert torch.load(tmp_path / "fresh" / "unet.pt", weights_only=True)["step"] == 3
+    train.train_unet(fresh, latents, scaling)
+    assert torch.load(tmp_path / "fresh" / "unet.pt", weights_only=True)["step"] == 5

@@ -263,13 +263,42 @@ def export(cfg: ToyTrainConfig, out_dir: str | Path, overwrite: bool = False) ->
         raise FileExistsError(f"{out} already holds toy weights; pass overwrite=True "
                               "(--overwrite) to replace them")
     scaling = torch.load(Path(cfg.ckpt_dir) / "latents.pt", weights_only=True)["scaling_factor"]
-    tok, te, unet, _ = ema_models(cfg)
+    tok, te, unet, unet_step = ema_models(cfg)
     pipe = StableDiffusionPipeline(
         vae=trained_vae(cfg, scaling), text_encoder=te, tokenizer=tok, unet=unet,
         scheduler=components.build_scheduler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
+    log = [json.loads(x) for x in open(Path(cfg.ckpt_dir) / "log.jsonl")]
+    last = {st: [r for r in log if r["stage"] == st][-1] for st in ("vae", "unet")
+            if any(r["stage"] == st for r in log)}
+    meta = {"config": asdict(cfg), "unet_step": unet_step, "scaling_factor": scaling,
+            "last_logged": last, "command": "python -m lr_tutorial train-toy"}
+    (out / "training.json").write_text(json.dumps(meta, indent=1))
     return out
+
+
+def seed_from_export(cfg: ToyTrainConfig, export_dir: str | Path) -> None:
+    """Recreate the checkpoints from exported weights, for resuming on a machine that lost
+    ckpt_dir: the VAE counts as finished, the UNet resumes at the exported step from its EMA
+    weights with a fresh optimizer (so the result is not bit-identical to an unbroken run)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    src = Path(export_dir)
+    meta = json.loads((src / "training.json").read_text())
+    ck = Path(cfg.ckpt_dir)
+    ck.mkdir(parents=True, exist_ok=True)
+    vae = AutoencoderKL.from_pretrained(src / "vae")
+    _atomic_save({"model": vae.state_dict(), "opt": torch.optim.AdamW(vae.parameters()).state_dict(),
+                  "step": cfg.vae_steps}, ck / "vae.pt")
+    unet = UNet2DConditionModel.from_pretrained(src / "unet")
+    te = CLIPTextModel.from_pretrained(src / "text_encoder")
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
+    _atomic_save({"unet": unet.state_dict(), "text_encoder": te.state_dict(), "opt": opt.state_dict(),
+                  "ema": [p.detach().clone() for p in params], "step": meta["unet_step"],
+                  "config": asdict(cfg)}, ck / "unet.pt")
 
 
 def checkpoint_bundle(cfg: ToyTrainConfig):
