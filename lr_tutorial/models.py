@@ -105,9 +105,10 @@ class ModelBundle:
             self._apply(previous)
 
     def to(self, device=None, dtype=None) -> "ModelBundle":
+        kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for m in (self.text_encoder, self.vae, self._vanilla_unet, self.personal_unet):
-            if m is not None:
-                m.to(device=device, dtype=dtype)
+            if m is not None and kw:
+                m.to(**kw)
         return self
 
     def pipeline(self):

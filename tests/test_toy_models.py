@@ -66,4 +66,4 @@ def test_ddim_inversion_round_trip(toy):
     assert err < ROUND_TRIP_BOUND, err
 
 
-ROUND_TRIP_BOUND = 0.1  # measured: see data/toy/README.md; re-measure when the weights change
+ROUND_TRIP_BOUND = 0.1  # measured 0.037 (UNet step 2500 + LoRA); re-measure when the weights change
