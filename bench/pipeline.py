@@ -36,12 +36,14 @@ class UNetCounter:
 
 def sd15_random(latent: int, device: str, dtype):
     """Stable Diffusion 1.5's UNet and VAE configs with random weights; a tiny text encoder."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: F401
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     from lr_tutorial.models import ModelBundle
-    import sys
-    from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tiny_sd import tiny_tokenizer
 
@@ -51,7 +53,6 @@ def sd15_random(latent: int, device: str, dtype):
                         down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4,
                         sample_size=latent * 8)
-    import tempfile
     tok = tiny_tokenizer(Path(tempfile.mkdtemp()))
     te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072,
                                       num_hidden_layers=12, num_attention_heads=12,

@@ -176,7 +176,7 @@ class AttentionStore:
     """Recorded maps: `maps[(layer, step)]` is a (B, HW, K) tensor (heads averaged) or
     (B, heads, HW, K) (heads kept), K = selected tokens (cross) or HW (self)."""
 
-    def __init__(self, spec: CaptureSpec, n_tokens: int | None = None):
+    def __init__(self, spec: CaptureSpec):
         self.spec = spec
         self.maps: dict[tuple[str, int], torch.Tensor] = {}
         self.step: int | None = None

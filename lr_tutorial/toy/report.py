@@ -51,7 +51,8 @@ def generate_method(bundle, prompts: list[str], seeds: list[int], method: str, *
     from ..layout import step_blended
     from ..pipeline import LayoutAndRetouch, LRConfig
 
-    cfg = config or LRConfig()
+    import copy
+    cfg = copy.deepcopy(config) if config is not None else LRConfig()  # never mutate the caller's
     cfg.layout.steps, cfg.layout.guidance = steps, guidance
     lr = LayoutAndRetouch(bundle, cfg)
     jobs = [(p, s) for p in prompts for s in seeds]
