@@ -317,7 +317,8 @@ class SwapController:
     masks (B, H, W) in [0, 1] at latent resolution, resized per layer on demand.
 
     The batch of every UNet call is [reference; context; target] (each B rows), twice
-    ([uncond; cond]) under classifier-free guidance.
+    ([uncond; cond]) under classifier-free guidance; or, with `sources` set to KV caches of
+    the reference and the context (lr_tutorial.kv), the target rows alone.
     """
 
     def __init__(self, unet, config: SwapConfig, n_steps: int, latent_size: int | None = None):
@@ -334,6 +335,9 @@ class SwapController:
         self.target_mask: torch.Tensor | None = None
         self.reference_mask: torch.Tensor | None = None
         self._cache: dict = {}
+        # None: the batch holds [reference; context; target]. Else {"reference": KVCache,
+        # "context": KVCache} and the batch holds the target rows only (lr_tutorial.kv).
+        self.sources: dict | None = None
 
     def on_step(self, k: int, t: int | None = None, cfg: bool = False) -> None:
         self.step, self.cfg = k, cfg
@@ -396,29 +400,45 @@ class SwapProcessor:
         if act is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
                                  temb, *args, **kwargs)
-        q, k, v = project_qkv(attn, hidden_states)  # (N, heads, HW, d), N = halves * 3 * B
+        q, k, v = project_qkv(attn, hidden_states)  # (N, heads, HW, d)
         halves = 2 if self.ctl.cfg else 1
         n, h, hw, d = q.shape
-        b = n // (3 * halves)
-        split = lambda x: x.view(halves, 3, b, h, hw, d)  # noqa: E731
-        q5, k5, v5 = split(q), split(k), split(v)
-        o = _sdpa(q, k, v, attn.scale).view(halves, 3, b, h, hw, d).clone()
-        qt = q5[:, 2]  # (halves, B, heads, HW, d)
+        if self.ctl.sources is None:  # batched: N = halves * 3 * B rows [ref; ctx; tgt]
+            b = n // (3 * halves)
+            split = lambda x: x.view(halves, 3, b, h, hw, d)  # noqa: E731
+            q5, k5, v5 = split(q), split(k), split(v)
+            o = _sdpa(q, k, v, attn.scale).view(halves, 3, b, h, hw, d).clone()
+            src = lambda i: (k5[:, i], v5[:, i])  # noqa: E731
+            o[:, 2] = self.target_output(act, q5[:, 2], lambda w: src(BRANCHES.index(w)),
+                                         attn.scale)
+        else:  # cached: N = halves * B target rows; K/V of the sources from their KV caches
+            b = n // halves
+
+            def src(which):
+                ks, vs = self.ctl.sources[which].get(self.path, self.ctl.step, q.device, q.dtype)
+                rows = ks.shape[0] // halves  # 1 (a shared reference) or B
+                return tuple(x.view(halves, rows, h, hw, d).expand(halves, b, h, hw, d)
+                             for x in (ks, vs))
+            o = self.target_output(act, q.view(halves, b, h, hw, d), src, attn.scale)
+        return output(attn, o.reshape(n, h, hw, d), hidden_states)
+
+    def target_output(self, act, qt, src, scale):
+        """The target's attention output. qt: (halves, B, heads, HW, d); src(branch) -> (K, V)
+        of that branch, same shape."""
+        b, hw = qt.shape[1], qt.shape[3]
         if act == "structure":
-            o[:, 2] = _sdpa(qt, k5[:, 1], v5[:, 1], attn.scale)
-        elif act == "reference":
-            o[:, 2] = _sdpa(qt, k5[:, 0], v5[:, 0], attn.scale)
-        else:  # retouch: masked multi-source
-            side = int(math.isqrt(hw))
-            mr = self.ctl.mask_at("reference", side, q.device, q.dtype) > 0.5  # (B', HW)
-            mr = mr | ~mr.any(dim=1, keepdim=True)  # an empty mask falls back to all keys
-            key_mask = mr.expand(b, hw)[None, :, None, None, :]  # (1, B, 1, 1, HW) over keys
-            o_ref = _sdpa(qt, k5[:, 0], v5[:, 0], attn.scale, mask=key_mask)
-            o_ctx = _sdpa(qt, k5[:, 1], v5[:, 1], attn.scale)
-            mt = self.ctl.mask_at("target", side, q.device, q.dtype).expand(b, hw)
-            mt = mt[None, :, None, :, None]  # (1, B, 1, HW, 1) over queries
-            o[:, 2] = mt * o_ref + (1 - mt) * o_ctx
-        return output(attn, o.view(n, h, hw, d), hidden_states)
+            return _sdpa(qt, *src("context"), scale)
+        if act == "reference":
+            return _sdpa(qt, *src("reference"), scale)
+        side = int(math.isqrt(hw))  # retouch: masked multi-source
+        mr = self.ctl.mask_at("reference", side, qt.device, qt.dtype) > 0.5  # (B', HW)
+        mr = mr | ~mr.any(dim=1, keepdim=True)  # an empty mask falls back to all keys
+        key_mask = mr.expand(b, hw)[None, :, None, None, :]  # (1, B, 1, 1, HW) over keys
+        o_ref = _sdpa(qt, *src("reference"), scale, mask=key_mask)
+        o_ctx = _sdpa(qt, *src("context"), scale)
+        mt = self.ctl.mask_at("target", side, qt.device, qt.dtype).expand(b, hw)
+        mt = mt[None, :, None, :, None]  # (1, B, 1, HW, 1) over queries
+        return mt * o_ref + (1 - mt) * o_ctx
 
 
 @contextlib.contextmanager

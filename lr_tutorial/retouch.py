@@ -1,7 +1,9 @@
 """Stage 2: retouch by multi-source attention swap, with adaptive mask blending.
 
 Three branches share one UNet call per step (x2 for classifier-free guidance), batch order
-[reference; context; target] (docs/method.md stage 2):
+[reference; context; target] (docs/method.md stage 2); or, faster, the target alone reads the
+other two branches' keys/values cached from stage 1 and from a replay of the reference
+(`kv=`, lr_tutorial.kv):
 - reference r: the DDIM inversion of x^r, replayed: z^r_k is read from its trajectory;
 - context c:   the stage-1 trajectory, replayed: z^c_k is read, never recomputed;
 - target t:    starts from z^c at `start_step` and is denoised by eps* with y^p, its
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from . import attention, masks, sampling
+from .kv import KVCache, record_kv
 from .layout import resolve_steps
 
 
@@ -68,28 +71,70 @@ def invert_reference(bundle, image: np.ndarray, prompt: str, class_index: int, *
     return ReferenceInversion(image, prompt, traj, attn, fused)
 
 
+def kv_plan(bundle, swap_cfg: attention.SwapConfig, steps: int, start_step: int
+            ) -> tuple[list[str], list[int]]:
+    """(self-attention layers, steps) whose context/reference keys and values the target reads
+    when it runs from `start_step`: the retouch layers from lambda2 on, and the structure
+    layers before it."""
+    ctl = attention.SwapController(bundle.unet, swap_cfg, steps, bundle.latent_size)
+    if swap_cfg.mode == "none":
+        return [], []
+    layers = ctl.retouch | (ctl.structure if start_step < ctl.lambda2 else set())
+    return sorted(layers), list(range(start_step, steps))
+
+
+@torch.no_grad()
+def reference_kv(bundle, reference: ReferenceInversion, layers: list[str], steps: list[int],
+                 n_steps: int, guidance: float, device=None) -> KVCache:
+    """Keys/values of the reference branch: the personalized UNet on the replayed inversion
+    latents z^r_k, [uncond; cond] as in the batched stage 2. Once per reference."""
+    sched = sampling.make_scheduler(bundle, n_steps)
+    cond = sampling.encode_prompts(bundle, [reference.prompt])
+    uncond = sampling.encode_prompts(bundle, [""])
+    cache = KVCache(layers, steps, device=device)
+    with bundle.using("personalized" if bundle.has_personal else "vanilla"), \
+            record_kv(bundle.unet, cache):
+        for k in steps:
+            t = sched.timesteps[k]
+            cache.on_step(k, int(t), guidance != 1.0)
+            z = reference.trajectory.latents[k].to(bundle.device, bundle.dtype)
+            sampling.guided_eps(bundle.unet, z, t, cond, uncond, guidance)
+    return cache
+
+
 @torch.no_grad()
 def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.ndarray,
             class_indices: list[int], *, swap_cfg: attention.SwapConfig,
             mask_cfg: masks.MaskConfig, steps: int, guidance: float, start_step: int = 0,
-            callback=None, observers: tuple = (),
+            callback=None, observers: tuple = (), kv: dict[str, KVCache] | None = None,
             ) -> tuple[torch.Tensor, sampling.Trajectory, np.ndarray, object]:
     """Denoise the target branch. Returns (z^t_N, target trajectory, masks used per step
-    (N - start, B, h, w), the attention store of the class token for all three branches).
-    Extra observers (e.g. a user's attention store, already capturing) hear every step."""
+    (N - start, B, h, w), the attention store of the class token for the branches in the
+    batch). Extra observers (e.g. a user's attention store, already capturing) hear every step.
+
+    kv=None: the batched path, three branches per UNet call, batch [reference; context; target].
+    kv={"reference": KVCache, "context": KVCache} (kv_plan's layers and steps): the target rows
+    alone, reading the other branches' keys/values from the caches; same result, a third of
+    the UNet work (the context cache comes from stage 1, lr_tutorial.kv)."""
     b = len(layout.prompt)
     size = bundle.latent_size
     sched = sampling.make_scheduler(bundle, steps)
     l3 = resolve_steps(mask_cfg.lambda3, steps, "lambda3")
     ref_class = reference_class_index(bundle, reference.prompt)
     cond_p = sampling.encode_prompts(bundle, layout.prompt)
-    cond = torch.cat([sampling.encode_prompts(bundle, [reference.prompt] * b), cond_p, cond_p])
-    uncond = sampling.encode_prompts(bundle, [""] * (3 * b))
     m_ctx = torch.as_tensor(context_masks, dtype=torch.float32)  # (B, h, w)
     ctl = attention.SwapController(bundle.unet, swap_cfg, steps, size)
     ctl.set_masks(target=m_ctx, reference=torch.as_tensor(reference.mask.mask)[None])
-    spec = attention.CaptureSpec(layers=mask_layers(bundle.unet, mask_cfg, size), kind="cross",
-                                 tokens=[[ref_class]] * b + [[i] for i in class_indices] * 2)
+    mask_layers_ = mask_layers(bundle.unet, mask_cfg, size)
+    if kv is None:
+        cond = torch.cat([sampling.encode_prompts(bundle, [reference.prompt] * b), cond_p, cond_p])
+        tokens = [[ref_class]] * b + [[i] for i in class_indices] * 2
+        target_rows = slice(2 * b, 3 * b)
+    else:
+        ctl.sources = kv
+        cond, tokens, target_rows = cond_p, [[i] for i in class_indices], slice(0, b)
+    uncond = sampling.encode_prompts(bundle, [""] * len(cond))
+    spec = attention.CaptureSpec(layers=mask_layers_, kind="cross", tokens=tokens)
     win = set(window(mask_cfg, steps))
     m = m_ctx.clone()
     zt = layout.trajectory.latents[start_step].to(bundle.device, bundle.dtype)
@@ -99,12 +144,15 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
             attention.swap(bundle.unet, ctl), attention.capture(bundle.unet, spec) as store:
         for k in range(start_step, steps):
             t = sched.timesteps[k]
-            zr = reference.trajectory.latents[k].to(zt).expand(b, -1, -1, -1)
-            zc = layout.trajectory.latents[k].to(zt)
             for obs in (ctl, store, *observers):
                 obs.on_step(k, int(t), guidance != 1.0)
-            eps = sampling.guided_eps(bundle.unet, torch.cat([zr, zc, zt]), t, cond, uncond,
-                                      guidance)[2 * b:]
+            if kv is None:
+                zr = reference.trajectory.latents[k].to(zt).expand(b, -1, -1, -1)
+                zc = layout.trajectory.latents[k].to(zt)
+                z_in = torch.cat([zr, zc, zt])
+            else:
+                z_in = zt
+            eps = sampling.guided_eps(bundle.unet, z_in, t, cond, uncond, guidance)[target_rows]
             out = sched.step(eps, t, zt)
             zt = out.prev_sample
             used.append(m.numpy().copy())
@@ -113,7 +161,7 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
                 zt = mm * zt + (1 - mm) * layout.trajectory.latents[k + 1].to(zt)
             if mask_cfg.adaptive and k in win:
                 seen = sorted(s for s in store.steps() if s in win)
-                a = aggregate(store, slice(2 * b, 3 * b), steps, mask_cfg, size, steps=seen)
+                a = aggregate(store, target_rows, steps, mask_cfg, size, steps=seen)
                 own = np.stack([masks.feather(masks.normalize(ai) >= mask_cfg.tau_lo,
                                               mask_cfg.feather) for ai in a])
                 m = torch.maximum(m_ctx, torch.as_tensor(own))
@@ -124,7 +172,8 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
             if callback is not None:
                 callback({"step": k, "timestep": int(t), "latent": zt,
                           "x0": out.pred_original_sample, "mask": used[-1]})
-    return zt, traj, np.stack(used), store
+    used = np.stack(used) if used else np.zeros((0, *m_ctx.shape), np.float32)
+    return zt, traj, used, store
 
 
 def reference_class_index(bundle, prompt: str) -> int:

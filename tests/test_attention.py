@@ -169,3 +169,26 @@ def test_capturing_self_attention_of_a_swapped_layer_raises(unet):
                 pass
         with attention.capture(unet, attention.CaptureSpec(kind="cross")):
             pass
+
+
+def test_kv_recording_leaves_the_output_unchanged_and_records_what_was_asked(unet):
+    from lr_tutorial.kv import KVCache, record_kv
+    layers = attention.select_layers(unet, "up_blocks.*attn1", "self")
+    z, t, ctx = _inputs()
+    with torch.no_grad():
+        ref = unet(z, t, ctx).sample
+    cache = KVCache(layers, steps=[3])
+    with torch.no_grad(), record_kv(unet, cache):
+        cache.on_step(3)
+        out = unet(z, t, ctx).sample
+        cache.on_step(4)  # not asked for: nothing recorded
+        unet(z, t, ctx)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert cache.complete() and {s for _, s in cache.kv} == {3}
+    k, v = cache.get(layers[0], 3)
+    assert k.shape[0] == z.shape[0] and k.shape == v.shape
+    with pytest.raises(KeyError, match="record_kv"):
+        cache.get(layers[0], 4)
+    with pytest.raises(ValueError, match="not a self-attention layer"):
+        with record_kv(unet, KVCache([layers[0].replace("attn1", "attn2")], [0])):
+            pass

@@ -80,7 +80,8 @@ def test_full_pipeline_runs_and_keeps_every_intermediate(bundle, tmp_path):
     res = lr(PROMPTS, ref, seed=SEEDS)
     assert res.images.shape == (2, 64, 64, 3) and res.images.dtype == np.uint8
     assert res.layout.images.shape == (2, 64, 64, 3)
-    assert len(res.target) == n and res.masks.per_step.shape == (n, 2, 8, 8)
+    k0 = lr.start_step()  # the target starts from the context at lambda2 (4 of 6 steps here)
+    assert k0 == 4 and len(res.target) == n - k0 and res.masks.per_step.shape == (n - k0, 2, 8, 8)
     assert len(res.reference.trajectory.latents) == n + 1
     assert res.config["layout"]["steps"] == n and "diffusers" in res.versions
     # the reference inversion is computed once and reused across prompts and seeds
@@ -97,3 +98,44 @@ def test_prompt_without_identifier_is_rejected(bundle):
     lr = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=2)))
     with pytest.raises(ValueError, match="identifier 'sks'"):
         lr("a dog on the beach", np.zeros((64, 64, 3), np.uint8))
+
+
+@pytest.mark.parametrize("mode", ["multi", "reference", "context"])
+def test_cached_stage2_equals_the_batched_three_branch_stage2(bundle, mode):
+    """The fast path (target rows alone, K/V of the context from stage 1 and of the reference
+    from its replay) computes the same thing as the three-branch batch."""
+    n = 8
+    ref = (np.random.default_rng(0).random((1, 64, 64, 3)) * 255).astype(np.uint8)
+    out = {}
+    for stage2 in ("batched", "cached"):
+        cfg = LRConfig(layout=LayoutConfig(steps=n), swap=attention.SwapConfig(mode=mode),
+                       stage2=stage2)
+        lr = LayoutAndRetouch(bundle, cfg)
+        out[stage2] = lr(PROMPTS, ref, seed=SEEDS)
+    a, b = out["batched"], out["cached"]
+    assert len(a.target) == len(b.target) == n - lr.start_step() == 4
+    for za, zb in zip(a.target.latents, b.target.latents):
+        torch.testing.assert_close(za, zb, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(a.masks.per_step, b.masks.per_step, atol=1e-5)
+    # context-only: the target, started from z^c at lambda2 and reading the context's own
+    # keys/values, *is* the context; with the reference, the swap acts
+    same = torch.allclose(b.target.latents[-1], b.layout.trajectory.latents[-1], atol=1e-4)
+    assert same == (mode == "context")
+
+
+def test_cached_stage2_needs_the_target_to_start_after_lambda1(bundle):
+    cfg = LRConfig(layout=LayoutConfig(steps=6, lambda1=3), start_step=1)
+    with pytest.raises(ValueError, match="stage2='batched'"):
+        LayoutAndRetouch(bundle, cfg)("a sks dog", np.zeros((64, 64, 3), np.uint8))
+    cfg.stage2 = "batched"  # the three-branch batch computes the context itself
+    assert len(LayoutAndRetouch(bundle, cfg)("a sks dog", np.zeros((64, 64, 3), np.uint8)).target) == 5
+
+
+def test_reference_keys_values_are_cached_across_calls(bundle):
+    lr = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=6)))
+    ref = np.zeros((64, 64, 3), np.uint8)
+    lr("a sks dog", ref, seed=0)
+    lr("a sks dog on the beach", ref, seed=1)
+    assert len(lr._reference_kv) == 1
+    (cache,) = lr._reference_kv.values()
+    assert cache.complete() and cache.nbytes > 0
