@@ -19,8 +19,17 @@ setup: $(STAMP)
 demo: setup
 	$(PY) -m lr_tutorial demo --out outputs/demo
 
+# `make test`: the unit tests, the browser test (skips without Chromium/Playwright) and every built
+# notebook re-executed by nbval (--nbval-lax: only cells marked # NBVAL_CHECK_OUTPUT compare
+# outputs). --dist loadfile keeps each notebook's cells on one worker. PYTHONPATH makes the
+# notebook kernels import this checkout's lr_tutorial.
+NOTEBOOKS = $(wildcard notebooks/[0-9][0-9]_*.ipynb)
+
 test: setup
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n $(JOBS) --dist loadfile
+	@$(if $(NOTEBOOKS),,echo "note: no built notebooks in notebooks/ (python notebooks/build.py), nbval skipped")
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} \
+	  $(PY) -m pytest -n $(JOBS) --dist loadfile tests \
+	  $(if $(NOTEBOOKS),--nbval-lax --nbval-current-env $(NOTEBOOKS))
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/

@@ -149,7 +149,9 @@ class TimestepScrubber:
         import ipywidgets as W
 
         d = self.data
-        play = W.Play(min=0, max=d.steps - 1, step=1, interval=150, description="play")
+        # the same start value as the slider: jslink copies play -> slider when a browser renders
+        play = W.Play(min=0, max=d.steps - 1, value=d.steps - 1, step=1, interval=150,
+                      description="play")
         slider = W.IntSlider(min=0, max=d.steps - 1, value=d.steps - 1, description="step k",
                              continuous_update=True)
         W.jslink((play, "value"), (slider, "value"))
@@ -158,6 +160,10 @@ class TimestepScrubber:
                            description="token")
         head = W.Dropdown(options=["mean"] + list(range(d.heads)), value="mean", description="head")
         images = {(br, kd): W.Image(format="png") for br in BRANCHES for kd in KINDS}
+        # stable DOM hooks for browser tests and custom CSS: .lr-scrubber, .lr-step, .lr-target-x0
+        slider.add_class("lr-step")
+        for (br, kd), im in images.items():
+            im.add_class(f"lr-{br}-{kd}")
 
         def update(*_):
             for (br, kd), im in images.items():
@@ -173,8 +179,10 @@ class TimestepScrubber:
         grid = W.GridBox(cells, layout=W.Layout(grid_template_columns="90px repeat(4, auto)"))
         self._controls = dict(play=play, slider=slider, layer=layer, token=token, head=head,
                               images=images)
-        return W.VBox([W.HTML(f"<code>{self.prompt}</code>"), W.HBox([play, slider]),
-                       W.HBox([layer, token, head]), grid])
+        box = W.VBox([W.HTML(f"<code>{self.prompt}</code>"), W.HBox([play, slider]),
+                      W.HBox([layer, token, head]), grid])
+        box.add_class("lr-scrubber")
+        return box
 
     def to_figure(self, steps=None):
         """Static fallback: rows = branch x kind, columns = a few steps."""

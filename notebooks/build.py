@@ -59,7 +59,11 @@ def sources_match(nb_path: Path, src: Path) -> bool:
 
 
 def execute(nb: nbformat.NotebookNode, path: Path, timeout: int = 600) -> float:
+    import os
     from nbclient import NotebookClient
+    # the kernel imports this checkout's lr_tutorial, whichever one the venv has installed
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(HERE.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     t0 = time.time()
     NotebookClient(nb, timeout=timeout, kernel_name="python3",
                    resources={"metadata": {"path": str(HERE)}}).execute()

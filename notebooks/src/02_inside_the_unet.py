@@ -93,8 +93,8 @@ with bundle.using("personalized"), attention.capture(bundle.unet, spec_self) as 
     sampling.sample(bundle, [prompt], [0], steps=steps, observers=(sstore,))
 layer = sstore.layers()[-1]
 sa = sstore.maps[(layer, steps - 5)].float()[0]  # (HW, HW)
-ys, xs = np.nonzero(img.mean(-1) < 200)  # a pixel on the object
-q = (ys.mean() // 4).astype(int) * 16 + (xs.mean() // 4).astype(int)
+# a pixel on the object: where the class token's cross-attention (16 x 16) peaks
+q = int(store.cross_map(token_index(bundle.tokenizer, prompt, bundle.class_noun), 16).numpy()[0].argmax())
 image_grid([img, overlay(img, sa[q].view(16, 16).numpy() / sa[q].max().item(), (0, 120, 255), 0.8)],
            ["image", f"where one object pixel looks\n{layer.split('.transformer')[0]}"], scale=1.8);
 
