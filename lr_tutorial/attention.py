@@ -69,10 +69,16 @@ def select_layers(unet, patterns: str | Sequence[str] = "*", kind: str = "both",
         out.append(p)
     if not out:
         sizes = sorted({layer_resolution(unet, p, latent_size) for p in all_paths})
+        of_kind = [p for p in all_paths if kind == "both" or p.endswith(
+            "attn1" if kind == "self" else "attn2")]
+        examples = [next(p for p in of_kind if p.startswith(b))  # one per part of the UNet
+                    for b in ("down_blocks", "mid_block", "up_blocks")
+                    if any(p.startswith(b) for p in of_kind)]
         raise ValueError(
             f"no attention layer matches patterns={patterns} kind={kind!r} "
             f"resolutions={resolutions}. This UNet has {len(all_paths)} attention layers, e.g. "
-            f"{all_paths[:2]}, at resolutions {sizes}; fix the pattern (globs over these paths).")
+            f"{examples}, at resolutions {sizes}; fix the pattern (globs over these paths, "
+            "e.g. 'up_blocks.*attn1'; see attention_layers(unet)).")
     return out
 
 
