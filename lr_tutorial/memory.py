@@ -42,6 +42,7 @@ class MemoryEstimate:
     rows: int
     captured: list[str] = field(default_factory=list)
     weights_by_model: dict[str, int] = field(default_factory=dict)
+    user_layers: list[str] = field(default_factory=list)  # captured for the caller's spec
 
     @property
     def total(self) -> int:
@@ -72,12 +73,12 @@ def free_memory(device) -> int | None:
     return int(free)
 
 
-def _captured_layers(bundle, config, capture) -> list[str]:
+def _captured_layers(bundle, config, capture) -> tuple[list[str], list[str]]:
+    """(every layer run with explicit attention in stage 2, those of the caller's spec)."""
     from .retouch import mask_layers
-    layers = list(mask_layers(bundle.unet, config.mask, bundle.latent_size))
-    if capture is not None:
-        layers += capture.match(bundle.unet, bundle.latent_size)
-    return list(dict.fromkeys(layers))
+    user = capture.match(bundle.unet, bundle.latent_size) if capture is not None else []
+    layers = list(mask_layers(bundle.unet, config.mask, bundle.latent_size)) + user
+    return list(dict.fromkeys(layers)), user
 
 
 def attention_bytes(bundle, path: str, rows: int) -> int:
@@ -110,7 +111,7 @@ def estimate(bundle, config=None, batch: int = 1, capture=None) -> MemoryEstimat
     working = max(14 * c * (s // 2 ** i) ** 2 for i, c in enumerate(chans))  # GEGLU FF: 8C
     unet_act = int(SAFETY * rows * (skips + working) * el)
 
-    captured = _captured_layers(bundle, config, capture)
+    captured, user = _captured_layers(bundle, config, capture)
     per_layer = {p: attention_bytes(bundle, p, rows) for p in captured}
     captured.sort(key=per_layer.get, reverse=True)
     attn = max(per_layer.values(), default=0)
@@ -122,18 +123,18 @@ def estimate(bundle, config=None, batch: int = 1, capture=None) -> MemoryEstimat
     vae_el = torch.finfo(bundle.vae.dtype).bits // 8
     vae = batch * 6 * max(sizes) * vae_el if bundle.vae.device.type == device_type else 0
     return MemoryEstimate(sum(by_model.values()), unet_act, attn, int(vae), rows, captured,
-                          by_model)
+                          by_model, user)
 
 
 def options(est: MemoryEstimate, bundle, batch: int) -> list[str]:
     """Concrete ways to fit, each with what it saves (largest first)."""
     g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
     out = []
-    if est.attention > 0 and est.captured:
+    if est.captured and est.captured[0] in est.user_layers:
         out.append((est.attention, f"capture fewer or smaller layers: the largest captured "
-                    f"layer ({est.captured[0]}) alone takes {g(est.attention)}; capture "
-                    "cross-attention (kind='cross') or lower resolutions "
-                    "(CaptureSpec(resolutions=[16])), or fewer steps (steps=[...])"))
+                    f"layer ({est.captured[0]}) alone takes {g(est.attention)} while it runs "
+                    "without fused attention; capture cross-attention (kind='cross') or lower "
+                    "resolutions (CaptureSpec(resolutions=[16]))"))
     if bundle.dtype == torch.float32:
         out.append(((est.weights + est.unet_activations + est.attention) // 2,
                     "half precision: load_models('sd', ..., dtype=torch.float16) halves weights "
@@ -145,7 +146,7 @@ def options(est: MemoryEstimate, bundle, batch: int) -> list[str]:
     if off or est.vae_decode:
         out.append((off + max(0, est.vae_decode - est.unet_activations - est.attention),
                     "CPU offload of the small models: bundle.vae.to('cpu', torch.float32); "
-                    "bundle.text_encoder.to('cpu') (slower decoding, same result)"))
+                    "bundle.text_encoder.to('cpu') (slower decoding)"))
     if est.weights_by_model.get("personal_unet"):
         out.append((est.weights_by_model["personal_unet"],
                     "a LoRA instead of a full DreamBooth UNet: one UNet shared by both models"))

@@ -224,7 +224,8 @@ def test_long_prompt_warns_saying_what_is_cut(toy_tokenizer):
     with pytest.warns(UserWarning) as rec:
         idx = check_prompts(bundle, [long])
     msg = str(rec[0].message)
-    assert "longer than the text encoder's 16" in msg and "'red big red big red big red at night' will be ignored" in msg
+    assert "longer than the text encoder's 16" in msg
+    assert "'red big red big red big red at night' will be ignored" in msg
     assert "shorten the prompt" in msg
     assert idx == [3]
     # the class noun itself past the limit: an error, since the mask would have no token
@@ -343,6 +344,17 @@ def test_lora_for_another_base_is_refused_on_any_backend(tiny, tmp_path):
     assert bundle.personalization == "none"  # nothing half-attached
     with pytest.raises(FileNotFoundError, match="no LoRA weights"):
         models.attach_lora(bundle, tmp_path / "missing")
+
+
+def test_textual_inversion_embedding_for_another_text_encoder(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    from lr_tutorial.sd import _add_textual_inversion
+    save_file({"<sks-dog>": torch.randn(1, 768)}, str(tmp_path / "learned_embeds.safetensors"))
+    n = len(tiny.tokenizer)
+    with pytest.raises(ValueError, match=r"shape \(1, 768\).*needs \(1, 32\).*another base"):
+        _add_textual_inversion(tiny, tmp_path / "learned_embeds.safetensors")
+    assert len(tiny.tokenizer) == n  # the tokenizer was not changed
 
 
 @pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n not really", b""], ids=["png", "empty"])
@@ -541,8 +553,9 @@ def test_source_audit_torch_load_is_weights_only_and_no_remote_code():
             if getattr(call.func.value, "id", None) == "torch":
                 loads += 1
                 kw = {k.arg: k.value for k in call.keywords}
-                assert isinstance(kw.get("weights_only"), ast.Constant) and \
-                    kw["weights_only"].value is True, f"{f}:{call.lineno} torch.load without weights_only=True"
+                safe = isinstance(kw.get("weights_only"), ast.Constant) and \
+                    kw["weights_only"].value is True
+                assert safe, f"{f}:{call.lineno}: torch.load without weights_only=True"
         for bad in ("trust_remote_code=True", "allow_pickle=True", "pickle.load", "custom_pipeline"):
             assert bad not in src, f"{f}: {bad}"
     assert loads >= 5  # the audit sees the loads that exist (SAM, LoRA .bin, training ckpts)
