@@ -61,11 +61,12 @@ class LRConfig:
                 f"lambda2 = {self.swap.lambda2} (the retouch phase starts at step {l2} of {n}): "
                 "blending would stop before the retouch it keeps to the subject. Give "
                 "lambda3 >= lambda2, or lambda3 = 0 to switch blending off")
-        if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) \
+        if isinstance(self.start_step, bool) or not isinstance(self.start_step, numbers.Integral) \
                 or not 0 <= self.start_step < n:
             raise ValueError(f"start_step = {self.start_step!r} must be a step in [0, {n - 1}] "
                              f"for {n} steps (0: the target starts from the context's noise)")
-        if isinstance(self.reference_index, bool) or not isinstance(self.reference_index, int) \
+        if isinstance(self.reference_index, bool) \
+                or not isinstance(self.reference_index, numbers.Integral) \
                 or self.reference_index < 0:
             raise ValueError(f"reference_index must be an int >= 0, got {self.reference_index!r}")
         if unet is not None:
