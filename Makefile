@@ -5,7 +5,7 @@ REQ_HASH := $(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-12
 STAMP := .make/installed-$(REQ_HASH)
 JOBS ?= 2
 
-.PHONY: setup demo test lab clean
+.PHONY: setup demo test test-diffusers-min lab clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,20 @@ test: setup
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} \
 	  $(PY) -m pytest -n $(JOBS) --dist loadfile tests \
 	  $(if $(NOTEBOOKS),--nbval-lax --nbval-current-env $(NOTEBOOKS))
+
+# The pipeline tests against the lowest supported diffusers (requirements.txt's lower bound),
+# installed once (pure Python, no dependencies) into a cached --target folder put first on PYTHONPATH.
+DIFFUSERS_MIN := $(shell sed -n 's/^diffusers>=\([0-9.]*\).*/\1/p' requirements.txt)
+DIFFUSERS_MIN_DIR ?= $(HOME)/.cache/lr_tutorial/diffusers-$(DIFFUSERS_MIN)
+
+test-diffusers-min: setup
+	@test -f $(DIFFUSERS_MIN_DIR)/.complete || { rm -rf $(DIFFUSERS_MIN_DIR) && \
+	  $(PY) -m pip install -q --no-deps --target $(DIFFUSERS_MIN_DIR) diffusers==$(DIFFUSERS_MIN) && \
+	  touch $(DIFFUSERS_MIN_DIR)/.complete; }
+	PYTHONPATH=$(DIFFUSERS_MIN_DIR) $(PY) -c "import diffusers as d; \
+	  assert d.__version__ == '$(DIFFUSERS_MIN)', d.__file__; print('diffusers', d.__version__)"
+	PYTHONPATH=$(DIFFUSERS_MIN_DIR) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest \
+	  -p no:cacheprovider -q tests/test_pipeline.py tests/test_sd_loading.py
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/

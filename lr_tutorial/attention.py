@@ -17,6 +17,7 @@ import contextlib
 import fnmatch
 import math
 import re
+from numbers import Integral
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -68,10 +69,16 @@ def select_layers(unet, patterns: str | Sequence[str] = "*", kind: str = "both",
         out.append(p)
     if not out:
         sizes = sorted({layer_resolution(unet, p, latent_size) for p in all_paths})
+        of_kind = [p for p in all_paths if kind == "both" or p.endswith(
+            "attn1" if kind == "self" else "attn2")]
+        examples = [next(p for p in of_kind if p.startswith(b))  # one per part of the UNet
+                    for b in ("down_blocks", "mid_block", "up_blocks")
+                    if any(p.startswith(b) for p in of_kind)]
         raise ValueError(
             f"no attention layer matches patterns={patterns} kind={kind!r} "
             f"resolutions={resolutions}. This UNet has {len(all_paths)} attention layers, e.g. "
-            f"{all_paths[:2]}, at resolutions {sizes}; fix the pattern (globs over these paths).")
+            f"{examples}, at resolutions {sizes}; fix the pattern (globs over these paths, "
+            "e.g. 'up_blocks.*attn1'; see attention_layers(unet)).")
     return out
 
 
@@ -143,6 +150,14 @@ class CaptureSpec:
     def __post_init__(self):
         if self.heads not in ("mean", "all"):
             raise ValueError(f"heads must be 'mean' or 'all', got {self.heads!r}")
+        if self.tokens is not None:
+            rows = self.tokens if len(self.tokens) and isinstance(self.tokens[0], (list, tuple)) \
+                else [self.tokens]
+            bad = [i for row in rows for i in row if isinstance(i, bool) or not isinstance(i, Integral)
+                   or i < 0]
+            if bad or not all(len(r) for r in rows):
+                raise ValueError(f"tokens must be non-negative int indices into the prompt's "
+                                 f"tokens (or one list per batch row), got {self.tokens!r}")
 
     def match(self, unet, latent_size: int | None = None) -> list[str]:
         return select_layers(unet, self.layers, self.kind, self.resolutions, latent_size)
@@ -160,6 +175,15 @@ class CaptureSpec:
             heads = 1 if self.heads == "mean" else _heads(unet, p)
             total += rows * heads * hw * keys
         return total * n_steps * torch.finfo(self.dtype).bits // 8
+
+
+def _check_tokens(tokens, n: int) -> None:
+    flat = [i for row in tokens for i in row] if isinstance(tokens[0], (list, tuple)) else tokens
+    bad = [i for i in flat if not 0 <= i < n]
+    if bad:
+        raise IndexError(f"token index {bad[0]} is out of range: the prompt has {n} token "
+                         f"positions (0..{n - 1}, padding included); find a word's index with "
+                         "lr_tutorial.prompts.token_index(tokenizer, prompt, word)")
 
 
 def _n_selected(tokens) -> int | None:
@@ -197,6 +221,7 @@ class AttentionStore:
             probs = probs[probs.shape[0] // 2:]
         tokens = self.spec.tokens
         if tokens is not None and layer.endswith("attn2"):
+            _check_tokens(tokens, probs.shape[-1])
             if len(tokens) and isinstance(tokens[0], (list, tuple)):  # one list per row
                 if len(tokens) != probs.shape[0]:
                     raise ValueError(f"spec.tokens has {len(tokens)} rows, the batch {probs.shape[0]}")
@@ -233,8 +258,11 @@ class AttentionStore:
         for key in keys:
             m = self.maps[key].float()
             m = m.mean(1) if m.ndim == 4 else m  # heads
-            if token >= m.shape[-1]:
-                raise IndexError(f"token index {token} out of range: maps hold {m.shape[-1]} tokens")
+            if not 0 <= token < m.shape[-1]:
+                raise IndexError(f"token index {token} out of range: the stored maps hold "
+                                 f"{m.shape[-1]} tokens (0..{m.shape[-1] - 1}); with spec.tokens "
+                                 "set, index into that list, else find the index with "
+                                 "lr_tutorial.prompts.token_index(tokenizer, prompt, word)")
             side = int(math.isqrt(m.shape[1]))
             m = m[..., token].view(-1, 1, side, side)
             acc = acc + F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)
@@ -307,9 +335,26 @@ class SwapConfig:
     mode: str = "multi"
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise naming the bad knob (layer patterns are matched against a UNet by
+        SwapController, which raises when a pattern selects no self-attention layer)."""
+        from .layout import check_boundary
+
         if self.mode not in ("multi", "reference", "context", "none"):
             raise ValueError(f"swap mode must be 'multi', 'reference', 'context' or 'none', "
                              f"got {self.mode!r}")
+        check_boundary(self.lambda2, "lambda2")
+        if isinstance(self.min_lambda2, bool) or not isinstance(self.min_lambda2, int) \
+                or self.min_lambda2 < 0:
+            raise ValueError(f"min_lambda2 must be a step count >= 0, got {self.min_lambda2!r}")
+        for name in ("structure_layers", "retouch_layers"):
+            pats = getattr(self, name)
+            pats = [pats] if isinstance(pats, str) else pats
+            if not pats or not all(isinstance(p, str) and p for p in pats):
+                raise ValueError(f"{name} must be a glob pattern or a list of them over attention "
+                                 f"paths (e.g. 'up_blocks.*attn1'), got {getattr(self, name)!r}")
 
 
 class SwapController:

@@ -104,6 +104,7 @@ def cmd_generate(a) -> int:
     from PIL import Image
 
     from .attention import SwapConfig
+    from .files import atomic_file
     from .images import load_images
     from .layout import LayoutConfig
     from .masks import MaskConfig
@@ -126,8 +127,10 @@ def cmd_generate(a) -> int:
                    swap=SwapConfig(lambda2=_num(a.lambda2)), mask=MaskConfig(lambda3=_num(a.lambda3)))
     result = LayoutAndRetouch(bundle, cfg)(a.prompt, refs, seed=a.seed)
     result.save(out, overwrite=a.overwrite)
-    Image.fromarray(result.images[0]).save(out / "final.png")
-    result_panel(result, bundle).savefig(out / "panel.png", dpi=130)
+    with atomic_file(out / "final.png") as tmp:
+        Image.fromarray(result.images[0]).save(tmp)
+    with atomic_file(out / "panel.png") as tmp:
+        result_panel(result, bundle).savefig(tmp, dpi=130)
     print(f"wrote {out / 'final.png'} and {out / 'panel.png'} (intermediates in {out})")
     return 0
 

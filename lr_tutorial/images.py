@@ -1,4 +1,10 @@
-"""Loading reference photos: EXIF orientation, RGB, centre crop, resize to the model's size."""
+"""Loading reference photos: EXIF orientation, RGB, centre crop, resize to the model's size.
+
+What can be converted is converted (RGBA/LA/palette-with-transparency composited on white;
+grayscale, CMYK, 16-bit and float images to 8-bit RGB; channels-first tensors to channels-last;
+non-square images centre-cropped and small ones upscaled, each with a warning); the rest is
+refused with a ValueError that says what is wrong and what to give instead.
+"""
 from __future__ import annotations
 
 import warnings
@@ -6,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+MIN_SIDE = 16  # px: below this there is no subject to see
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:
@@ -18,54 +26,149 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
         with Image.open(path) as im:
             im.load()
             img = ImageOps.exif_transpose(im)
+    except Image.DecompressionBombError as e:
+        raise ValueError(
+            f"{path} is larger than PIL's safety limit of {Image.MAX_IMAGE_PIXELS} pixels ({e}); "
+            "downscale it first (the model only needs a few hundred pixels), or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from e
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{path} is not a readable image ({e}); give a PNG or JPEG file") from e
     return prepare(img, size, name=str(path))
 
 
-def prepare(img: Image.Image | np.ndarray, size: int, name: str = "image") -> np.ndarray:
-    """A PIL image or array -> uint8 (size, size, 3), converting what can be converted."""
-    if isinstance(img, np.ndarray):
-        img = _from_array(img, name)
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
+def prepare(img, size: int, name: str = "image") -> np.ndarray:
+    """A PIL image, numpy array or torch tensor -> uint8 (size, size, 3), converting what can
+    be converted (see the module docstring) and refusing the rest with a ValueError."""
+    if not isinstance(img, Image.Image):
+        img = _from_array(_to_numpy(img, name), name)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+            img.mode == "P" and "transparency" in img.info):
+        rgba = _convert(img, "RGBA", name)
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, rgba)
-    if img.mode == "I;16" or img.mode == "I":
+    if img.mode.startswith("I"):  # 16- or 32-bit integer grayscale: scale 16-bit to 8-bit
         arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8))
-    img = img.convert("RGB")
+        if arr.max() > 255:
+            arr = arr / 257.0
+        img = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8))
+    elif img.mode == "F":
+        img = _from_array(np.asarray(img, dtype=np.float32), name, grayscale_float=True)
+    img = _convert(img, "RGB", name)
     w, h = img.size
-    if min(w, h) < 16:
+    if min(w, h) < MIN_SIDE:
         raise ValueError(f"{name} is {w}x{h}: too small to hold a subject; give at least "
                          f"{size}x{size} pixels")
     if w != h:
         s = min(w, h)
+        if s < 0.8 * max(w, h):  # a crop that cuts more than a fifth: the subject may be cut
+            warnings.warn(f"{name} is {w}x{h}, not square: centre-cropped to {s}x{s}; crop it "
+                          "yourself to keep the subject whole", stacklevel=3)
         img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
     if img.size[0] != size:
         if img.size[0] < size:
-            warnings.warn(f"{name} is {img.size[0]} px, upscaled to {size} px", stacklevel=3)
+            warnings.warn(f"{name} is {img.size[0]} px, upscaled to {size} px (blurry); give "
+                          f"at least {size}x{size} pixels", stacklevel=3)
         img = img.resize((size, size), Image.LANCZOS)
     return np.asarray(img, dtype=np.uint8).copy()
 
 
-def _from_array(a: np.ndarray, name: str) -> Image.Image:
+def _convert(img: Image.Image, mode: str, name: str) -> Image.Image:
+    try:
+        return img.convert(mode)
+    except ValueError as e:
+        raise ValueError(f"{name} has image mode {img.mode!r}, which cannot be converted to "
+                         f"{mode} ({e}); save it as an RGB PNG or JPEG") from e
+
+
+def _to_numpy(x, name: str) -> np.ndarray:
+    """numpy arrays as they are (channels last); torch tensors moved to the CPU and, being
+    channels first by torch convention, transposed to channels last."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        torch = None
+    if torch is not None and isinstance(x, torch.Tensor):
+        a = x.detach().cpu()
+        a = (a.float() if a.dtype in (torch.float16, torch.bfloat16) else a).numpy()
+        if a.ndim == 3 and a.shape[0] in (1, 3, 4):
+            a = a.transpose(1, 2, 0)
+        return a
+    if isinstance(x, np.ndarray):
+        return x
+    raise ValueError(f"{name} is a {type(x).__name__}; give a file path, a PIL image, a uint8 "
+                     "numpy array (H, W, 3) or a torch tensor (3, H, W)")
+
+
+def _from_array(a: np.ndarray, name: str, grayscale_float: bool = False) -> Image.Image:
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[2] not in (1, 3, 4):
+        a = a.transpose(1, 2, 0)  # channels first (C, H, W) -> (H, W, C)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
     if a.ndim == 2:
         a = np.repeat(a[..., None], 3, axis=2)
     if a.ndim != 3 or a.shape[2] not in (3, 4):
-        raise ValueError(f"{name} has shape {a.shape}; expected (H, W, 3) RGB or (H, W, 4) RGBA")
-    if a.dtype != np.uint8:
-        if np.issubdtype(a.dtype, np.floating) and a.min() >= 0 and a.max() <= 1:
-            a = (a * 255).round().astype(np.uint8)
-        else:
-            raise ValueError(f"{name} has dtype {a.dtype} with range [{a.min()}, {a.max()}]; "
+        raise ValueError(f"{name} has shape {a.shape}; expected one image (H, W, 3) RGB, "
+                         "(H, W, 4) RGBA, (H, W) grayscale or a channels-first (3, H, W) tensor "
+                         "(for several images: a list, or a batch (N, H, W, 3))")
+    if a.size == 0:
+        raise ValueError(f"{name} is empty (shape {a.shape}); give an image")
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    elif np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name} contains NaN or infinite values; give finite pixels")
+        lo, hi = float(a.min()), float(a.max())
+        if lo >= 0 and hi <= 1:
+            a = a * 255
+        elif not (grayscale_float and lo >= 0 and hi <= 255):
+            hint = " (looks like [-1, 1]: map it with (x + 1) / 2)" if lo >= -1 and hi <= 1 else ""
+            raise ValueError(f"{name} has dtype {a.dtype} with range [{lo:g}, {hi:g}]{hint}; "
                              "give uint8 in [0, 255] or floats in [0, 1]")
-    return Image.fromarray(a)
+        a = np.clip(a, 0, 255).round().astype(np.uint8)
+    elif a.dtype == np.uint16:
+        a = (a / 257.0).round().astype(np.uint8)  # 16-bit -> 8-bit
+    elif np.issubdtype(a.dtype, np.integer):
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"{name} has dtype {a.dtype} with range [{lo}, {hi}]; give uint8 "
+                             "in [0, 255] (or uint16 for 16-bit images)")
+        a = a.astype(np.uint8)
+    elif a.dtype != np.uint8:
+        raise ValueError(f"{name} has dtype {a.dtype}; give uint8 in [0, 255] or floats in [0, 1]")
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
+def as_batch(images, size: int, name: str = "reference_images") -> np.ndarray:
+    """Reference images in any accepted form -> uint8 (n, size, size, 3): a path, a PIL image,
+    an array (H, W[, C]) or tensor (C, H, W), a batch (N, H, W, C) array or (N, C, H, W)
+    tensor, or a list of any of these. Converted and checked image by image (prepare)."""
+    if isinstance(images, (str, Path, Image.Image)):
+        items = [images]
+    elif isinstance(images, (list, tuple)):
+        items = list(images)
+    else:
+        a = _to_numpy(images, name) if not isinstance(images, np.ndarray) else images
+        if a.ndim == 4:
+            channels_first = not isinstance(images, np.ndarray) or (
+                a.shape[1] in (1, 3, 4) and a.shape[3] not in (1, 3, 4))
+            items = list(a.transpose(0, 2, 3, 1) if channels_first else a)
+        else:
+            items = [images]
+    if not items:
+        raise ValueError(f"{name} is empty; give at least one photo of the subject")
+    out = []
+    for i, item in enumerate(items):
+        label = f"{name}[{i}]"
+        if isinstance(item, (str, Path)):
+            out.append(load_image(item, size))
+        else:
+            out.append(prepare(item, size, name=label))
+    return np.stack(out)
 
 
 def load_images(paths, size: int) -> np.ndarray:
     """Several photos -> uint8 (n, size, size, 3)."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
-        raise ValueError("no reference images given")
+        raise ValueError("no reference images given; pass the paths of a few photos of the subject")
     return np.stack([load_image(p, size) for p in paths])

@@ -8,27 +8,51 @@ The whole trajectory is kept: stage 2 replays it, so the context image never nee
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import sampling
-from .prompts import check_personal_prompt, strip_identifier
+from .prompts import check_prompts, strip_identifier
 
 
 def resolve_steps(value: float | int, n: int, name: str = "lambda") -> int:
     """A step boundary given as a fraction of N (float in [0, 1]) or a step count (int)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if isinstance(value, float):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} = {value} as a fraction of the steps must be in [0, 1]; "
-                             f"give an int for a step count")
-        return int(round(value * n))
-    if not 0 <= value <= n:
-        raise ValueError(f"{name} = {value} steps is outside [0, {n}] for {n} steps")
-    return int(value)
+    check_boundary(value, name)
+    if isinstance(value, numbers.Integral):
+        if not 0 <= value <= n:
+            raise ValueError(f"{name} = {value} steps is outside [0, {n}] for {n} steps; give a "
+                             f"step count from 0 to {n}, or a fraction such as 0.2")
+        return int(value)
+    return int(round(float(value) * n))
+
+
+def check_boundary(value, name: str) -> None:
+    """A step boundary must be a fraction (float in [0, 1]) or a step count (int >= 0); the
+    upper bound of a count is checked against N by resolve_steps."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a fraction of the steps (float in [0, 1]) or a step "
+                        f"count (int), got {value!r} ({type(value).__name__})")
+    if isinstance(value, numbers.Integral):
+        if value < 0:
+            raise ValueError(f"{name} = {value} steps is negative; give a step count >= 0")
+    elif not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} = {value} as a fraction of the steps must be in [0, 1]; "
+                         "give an int for a step count")
+
+
+def check_steps(steps) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}; 50 is the usual DDIM "
+                         "setting (a few steps suffice for a quick look on the toy backend)")
+
+
+def check_guidance(guidance) -> None:
+    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not guidance >= 0:
+        raise ValueError(f"guidance must be a number >= 0, got {guidance!r}; 7.5 is Stable "
+                         "Diffusion's usual setting (1 means no classifier-free guidance)")
 
 
 @dataclass
@@ -38,6 +62,15 @@ class LayoutConfig:
     lambda1: float | int = 0.2
     steps: int = 50
     guidance: float = 7.5
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a ValueError/TypeError naming the bad knob (also after fields were changed)."""
+        check_steps(self.steps)
+        check_guidance(self.guidance)
+        resolve_steps(self.lambda1, self.steps, "lambda1")
 
 
 @dataclass
@@ -53,17 +86,19 @@ class LayoutResult:
 
 
 def step_blended(bundle, prompts: list[str], seeds: list[int], config: LayoutConfig | None = None,
-                 *, callback=None, observers: tuple = (), decode: bool = True) -> LayoutResult:
-    """Denoise with the vanilla model for k < lambda1 on y^-p, then the personalized one on y^p."""
+                 *, callback=None, observers: tuple = (), decode: bool = True,
+                 checked: bool = False) -> LayoutResult:
+    """Denoise with the vanilla model for k < lambda1 on y^-p, then the personalized one on y^p.
+    `checked`: the caller already ran prompts.check_prompts on these prompts."""
     cfg = config or LayoutConfig()
+    cfg.validate()
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; give one seed each")
     n = cfg.steps
     l1 = resolve_steps(cfg.lambda1, n, "lambda1")
     ident = bundle.identifier
-    if ident:
-        for p in prompts:
-            check_personal_prompt(p, ident, bundle.class_noun)
+    if not checked:
+        check_prompts(bundle, prompts, need_class=False)
     vanilla_prompts = [strip_identifier(p, ident) if ident else p for p in prompts]
     sched = sampling.make_scheduler(bundle, n)
     z = sampling.initial_noise(bundle, seeds)

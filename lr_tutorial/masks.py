@@ -51,10 +51,29 @@ class MaskConfig:
     adaptive: bool = True
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise naming the bad knob and its valid range (also after fields were changed)."""
+        from .layout import check_boundary
+
         if not 0 <= self.tau_lo <= self.tau_hi <= 1:
-            raise ValueError(f"need 0 <= tau_lo <= tau_hi <= 1, got {self.tau_lo}, {self.tau_hi}")
+            raise ValueError(f"need 0 <= tau_lo <= tau_hi <= 1, got {self.tau_lo}, {self.tau_hi}; "
+                             "defaults are 0.3 and 0.7")
         if self.feather < 0:
             raise ValueError(f"feather must be >= 0 latent pixels, got {self.feather}")
+        check_boundary(self.lambda3, "lambda3")
+        lo, hi = self.attention_window
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"attention_window must be (start, end) fractions with 0 <= start "
+                             f"<= end <= 1, got {self.attention_window}; default (0.0, 1.0)")
+        fr = tuple(self.attention_fractions)
+        if not fr or not all(0 < f <= 1 for f in fr):
+            raise ValueError(f"attention_fractions must be fractions in (0, 1] of the latent "
+                             f"side (0.25 -> 16x16 layers at 64 latents), got {fr}")
+        if self.n_positive < 1 or self.n_negative < 0:
+            raise ValueError(f"need n_positive >= 1 and n_negative >= 0 segmenter points, got "
+                             f"{self.n_positive}, {self.n_negative}")
 
 
 def normalize(a: torch.Tensor | np.ndarray) -> np.ndarray:

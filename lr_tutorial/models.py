@@ -51,9 +51,12 @@ class ModelBundle:
     adapter_name: str = "personal"
     personal_unet: torch.nn.Module | None = None
     mode: str = field(default="vanilla")
+    source: dict = field(default_factory=dict)  # where the weights came from (recorded in Results)
 
     def __post_init__(self):
         self._vanilla_unet = self.unet
+        if self.personal_unet is not None:
+            check_same_architecture(self.unet.config, self.personal_unet.config, "personal_unet")
         self._apply(self.mode)
 
     # ------------------------------------------------------------------ properties
@@ -91,6 +94,10 @@ class ModelBundle:
             else:
                 self.unet.disable_adapters()
         elif self.personalization == "dreambooth":
+            if self.personal_unet is None:
+                raise ValueError("personalization='dreambooth' needs personal_unet=<the "
+                                 "fine-tuned UNet>; or load it with load_models('sd', "
+                                 "personalized=FOLDER)")
             self.unet = self.personal_unet if mode == "personalized" else self._vanilla_unet
         self.mode = mode
 
@@ -121,14 +128,81 @@ class ModelBundle:
 
 
 def attach_lora(bundle: ModelBundle, path: str | Path, adapter_name: str = "personal") -> ModelBundle:
-    """Load diffusers-format LoRA weights (pytorch_lora_weights.safetensors) onto the UNet."""
+    """Load diffusers-format LoRA weights (pytorch_lora_weights.safetensors) onto the UNet,
+    after checking that they were made for this UNet (ValueError naming the misfit if not)."""
     path = Path(path)
     if path.is_dir():  # diffusers looks for the .bin name in a folder unless told otherwise
         path = path / "pytorch_lora_weights.safetensors"
-    bundle.unet.load_lora_adapter(str(path), prefix="unet", adapter_name=adapter_name)
+    if not path.is_file():
+        raise FileNotFoundError(f"no LoRA weights at {path}; give the folder or file that "
+                                "personalize.dreambooth_lora (or diffusers' training script) wrote")
+    check_lora(bundle.unet, path)
+    try:
+        bundle.unet.load_lora_adapter(str(path), prefix="unet", adapter_name=adapter_name)
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise ValueError(other_base(path, f"{type(err).__name__}: {err}")) from err
     bundle.personalization, bundle.adapter_name = "lora", adapter_name
     bundle._apply(bundle.mode)
     return bundle
+
+
+# ----------------------------------------------------------------------------- compatibility
+# UNet config keys that fix the architecture: a personalized UNet must agree on all of them.
+ARCH_KEYS = ("in_channels", "out_channels", "sample_size", "block_out_channels", "layers_per_block",
+             "down_block_types", "up_block_types", "mid_block_type", "cross_attention_dim",
+             "attention_head_dim", "num_attention_heads", "use_linear_projection",
+             "transformer_layers_per_block", "norm_num_groups", "class_embed_type",
+             "addition_embed_type", "time_cond_proj_dim")
+
+
+def load_state_dict(file: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file: safetensors, or a pickle loaded with weights_only=True (no
+    code from the file runs; anything but tensors and plain containers is refused)."""
+    file = Path(file)
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(file))
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def check_same_architecture(base_cfg, personal_cfg, where) -> None:
+    """ValueError naming every architecture key on which two UNet configs differ."""
+    diff = [k for k in ARCH_KEYS if _norm(base_cfg.get(k)) != _norm(personal_cfg.get(k))]
+    if diff:
+        details = ", ".join(f"{k}: base {base_cfg.get(k)!r} vs {personal_cfg.get(k)!r}" for k in diff)
+        raise ValueError(
+            f"the DreamBooth UNet in {where} has another architecture than the base model "
+            f"(mismatched config keys: {details}). Pass the base model it was fine-tuned from as base=...")
+
+
+def _norm(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def check_lora(unet, file: Path) -> None:
+    """Every PEFT-format `unet.<module>.lora_A/B.weight` must name a layer of this UNet with
+    matching width; anything else means the LoRA was trained on another base model."""
+    modules = dict(unet.named_modules())
+    bad = []
+    for key, w in load_state_dict(file).items():
+        name, _, kind = key.removeprefix("unet.").rpartition(".lora_")
+        if not key.startswith("unet.") or kind not in ("A.weight", "B.weight"):
+            continue  # text-encoder LoRA / other formats: left to the loader
+        layer = modules.get(name)
+        if layer is None:
+            bad.append(f"{name} (no such layer)")
+        elif isinstance(layer, torch.nn.Linear):
+            want, got = ((layer.in_features, w.shape[1]) if kind == "A.weight"
+                         else (layer.out_features, w.shape[0]))
+            if want != got:
+                bad.append(f"{name}.lora_{kind} (width {got}, layer has {want})")
+    if bad:
+        raise ValueError(other_base(file, f"{len(bad)} mismatches, e.g. " + "; ".join(bad[:3])))
+
+
+def other_base(file: Path, detail: str) -> str:
+    return (f"the LoRA {file} was made for another base model: it does not fit this base UNet "
+            f"({detail}). Load it with the base it was trained on (base=...), or retrain it on this one.")
 
 
 def load_toy(personalized: str | Path | None = "default", device: str = "cpu") -> ModelBundle:
@@ -151,6 +225,7 @@ def load_toy(personalized: str | Path | None = "default", device: str = "cpu") -
         unet=UNet2DConditionModel.from_pretrained(root / "unet").eval(),
         scheduler=DDIMScheduler.from_pretrained(root / "scheduler"),
         backend="toy", identifier=world.SUBJECT_IDENTIFIER, class_noun=world.SUBJECT_CLASS,
+        source={"base": str(root)},
     )
     for m in (bundle.text_encoder, bundle.vae, bundle.unet):
         m.requires_grad_(False)
@@ -158,6 +233,7 @@ def load_toy(personalized: str | Path | None = "default", device: str = "cpu") -
         personalized = root / "lora"
     if personalized is not None:
         attach_lora(bundle, personalized)
+        bundle.source["personalized"] = str(personalized)
     return bundle.to(device)
 
 

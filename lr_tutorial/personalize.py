@@ -11,7 +11,6 @@ personalized=DIR)` and any diffusers pipeline's `load_lora_weights` read.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import sampling
+from .files import atomic_folder, refuse_existing
 from .models import ModelBundle
 
 
@@ -43,19 +43,16 @@ class DreamBoothConfig:
     extra: dict = field(default_factory=dict)
 
 
-def _save_lora(bundle: ModelBundle, out_dir: Path, cfg: DreamBoothConfig) -> None:
+def _save_lora(bundle: ModelBundle, out_dir: Path, cfg: DreamBoothConfig, overwrite: bool) -> None:
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
     layers = get_peft_model_state_dict(bundle.unet, adapter_name=cfg.adapter_name)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True)
-    with open(tmp / "dreambooth_config.json", "w") as f:
-        json.dump(asdict(cfg), f, indent=1)
-    if out_dir.exists():
-        import shutil
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_folder(out_dir, overwrite, what="LoRA") as tmp:
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers,
+                                                  safe_serialization=True)
+        with open(tmp / "dreambooth_config.json", "w") as f:
+            json.dump(asdict(cfg), f, indent=1)
 
 
 def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConfig | None = None,
@@ -73,8 +70,8 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     if images.shape[1] != bundle.image_size or images.shape[2] != bundle.image_size:
         raise ValueError(f"images are {images.shape[1]}x{images.shape[2]} but the model works at "
                          f"{bundle.image_size}x{bundle.image_size}; resize them first")
-    if out_dir is not None and Path(out_dir).exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
+    if out_dir is not None:  # fail before training, not after
+        refuse_existing(out_dir, overwrite, what="LoRA")
     if bundle.personalization == "lora" and cfg.adapter_name in getattr(bundle.unet, "peft_config", {}):
         bundle.unet.delete_adapters(cfg.adapter_name)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -125,7 +122,7 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     for p in params:
         p.requires_grad_(False)
     if out_dir is not None:
-        _save_lora(bundle, Path(out_dir), cfg)
+        _save_lora(bundle, Path(out_dir), cfg, overwrite)
     return bundle
 
 

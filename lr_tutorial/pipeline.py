@@ -13,18 +13,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
+import numbers
 import platform
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import attention, masks, sampling
+from . import attention, masks, memory, sampling
+from .files import atomic_folder
+from .images import as_batch
 from .layout import LayoutConfig, LayoutResult, resolve_steps, step_blended
-from .prompts import check_personal_prompt, token_index
 from .kv import KVCache, record_kv
+from .prompts import check_prompts, token_index
 from .retouch import (ReferenceInversion, aggregate, invert_reference, kv_plan, mask_layers,
                       reference_kv, retouch)
 
@@ -52,8 +53,41 @@ class LRConfig:
     stage2: str = "cached"
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self, unet=None, latent_size: int | None = None) -> None:
+        """Check every knob (fields may have been changed since construction) and, given the
+        UNet, that every layer pattern selects attention layers; raise ValueError/TypeError
+        naming the knob and the fix. Cheap: runs before each call, before any denoising."""
+        self.layout.validate()
+        self.swap.validate()
+        self.mask.validate()
+        n = self.layout.steps
+        l2 = resolve_steps(self.swap.lambda2, n, "lambda2")
+        l3 = resolve_steps(self.mask.lambda3, n, "lambda3")
+        if 0 < l3 < l2:
+            raise ValueError(
+                f"lambda3 = {self.mask.lambda3} (latent blending ends at step {l3}) comes before "
+                f"lambda2 = {self.swap.lambda2} (the retouch phase starts at step {l2} of {n}): "
+                "blending would stop before the retouch it keeps to the subject. Give "
+                "lambda3 >= lambda2, or lambda3 = 0 to switch blending off")
         if self.stage2 not in ("cached", "batched"):
             raise ValueError(f"stage2 must be 'cached' or 'batched', got {self.stage2!r}")
+        if self.start_step is not None and (
+                isinstance(self.start_step, bool) or not isinstance(self.start_step, numbers.Integral)
+                or not 0 <= self.start_step < n):
+            raise ValueError(f"start_step = {self.start_step!r} must be None (start at lambda2) "
+                             f"or a step in [0, {n - 1}] for {n} steps (0: the target starts "
+                             "from the context's noise)")
+        if isinstance(self.reference_index, bool) \
+                or not isinstance(self.reference_index, numbers.Integral) \
+                or self.reference_index < 0:
+            raise ValueError(f"reference_index must be an int >= 0, got {self.reference_index!r}")
+        if unet is not None:
+            size = latent_size or unet.config.sample_size
+            attention.select_layers(unet, self.swap.structure_layers, "self")
+            attention.select_layers(unet, self.swap.retouch_layers, "self")
+            mask_layers(unet, self.mask, size)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -84,29 +118,22 @@ class Result:
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write final and layout images (PNG), masks (NPZ) and config + versions (JSON).
         Refuses to touch an existing folder unless overwrite=True; writes go to a temporary
-        folder that is renamed at the end, so an interruption leaves nothing half-written."""
+        folder that is renamed at the end, so an interruption leaves nothing half-written
+        (files.atomic_folder)."""
         from PIL import Image
 
-        folder = Path(folder)
-        if folder.exists() and not overwrite:
-            raise FileExistsError(f"{folder} exists; choose another folder or pass overwrite=True")
-        tmp = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for i, (img, lay) in enumerate(zip(self.images, self.layout.images)):
-            Image.fromarray(img).save(tmp / f"final_{i:02d}.png")
-            Image.fromarray(lay).save(tmp / f"layout_{i:02d}.png")
-        Image.fromarray(self.reference.image).save(tmp / "reference.png")
-        np.savez_compressed(tmp / "masks.npz", per_step=self.masks.per_step,
-                            context=np.stack([m.mask for m in self.masks.context]),
-                            reference=self.reference.mask.mask)
-        meta = {"prompts": self.prompts, "seeds": self.seeds, "config": self.config,
-                "versions": self.versions}
-        (tmp / "result.json").write_text(json.dumps(meta, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        return folder
+        with atomic_folder(folder, overwrite, what="result") as tmp:
+            for i, (img, lay) in enumerate(zip(self.images, self.layout.images)):
+                Image.fromarray(img).save(tmp / f"final_{i:02d}.png")
+                Image.fromarray(lay).save(tmp / f"layout_{i:02d}.png")
+            Image.fromarray(self.reference.image).save(tmp / "reference.png")
+            np.savez_compressed(tmp / "masks.npz", per_step=self.masks.per_step,
+                                context=np.stack([m.mask for m in self.masks.context]),
+                                reference=self.reference.mask.mask)
+            meta = {"prompts": self.prompts, "seeds": self.seeds, "config": self.config,
+                    "versions": self.versions}
+            (tmp / "result.json").write_text(json.dumps(meta, indent=1))
+        return Path(folder)
 
 
 def versions() -> dict:
@@ -115,9 +142,35 @@ def versions() -> dict:
     import transformers
 
     from . import __version__
-    return {"lr_tutorial": __version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "torch": torch.__version__,
-            "python": platform.python_version()}
+    out = {"lr_tutorial": __version__, "diffusers": diffusers.__version__,
+           "transformers": transformers.__version__, "torch": torch.__version__,
+           "numpy": np.__version__, "python": platform.python_version()}
+    for name in ("peft", "safetensors", "segment_anything"):
+        try:
+            from importlib.metadata import version
+            out[name] = version(name.replace("_", "-"))
+        except Exception:  # not installed: nothing to record
+            pass
+    return out
+
+
+def run_record(bundle, config: LRConfig, segmenter, reference_image: np.ndarray) -> dict:
+    """The full configuration of a run: every knob of the method, plus what the knobs do not
+    say: the models (backend, identifier, class noun, personalization, sizes, dtype, device,
+    scheduler), the segmenter and the reference image's hash."""
+    unet = bundle._vanilla_unet
+    models = {"backend": bundle.backend, "identifier": bundle.identifier,
+              "class_noun": bundle.class_noun, "personalization": bundle.personalization,
+              "source": getattr(bundle, "source", None),
+              "image_size": bundle.image_size, "latent_size": bundle.latent_size,
+              "dtype": str(bundle.dtype), "device": str(bundle.device),
+              "scheduler": type(bundle.scheduler).__name__,
+              "prediction_type": bundle.scheduler.config.get("prediction_type"),
+              "unet_parameters": sum(p.numel() for p in unet.parameters())}
+    return {**config.to_dict(), "models": models,
+            "segmenter": type(segmenter).__name__ if segmenter is not None else None,
+            "reference_sha1": hashlib.sha1(np.ascontiguousarray(reference_image).tobytes()
+                                           ).hexdigest()}
 
 
 class LayoutAndRetouch:
@@ -145,9 +198,11 @@ class LayoutAndRetouch:
         """The inversion of the chosen reference image, computed once and cached (keyed by the
         image bytes, the prompt and the settings that change it)."""
         cfg = self.config
-        images = self.default_references() if images is None else np.asarray(images)
-        if images.ndim == 3:
-            images = images[None]
+        images = self.default_references() if images is None else as_batch(
+            images, self.models.image_size)
+        if cfg.reference_index >= len(images):
+            raise IndexError(f"reference_index = {cfg.reference_index}, but only {len(images)} "
+                             f"reference images were given; use 0..{len(images) - 1}")
         image = images[cfg.reference_index]
         prompt = cfg.reference_prompt or f"a {self.models.identifier} {self.models.class_noun}"
         key = hashlib.sha1(image.tobytes() + prompt.encode() + repr(
@@ -167,14 +222,20 @@ class LayoutAndRetouch:
         three branches (rows [reference; context; target] x B), e.g. what a scrubber shows."""
         cfg, bundle = self.config, self.models
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
+        seeds = [seed] * len(prompts) if isinstance(seed, numbers.Integral) else list(seed)
         if len(seeds) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds")
-        for p in prompts:
-            check_personal_prompt(p, bundle.identifier, bundle.class_noun)
+            raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; give one seed, "
+                             "or one per prompt")
+        if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in seeds):
+            raise TypeError(f"seeds must be ints, got {seeds!r}")
+        seeds = [int(x) for x in seeds]
+        if not prompts:
+            raise ValueError("no prompt given; write e.g. "
+                             f"'a {bundle.identifier} {bundle.class_noun} on the beach'")
         n, size = cfg.layout.steps, bundle.latent_size
-        resolve_steps(cfg.mask.lambda3, n, "lambda3")
-        cls = [token_index(bundle.tokenizer, p, bundle.class_noun) for p in prompts]
+        cfg.validate(bundle.unet, size)  # every knob, before any denoising
+        cls = check_prompts(bundle, prompts)
+        memory.check(bundle, cfg, batch=len(prompts), capture=capture)
         ref = self.reference(reference_images)
 
         start = self.start_step()
@@ -194,7 +255,8 @@ class LayoutAndRetouch:
                                      kind="cross", tokens=[[i] for i in cls])
         ctx_kv = KVCache(layers, kv_steps, device=kv_device)
         with attention.capture(bundle.unet, spec) as store, record_kv(bundle.unet, ctx_kv):
-            layout = step_blended(bundle, prompts, seeds, cfg.layout, observers=(store, ctx_kv))
+            layout = step_blended(bundle, prompts, seeds, cfg.layout, observers=(store, ctx_kv),
+                                  checked=True)
         layout.store = store
         attn = aggregate(store, slice(None), n, cfg.mask, size)
         ctx_masks = [masks.subject_mask(img, a, self.segmenter, cfg.mask)
@@ -215,7 +277,8 @@ class LayoutAndRetouch:
                 swap_cfg=cfg.swap, mask_cfg=cfg.mask, steps=n, guidance=cfg.layout.guidance,
                 start_step=start, callback=callback, observers=(user,) if user else (), kv=kv)
         return Result(prompts, seeds, sampling.decode(bundle, z), layout, traj, ref,
-                      Masks(ctx_masks, ref.mask, per_step), store2, cfg.to_dict(), versions(),
+                      Masks(ctx_masks, ref.mask, per_step), store2,
+                      run_record(bundle, cfg, self.segmenter, ref.image), versions(),
                       capture=user)
 
     def start_step(self) -> int:

@@ -39,8 +39,8 @@ class Trajectory:
 
 def make_scheduler(bundle, steps: int):
     """A private copy of the bundle's scheduler with `steps` inference timesteps."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}; 50 is the usual DDIM setting")
+    from .layout import check_steps
+    check_steps(steps)
     sched = copy.deepcopy(bundle.scheduler)
     sched.set_timesteps(steps)
     return sched
@@ -51,8 +51,8 @@ def encode_prompts(bundle, prompts: list[str]) -> torch.Tensor:
     """Text embeddings (B, L, D) of prompts, padded to the tokenizer's max length."""
     tok = bundle.tokenizer
     ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(bundle.device)
-    return bundle.text_encoder(ids)[0].to(bundle.dtype)
+              return_tensors="pt").input_ids.to(bundle.text_encoder.device)  # may be offloaded
+    return bundle.text_encoder(ids)[0].to(bundle.device, bundle.dtype)
 
 
 def initial_noise(bundle, seeds: list[int]) -> torch.Tensor:
@@ -106,8 +106,8 @@ def sample(bundle, prompts: list[str], seeds: list[int], *, steps: int = 50,
     """Plain text-to-image DDIM sampling with the bundle's current UNet. Returns (z_N, Trajectory)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; give one seed per prompt")
-    if guidance < 0:
-        raise ValueError(f"guidance must be >= 0, got {guidance}")
+    from .layout import check_guidance
+    check_guidance(guidance)
     sched = make_scheduler(bundle, steps)
     cond = encode_prompts(bundle, list(prompts))
     uncond = encode_prompts(bundle, [negative] * len(prompts))
@@ -133,7 +133,7 @@ def encode(bundle, images: np.ndarray) -> torch.Tensor:
     vae = bundle.vae
     x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
-    return z * vae.config.scaling_factor
+    return (z * vae.config.scaling_factor).to(bundle.device, bundle.dtype)
 
 
 def to_eps(model_output: torch.Tensor, z: torch.Tensor, alpha_bar: torch.Tensor,

@@ -17,17 +17,12 @@ from pathlib import Path
 
 import torch
 
-from .models import ModelBundle, attach_lora
+from .models import (ARCH_KEYS, ModelBundle, attach_lora, check_lora,  # noqa: F401
+                     check_same_architecture, load_state_dict, other_base)
 
 PERSONALIZATIONS = ("auto", "none", "lora", "dreambooth", "textual_inversion")
 LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 TI_FILES = ("learned_embeds.safetensors", "learned_embeds.bin")
-# UNet config keys that fix the architecture: a personalized UNet must agree on all of them.
-ARCH_KEYS = ("in_channels", "out_channels", "sample_size", "block_out_channels", "layers_per_block",
-             "down_block_types", "up_block_types", "mid_block_type", "cross_attention_dim",
-             "attention_head_dim", "num_attention_heads", "use_linear_projection",
-             "transformer_layers_per_block", "norm_num_groups", "class_embed_type",
-             "addition_embed_type", "time_cond_proj_dim")
 # runwayml took its repositories down in 2024; this mirror holds the same files.
 DEFAULT_MIRROR = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MOVED = {"runwayml/stable-diffusion-v1-5": DEFAULT_MIRROR}
@@ -93,15 +88,8 @@ def detect_personalization(path: str | Path) -> str:
             f"cannot tell what {path} holds: expected a DreamBooth pipeline (unet/config.json), "
             f"a LoRA ({' or '.join(LORA_FILES)}) or a textual-inversion embedding "
             f"({' or '.join(TI_FILES)}); pass personalization=... explicitly if the names differ")
-    keys = _state_dict(path).keys()
+    keys = load_state_dict(path).keys()
     return "lora" if any("lora" in k for k in keys) else "textual_inversion"
-
-
-def _state_dict(file: Path) -> dict[str, torch.Tensor]:
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(file))
-    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def _find_file(path: Path, names: tuple[str, ...]) -> Path:
@@ -113,48 +101,9 @@ def _find_file(path: Path, names: tuple[str, ...]) -> Path:
     raise FileNotFoundError(f"{path} holds none of {names}")
 
 
-def _check_lora(unet, file: Path) -> None:
-    """Every PEFT-format `unet.<module>.lora_A/B.weight` must name a layer of this UNet with
-    matching width; anything else means the LoRA was trained on another base model."""
-    modules = dict(unet.named_modules())
-    bad = []
-    for key, w in _state_dict(file).items():
-        name, _, kind = key.removeprefix("unet.").rpartition(".lora_")
-        if not key.startswith("unet.") or kind not in ("A.weight", "B.weight"):
-            continue  # text-encoder LoRA / other formats: left to the loader
-        layer = modules.get(name)
-        if layer is None:
-            bad.append(f"{name} (no such layer)")
-        elif isinstance(layer, torch.nn.Linear):
-            want, got = ((layer.in_features, w.shape[1]) if kind == "A.weight"
-                         else (layer.out_features, w.shape[0]))
-            if want != got:
-                bad.append(f"{name}.lora_{kind} (width {got}, layer has {want})")
-    if bad:
-        raise ValueError(_other_base(file, f"{len(bad)} mismatches, e.g. " + "; ".join(bad[:3])))
-
-
-def _other_base(file: Path, detail: str) -> str:
-    return (f"the LoRA {file} was made for another base model: it does not fit this base UNet "
-            f"({detail}). Load it with the base it was trained on (base=...), or retrain it on this one.")
-
-
-def _check_unet_config(base_cfg, personal_cfg, path) -> None:
-    diff = [k for k in ARCH_KEYS if _norm(base_cfg.get(k)) != _norm(personal_cfg.get(k))]
-    if diff:
-        details = ", ".join(f"{k}: base {base_cfg.get(k)!r} vs {personal_cfg.get(k)!r}" for k in diff)
-        raise ValueError(
-            f"the DreamBooth UNet in {path} has another architecture than the base model "
-            f"(mismatched config keys: {details}). Pass the base model it was fine-tuned from as base=...")
-
-
-def _norm(v):
-    return list(v) if isinstance(v, (list, tuple)) else v
-
-
 def _add_textual_inversion(bundle: ModelBundle, file: Path) -> None:
     """Add the learned token of a {token: (D,) or (1, D)} embedding file to the tokenizer."""
-    embeds = _state_dict(file)
+    embeds = load_state_dict(file)
     if len(embeds) != 1:
         raise ValueError(f"{file}: expected one {{token: embedding}} entry, found keys {list(embeds)[:5]}")
     (token, vec), = embeds.items()
@@ -202,18 +151,15 @@ def load_sd(base: str = DEFAULT_MIRROR, personalized: str | None = None,
         text_encoder=_from_pretrained(CLIPTextModel, base, "text_encoder", **kw),  # cast below
         vae=_from_pretrained(AutoencoderKL, base, "vae", torch_dtype=dtype, **kw),
         unet=_from_pretrained(UNet2DConditionModel, base, "unet", torch_dtype=dtype, **kw),
-        backend="sd", identifier=identifier, class_noun=class_noun)
+        backend="sd", identifier=identifier, class_noun=class_noun,
+        source={"base": str(base), "personalized": None if personalized is None else str(personalized)})
 
     if kind == "lora":
         file = _find_file(Path(personalized), LORA_FILES)
-        _check_lora(bundle.unet, file)
-        try:  # a file path: attach_lora on a folder would look for the .bin only
-            attach_lora(bundle, file)
-        except (ValueError, RuntimeError, KeyError) as err:
-            raise ValueError(_other_base(file, f"{type(err).__name__}: {err}")) from err
+        attach_lora(bundle, file)  # a file path: on a folder diffusers looks for the .bin only
     elif kind == "dreambooth":
         cfg = UNet2DConditionModel.load_config(str(personalized), subfolder="unet")
-        _check_unet_config(bundle.unet.config, cfg, personalized)
+        check_same_architecture(bundle.unet.config, cfg, personalized)
         bundle.personal_unet = _from_pretrained(UNet2DConditionModel, str(personalized), "unet",
                                                 torch_dtype=dtype, local_files_only=True)
         bundle.personalization = "dreambooth"

@@ -1,6 +1,7 @@
 """A few training steps of every toy stage on a tiny config: the code runs, checkpoints, resumes."""
 import json
 
+import pytest
 import torch
 
 from lr_tutorial.toy import components, train
@@ -66,3 +67,47 @@ def test_training_can_go_on_from_exported_weights(tmp_path):
     assert torch.load(tmp_path / "fresh" / "unet.pt", weights_only=True)["step"] == 3
     train.train_unet(fresh, latents, scaling)
     assert torch.load(tmp_path / "fresh" / "unet.pt", weights_only=True)["step"] == 5
+
+
+@pytest.mark.slow
+def test_unet_training_killed_midway_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """A run killed during step 4 of 5 (checkpoints every 2 steps) has lost steps 3-4; run
+    again, it resumes from the step-2 checkpoint, and its final weights, EMA and optimizer state
+    equal those of a run that was never interrupted. A kill while a checkpoint is being written
+    leaves the previous checkpoint whole."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    latents = torch.randn(12, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cfg = dict(unet_steps=5, ckpt_every=2)
+    train.train_unet(tiny_cfg(a, **cfg), latents, 1.0)
+
+    real_log = train._log
+
+    def killed_at_step_4(c, **row):
+        if row.get("step") == 4:
+            raise KeyboardInterrupt
+        real_log(c, **row)
+    monkeypatch.setattr(train, "_log", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_unet(tiny_cfg(b, **cfg), latents, 1.0)
+    assert torch.load(b / "unet.pt", weights_only=True)["step"] == 2
+
+    def killed_while_saving(obj, path):
+        open(path, "wb").write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "_log", real_log)
+    monkeypatch.setattr(train.torch, "save", killed_while_saving)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_unet(tiny_cfg(b, **cfg), latents, 1.0)  # dies writing the step-4 checkpoint
+    assert torch.load(b / "unet.pt", weights_only=True)["step"] == 2
+    monkeypatch.undo()
+
+    train.train_unet(tiny_cfg(b, **cfg), latents, 1.0)
+    sa = torch.load(a / "unet.pt", weights_only=True)
+    sb = torch.load(b / "unet.pt", weights_only=True)
+    assert sa["step"] == sb["step"] == 5
+    for part in ("unet", "text_encoder"):
+        for k, v in sa[part].items():
+            assert torch.equal(v, sb[part][k]), (part, k)
+    assert all(torch.equal(x, y) for x, y in zip(sa["ema"], sb["ema"]))
+    assert torch.equal(sa["opt"]["state"][0]["exp_avg"], sb["opt"]["state"][0]["exp_avg"])

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..files import atomic_file
 from . import world
 
 N_REFERENCES = 5
@@ -34,7 +35,8 @@ def write_references(out: str | Path | None = None, overwrite: bool = False) -> 
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace the references")
     for p, scene in zip(paths, reference_scenes()):
-        Image.fromarray(world.render(scene)).save(p)
+        with atomic_file(p) as tmp:
+            Image.fromarray(world.render(scene)).save(tmp)
     return paths
 
 

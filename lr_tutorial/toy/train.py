@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..files import atomic_folder, replace_entries
 from . import components, heldout, world
 
 
@@ -268,13 +269,16 @@ def export(cfg: ToyTrainConfig, out_dir: str | Path, overwrite: bool = False) ->
         vae=trained_vae(cfg, scaling), text_encoder=te, tokenizer=tok, unet=unet,
         scheduler=components.build_scheduler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
-    pipe.save_pretrained(out, safe_serialization=True)
     log = [json.loads(x) for x in open(Path(cfg.ckpt_dir) / "log.jsonl")]
     last = {st: [r for r in log if r["stage"] == st][-1] for st in ("vae", "unet")
             if any(r["stage"] == st for r in log)}
     meta = {"config": asdict(cfg), "unet_step": unet_step, "scaling_factor": scaling,
             "last_logged": last, "command": "python -m lr_tutorial train-toy"}
-    (out / "training.json").write_text(json.dumps(meta, indent=1))
+    # written aside, then moved in entry by entry: an interrupted export leaves no half model
+    with atomic_folder(out.with_name(out.name + ".export"), overwrite=True) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "training.json").write_text(json.dumps(meta, indent=1))
+    replace_entries(out.with_name(out.name + ".export"), out)
     return out
 
 

@@ -1,0 +1,172 @@
+"""Peak accelerator memory of a Layout-and-Retouch run, estimated before it starts.
+
+An out-of-memory crash on a Colab T4 after ten minutes teaches nothing; a warning before the
+first step that names what takes the memory and what to change does. `check()` is called by
+LayoutAndRetouch before every run on a GPU; on a CPU it does nothing (no free-memory figure).
+
+The estimate is a model of the run, not a measurement (rough, meant to be within a factor of
+about two; the safety factor covers allocator overhead):
+
+    peak = weights on the device + max(UNet call of stage 2, VAE decode)
+    UNet call  = rows x (skip connections + largest transformer working set) x 2 (safety)
+                 + explicit attention of the largest captured layer
+                 (rows = 3 branches x batch x 2 for classifier-free guidance)
+    explicit attention (captured layers run without fused SDPA) = 2 x rows x heads x HW x K x 4 B
+    VAE decode = batch x 6 x the largest decoder activation (channels x pixels) x bytes
+
+Every term is reported, so the options in the warning come with the amount they save.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+GiB = 1024 ** 3
+SAFETY = 2.0  # allocator caching, fragmentation, short-lived temporaries
+
+
+class MemoryWarning(ResourceWarning):
+    """The run is estimated not to fit in the device's free memory."""
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes, by what holds them. `captured` names the layers computed with explicit attention
+    (the most expensive first); `weights_by_model` splits `weights`."""
+    weights: int
+    unet_activations: int
+    attention: int
+    vae_decode: int
+    rows: int
+    captured: list[str] = field(default_factory=list)
+    weights_by_model: dict[str, int] = field(default_factory=dict)
+    user_layers: list[str] = field(default_factory=list)  # captured for the caller's spec
+
+    @property
+    def total(self) -> int:
+        return self.weights + max(self.unet_activations + self.attention, self.vae_decode)
+
+    def summary(self) -> str:
+        g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+        return (f"about {g(self.total)} at the peak: weights {g(self.weights)}, UNet activations "
+                f"{g(self.unet_activations)} ({self.rows} rows per UNet call), explicit attention "
+                f"{g(self.attention)} ({len(self.captured)} captured layers), VAE decode "
+                f"{g(self.vae_decode)}")
+
+
+def _nbytes(module, device_type: str | None) -> int:
+    if module is None:
+        return 0
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors
+               if device_type is None or t.device.type == device_type)
+
+
+def free_memory(device) -> int | None:
+    """Free bytes on a CUDA device; None where that is unknown (CPU, MPS)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def _captured_layers(bundle, config, capture) -> tuple[list[str], list[str]]:
+    """(every layer run with explicit attention in stage 2, those of the caller's spec)."""
+    from .retouch import mask_layers
+    user = capture.match(bundle.unet, bundle.latent_size) if capture is not None else []
+    layers = list(mask_layers(bundle.unet, config.mask, bundle.latent_size)) + user
+    return list(dict.fromkeys(layers)), user
+
+
+def attention_bytes(bundle, path: str, rows: int) -> int:
+    """Transient bytes of one layer run with explicit attention: logits and probabilities in
+    float32, (rows, heads, HW, K) each."""
+    from .attention import layer_resolution
+    hw = layer_resolution(bundle.unet, path, bundle.latent_size) ** 2
+    keys = bundle.tokenizer.model_max_length if path.endswith("attn2") else hw
+    heads = bundle.unet.get_submodule(path).heads
+    return 2 * rows * heads * hw * keys * 4
+
+
+def estimate(bundle, config=None, batch: int = 1, capture=None) -> MemoryEstimate:
+    """The peak memory of `LayoutAndRetouch(bundle, config)(prompts, capture=capture)` on
+    `batch` prompts, on the device the UNet is on (see the module docstring)."""
+    from .pipeline import LRConfig
+
+    config = config or LRConfig()
+    device_type = bundle.device.type
+    models = {"unet": bundle._vanilla_unet, "personal_unet": bundle.personal_unet,
+              "text_encoder": bundle.text_encoder, "vae": bundle.vae}
+    by_model = {k: _nbytes(m, device_type) for k, m in models.items() if m is not None}
+    el = torch.finfo(bundle.dtype).bits // 8
+    rows = 3 * batch * (2 if config.layout.guidance != 1.0 else 1)
+
+    cfg = bundle.unet.config
+    s, chans, lpb = bundle.latent_size, list(cfg.block_out_channels), cfg.layers_per_block
+    lpb = lpb if isinstance(lpb, int) else max(lpb)
+    skips = sum((lpb + 1) * c * (s // 2 ** i) ** 2 for i, c in enumerate(chans))
+    working = max(14 * c * (s // 2 ** i) ** 2 for i, c in enumerate(chans))  # GEGLU FF: 8C
+    unet_act = int(SAFETY * rows * (skips + working) * el)
+
+    captured, user = _captured_layers(bundle, config, capture)
+    per_layer = {p: attention_bytes(bundle, p, rows) for p in captured}
+    captured.sort(key=per_layer.get, reverse=True)
+    attn = max(per_layer.values(), default=0)
+
+    vcfg = bundle.vae.config
+    vch = list(reversed(vcfg.block_out_channels))
+    n = len(vch)
+    sizes = [vch[i] * (s * 2 ** min(i + 1, n - 1)) ** 2 for i in range(n)]
+    vae_el = torch.finfo(bundle.vae.dtype).bits // 8
+    vae = batch * 6 * max(sizes) * vae_el if bundle.vae.device.type == device_type else 0
+    return MemoryEstimate(sum(by_model.values()), unet_act, attn, int(vae), rows, captured,
+                          by_model, user)
+
+
+def options(est: MemoryEstimate, bundle, batch: int) -> list[str]:
+    """Concrete ways to fit, each with what it saves (largest first)."""
+    g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+    out = []
+    if est.captured and est.captured[0] in est.user_layers:
+        out.append((est.attention, f"capture fewer or smaller layers: the largest captured "
+                    f"layer ({est.captured[0]}) alone takes {g(est.attention)} while it runs "
+                    "without fused attention; capture cross-attention (kind='cross') or lower "
+                    "resolutions (CaptureSpec(resolutions=[16]))"))
+    if bundle.dtype == torch.float32:
+        out.append(((est.weights + est.unet_activations + est.attention) // 2,
+                    "half precision: load_models('sd', ..., dtype=torch.float16) halves weights "
+                    "and activations"))
+    if batch > 1:
+        share = (batch - 1) * max(est.unet_activations + est.attention, est.vae_decode) // batch
+        out.append((share, f"fewer prompts per call: {batch} -> 1 (loop over them)"))
+    off = est.weights_by_model.get("vae", 0) + est.weights_by_model.get("text_encoder", 0)
+    if off or est.vae_decode:
+        out.append((off + max(0, est.vae_decode - est.unet_activations - est.attention),
+                    "CPU offload of the small models: bundle.vae.to('cpu', torch.float32); "
+                    "bundle.text_encoder.to('cpu') (slower decoding)"))
+    if est.weights_by_model.get("personal_unet"):
+        out.append((est.weights_by_model["personal_unet"],
+                    "a LoRA instead of a full DreamBooth UNet: one UNet shared by both models"))
+    out.sort(key=lambda t: -t[0])
+    return [f"{text} (saves about {g(saved)})" for saved, text in out]
+
+
+def check(bundle, config=None, batch: int = 1, capture=None, free_bytes: int | None = None,
+          ) -> MemoryEstimate | None:
+    """Estimate the run's peak and warn (MemoryWarning) with concrete options when it exceeds
+    the free memory. `free_bytes` None: ask the device (returns None without a check on a CPU)."""
+    if free_bytes is None:
+        free_bytes = free_memory(bundle.device)
+        if free_bytes is None:
+            return None
+    est = estimate(bundle, config, batch, capture)
+    if est.total > free_bytes:
+        opts = "\n".join(f"  - {o}" for o in options(est, bundle, batch))
+        warnings.warn(MemoryWarning(
+            f"this run is estimated to need {est.summary()}, but only {free_bytes / GiB:.2f} GiB "
+            f"is free on {bundle.device}: it will probably run out of memory. Options:\n{opts}"),
+            stacklevel=2)
+    return est
