@@ -265,6 +265,8 @@ def run(spec: Benchmark, out: str | Path, *, overwrite: bool = False, batch: int
     state.wait_for_everyone()  # nobody writes before every process has listed the work
     worker = _Worker(spec, protocol, dino, clip, state.device)
     with state.split_between_processes(todo) as mine:
+        print(f"process {state.process_index + 1}/{state.num_processes}: {len(mine)} of "
+              f"{len(todo)} batches to do", flush=True)
         bar = tqdm(mine, desc=f"evaluate [{state.process_index}]",
                    disable=not progress or not state.is_local_main_process)
         for b in bar:

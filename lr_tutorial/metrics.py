@@ -209,8 +209,10 @@ class ClipScorer:
 
     @torch.no_grad()
     def embed_text(self, texts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(list(texts), padding=True, truncation=True,
-                             max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        limit = min(self.tokenizer.model_max_length,
+                    self.model.config.text_config.max_position_embeddings)  # 77 for CLIP
+        ids = self.tokenizer(list(texts), padding=True, truncation=True, max_length=limit,
+                             return_tensors="pt")
         feats = self.model.get_text_features(**ids.to(self.model.device))
         return torch.nn.functional.normalize(_features(feats).float().cpu(), dim=-1)
 
