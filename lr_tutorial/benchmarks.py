@@ -111,6 +111,9 @@ class Benchmark:
             raise ValueError(f"backend must be 'toy' or 'sd', got {self.backend!r}")
         if len({s.name for s in self.subjects}) != len(self.subjects):
             raise ValueError("subject names must be unique")
+        from .methods import apply_overrides
+        from .pipeline import LRConfig
+        apply_overrides(LRConfig(), self.config)  # unknown or invalid knobs fail here
 
     @property
     def metric_names(self) -> list[str]:

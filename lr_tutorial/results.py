@@ -2,10 +2,11 @@
 
 Table rows: one per variant and prompt category, plus category "all". Columns, means over the
 samples (diversity: over the prompts, each computed among that prompt's seeds):
-- ShapeWorld: fidelity (share of stated attributes satisfied), fid_<attribute>, identity,
-  found (share with an object), centroid_spread / area_spread (layout diversity per prompt,
-  metrics.layout_diversity), centroid_spread_free (the same over prompts that state no
-  position: where the layout is free and diversity is wanted).
+- ShapeWorld (toy.report.summarize): fidelity (per image, the share of stated attributes
+  satisfied), fid_<attribute>, identity, found (share with an object), centroid_spread /
+  area_spread (layout diversity per prompt, metrics.layout_diversity), centroid_spread_free (the same over prompts that state no
+  position: where the layout is free and diversity is wanted), position_max_share (over those
+  prompts, the share of the most frequent position read by the oracle: 1 = layout collapse).
 - Real images: i_dino, i_clip, t_clip, dino_diversity (metrics.pairwise_diversity), and the
   layout spreads from the methods' subject masks.
 Plots: plots/metrics_by_method.png (each metric per method) and plots/lambda1_tradeoff.png
@@ -24,7 +25,7 @@ from . import metrics
 
 ATTRS = ("shape", "colour", "size", "position", "background")
 TOY_COLUMNS = ("fidelity", *(f"fid_{a}" for a in ATTRS), "identity", "found", "centroid_spread",
-               "area_spread", "centroid_spread_free")
+               "area_spread", "centroid_spread_free", "position_max_share")
 REAL_COLUMNS = ("i_dino", "i_clip", "t_clip", "dino_diversity", "centroid_spread", "area_spread")
 
 
@@ -52,12 +53,12 @@ def _per_prompt(rows: list[dict]) -> list[list[dict]]:
 def summarize(rows: list[dict]) -> dict:
     """The table's columns for one group of rows."""
     out = {"images": len(rows), "prompts": len(_per_prompt(rows))}
-    if rows and "fidelity" in rows[0]:
+    if rows and "match" in rows[0]:  # ShapeWorld oracle rows: toy.report's summary
+        s = metrics.toy_summary(rows)
         out["fidelity"] = _mean(r["fidelity"] for r in rows)
-        for a in ATTRS:
-            out[f"fid_{a}"] = _mean(float(r["match"][a]) for r in rows if a in r["match"])
-        out["identity"] = _mean(r["identity"] for r in rows)
-        out["found"] = _mean(float(r["read"]["shape"] is not None) for r in rows)
+        out.update({f"fid_{a}": s["fidelity"].get(a) for a in ATTRS})
+        out["identity"], out["found"] = s["identity"], s["found"]
+        out["position_max_share"] = s["position_max_share"]
     for k in ("i_dino", "i_clip", "t_clip"):
         if rows and k in rows[0]:
             out[k] = _mean(r[k] for r in rows)

@@ -55,6 +55,24 @@ def test_batches_are_fixed_by_the_spec():
         evaluate.batches(spec, 0)
 
 
+def test_cli_builds_and_validates_the_spec(tmp_path, capsys):
+    args = ["evaluate", "--out", str(tmp_path / "o"), "--save-spec", str(tmp_path / "s.json"),
+            "--prompts", "3", "--seeds", "2", "--steps", "5", "--methods", "personalized,no_swap",
+            "--lambda1-sweep", "0,0.5", "--set", "mask.tau_lo=0.4", "--set", "swap.mode=context"]
+    assert main(args) == 0
+    spec = Benchmark.load(tmp_path / "s.json")
+    assert spec.methods == ["personalized", "no_swap"] and spec.lambda1_sweep == [0.0, 0.5]
+    assert spec.config == {"mask.tau_lo": 0.4, "swap.mode": "context"} and spec.steps == 5
+    assert len(spec.subjects[0].prompts) == 3 and spec.seeds == [0, 1]
+    assert not (tmp_path / "o").exists()
+    assert main(args[:-2] + ["--set", "oops"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no field 'nope'"):
+        main(args[:-2] + ["--set", "mask.nope=1"])
+    with pytest.raises(ValueError, match="unknown methods"):
+        main(args + ["--methods", "dreambooth"])
+
+
 @pytest.mark.slow
 def test_run_writes_every_sample_tables_and_plots(done):
     rows = results.load_rows(done)
