@@ -147,6 +147,60 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_evaluate(a) -> int:
+    import matplotlib
+    matplotlib.use("Agg")
+    import torch
+
+    from . import benchmarks, evaluate
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    extra = {}
+    if a.steps is not None:
+        extra["steps"] = a.steps
+    if a.guidance is not None:
+        extra["guidance"] = a.guidance
+    if a.benchmark == "shapeworld":
+        spec = benchmarks.shapeworld(**extra)
+    elif a.benchmark == "vico":
+        spec = benchmarks.vico(a.vico, personalized_dir=a.personalized_dir, base=a.base,
+                               sam=a.sam, **extra)
+    else:
+        spec = benchmarks.Benchmark.load(a.benchmark)
+        for k, v in extra.items():
+            setattr(spec, k, v)
+    if a.methods:
+        spec.methods = [m for m in a.methods.split(",") if m]
+    if a.lambda1_sweep:
+        spec.lambda1_sweep = [float(x) for x in a.lambda1_sweep.split(",") if x]
+    for kv in a.set or ():
+        key, sep, value = kv.partition("=")
+        if not sep:
+            print(f"error: --set {kv!r} is not KEY=VALUE, e.g. --set mask.tau_lo=0.4", file=sys.stderr)
+            return 2
+        try:  # numbers, lists, true/false as JSON; anything else is a string (e.g. none)
+            spec.config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            spec.config[key] = value
+    spec = benchmarks.Benchmark(**spec.to_dict())  # validate the edited spec
+    spec = spec.limit(prompts=a.prompts or None, seeds=a.seeds or None,
+                      subjects=a.subjects.split(",") if a.subjects else None)
+    if a.save_spec:
+        print(f"wrote {spec.save(a.save_spec)}")
+        return 0
+    try:
+        out = evaluate.run(spec, a.out, overwrite=a.overwrite, batch=a.batch,
+                           progress=not a.quiet, protocol=a.protocol, dino=a.dino, clip=a.clip)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if (out / "results.md").is_file():
+        print((out / "results.md").read_text())
+        print(f"tables and plots in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lr_tutorial", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -209,6 +263,41 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=7.5)
     g.add_argument("--overwrite", action="store_true")
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("evaluate", help="run a benchmark: every method, resumable, shardable "
+                       "with `accelerate launch -m lr_tutorial evaluate ...`")
+    e.add_argument("--benchmark", default="shapeworld",
+                   help="shapeworld, vico, or a JSON/YAML spec file (lr_tutorial.benchmarks)")
+    e.add_argument("--out", required=True, help="results folder (a rerun resumes it)")
+    e.add_argument("--methods", default="", help="comma-separated subset of "
+                   "lr_tutorial.methods.METHODS (default: all)")
+    e.add_argument("--lambda1-sweep", default="", help="e.g. 0,0.1,0.2,0.3,0.5,0.7,1: extra "
+                   "variants of stage1 and layout_and_retouch")
+    e.add_argument("--prompts", type=int, default=0, help="first N prompts per subject "
+                   "(categories interleaved)")
+    e.add_argument("--seeds", type=int, default=0, help="first N seeds")
+    e.add_argument("--subjects", default="", help="comma-separated subject names")
+    e.add_argument("--steps", type=int, default=None)
+    e.add_argument("--guidance", type=float, default=None)
+    e.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="config override for every method, e.g. --set mask.tau_lo=0.4")
+    e.add_argument("--batch", type=int, default=16, help="samples per model call")
+    e.add_argument("--vico", default=None, help="local ViCo folder (DreamMatcher's inputs/ "
+                   "layout); default: fetched into ~/.cache/lr_tutorial/vico")
+    e.add_argument("--personalized-dir", default=None,
+                   help="vico on sd: a folder with one LoRA/DreamBooth per concept name")
+    e.add_argument("--base", default=None, help="sd: base model (hub id or folder)")
+    e.add_argument("--sam", default=None, help="sd: SAM checkpoint (default: attention masks)")
+    e.add_argument("--protocol", choices=("ours", "dreammatcher"), default="ours",
+                   help="metric preprocessing (lr_tutorial.metrics)")
+    e.add_argument("--dino", default="facebook/dino-vits16", help="DINO hub id or local folder")
+    e.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP id or folder")
+    e.add_argument("--save-spec", default=None, help="write the resolved spec (JSON/YAML), exit")
+    e.add_argument("--threads", type=int, default=0)
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--overwrite", action="store_true",
+                   help="discard the results already in --out")
+    e.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser("demo", help="render the demo figures (toy backend) under --out")
     d.add_argument("--out", default="outputs/demo")

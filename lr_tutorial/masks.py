@@ -26,6 +26,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 
+SOURCES = ("fused", "attention", "segmenter")
+
+
 @dataclass
 class MaskConfig:
     """Knobs of the mask recipe [ours], docs/method.md "Adaptive mask blending".
@@ -39,6 +42,9 @@ class MaskConfig:
     lambda3: latent blending for k < lambda3 (fraction of N or step count).
     adaptive: recompute the target mask every step from the target's own cross-attention,
       united with the context mask.
+    source: which sources build M: "fused" (the recipe above), "attention" (the attention
+      support alone, feathered: as with no segmenter) or "segmenter" (the segmenter's mask
+      alone, feathered; it is still prompted from the attention). Ablations of step 3.
     """
     attention_fractions: tuple[float, ...] = (0.25, 0.5)
     attention_window: tuple[float, float] = (0.0, 1.0)
@@ -49,6 +55,7 @@ class MaskConfig:
     n_negative: int = 2
     lambda3: float | int = 0.8
     adaptive: bool = True
+    source: str = "fused"
 
     def __post_init__(self):
         self.validate()
@@ -57,6 +64,8 @@ class MaskConfig:
         """Raise naming the bad knob and its valid range (also after fields were changed)."""
         from .layout import check_boundary
 
+        if self.source not in SOURCES:
+            raise ValueError(f"mask source must be one of {SOURCES}, got {self.source!r}")
         if not 0 <= self.tau_lo <= self.tau_hi <= 1:
             raise ValueError(f"need 0 <= tau_lo <= tau_hi <= 1, got {self.tau_lo}, {self.tau_hi}; "
                              "defaults are 0.3 and 0.7")
@@ -246,9 +255,17 @@ def fuse(attn: np.ndarray, seg: np.ndarray, cfg: MaskConfig) -> FusedMask:
 def subject_mask(image: np.ndarray, attn: np.ndarray, segmenter: Segmenter | None,
                  cfg: MaskConfig) -> FusedMask:
     """The whole recipe for one image: normalized attention (h, w) -> FusedMask.
-    Without a segmenter, the attention support alone is feathered (the ablation)."""
+    Without a segmenter (or with cfg.source "attention"), the attention support alone is
+    feathered; with cfg.source "segmenter", the segmenter's mask alone (the ablations)."""
     a = normalize(attn)
-    if segmenter is None:
+    if cfg.source == "segmenter":
+        if segmenter is None:
+            raise ValueError("mask source 'segmenter' needs a segmenter: pass segmenter= (SAM on "
+                             "SD, ShapeWorldSegmenter on the toy backend) or use source 'fused'")
+        seg = segment(segmenter, image, a, cfg)
+        s = resize(seg.astype(np.float32), a.shape[-1]) >= 0.5
+        return FusedMask(a, s, s, feather(s, cfg.feather))
+    if segmenter is None or cfg.source == "attention":
         seg = resize((a >= cfg.tau_lo).astype(np.float32), image.shape[0]) >= 0.5
     else:
         seg = segment(segmenter, image, a, cfg)

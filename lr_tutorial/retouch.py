@@ -159,7 +159,7 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
             if k < l3:
                 mm = m[:, None].to(zt)
                 zt = mm * zt + (1 - mm) * layout.trajectory.latents[k + 1].to(zt)
-            if mask_cfg.adaptive and k in win:
+            if mask_cfg.adaptive and mask_cfg.source != "segmenter" and k in win:  # attention-based
                 seen = sorted(s for s in store.steps() if s in win)
                 a = aggregate(store, target_rows, steps, mask_cfg, size, steps=seen)
                 own = np.stack([masks.feather(masks.normalize(ai) >= mask_cfg.tau_lo,

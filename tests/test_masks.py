@@ -307,6 +307,18 @@ def test_subject_mask_with_shapeworld_segmenter_matches_the_shape():
     # the ablation without a segmenter runs and gives the feathered attention support
     g = subject_mask(image, attn, None, MaskConfig())
     np.testing.assert_array_equal(g.support, f.attention >= MaskConfig().tau_lo)
+    # mask sources (ablations): attention-only ignores the segmenter; segmenter-only is the
+    # feathered segmenter mask, without attention support or confident regions
+    a = subject_mask(image, attn, ShapeWorldSegmenter(), MaskConfig(source="attention"))
+    np.testing.assert_array_equal(a.mask, g.mask)
+    s = subject_mask(image, attn, ShapeWorldSegmenter(), MaskConfig(source="segmenter"))
+    np.testing.assert_array_equal(s.support, f.segmenter)
+    np.testing.assert_array_equal(s.mask, feather(f.segmenter, MaskConfig().feather))
+    assert not np.array_equal(s.mask, f.mask) or not np.array_equal(a.mask, f.mask)
+    with pytest.raises(ValueError, match="needs a segmenter"):
+        subject_mask(image, attn, None, MaskConfig(source="segmenter"))
+    with pytest.raises(ValueError, match="mask source"):
+        MaskConfig(source="sam")
 
 
 # ----------------------------------------------------------------------------- SAM segmenter
