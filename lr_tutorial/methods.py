@@ -103,7 +103,9 @@ def generate(method: str, bundle, lr, prompts: list[str], seeds: list[int],
     cfg = lr.config
     if METHODS[method].kind == "lr":
         res = lr(prompts, references, seed=seeds)
-        return res.images, (res.masks.per_step[-1] >= 0.5 if masks else None)
+        final = res.masks.per_step[-1] if len(res.masks.per_step) else \
+            np.stack([m.mask for m in res.masks.context])  # no retouch step ran (start = N)
+        return res.images, (final >= 0.5 if masks else None)
     if not masks:
         return step_blended(bundle, prompts, seeds, cfg.layout).images, None
     # the class token as the model sees it: y^-p when every step is vanilla

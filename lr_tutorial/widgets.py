@@ -66,15 +66,22 @@ class ScrubData:
         linear_preview(bundle, fit[:1], fit)  # make sure the latent preview map is fitted
         # the caller's full capture (all tokens, maybe heads) when present, else the class token
         store = result.capture if result.capture is not None else result.attention
-        rows = {"reference": index, "context": b + index, "target": 2 * b + index}
         att: dict[str, dict] = {k: {} for k in BRANCHES}
-        for (layer, step), m in store.maps.items():
-            if not layer.endswith("attn2"):
-                continue
-            m = m.float()
-            m = m[:, None] if m.ndim == 3 else m  # (rows, heads, HW, tokens)
-            for br, r in rows.items():
-                att[br][(step, layer)] = m[r].numpy()
+
+        def take(st, rows):
+            for (layer, step), m in st.maps.items():
+                if layer.endswith("attn2"):
+                    m = m.float()
+                    m = m[:, None] if m.ndim == 3 else m  # (rows, heads, HW, tokens)
+                    for br, r in rows.items():
+                        att[br][(step, layer)] = m[r].numpy()
+        if any(m.shape[0] == 3 * b for m in store.maps.values()):  # batched stage 2
+            take(store, {"reference": index, "context": b + index, "target": 2 * b + index})
+        else:  # cached stage 2 ran the target alone: the context's maps come from stage 1
+            take(result.layout.store, {"context": index})
+            take(store, {"target": index})
+        # before `start` the target is the context
+        att["target"].update({k: v for k, v in att["context"].items() if k[0] < start})
         masks = np.concatenate([np.repeat(result.masks.per_step[:1, index], start, 0),
                                 result.masks.per_step[:, index]]) if start else \
             result.masks.per_step[:, index]

@@ -43,14 +43,14 @@ def test_scrubber_with_a_full_capture_scrubs_tokens_and_heads(result_and_bundle)
     from lr_tutorial.attention import CaptureSpec
     _, b = result_and_bundle
     ref = (np.random.default_rng(0).random((1, 64, 64, 3)) * 255).astype(np.uint8)
-    lr = LayoutAndRetouch(b, LRConfig(layout=LayoutConfig(steps=4)))
+    lr = LayoutAndRetouch(b, LRConfig(layout=LayoutConfig(steps=6)))  # stage 2: steps 4, 5
     res = lr(["a sks dog on the beach"], ref, seed=0,
              capture=CaptureSpec(kind="cross", heads="all"))
     sc = TimestepScrubber(res, b)
     assert "dog</w>" in sc.data.tokens[sc.data.default_token]
     assert sc.data.heads == 2
-    a = sc.data.attention_map("target", 2, token=sc.data.default_token, head=0)
-    c = sc.data.attention_map("target", 2, token=1, head=1)
+    a = sc.data.attention_map("target", 5, token=sc.data.default_token, head=0)
+    c = sc.data.attention_map("target", 5, token=1, head=1)
     assert a.shape == c.shape and not np.allclose(a, c)
     sc.widget()
     img = sc._controls["images"][("context", "attention")]
