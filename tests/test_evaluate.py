@@ -213,3 +213,29 @@ def test_two_accelerate_processes_equal_one(tmp_path):
         strip(results.table(results.load_rows(tmp_path / "two")))
     assert "| layout_and_retouch |" in p.stdout  # the main process printed the merged table
     assert "process 1/2: 2 of 4 batches" in p.stdout and "process 2/2: 2 of 4 batches" in p.stdout
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_result(done, tmp_path):
+    """SIGKILL `evaluate` once some samples are on disk, run it again: the rows and pixels
+    equal the uninterrupted run's (the `done` fixture: same spec, same batch)."""
+    import signal
+    import time
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "lr_tutorial", "evaluate", "--out", str(out), "--prompts", "2",
+            "--seeds", "2", "--steps", "3", "--methods", ",".join(FOUR), "--batch", "3",
+            "--quiet", "--threads", "1"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while len(list(out.glob("samples/**/*.json"))) < 3 and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = len(list(out.glob("samples/**/*.json")))
+    assert 0 < written < len(_rows(done)), "the kill must land midway"
+    assert main(args[3:]) == 0  # the same command, resumed in this process
+    assert _rows(out) == _rows(done)
+    assert all(np.array_equal(_pixels(done)[k], v) for k, v in _pixels(out).items())
+    assert not list(out.rglob("*.tmp*")), "no half-written file may remain"
