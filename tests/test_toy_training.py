@@ -11,7 +11,8 @@ TINY_UNET = dict(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, attention_h
 
 def tiny_cfg(tmp_path, **kw):
     base = dict(ckpt_dir=str(tmp_path), vae_steps=2, vae_batch=2, dataset_size=12, unet_steps=3,
-                unet_batch=4, unet_warmup=1, ckpt_every=1, log_every=1, unet_overrides=TINY_UNET)
+                unet_batch=4, unet_warmup=1, ckpt_every=1, log_every=1, unet_overrides=TINY_UNET,
+                pyramid_from=1, boost_from=1, token_id_from=1)  # every loss term runs
     return train.ToyTrainConfig(**{**base, **kw})
 
 
@@ -111,3 +112,16 @@ def test_unet_training_killed_midway_resumes_to_the_uninterrupted_result(tmp_pat
             assert torch.equal(v, sb[part][k]), (part, k)
     assert all(torch.equal(x, y) for x, y in zip(sa["ema"], sb["ema"]))
     assert torch.equal(sa["opt"]["state"][0]["exp_avg"], sb["opt"]["state"][0]["exp_avg"])
+
+
+def test_pyramid_noise_adds_low_frequency_power_from_its_step_on():
+    cfg = train.ToyTrainConfig(ckpt_dir="unused", pyramid_noise=0.5, pyramid_from=10)
+    shape = (256, 4, 16, 16)
+
+    def block_std(step):  # std of 8x8 block means: white noise alone gives 1/8
+        n = train.training_noise(shape, torch.Generator().manual_seed(0), cfg, step)
+        return float(torch.nn.functional.avg_pool2d(n, 8).std())
+    before, after = block_std(9), block_std(10)
+    # offset noise 0.15 -> sqrt(1/64 + 0.15^2) = 0.19 (measured 0.19); with the three 0.5
+    # levels (bilinear upsampling smooths them) measured 0.51
+    assert 0.15 < before < 0.25 and after > 2.5 * before

@@ -53,20 +53,25 @@ class ToyTrainConfig:
     # noise's block means there, so the model reads the layout off the noise and the prompt's
     # position never matters (step 6250 of the first run: position fidelity 27%, the same
     # place for a seed whatever the prompt). Extra noise of this std at 2x2, 4x4 and 8x8,
-    # upsampled, drowns it; added from step `layout_from` on.
-    pyramid_noise: float = 0.0
+    # upsampled, drowns it; added from step `pyramid_from` on.
+    pyramid_noise: float = 0.5
+    pyramid_from: int = 6500
     # High-noise loss boost [ours]: with epsilon prediction an x0 error costs snr(t) times less
-    # at high noise, where the layout is decided (at t = 900, 1%); from `layout_from` on, the
+    # at high noise, where the layout is decided (at t = 900, 1%); from `boost_from` on, the
     # epsilon loss of steps with snr < 1 is weighted by min(1/snr, high_noise_boost) (1: off),
     # i.e. the x0 loss of truncated-SNR weighting (Salimans & Ho 2022), capped.
-    high_noise_boost: float = 1.0
+    high_noise_boost: float = 20.0
+    boost_from: int = 7500
     # Token-identity loss on the text encoder [ours]: trained jointly from scratch, the text
     # encoder let the position words collapse (hidden states of "left" and "right" 0.5 apart,
     # colour words 10 apart, at step 8500), so no UNet could read the position. SD's frozen CLIP
     # keeps every word distinct; here a linear head must recover each token's id from its
-    # output state (cross-entropy, this weight), from `layout_from` on. 0: off.
-    token_id_loss: float = 0.0
-    layout_from: int = 0
+    # output state (cross-entropy, this weight), from `token_id_from` on. 0: off.
+    # The three fixes came one after another in the first run (positions still ignored after
+    # each of the first two, 1,000 steps each); the defaults replay that history exactly, and
+    # 500 steps after the third the position words were 12 apart and drove the UNet's x0.
+    token_id_loss: float = 0.1
+    token_id_from: int = 8500
     ema_decay: float = 0.999
     keep_prob: float = 0.7  # each attribute is stated in the caption with this probability
     uncond_prob: float = 0.1  # empty caption, for classifier-free guidance
@@ -184,10 +189,10 @@ def training_caption(scene: world.Scene, rng: np.random.Generator, cfg: ToyTrain
 
 
 def training_noise(shape, gen: torch.Generator, cfg: ToyTrainConfig, step: int) -> torch.Tensor:
-    """White noise + offset noise (1x1) [+ pyramid noise at 2x2, 4x4, 8x8 from layout_from]."""
+    """White noise + offset noise (1x1) [+ pyramid noise at 2x2, 4x4, 8x8 from pyramid_from]."""
     noise = torch.randn(shape, generator=gen)
     noise = noise + cfg.offset_noise * torch.randn((*shape[:2], 1, 1), generator=gen)
-    if cfg.pyramid_noise and step >= cfg.layout_from:
+    if cfg.pyramid_noise and step >= cfg.pyramid_from:
         for side in (2, 4, 8):
             low = torch.randn((*shape[:2], side, side), generator=gen)
             noise = noise + cfg.pyramid_noise * F.interpolate(low, size=shape[-2:], mode="bilinear",
@@ -239,10 +244,10 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float):
             g["lr"] = lr
         hidden = te(ids)[0]  # (B, L, D)
         pred = unet(zt, t, hidden).sample
-        w = boosted if step >= cfg.layout_from else weight
+        w = boosted if step >= cfg.boost_from else weight
         loss = (w[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         total = loss
-        if cfg.token_id_loss and step >= cfg.layout_from:
+        if cfg.token_id_loss and step >= cfg.token_id_from:
             total = total + cfg.token_id_loss * F.cross_entropy(head(hidden).flatten(0, 1),
                                                                 ids.flatten())
         opt.zero_grad(set_to_none=True)
