@@ -1,6 +1,5 @@
 """The shipped toy models: loading, the vanilla/personalized switch, the autoencoder's fidelity,
 DDIM inversion, and the paper's phenomena on a small prompt set (measured numbers in comments)."""
-import time
 
 import numpy as np
 import pytest
@@ -15,10 +14,8 @@ def toy():
     return load_models("toy")
 
 
-def test_load_models_toy_is_fast_and_complete(toy):
-    t0 = time.perf_counter()
-    b = load_models("toy")
-    assert time.perf_counter() - t0 < 2.0
+def test_load_models_toy_is_complete(toy):
+    b = load_models("toy")  # its speed (< 2 s) is measured by bench/load.py, not here
     assert b.backend == "toy" and b.identifier == "sks" and b.class_noun == "star"
     assert b.latent_size == 16 and b.image_size == 64 and b.personalization == "lora"
     from diffusers import StableDiffusionPipeline
