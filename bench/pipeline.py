@@ -1,129 +1,246 @@
 """Per-image cost of Layout-and-Retouch against plain personalized sampling, from one run.
 
-    python bench/pipeline.py --backend toy            # the shipped toy models, CPU
-    python bench/pipeline.py --backend sd15-random    # SD 1.5's real UNet/VAE architecture,
-                                                      # random weights (no download needed)
+    python bench/pipeline.py --backend toy                                   # toy models, CPU
+    python bench/pipeline.py --backend sd15-random --latent 16 --steps 10 --images 2   # CPU
+    python bench/pipeline.py --backend sd15-random          # on a GPU: fp16, 512 px, 50 steps
 
-For a batch of prompts x seeds sharing one reference, it times (a) plain personalized sampling,
-(b) stage 1 only, (c) the full method (reference inversion included, amortized over the batch),
-all with the same steps and guidance, and counts UNet evaluations (rows through the UNet).
-Prints each ratio to (a). Timings are wall-clock on whatever machine runs it: say which.
+sd15-random is Stable Diffusion 1.5's real UNet/VAE architecture (and CLIP ViT-L's text-encoder
+shape) with random weights and a random rank-4 LoRA: no download, real cost.
+
+For `--images` prompts x seeds sharing one reference, with the same steps and guidance, it runs
+(a) plain personalized sampling (+ decode), (b) stage 1 only (step-blended layout + decode),
+(c) the full method with the cached stage 2 (LRConfig.stage2="cached", the default),
+(d) the full method with the three-branch batched stage 2 (the naive path), and reports
+(e) stage 2 alone (retouch + final decode, timed inside (c) and (d)). Each full run starts from
+a fresh LayoutAndRetouch, so it pays the reference inversion and the reference K/V replay once
+for its images; those two are printed separately, and the per-image cost amortized over 8
+images is (per-image cost without them) + (their cost) / 8.
+
+Timing: the cases are interleaved (the order rotates every repetition) and each ratio to (a) is
+the median of the per-repetition ratios, so a load that drifts during the run (another job on
+the CPU) hits numerator and denominator alike. UNet rows (batch rows through the UNet, counted
+by a forward hook) are exact and machine-independent.
+
+Memory: on a GPU, torch.cuda.max_memory_allocated per case (absolute peak, weights included).
+On a CPU, each case runs twice more in a fresh process and the second run reports its peak RSS
+growth (VmHWM, reset before the run, minus the RSS before it; glibc's mmap threshold is pinned
+so freed tensors are returned to the OS and the peak is the run's own).
 """
 from __future__ import annotations
 
 import argparse
-import platform
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (Phases, UNetCounter, exact_malloc_env, machine, median,  # noqa: E402
+                    peak_rss_bytes, reset_peak_rss, rss_bytes, sd15_random, sync, timed)
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-class UNetCounter:
-    """Counts UNet forward calls and batch rows through a forward pre-hook (public torch API)."""
-
-    def __init__(self, unet):
-        self.calls = self.rows = 0
-        self.handle = unet.register_forward_pre_hook(self.hook)
-
-    def hook(self, module, args):
-        self.calls += 1
-        self.rows += int(args[0].shape[0])
-
-    def reset(self):
-        self.calls = self.rows = 0
+CASES = ("plain", "stage1", "cached", "batched")
+LABELS = {"plain": "(a) plain personalized", "stage1": "(b) stage 1 only",
+          "cached": "(c) L&R, cached stage 2", "batched": "(d) L&R, batched stage 2"}
+PHASES = ("reference inversion", "reference K/V", "stage 1", "masks", "stage 2", "final decode")
 
 
-def sd15_random(latent: int, device: str, dtype):
-    """Stable Diffusion 1.5's UNet and VAE configs with random weights; a tiny text encoder."""
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from lr_tutorial.models import ModelBundle
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tiny_sd import tiny_tokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=latent, cross_attention_dim=768)  # SD 1.5 defaults
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                        down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4,
-                        sample_size=latent * 8)
-    tok = tiny_tokenizer(Path(tempfile.mkdtemp()))
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072,
-                                      num_hidden_layers=12, num_attention_heads=12,
-                                      max_position_embeddings=77))
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    b = ModelBundle(tok, te.eval(), vae.eval(), unet.eval(), sched, backend="sd",
-                    identifier="sks", class_noun="dog")
-    return b.to(device, dtype)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--backend", choices=("toy", "sd15-random"), default="toy")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--images", type=int, default=8, help="prompts x seeds sharing a reference")
-    ap.add_argument("--latent", type=int, default=16, help="sd15-random: latent side (64 = 512 px)")
-    ap.add_argument("--guidance", type=float, default=7.5)
-    a = ap.parse_args()
-
-    from lr_tutorial import load_models, sampling
-    from lr_tutorial.layout import LayoutConfig, step_blended
-    from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
+def setup(a):
+    from lr_tutorial import load_models
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.backend == "toy":
         bundle = load_models("toy", device=device)
         prompts = ["a sks star on the left in the snow", "a sks star at the top at night",
                    "a small sks star on the right on the beach", "a sks star at the bottom"]
-        ref = None
+        ref = None  # the toy subject's reference photos
     else:
-        bundle = sd15_random(a.latent, device, torch.float16 if device == "cuda" else torch.float32)
+        latent = a.latent or (64 if device == "cuda" else 16)
+        bundle = sd15_random(latent, device, torch.float16 if device == "cuda" else torch.float32)
         prompts = ["a sks dog on the beach", "a photo of a sks dog", "a sks dog in the snow",
                    "a red sks dog"]
-        ref = (np.random.default_rng(0).random((1, a.latent * 8, a.latent * 8, 3)) * 255).astype(np.uint8)
+        ref = (np.random.default_rng(0).random((1, latent * 8, latent * 8, 3)) * 255).astype(np.uint8)
     prompts = [prompts[i % len(prompts)] for i in range(a.images)]
-    seeds = list(range(a.images))
-    counter = UNetCounter(bundle.unet)
-    cfg = LRConfig(layout=LayoutConfig(steps=a.steps, guidance=a.guidance))
+    seeds = [i // len(set(prompts)) for i in range(a.images)]  # prompts x seeds
+    return bundle, prompts, seeds, ref, device
 
-    def timed(fn):
-        counter.reset()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / a.images, counter.rows / a.images
+
+def make_cases(a, bundle, prompts, seeds, ref):
+    from lr_tutorial import sampling
+    from lr_tutorial.layout import LayoutConfig, step_blended
+    from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
+
+    layout = LayoutConfig(steps=a.steps, guidance=a.guidance)
+    chunks = [(prompts[i:i + a.batch], seeds[i:i + a.batch]) for i in range(0, len(prompts), a.batch)]
+    mode = "personalized" if bundle.has_personal else "vanilla"
 
     def plain():
-        with bundle.using("personalized" if bundle.has_personal else "vanilla"):
-            z, _ = sampling.sample(bundle, prompts, seeds, steps=a.steps, guidance=a.guidance)
-            sampling.decode(bundle, z)
+        with bundle.using(mode):
+            for p, s in chunks:
+                z, _ = sampling.sample(bundle, p, s, steps=a.steps, guidance=a.guidance)
+                sampling.decode(bundle, z)
 
     def stage1():
-        step_blended(bundle, prompts, seeds, cfg.layout)
+        for p, s in chunks:
+            step_blended(bundle, p, s, layout)
 
-    def full():
-        LayoutAndRetouch(bundle, cfg)(prompts, ref, seed=seeds)
+    def full(stage2):
+        def run():
+            lr = LayoutAndRetouch(bundle, LRConfig(layout=layout, stage2=stage2))  # fresh: pays
+            for p, s in chunks:                                                  # the reference
+                lr(p, ref, seed=s)
+        return run
 
-    plain()  # warm-up
-    rows = {name: timed(fn) for name, fn in
-            (("plain personalized", plain), ("stage 1 only", stage1), ("Layout-and-Retouch", full))}
-    base_t, base_r = rows["plain personalized"]
-    print(f"# {a.backend}, {a.images} images sharing one reference, {a.steps} steps, "
-          f"CFG {a.guidance}, device {device} ({platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads), torch {torch.__version__}")
-    print(f"{'method':<22}{'s/image':>10}{'UNet rows/image':>18}{'time ratio':>12}{'UNet ratio':>12}")
-    for name, (t, r) in rows.items():
-        print(f"{name:<22}{t:>10.3f}{r:>18.1f}{t / base_t:>12.2f}{r / base_r:>12.2f}")
+    return {"plain": plain, "stage1": stage1, "cached": full("cached"), "batched": full("batched")}
+
+
+def instrument(counter):
+    """Time the phases of LayoutAndRetouch.__call__ by wrapping the functions it calls."""
+    from lr_tutorial import masks, pipeline, sampling
+    ph = Phases(counter)
+    ph.wrap(pipeline, "invert_reference", "reference inversion")
+    ph.wrap(pipeline, "reference_kv", "reference K/V")
+    ph.wrap(pipeline, "step_blended", "stage 1")  # includes the x^c decode
+    ph.wrap(pipeline, "aggregate", "masks")
+    ph.wrap(masks, "subject_mask", "masks")
+    ph.wrap(pipeline, "retouch", "stage 2")
+    ph.wrap(sampling, "decode", "final decode")  # outermost calls only: the final decode
+    return ph
+
+
+def memory_case(a) -> None:
+    """--memory-case NAME: in this fresh process, run one case twice (the first run takes the
+    one-time allocations: thread pools, lazy buffers) and print the second run's peak RSS
+    growth."""
+    bundle, prompts, seeds, ref, device = setup(a)
+    fn = make_cases(a, bundle, prompts, seeds, ref)[a.memory_case]
+    fn()
+    before = rss_bytes()
+    if not reset_peak_rss():
+        raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): use --no-memory")
+    fn()
+    out = {"peak": peak_rss_bytes() - before}
+    print("MEMORY " + json.dumps(out))
+
+
+def memory(a, device, cases) -> dict[str, int]:
+    if device == "cuda":  # in-process: the allocator's own peak
+        out = {}
+        for name, fn in cases.items():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            sync()
+            out[name] = torch.cuda.max_memory_allocated()
+        return out
+    out = {}
+    for name in cases:
+        args = [sys.executable, __file__, "--memory-case", name, "--backend", a.backend,
+                "--steps", str(a.steps), "--images", str(a.images), "--batch", str(a.batch),
+                "--guidance", str(a.guidance)] + (["--latent", str(a.latent)] if a.latent else [])
+        res = subprocess.run(args, capture_output=True, text=True)
+        line = [x for x in res.stdout.splitlines() if x.startswith("MEMORY ")]
+        if not line:
+            raise RuntimeError(f"memory run of {name} failed:\n{res.stderr[-2000:]}")
+        out[name] = json.loads(line[0][7:])["peak"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backend", choices=("toy", "sd15-random"), default="toy")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--images", type=int, default=8, help="prompts x seeds sharing a reference")
+    ap.add_argument("--batch", type=int, default=None, help="images per call (default: all)")
+    ap.add_argument("--latent", type=int, default=None,
+                    help="sd15-random: latent side (default 64 = 512 px on a GPU, 16 on a CPU)")
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--memory-case", choices=CASES, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    a.batch = a.batch or a.images
+    exact_malloc_env()
+    if a.memory_case:
+        return memory_case(a)
+
+    header = machine()
+    bundle, prompts, seeds, ref, device = setup(a)
+    counter = UNetCounter(bundle._vanilla_unet, bundle.personal_unet)
+    cases = make_cases(a, bundle, prompts, seeds, ref)
+    phases = instrument(counter)
+    cases["plain"]()  # warm-up (allocator, lazy inits)
+
+    times = {c: [] for c in CASES}
+    rows: dict[str, int] = {}
+    ph_time = {c: {} for c in ("cached", "batched")}
+    ph_rows = {c: {} for c in ("cached", "batched")}
+    t_start = time.perf_counter()
+    for r in range(a.reps):
+        order = CASES[r % len(CASES):] + CASES[:r % len(CASES)]
+        for c in order:
+            phases.reset()
+            t, n = timed(cases[c], counter)
+            times[c].append(t)
+            rows[c] = n
+            if c in ph_time:
+                for k, v in phases.time.items():
+                    ph_time[c].setdefault(k, []).append(v)
+                ph_rows[c] = dict(phases.rows)
+    total_wall = time.perf_counter() - t_start
+    mem = {} if a.no_memory else memory(a, device, cases)
+
+    n = a.images
+    ratio = {c: median([t / p for t, p in zip(times[c], times["plain"])]) for c in CASES}
+    per = {c: median(times[c]) / n for c in CASES}
+    base_rows = rows["plain"] / n
+
+    def line(label, s, r, tr):
+        print(f"{label:<40}{s:>9.3f}{r:>12.1f}{tr:>10.2f}{r / base_rows:>10.2f}")
+
+    print(f"# {a.backend}: {n} images ({len(set(prompts))} prompts x {len(set(seeds))} seeds) "
+          f"sharing one reference, {a.batch} per call, {a.steps} DDIM steps, CFG {a.guidance}, "
+          f"{device}, {bundle.dtype}, latent {bundle.latent_size}")
+    print(f"# {header}")
+    print(f"# {a.reps} interleaved repetitions in {total_wall:.0f} s; s/image = median; "
+          "time ratio = median of per-repetition ratios to (a)")
+    print(f"{'case':<40}{'s/image':>9}{'rows/image':>12}{'time x(a)':>10}{'rows x(a)':>10}")
+    for c in CASES:
+        line(LABELS[c] + (f", over {n}" if c in ("cached", "batched") else ""),
+             per[c], rows[c] / n, ratio[c])
+    for c in ("cached", "batched"):  # (e) and the one-time reference work, from the phases
+        pt = {k: median(v) for k, v in ph_time[c].items()}
+        pr = ph_rows[c]
+        plain_t = median(times["plain"])
+        frac = lambda k: median([x / p for x, p in zip(ph_time[c].get(k, [0] * a.reps),  # noqa: E731
+                                                           times["plain"])])
+        s2 = [a_ + b_ for a_, b_ in zip(ph_time[c].get("stage 2", []), ph_time[c].get("final decode", []))]
+        s2_ratio = median([x / p for x, p in zip(s2, times["plain"])])
+        line(f"(e) stage 2 alone ({c}: retouch + decode)",
+             median(s2) / n, (pr.get("stage 2", 0) + pr.get("final decode", 0)) / n, s2_ratio)
+        ref_t = pt.get("reference inversion", 0) + pt.get("reference K/V", 0)
+        ref_r = pr.get("reference inversion", 0) + pr.get("reference K/V", 0)
+        ref_ratio = frac("reference inversion") + frac("reference K/V")
+        full_ratio = ratio[c] - ref_ratio / 1  # the per-image ratio without the reference work
+        line(f"    {c}: per image, reference already cached", per[c] - ref_t / n,
+             (rows[c] - ref_r) / n, full_ratio)
+        line(f"    {c}: amortized over 8 images", per[c] - ref_t / n + ref_t / 8,
+             (rows[c] - ref_r) / n + ref_r / 8, full_ratio + ref_ratio * n / 8)
+        print(f"    {c} phases (s per run of {n} images / UNet rows / share of plain's time):")
+        for k in PHASES:
+            if k in pt:
+                print(f"      {k:<22}{pt[k]:>8.3f} s{pr.get(k, 0):>8} rows{pt[k] / plain_t:>8.2f}x")
+        other = median(times[c]) - sum(pt.values())
+        print(f"      {'other (text, checks)':<22}{other:>8.3f} s")
+    if mem:
+        what = ("peak allocated on the GPU (weights included)" if device == "cuda" else
+                "peak RSS growth over the models, fresh process per case")
+        print(f"# memory, {what}:")
+        for c in CASES:
+            print(f"{LABELS[c]:<40}{mem[c] / 2**20:>10.1f} MiB{mem[c] / max(mem['plain'], 1):>8.2f}x(a)")
 
 
 if __name__ == "__main__":
