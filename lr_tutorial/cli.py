@@ -20,7 +20,8 @@ def cmd_train_toy(a) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = train.ToyTrainConfig(ckpt_dir=a.ckpt_dir, seed=a.seed)
-    for k in ("vae_steps", "unet_steps", "dataset_size"):
+    for k in ("vae_steps", "unet_steps", "dataset_size", "pyramid_from", "boost_from",
+              "token_id_from"):
         if getattr(a, k) is not None:
             setattr(cfg, k, getattr(a, k))
     Path(cfg.ckpt_dir).mkdir(parents=True, exist_ok=True)
@@ -75,7 +76,12 @@ def cmd_toy_report(a) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    bundle = load_models("toy")
+    if a.ckpt_dir:  # watch a training run: the newest checkpoint's EMA weights, vanilla rows only
+        from .toy import train
+        bundle, step = train.checkpoint_bundle(train.ToyTrainConfig(ckpt_dir=a.ckpt_dir))
+        print(f"training checkpoint {a.ckpt_dir}, UNet step {step}", file=sys.stderr)
+    else:
+        bundle = load_models("toy")
     prompts = report.read_prompts(a.prompts)
     if a.limit:
         prompts = prompts[:a.limit]
@@ -213,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vae-steps", type=int)
     t.add_argument("--unet-steps", type=int)
     t.add_argument("--dataset-size", type=int)
+    t.add_argument("--pyramid-from", type=int, help="UNet step that turns pyramid noise on")
+    t.add_argument("--boost-from", type=int, help="UNet step that turns the high-noise boost on")
+    t.add_argument("--token-id-from", type=int,
+                   help="UNet step that turns the text encoder's token-identity loss on")
     t.add_argument("--threads", type=int, default=0)
     t.add_argument("--overwrite", action="store_true")
     t.add_argument("--from-export", default=None,
@@ -243,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
     s.add_argument("--methods", default="", help="extra rows: stage1,layout_and_retouch")
     s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--ckpt-dir", default=None,
+                   help="measure a train-toy checkpoint folder instead of data/toy (vanilla rows)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_toy_report)
 

@@ -212,13 +212,14 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float):
     ema = [p.detach().clone() for p in params]
     head = torch.nn.Linear(te.config.hidden_size, len(tok))  # token-identity probe (not shipped)
     head_opt = torch.optim.AdamW(head.parameters(), lr=cfg.unet_lr)
-    start, path = 0, ckdir / "unet.pt"
+    start, warm_start, path = 0, 0, ckdir / "unet.pt"
     if path.exists():
         state = torch.load(path, weights_only=True)
         unet.load_state_dict(state["unet"]), te.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["opt"])
         ema = state["ema"]
         start = state["step"]
+        warm_start = state.get("warm_start", 0)  # set by seed_from_export: fresh optimizer
         if "head" in state:
             head.load_state_dict(state["head"]), head_opt.load_state_dict(state["head_opt"])
     excluded = heldout.training_exclusions()
@@ -239,7 +240,7 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float):
         noise = training_noise(z0.shape, gen, cfg, step)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
         zt = sched.add_noise(z0, noise, t)
-        lr = cfg.unet_lr * min(1.0, (step + 1) / cfg.unet_warmup)
+        lr = cfg.unet_lr * min(1.0, (step + 1 - warm_start) / cfg.unet_warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         hidden = te(ids)[0]  # (B, L, D)
@@ -270,7 +271,7 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float):
             _atomic_save({"unet": unet.state_dict(), "text_encoder": te.state_dict(),
                           "opt": opt.state_dict(), "ema": ema, "step": step + 1,
                           "head": head.state_dict(), "head_opt": head_opt.state_dict(),
-                          "config": asdict(cfg)}, path)
+                          "warm_start": warm_start, "config": asdict(cfg)}, path)
     return unet, te
 
 
@@ -335,7 +336,8 @@ def export(cfg: ToyTrainConfig, out_dir: str | Path, overwrite: bool = False) ->
 def seed_from_export(cfg: ToyTrainConfig, export_dir: str | Path) -> None:
     """Recreate the checkpoints from exported weights, for resuming on a machine that lost
     ckpt_dir: the VAE counts as finished, the UNet resumes at the exported step from its EMA
-    weights with a fresh optimizer (so the result is not bit-identical to an unbroken run)."""
+    weights with a fresh optimizer, warmed up again from that step (so the result is not
+    bit-identical to an unbroken run)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -352,7 +354,7 @@ def seed_from_export(cfg: ToyTrainConfig, export_dir: str | Path) -> None:
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
     _atomic_save({"unet": unet.state_dict(), "text_encoder": te.state_dict(), "opt": opt.state_dict(),
                   "ema": [p.detach().clone() for p in params], "step": meta["unet_step"],
-                  "config": asdict(cfg)}, ck / "unet.pt")
+                  "warm_start": meta["unet_step"], "config": asdict(cfg)}, ck / "unet.pt")
 
 
 def checkpoint_bundle(cfg: ToyTrainConfig):
