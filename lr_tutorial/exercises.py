@@ -23,8 +23,53 @@ def check_lambda_steps(fn) -> bool:
     return _ok("floats are fractions of N, ints are step counts")
 
 
+def _ddim(steps: int = 10):
+    from diffusers import DDIMScheduler
+    s = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    s.set_timesteps(steps)
+    return s
+
+
+def check_ddim_step(fn, seed: int = 0) -> bool:
+    """Ex. 3.2: fn(z_t, eps, alpha_bar_t, alpha_bar_prev) -> (z_prev, x0), one deterministic DDIM
+    step (eta = 0), compared with diffusers' DDIMScheduler.step on random latents."""
+    g = torch.Generator().manual_seed(seed)
+    sched = _ddim()
+    for k in (0, 4, 9):
+        t = sched.timesteps[k]
+        prev = t - sched.config.num_train_timesteps // sched.num_inference_steps
+        a_t = sched.alphas_cumprod[t]
+        a_prev = sched.alphas_cumprod[prev] if prev >= 0 else sched.final_alpha_cumprod
+        z, eps = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+        want = sched.step(eps, t, z)
+        got = fn(z, eps, a_t, a_prev)
+        assert isinstance(got, tuple) and len(got) == 2, "return the pair (z_prev, x0)"
+        z_prev, x0 = got
+        assert torch.allclose(torch.as_tensor(x0), want.pred_original_sample, atol=1e-4), \
+            f"step {k}: x0 differs: x0 = (z_t - sqrt(1 - a_t) eps) / sqrt(a_t)"
+        assert torch.allclose(torch.as_tensor(z_prev), want.prev_sample, atol=1e-4), \
+            f"step {k}: z_prev differs: z_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps"
+    return _ok("predict x0, then re-noise it to the previous level with the same eps")
+
+
+def check_add_noise(fn, seed: int = 0) -> bool:
+    """Ex. 7.1: fn(x0, eps, alpha_bar) -> z_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, the
+    noised latent DreamBooth trains on, compared with diffusers' DDIMScheduler.add_noise."""
+    g = torch.Generator().manual_seed(seed)
+    sched = _ddim()
+    for t in (10, 400, 980):
+        x0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+        want = sched.add_noise(x0, eps, torch.tensor([t, t]))
+        got = torch.as_tensor(fn(x0, eps, sched.alphas_cumprod[t]))
+        assert got.shape == want.shape, f"shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+        assert torch.allclose(got, want, atol=1e-5), \
+            f"t={t}: values differ: the weights are square roots, sqrt(a) and sqrt(1 - a)"
+    return _ok("z_t = sqrt(a) x0 + sqrt(1 - a) eps")
+
+
 def check_strip_identifier(fn) -> bool:
-    """Ex. 3.2: fn(prompt, identifier) -> the prompt without the identifier (y^p -> y^-p)."""
+    """Ex. 1.2: fn(prompt, identifier) -> the prompt without the identifier (y^p -> y^-p)."""
     from .prompts import strip_identifier
     cases = [("a sks dog on the beach", "sks"), ("sks dog", "sks"), ("a photo of a sks cat", "sks"),
              ("a sks  star at night", "sks"), ("a skss dog", "sks")]
@@ -95,7 +140,7 @@ def check_iou(fn) -> bool:
 
 def check_capture_bytes(answer: int, spec, unet, steps: int, batch: int = 1,
                         n_tokens: int | None = None) -> bool:
-    """Ex. 2.2: the number of bytes a capture spec stores (compare with spec.estimate)."""
+    """Ex. 2.1: the number of bytes a capture spec stores (compare with spec.estimate)."""
     want = spec.estimate(unet, steps, batch=batch, n_tokens=n_tokens)
     assert int(answer) == want, f"got {answer}, expected {want}: sum over the selected layers of " \
         "rows x heads x HW x keys, times the steps kept, times the bytes per element"

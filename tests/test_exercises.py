@@ -22,6 +22,25 @@ def test_strip_identifier():
         ex.check_strip_identifier(lambda p, i: p.replace(i, "").strip())
 
 
+def _ddim_step(z, eps, a_t, a_prev):
+    x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, x0
+
+
+def test_ddim_step():
+    assert ex.check_ddim_step(_ddim_step)
+    with pytest.raises(AssertionError, match="x0 differs"):  # forgets the sqrt on a_t
+        ex.check_ddim_step(lambda z, e, a, ap: _ddim_step(z, e, a ** 2, ap))
+    with pytest.raises(AssertionError, match="z_prev differs"):  # returns x0 as the next latent
+        ex.check_ddim_step(lambda z, e, a, ap: (_ddim_step(z, e, a, ap)[1],) * 2)
+
+
+def test_add_noise():
+    assert ex.check_add_noise(lambda x0, e, a: a.sqrt() * x0 + (1 - a).sqrt() * e)
+    with pytest.raises(AssertionError, match="square roots"):
+        ex.check_add_noise(lambda x0, e, a: a * x0 + (1 - a) * e)
+
+
 def _masked(q, kr, vr, mr, kc, vc, mt):
     h, n, _ = q.shape
     ref = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mr[None, None, :].expand(h, n, n))

@@ -12,18 +12,25 @@
 # Runs in about a minute on a laptop CPU with the toy backend.
 
 # %%
-# Setup: in Colab this installs the package from the repository; locally it is installed already.
+# Setup. In Colab: clone the repository and install the package (about a minute).
+# Locally: use the installed package, or this checkout when run from notebooks/ uninstalled.
 import os, subprocess, sys
-if "google.colab" in sys.modules and not os.path.isdir("lr_tutorial"):
-    subprocess.run(["git", "clone", "--depth", "1", "https://github.com/OWNER/lr_tutorial"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "lr_tutorial"], check=True)
-    sys.path.insert(0, "lr_tutorial")
+if "google.colab" in sys.modules:
+    if not os.path.isdir("lr_tutorial"):
+        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/OWNER/lr_tutorial"], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "lr_tutorial"], check=True)
+    sys.path.insert(0, os.path.abspath("lr_tutorial"))  # the editable install shows after a restart
+else:
+    try:
+        import lr_tutorial
+    except ImportError:
+        sys.path.insert(0, os.path.abspath(".."))
 
 # %%
 import matplotlib.pyplot as plt
 import numpy as np
 from lr_tutorial.notebook import pick_backend
-bundle = pick_backend()  # toy without a GPU; Stable Diffusion with one
+bundle = pick_backend()  # toy without a GPU; Stable Diffusion with one (LR_BACKEND=toy|sd forces it)
 
 # %% [markdown]
 # ## The toy world

@@ -11,18 +11,25 @@
 # **Prerequisites**: notebook 01; scaled dot-product attention. About a minute on a CPU.
 
 # %%
-# Setup: in Colab this installs the package from the repository; locally it is installed already.
+# Setup. In Colab: clone the repository and install the package (about a minute).
+# Locally: use the installed package, or this checkout when run from notebooks/ uninstalled.
 import os, subprocess, sys
-if "google.colab" in sys.modules and not os.path.isdir("lr_tutorial"):
-    subprocess.run(["git", "clone", "--depth", "1", "https://github.com/OWNER/lr_tutorial"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "lr_tutorial"], check=True)
-    sys.path.insert(0, "lr_tutorial")
+if "google.colab" in sys.modules:
+    if not os.path.isdir("lr_tutorial"):
+        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/OWNER/lr_tutorial"], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "lr_tutorial"], check=True)
+    sys.path.insert(0, os.path.abspath("lr_tutorial"))  # the editable install shows after a restart
+else:
+    try:
+        import lr_tutorial
+    except ImportError:
+        sys.path.insert(0, os.path.abspath(".."))
 
 # %%
 import numpy as np
 from lr_tutorial import attention, sampling
 from lr_tutorial.notebook import pick_backend
-bundle = pick_backend()
+bundle = pick_backend()  # toy without a GPU; Stable Diffusion with one (LR_BACKEND=toy|sd forces it)
 
 # %% [markdown]
 # ## Where attention lives
@@ -33,6 +40,7 @@ bundle = pick_backend()
 # No call counting, no hard-coded layer totals: a path is an address.
 
 # %%
+# NBVAL_CHECK_OUTPUT
 for path in attention.attention_layers(bundle.unet):
     print(f"{attention.layer_resolution(bundle.unet, path):>3} x{attention.layer_resolution(bundle.unet, path):<3} {path}")
 
@@ -46,6 +54,7 @@ for path in attention.attention_layers(bundle.unet):
 # the fused attention kernel.
 
 # %%
+# NBVAL_CHECK_OUTPUT
 prompt = "a sks star on the left in the snow"
 spec = attention.CaptureSpec(kind="cross", heads="mean")
 steps = 25
@@ -141,6 +150,9 @@ def iou(a, b):
     return 1.0 if union == 0 else (a & b).sum() / union
 
 exercises.check_iou(iou)
+
+# %%
+# NBVAL_CHECK_OUTPUT
 from lr_tutorial.toy import oracle
 from lr_tutorial.masks import normalize, resize
 cls_map = normalize(store.cross_map(token_index(bundle.tokenizer, prompt, "star"), 16).numpy()[0])

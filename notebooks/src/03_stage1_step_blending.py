@@ -11,18 +11,26 @@
 # **Prerequisites**: notebooks 01-02; DDIM sampling. About a minute and a half on a CPU.
 
 # %%
-# Setup: in Colab this installs the package from the repository; locally it is installed already.
+# Setup. In Colab: clone the repository and install the package (about a minute).
+# Locally: use the installed package, or this checkout when run from notebooks/ uninstalled.
 import os, subprocess, sys
-if "google.colab" in sys.modules and not os.path.isdir("lr_tutorial"):
-    subprocess.run(["git", "clone", "--depth", "1", "https://github.com/OWNER/lr_tutorial"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "lr_tutorial"], check=True)
-    sys.path.insert(0, "lr_tutorial")
+if "google.colab" in sys.modules:
+    if not os.path.isdir("lr_tutorial"):
+        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/OWNER/lr_tutorial"], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "lr_tutorial"], check=True)
+    sys.path.insert(0, os.path.abspath("lr_tutorial"))  # the editable install shows after a restart
+else:
+    try:
+        import lr_tutorial
+    except ImportError:
+        sys.path.insert(0, os.path.abspath(".."))
 
 # %%
 import numpy as np
+import torch
 from lr_tutorial import sampling
 from lr_tutorial.notebook import pick_backend
-bundle = pick_backend()
+bundle = pick_backend()  # toy without a GPU; Stable Diffusion with one (LR_BACKEND=toy|sd forces it)
 
 # %% [markdown]
 # ## The equation, then the lines
@@ -50,13 +58,18 @@ image_grid(imgs, [f"lambda1 = {l}" for l in lams], scale=1.4);
 
 # %% [markdown]
 # ## Watching the layout form
-# The predicted $x_0$ at each step shows when the layout is decided: early. That is why a few
+# Each DDIM step first predicts the clean latent from the noise estimate, then re-noises it to
+# the next, lower level (deterministic, $\eta = 0$; $\bar\alpha$ is the scheduler's `alphas_cumprod`):
+# $$\hat x_0 = \frac{z_t - \sqrt{1-\bar\alpha_t}\,\epsilon}{\sqrt{\bar\alpha_t}},\qquad
+# z_{t_\text{prev}} = \sqrt{\bar\alpha_{t_\text{prev}}}\,\hat x_0 + \sqrt{1-\bar\alpha_{t_\text{prev}}}\,\epsilon$$
+# `sampling.denoise` keeps both: `traj.x0[k]` is $\hat x_0$ at step $k$, `traj.latents[k+1]` the
+# new latent. The predicted $\hat x_0$ shows when the layout is decided: early. That is why a few
 # vanilla steps are enough to set position and background.
 
 # %%
 res = step_blended(bundle, [prompt], [1], LayoutConfig(lambda1=5, steps=N))
 ks = [0, 2, 4, 5, 8, 14, 24]
-x0 = sampling.decode(bundle, __import__("torch").cat([res.trajectory.x0[k] for k in ks]))
+x0 = sampling.decode(bundle, torch.cat([res.trajectory.x0[k] for k in ks]))
 image_grid(x0, [f"x0 at k={k}" + (" (vanilla)" if k < 5 else "") for k in ks], scale=1.3);
 
 # %% [markdown]
@@ -91,15 +104,23 @@ explorer.to_figure();
 # %%
 from lr_tutorial import exercises
 def vanilla_steps(lambda1, n):
+    # your answer here; solution:
     return int(round(lambda1 * n)) if isinstance(lambda1, float) else int(lambda1)
 
 exercises.check_lambda_steps(vanilla_steps)
 
 # %% [markdown]
-# **3.2** The vanilla model must never see the identifier. Write $y^p \to y^{-p}$.
+# **3.2** Write one DDIM step from the two equations above: given $z_t$, the noise estimate
+# $\epsilon$ and $\bar\alpha_t$, $\bar\alpha_{t_\text{prev}}$ (tensors), return
+# $(z_{t_\text{prev}}, \hat x_0)$. The check compares it with diffusers' `DDIMScheduler.step`.
 
 # %%
-def strip(prompt, identifier):
-    return " ".join(w for w in prompt.split() if w != identifier)
+def ddim_step(z_t, eps, a_t, a_prev):
+    x0 = None      # your answer
+    z_prev = None  # your answer
+    # solution (delete to try yourself):
+    x0 = (z_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    z_prev = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    return z_prev, x0
 
-exercises.check_strip_identifier(strip)
+exercises.check_ddim_step(ddim_step)

@@ -11,19 +11,26 @@
 # **Prerequisites**: notebooks 02 and 04. About a minute on a CPU.
 
 # %%
-# Setup: in Colab this installs the package from the repository; locally it is installed already.
+# Setup. In Colab: clone the repository and install the package (about a minute).
+# Locally: use the installed package, or this checkout when run from notebooks/ uninstalled.
 import os, subprocess, sys
-if "google.colab" in sys.modules and not os.path.isdir("lr_tutorial"):
-    subprocess.run(["git", "clone", "--depth", "1", "https://github.com/OWNER/lr_tutorial"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "lr_tutorial"], check=True)
-    sys.path.insert(0, "lr_tutorial")
+if "google.colab" in sys.modules:
+    if not os.path.isdir("lr_tutorial"):
+        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/OWNER/lr_tutorial"], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "lr_tutorial"], check=True)
+    sys.path.insert(0, os.path.abspath("lr_tutorial"))  # the editable install shows after a restart
+else:
+    try:
+        import lr_tutorial
+    except ImportError:
+        sys.path.insert(0, os.path.abspath(".."))
 
 # %%
 import numpy as np
 from lr_tutorial import masks
 from lr_tutorial.notebook import pick_backend
 from lr_tutorial.viz import image_grid, overlay
-bundle = pick_backend()
+bundle = pick_backend()  # toy without a GPU; Stable Diffusion with one (LR_BACKEND=toy|sd forces it)
 
 # %%
 from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
@@ -67,6 +74,7 @@ b = np.zeros((16, 16), bool); b[4:12, 5:11] = True
 fig, ax = plt.subplots(1, 4, figsize=(8, 2))
 for a, w in zip(ax, [0, 0.5, 1, 2]):
     a.imshow(masks.feather(b, w), vmin=0, vmax=1, cmap="gray"); a.set_title(f"w = {w}", fontsize=8); a.axis("off")
+fig.tight_layout()
 
 # %% [markdown]
 # ## Blending, and the adaptive part
@@ -111,6 +119,9 @@ def iou(a, b):
     return 1.0 if u == 0 else (a & b).sum() / u
 
 exercises.check_iou(iou)
+
+# %%
+# NBVAL_CHECK_OUTPUT
 from lr_tutorial.toy import oracle
 truth = masks.resize(oracle.analyze(x_c).mask.astype(np.float32), 16) >= 0.5
 print(f"attention only: {iou(ctx.attention >= 0.3, truth):.2f}   fused: {iou(ctx.mask >= 0.5, truth):.2f}")

@@ -11,18 +11,25 @@
 # **Prerequisites**: notebooks 01-05. About a minute and a half on a CPU.
 
 # %%
-# Setup: in Colab this installs the package from the repository; locally it is installed already.
+# Setup. In Colab: clone the repository and install the package (about a minute).
+# Locally: use the installed package, or this checkout when run from notebooks/ uninstalled.
 import os, subprocess, sys
-if "google.colab" in sys.modules and not os.path.isdir("lr_tutorial"):
-    subprocess.run(["git", "clone", "--depth", "1", "https://github.com/OWNER/lr_tutorial"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "lr_tutorial"], check=True)
-    sys.path.insert(0, "lr_tutorial")
+if "google.colab" in sys.modules:
+    if not os.path.isdir("lr_tutorial"):
+        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/OWNER/lr_tutorial"], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "lr_tutorial"], check=True)
+    sys.path.insert(0, os.path.abspath("lr_tutorial"))  # the editable install shows after a restart
+else:
+    try:
+        import lr_tutorial
+    except ImportError:
+        sys.path.insert(0, os.path.abspath(".."))
 
 # %%
 import numpy as np
 from lr_tutorial.notebook import pick_backend
 from lr_tutorial.viz import image_grid, result_panel
-bundle = pick_backend()
+bundle = pick_backend()  # toy without a GPU; Stable Diffusion with one (LR_BACKEND=toy|sd forces it)
 
 # %%
 from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
@@ -50,13 +57,27 @@ grid = [im for trio in zip(van, per, ours) for im in trio]
 labels = [f"{m}\n{p[:28]}" for p in prompts for _ in seeds for m in ("vanilla", "personalized", "L&R")]
 image_grid(grid, labels, ncols=6, scale=1.25);
 
+# %% [markdown]
+# ## The numbers
+# The oracle reads every attribute back from each image $x_i$. Prompt fidelity is the share of
+# *stated* attributes $a(y_i)$ the image shows, identity the mean pattern score, and layout
+# diversity here the number of distinct positions among the 8 images (the prompts ask for 4):
+# $$\text{fidelity} = \frac{\sum_i \sum_{a \in a(y_i)} [\,\text{oracle}_a(x_i) = y_{i,a}\,]}{\sum_i |a(y_i)|},\qquad
+# \text{identity} = \frac1n \sum_i \text{id}(x_i)$$
+# In `report.summarize`: `np.mean([v for r in rows for v in r["match"].values()])` and
+# `np.mean([r["identity"] for r in rows])`.
+
 # %%
 # NBVAL_CHECK_OUTPUT
 rows = {"vanilla (y^-p)": (van, [heldout.strip_identifier(p) for p in prompts]),
         "personalized": (per, prompts), "Layout-and-Retouch": (ours, prompts)}
+scores = {}
 for name, (imgs, ps) in rows.items():
-    s = report.summarize(report.score(imgs, [p for p in ps for _ in seeds]))
-    print(f"{name:>20}: fidelity {s['fidelity_mean']:.1f}  identity {s['identity']:.1f}")
+    scores[name] = report.score(imgs, [p for p in ps for _ in seeds])
+    s = report.summarize(scores[name])
+    n_pos = len({r["read"]["position"] for r in scores[name]} - {None})
+    print(f"{name:>20}: fidelity {s['fidelity_mean']:.1f}  identity {s['identity']:.1f}  "
+          f"distinct positions {n_pos}/{len(imgs)}")
 
 # %% [markdown]
 # On the full held-out set (240 prompts x 4 seeds, 50 steps) the numbers are in the README,
@@ -69,9 +90,11 @@ for name, (imgs, ps) in rows.items():
 
 # %%
 from lr_tutorial import exercises
-sc = report.score(ours, [p for p in prompts for _ in seeds])
+sc = scores["Layout-and-Retouch"]  # one row per image; row["match"]: attribute -> bool
+answer = None  # your answer
+# solution (delete to try yourself):
 hits = [r["match"]["position"] for r in sc if "position" in r["match"]]
-answer = sum(hits) / len(hits)  # solution
+answer = sum(hits) / len(hits)
 exercises.check_fraction(answer, report.summarize(sc)["fidelity"]["position"], "L&R position fidelity")
 
 # %% [markdown]
@@ -79,5 +102,7 @@ exercises.check_fraction(answer, report.summarize(sc)["fidelity"]["position"], "
 # personalized images and check it.
 
 # %%
-ids = [r["identity"] for r in report.score(per, [p for p in prompts for _ in seeds])]
-exercises.check_fraction(float(np.mean(ids)), report.summarize(report.score(per, [p for p in prompts for _ in seeds]))["identity"], "personalized identity")
+answer = None  # your answer, from scores["personalized"] (each row has row["identity"])
+# solution (delete to try yourself):
+answer = float(np.mean([r["identity"] for r in scores["personalized"]]))
+exercises.check_fraction(answer, report.summarize(scores["personalized"])["identity"], "personalized identity")

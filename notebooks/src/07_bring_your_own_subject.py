@@ -12,19 +12,33 @@
 # skipped without a GPU and downloaded weights).
 
 # %%
-# Setup: in Colab this installs the package from the repository; locally it is installed already.
+# Setup. In Colab: clone the repository and install the package (about a minute).
+# Locally: use the installed package, or this checkout when run from notebooks/ uninstalled.
 import os, subprocess, sys
-if "google.colab" in sys.modules and not os.path.isdir("lr_tutorial"):
-    subprocess.run(["git", "clone", "--depth", "1", "https://github.com/OWNER/lr_tutorial"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "lr_tutorial"], check=True)
-    sys.path.insert(0, "lr_tutorial")
+if "google.colab" in sys.modules:
+    if not os.path.isdir("lr_tutorial"):
+        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/OWNER/lr_tutorial"], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "lr_tutorial"], check=True)
+    sys.path.insert(0, os.path.abspath("lr_tutorial"))  # the editable install shows after a restart
+else:
+    try:
+        import lr_tutorial
+    except ImportError:
+        sys.path.insert(0, os.path.abspath(".."))
 
 # %%
+# Backend: the toy cells run everywhere (CPU); the Stable Diffusion cell at the end runs only
+# with a GPU and downloaded weights, and says so when it skips.
+import time
 import numpy as np
 import torch
 from lr_tutorial import load_models
 from lr_tutorial.toy import world, oracle
 from lr_tutorial.viz import image_grid
+SD_BASE = os.environ.get("LR_SD_BASE", "sd15")
+use_sd = torch.cuda.is_available() and os.path.isdir(SD_BASE)
+print("Stable Diffusion cell: " + ("will run on the GPU" if use_sd else
+      "skipped (needs a GPU and weights in ./sd15 or $LR_SD_BASE)") + "; toy cells: CPU")
 
 # %% [markdown]
 # ## A new subject: a purple circle with a yellow core, identifier `zwx`
@@ -47,7 +61,9 @@ from lr_tutorial.personalize import DreamBoothConfig, dreambooth_lora
 bundle = load_models("toy", personalized=None)
 bundle.identifier, bundle.class_noun = "zwx", "circle"
 cfg = DreamBoothConfig(instance_prompt="a zwx circle", steps=200, seed=0)
+t0 = time.time()
 dreambooth_lora(bundle, photos, cfg, progress=False)
+print(f"trained {cfg.steps} LoRA steps in {time.time() - t0:.0f} s")
 
 # %%
 from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
@@ -71,12 +87,12 @@ print(f"identity to the new subject: personalized {score(per):.1f}, Layout-and-R
 # `lr_tutorial.images.load_images(paths, 512)`).
 
 # %%
-if not torch.cuda.is_available() or not os.path.isdir(os.environ.get("LR_SD_BASE", "sd15")):
+if not use_sd:
     print("skipped: needs a GPU and Stable Diffusion weights in ./sd15 (or LR_SD_BASE); "
           "the toy cells above ran the same code")
 else:
     from lr_tutorial.images import load_images
-    sd = load_models("sd", base=os.environ.get("LR_SD_BASE", "sd15"), class_noun="dog")
+    sd = load_models("sd", base=SD_BASE, class_noun="dog")
     my_photos = load_images(sorted(__import__("glob").glob("my_photos/*")), sd.image_size)
     dreambooth_lora(sd, my_photos, DreamBoothConfig(instance_prompt="a sks dog", steps=500,
                                                     lr=1e-4, batch_size=1), out_dir="my_lora")
@@ -84,11 +100,19 @@ else:
 
 # %% [markdown]
 # ## Exercises
-# **7.1** Write `y^p -> y^-p` for the new identifier and check it.
+# **7.1** Write the noising step of the DreamBooth loss above: given a clean latent $x_0$
+# ($E(x)$), noise $\epsilon$ and $\bar\alpha_t$, return $z_t$. The check compares it with
+# diffusers' `DDIMScheduler.add_noise`.
 
 # %%
 from lr_tutorial import exercises
-exercises.check_strip_identifier(lambda p, i: " ".join(w for w in p.split() if w != i))
+def add_noise(x0, eps, alpha_bar):
+    z_t = None  # your answer
+    # solution (delete to try yourself):
+    z_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
+    return z_t
+
+exercises.check_add_noise(add_noise)
 
 # %% [markdown]
 # **7.2** Compute the mean identity of the personalized samples `per` to the new subject
