@@ -58,7 +58,8 @@ for path in attention.attention_layers(bundle.unet):
 prompt = "a sks star on the left in the snow"
 spec = attention.CaptureSpec(kind="cross", heads="mean")
 steps = 25
-print(f"estimate before the run: {spec.estimate(bundle.unet, steps, batch=1) / 1e6:.2f} MB")
+n_tokens = bundle.tokenizer.model_max_length  # key positions of cross-attention (77 on SD)
+print(f"estimate before the run: {spec.estimate(bundle.unet, steps, batch=1, n_tokens=n_tokens) / 1e6:.2f} MB")
 with bundle.using("personalized"), attention.capture(bundle.unet, spec) as store:
     z, traj = sampling.sample(bundle, [prompt], [0], steps=steps, observers=(store,))
 print(f"stored after the run:    {store.nbytes / 1e6:.2f} MB in {len(store.maps)} maps")
