@@ -46,8 +46,9 @@ def generate(bundle, prompts: list[str], seeds: list[int], mode: str, *, steps: 
 
 def generate_method(bundle, prompts: list[str], seeds: list[int], method: str, *,
                     steps: int = 50, guidance: float = 7.5, batch: int = 32, config=None,
-                    progress: bool = True) -> np.ndarray:
-    """Images of `method`: "stage1" (step-blended layout only) or "layout_and_retouch"."""
+                    progress: bool = True, reference_images=None) -> np.ndarray:
+    """Images of `method`: "stage1" (step-blended layout only) or "layout_and_retouch"
+    (`reference_images`: photos of the subject; None: the toy subject's)."""
     from ..layout import step_blended
     from ..pipeline import LayoutAndRetouch, LRConfig
 
@@ -62,7 +63,7 @@ def generate_method(bundle, prompts: list[str], seeds: list[int], method: str, *
         if method == "stage1":
             out.append(step_blended(bundle, ps, ss, cfg.layout).images)
         elif method == "layout_and_retouch":
-            out.append(lr(ps, seed=ss).images)
+            out.append(lr(ps, reference_images, seed=ss).images)
         else:
             raise ValueError(f"unknown method {method!r}")
     return np.concatenate(out)

@@ -29,8 +29,10 @@ else:
 # %%
 import matplotlib.pyplot as plt
 import numpy as np
-from lr_tutorial.notebook import pick_backend
+from lr_tutorial.notebook import pick_backend, prompts_for, real_scores, reference_images, toy_only
 bundle = pick_backend()  # toy without a GPU; Stable Diffusion with one (LR_BACKEND=toy|sd forces it)
+# On Stable Diffusion the prompts use the bundle's subject (prompts_for), the reference photos come
+# from $LR_SD_REFERENCE, and the cells that need ShapeWorld's oracle say they skip (toy_only).
 
 # %% [markdown]
 # ## The toy world
@@ -42,8 +44,9 @@ bundle = pick_backend()  # toy without a GPU; Stable Diffusion with one (LR_BACK
 # %%
 from lr_tutorial.toy import subject, world, oracle
 from lr_tutorial.viz import image_grid
-refs = subject.reference_images()
-image_grid(refs, [f"reference {i}" for i in range(len(refs))], scale=1.4);
+refs = reference_images(bundle)  # toy: subject.reference_images(); SD: the photos in $LR_SD_REFERENCE
+if refs is not None:
+    image_grid(refs, [f"reference {i}" for i in range(len(refs))], scale=1.4);
 
 # %% [markdown]
 # The personalized model is the vanilla model plus a LoRA fine-tuned on these five photos with
@@ -55,17 +58,19 @@ image_grid(refs, [f"reference {i}" for i in range(len(refs))], scale=1.4);
 
 # %%
 from lr_tutorial.toy import report
-prompts = ["a sks star on the left in the snow", "a sks star at the top on the grass",
-           "a small sks star on the right at night"]
+from lr_tutorial.prompts import strip_identifier
+prompts = prompts_for(bundle, ["a sks star on the left in the snow", "a sks star at the top on the grass",
+                               "a small sks star on the right at night"])
 seeds = [0, 1, 2]
-rows, titles = [], []
+rows, titles, by_mode = [], [], {"vanilla": [], "personalized": []}
 for p in prompts:
-    v = report.generate(bundle, [report.heldout.strip_identifier(p)], seeds, "vanilla", steps=25, progress=False)
+    v = report.generate(bundle, [strip_identifier(p, bundle.identifier)], seeds, "vanilla", steps=25, progress=False)
     q = report.generate(bundle, [p], seeds, "personalized", steps=25, progress=False)
     rows += list(v) + list(q)
-    for img in list(v) + list(q):
-        f = oracle.analyze(img)
-        titles.append(f"{f.position}/{f.background}\nid {oracle.identity_score(img, f):.2f}")
+    by_mode["vanilla"] += list(v); by_mode["personalized"] += list(q)
+    for img in list(v) + list(q):  # the oracle's readout: ShapeWorld images only
+        f = oracle.analyze(img) if bundle.backend == "toy" else None
+        titles.append(f"{f.position}/{f.background}\nid {oracle.identity_score(img, f):.2f}" if f else "")
 fig = image_grid(rows, titles, ncols=6, scale=1.3)
 fig.suptitle("left 3: vanilla on y^-p  |  right 3: personalized on y^p", fontsize=8);
 
@@ -80,15 +85,24 @@ fig.suptitle("left 3: vanilla on y^-p  |  right 3: personalized on y^p", fontsiz
 
 # %%
 from lr_tutorial.toy import heldout
-test_prompts = heldout.personal_prompts()[:24]
-res = report.toy_report(bundle, test_prompts, seeds=[0, 1], steps=25, progress=False)
+if toy_only(bundle, "the oracle's fidelity on 24 held-out ShapeWorld prompts; CLIP / DINO scores instead"):
+    test_prompts = heldout.personal_prompts()[:24]
+    res = report.toy_report(bundle, test_prompts, seeds=[0, 1], steps=25, progress=False)
+else:  # Stable Diffusion: T_CLIP (prompt fidelity) and I_DINO (identity) on the 18 images above
+    for name, imgs in by_mode.items():
+        ps = [strip_identifier(p, bundle.identifier) if name == "vanilla" else p for p in prompts for _ in seeds]
+        s = real_scores(bundle, np.stack(imgs), ps, refs)
+        if s:
+            print(f"{name:>13}: T_CLIP {s['text']:.3f}  I_DINO "
+                  + ("n/a (no reference photos)" if s["identity"] is None else f"{s['identity']:.3f}"))
 
 # %%
 # NBVAL_CHECK_OUTPUT
-for name in ("vanilla", "personalized"):
-    r = res[name]
-    print(f"{name:>13}: position {r['fidelity']['position']:.1f}  background "
-          f"{r['fidelity']['background']:.1f}  identity {r['identity']:.1f}")
+if toy_only(bundle, "position / background fidelity and identity per model"):
+    for name in ("vanilla", "personalized"):
+        r = res[name]
+        print(f"{name:>13}: position {r['fidelity']['position']:.1f}  background "
+              f"{r['fidelity']['background']:.1f}  identity {r['identity']:.1f}")
 
 # %% [markdown]
 # The vanilla model follows the prompt but draws plain stars (identity near 0). The
@@ -97,12 +111,13 @@ for name in ("vanilla", "personalized"):
 # Layout-and-Retouch addresses. Where does the subject land when the prompt does not say?
 
 # %%
-fig, ax = plt.subplots(1, 2, figsize=(7, 2.2), sharey=True)
-for a, name in zip(ax, ("vanilla", "personalized")):
-    h = res[name]["position_hist"]
-    a.bar(list(h), list(h.values()), color="tab:blue" if name == "vanilla" else "tab:orange")
-    a.set_title(f"{name}: position when omitted", fontsize=9)
-fig.tight_layout()
+if toy_only(bundle, "the histogram of positions the oracle reads"):
+    fig, ax = plt.subplots(1, 2, figsize=(7, 2.2), sharey=True)
+    for a, name in zip(ax, ("vanilla", "personalized")):
+        h = res[name]["position_hist"]
+        a.bar(list(h), list(h.values()), color="tab:blue" if name == "vanilla" else "tab:orange")
+        a.set_title(f"{name}: position when omitted", fontsize=9)
+    fig.tight_layout()
 
 # %% [markdown]
 # ## Exercises
@@ -112,15 +127,16 @@ fig.tight_layout()
 
 # %%
 from lr_tutorial import exercises
-imgs = report.generate(bundle, test_prompts[:8], [0], "personalized", steps=25, progress=False)
-rows_ = report.score(imgs, test_prompts[:8])
-# your answer: replace None
-answer = None
-# solution (delete to try yourself):
-hits = [r["match"]["position"] for r in rows_ if "position" in r["match"]]
-answer = sum(hits) / len(hits)
-truth = report.summarize(rows_)["fidelity"]["position"]
-exercises.check_fraction(answer, truth, "position fidelity")
+if toy_only(bundle, "exercise 1.1, which reads positions with the oracle"):
+    imgs = report.generate(bundle, test_prompts[:8], [0], "personalized", steps=25, progress=False)
+    rows_ = report.score(imgs, test_prompts[:8])
+    # your answer: replace None
+    answer = None
+    # solution (delete to try yourself):
+    hits = [r["match"]["position"] for r in rows_ if "position" in r["match"]]
+    answer = sum(hits) / len(hits)
+    truth = report.summarize(rows_)["fidelity"]["position"]
+exercises.check_fraction(answer, truth, "position fidelity") if bundle.backend == "toy" else None
 
 # %% [markdown]
 # **1.2** Write `strip(prompt, identifier)` that turns $y^p$ into $y^{-p}$ ("a sks dog on the

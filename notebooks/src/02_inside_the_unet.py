@@ -28,8 +28,9 @@ else:
 # %%
 import numpy as np
 from lr_tutorial import attention, sampling
-from lr_tutorial.notebook import pick_backend
+from lr_tutorial.notebook import have_references, pick_backend, prompts_for, reference_images, toy_only
 bundle = pick_backend()  # toy without a GPU; Stable Diffusion with one (LR_BACKEND=toy|sd forces it)
+R = min(16, bundle.latent_size)  # the side of the maps we look at: the toy's latent, one of SD's resolutions
 
 # %% [markdown]
 # ## Where attention lives
@@ -55,7 +56,7 @@ for path in attention.attention_layers(bundle.unet):
 
 # %%
 # NBVAL_CHECK_OUTPUT
-prompt = "a sks star on the left in the snow"
+prompt = prompts_for(bundle, "a sks star on the left in the snow")  # SD: the bundle's identifier and class noun
 spec = attention.CaptureSpec(kind="cross", heads="mean")
 steps = 25
 n_tokens = bundle.tokenizer.model_max_length  # key positions of cross-attention (77 on SD)
@@ -81,7 +82,7 @@ img = sampling.decode(bundle, z)[0]
 tokens = bundle.tokenizer.convert_ids_to_tokens(bundle.tokenizer(prompt).input_ids)
 panels, titles = [img], ["image"]
 for j, tok in enumerate(tokens[1:-1], start=1):
-    m = store.cross_map(j, 16, steps=range(steps // 2, steps)).numpy()[0]
+    m = store.cross_map(j, R, steps=range(steps // 2, steps)).numpy()[0]
     panels.append(overlay(img, (m - m.min()) / (m.max() - m.min() + 1e-8), (255, 200, 0), 0.7))
     titles.append(tok)
 image_grid(panels, titles, ncols=len(panels), scale=1.3);
@@ -97,15 +98,15 @@ image_grid(panels, titles, ncols=len(panels), scale=1.3);
 # (their size grows with the fourth power of the side).
 
 # %%
-spec_self = attention.CaptureSpec(kind="self", resolutions=[16], steps=[steps - 5])
+spec_self = attention.CaptureSpec(kind="self", resolutions=[R], steps=[steps - 5])
 print(f"self-attention estimate: {spec_self.estimate(bundle.unet, steps) / 1e6:.2f} MB")
 with bundle.using("personalized"), attention.capture(bundle.unet, spec_self) as sstore:
     sampling.sample(bundle, [prompt], [0], steps=steps, observers=(sstore,))
 layer = sstore.layers()[-1]
 sa = sstore.maps[(layer, steps - 5)].float()[0]  # (HW, HW)
-# a pixel on the object: where the class token's cross-attention (16 x 16) peaks
-q = int(store.cross_map(token_index(bundle.tokenizer, prompt, bundle.class_noun), 16).numpy()[0].argmax())
-image_grid([img, overlay(img, sa[q].view(16, 16).numpy() / sa[q].max().item(), (0, 120, 255), 0.8)],
+# a pixel on the object: where the class token's cross-attention (R x R) peaks
+q = int(store.cross_map(token_index(bundle.tokenizer, prompt, bundle.class_noun), R).numpy()[0].argmax())
+image_grid([img, overlay(img, sa[q].view(R, R).numpy() / sa[q].max().item(), (0, 120, 255), 0.8)],
            ["image", f"where one object pixel looks\n{layer.split('.transformer')[0]}"], scale=1.8);
 
 # %% [markdown]
@@ -119,13 +120,18 @@ image_grid([img, overlay(img, sa[q].view(16, 16).numpy() / sa[q].max().item(), (
 from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
 from lr_tutorial.layout import LayoutConfig
 from lr_tutorial.widgets import TimestepScrubber
-lr = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=25)))
-result = lr(prompt, seed=0, capture=attention.CaptureSpec(kind="cross", heads="all"))
-scrubber = TimestepScrubber(result, bundle)
-scrubber.widget()
+refs = reference_images(bundle)  # toy: the star's photos; SD: the photos in $LR_SD_REFERENCE
+if have_references(refs, "the scrubber over a Layout-and-Retouch run"):
+    lr = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=25)))
+    # every cross-attention layer on the toy; on SD only the R x R ones (all of them: gigabytes)
+    res_ = None if bundle.backend == "toy" else [R]
+    result = lr(prompt, refs, seed=0, capture=attention.CaptureSpec(kind="cross", heads="all", resolutions=res_))
+    scrubber = TimestepScrubber(result, bundle)
+scrubber.widget() if refs is not None else None
 
 # %%
-scrubber.to_figure(steps=[0, 5, 10, 15, 20, 24]);
+if have_references(refs, "the scrubber's frames"):
+    scrubber.to_figure(steps=[0, 5, 10, 15, 20, 24]);
 
 # %% [markdown]
 # ## Exercises
@@ -156,5 +162,6 @@ exercises.check_iou(iou)
 # NBVAL_CHECK_OUTPUT
 from lr_tutorial.toy import oracle
 from lr_tutorial.masks import normalize, resize
-cls_map = normalize(store.cross_map(token_index(bundle.tokenizer, prompt, "star"), 16).numpy()[0])
-print(f"IoU(attention >= 0.5, oracle mask) = {iou(resize(cls_map, 64) >= 0.5, oracle.analyze(img).mask):.2f}")
+if toy_only(bundle, "the IoU with the object mask the oracle reads"):
+    cls_map = normalize(store.cross_map(token_index(bundle.tokenizer, prompt, "star"), 16).numpy()[0])
+    print(f"IoU(attention >= 0.5, oracle mask) = {iou(resize(cls_map, 64) >= 0.5, oracle.analyze(img).mask):.2f}")

@@ -29,7 +29,7 @@ else:
 import numpy as np
 import torch
 from lr_tutorial import sampling
-from lr_tutorial.notebook import pick_backend
+from lr_tutorial.notebook import pick_backend, prompts_for, reference_images, score_fn
 bundle = pick_backend()  # toy without a GPU; Stable Diffusion with one (LR_BACKEND=toy|sd forces it)
 
 # %% [markdown]
@@ -51,7 +51,7 @@ bundle = pick_backend()  # toy without a GPU; Stable Diffusion with one (LR_BACK
 # %%
 from lr_tutorial.layout import LayoutConfig, step_blended
 from lr_tutorial.viz import image_grid
-prompt, N = "a sks star on the left in the snow", 25
+prompt, N = prompts_for(bundle, "a sks star on the left in the snow"), 25  # SD: the bundle's subject
 lams = [0, 3, 5, 8, 12, 25]
 imgs = [step_blended(bundle, [prompt], [1], LayoutConfig(lambda1=l, steps=N)).images[0] for l in lams]
 image_grid(imgs, [f"lambda1 = {l}" for l in lams], scale=1.4);
@@ -80,15 +80,21 @@ image_grid(x0, [f"x0 at k={k}" + (" (vanilla)" if k < 5 else "") for k in ks], s
 # %%
 from lr_tutorial.toy import heldout
 from lr_tutorial.widgets import LambdaExplorer
-prompts = heldout.personal_prompts()[:8]
-explorer = LambdaExplorer(bundle, prompts, seeds=[0, 1], lambdas=[0, 2, 4, 6, 10, 25], steps=N)
+prompts = prompts_for(bundle, heldout.personal_prompts()[:8])
+if bundle.backend != "toy":  # SD: 2 prompts (each image costs seconds), read by CLIP / DINO, not the oracle
+    prompts = prompts[:2]
+explorer = LambdaExplorer(bundle, prompts, seeds=[0, 1], lambdas=[0, 2, 4, 6, 10, 25], steps=N,
+                          scores=score_fn(bundle, reference_images(bundle, verbose=False)))
 explorer.widget()
 
 # %%
 # NBVAL_CHECK_OUTPUT
 for lam in explorer.lambdas:
     f, i = explorer.readout[lam]
-    print(f"lambda1 = {lam:>2}: fidelity {f:.1f}  identity {i:.1f}")
+    if bundle.backend == "toy":  # the oracle's prompt fidelity and identity
+        print(f"lambda1 = {lam:>2}: fidelity {f:.1f}  identity {i:.1f}")
+    else:  # Stable Diffusion: T_CLIP and I_DINO stand in (nan: no CLIP / DINO weights or photos)
+        print(f"lambda1 = {lam:>2}: T_CLIP {f:.3f}  I_DINO {i:.3f}")
 
 # %%
 explorer.to_figure();

@@ -27,16 +27,19 @@ else:
 
 # %%
 import numpy as np
-from lr_tutorial.notebook import pick_backend
+from lr_tutorial.notebook import (have_references, pick_backend, prompts_for, real_scores,
+                                  reference_images, toy_only)
 from lr_tutorial.viz import image_grid, result_panel
 bundle = pick_backend()  # toy without a GPU; Stable Diffusion with one (LR_BACKEND=toy|sd forces it)
+refs = reference_images(bundle)  # toy: the star's five photos; SD: the photos in $LR_SD_REFERENCE
 
 # %%
 from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
 from lr_tutorial.layout import LayoutConfig
 lr = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=25)))
-result = lr("a sks star on the left in the snow", seed=0)
-result_panel(result, bundle);
+if have_references(refs, "Layout-and-Retouch on one prompt"):
+    result = lr(prompts_for(bundle, "a sks star on the left in the snow"), refs, seed=0)
+    result_panel(result, bundle);
 
 # %% [markdown]
 # `result` holds the layout image and trajectory, the reference inversion, the masks of every
@@ -47,15 +50,19 @@ result_panel(result, bundle);
 
 # %%
 from lr_tutorial.toy import heldout, report
-prompts = ["a sks star on the left in the snow", "a sks star at the top at night",
-           "a small sks star on the right on the grass", "a sks star at the bottom on the beach"]
+from lr_tutorial.prompts import strip_identifier
+prompts = prompts_for(bundle, ["a sks star on the left in the snow", "a sks star at the top at night",
+                               "a small sks star on the right on the grass", "a sks star at the bottom on the beach"])
 seeds = [0, 1]
-van = report.generate(bundle, [heldout.strip_identifier(p) for p in prompts], seeds, "vanilla", steps=25, progress=False)
+van = report.generate(bundle, [strip_identifier(p, bundle.identifier) for p in prompts], seeds, "vanilla", steps=25, progress=False)
 per = report.generate(bundle, prompts, seeds, "personalized", steps=25, progress=False)
-ours = report.generate_method(bundle, prompts, seeds, "layout_and_retouch", steps=25, progress=False)
-grid = [im for trio in zip(van, per, ours) for im in trio]
-labels = [f"{m}\n{p[:28]}" for p in prompts for _ in seeds for m in ("vanilla", "personalized", "L&R")]
-image_grid(grid, labels, ncols=6, scale=1.25);
+methods = {"vanilla": van, "personalized": per}
+if have_references(refs, "the Layout-and-Retouch column"):
+    methods["L&R"] = ours = report.generate_method(bundle, prompts, seeds, "layout_and_retouch", steps=25,
+                                                   progress=False, reference_images=refs)
+grid = [im for trio in zip(*methods.values()) for im in trio]
+labels = [f"{m}\n{p[:28]}" for p in prompts for _ in seeds for m in methods]
+image_grid(grid, labels, ncols=2 * len(methods), scale=1.25);
 
 # %% [markdown]
 # ## The numbers
@@ -69,15 +76,24 @@ image_grid(grid, labels, ncols=6, scale=1.25);
 
 # %%
 # NBVAL_CHECK_OUTPUT
-rows = {"vanilla (y^-p)": (van, [heldout.strip_identifier(p) for p in prompts]),
-        "personalized": (per, prompts), "Layout-and-Retouch": (ours, prompts)}
-scores = {}
-for name, (imgs, ps) in rows.items():
-    scores[name] = report.score(imgs, [p for p in ps for _ in seeds])
-    s = report.summarize(scores[name])
-    n_pos = len({r["read"]["position"] for r in scores[name]} - {None})
-    print(f"{name:>20}: fidelity {s['fidelity_mean']:.1f}  identity {s['identity']:.1f}  "
-          f"distinct positions {n_pos}/{len(imgs)}")
+if toy_only(bundle, "the oracle's fidelity, identity and positions; CLIP / DINO scores instead"):
+    rows = {"vanilla (y^-p)": (van, [heldout.strip_identifier(p) for p in prompts]),
+            "personalized": (per, prompts), "Layout-and-Retouch": (ours, prompts)}
+    scores = {}
+    for name, (imgs, ps) in rows.items():
+        scores[name] = report.score(imgs, [p for p in ps for _ in seeds])
+        s = report.summarize(scores[name])
+        n_pos = len({r["read"]["position"] for r in scores[name]} - {None})
+        print(f"{name:>20}: fidelity {s['fidelity_mean']:.1f}  identity {s['identity']:.1f}  "
+              f"distinct positions {n_pos}/{len(imgs)}")
+else:  # Stable Diffusion: T_CLIP, I_DINO (with photos) and DINO diversity among all 8 images
+    for name, imgs in methods.items():
+        ps = [strip_identifier(p, bundle.identifier) if name == "vanilla" else p for p in prompts for _ in seeds]
+        s = real_scores(bundle, imgs, ps, refs)
+        if s:
+            print(f"{name:>13}: T_CLIP {s['text']:.3f}  I_DINO "
+                  + ("n/a" if s["identity"] is None else f"{s['identity']:.3f}")
+                  + f"  DINO diversity {s['diversity']:.3f}")
 
 # %% [markdown]
 # On the full held-out set (240 prompts x 4 seeds, 50 steps) the numbers are in the README,
@@ -90,19 +106,23 @@ for name, (imgs, ps) in rows.items():
 
 # %%
 from lr_tutorial import exercises
-sc = scores["Layout-and-Retouch"]  # one row per image; row["match"]: attribute -> bool
-answer = None  # your answer
-# solution (delete to try yourself):
-hits = [r["match"]["position"] for r in sc if "position" in r["match"]]
-answer = sum(hits) / len(hits)
-exercises.check_fraction(answer, report.summarize(sc)["fidelity"]["position"], "L&R position fidelity")
+if toy_only(bundle, "exercise 6.1, which reads positions with the oracle"):
+    sc = scores["Layout-and-Retouch"]  # one row per image; row["match"]: attribute -> bool
+    answer = None  # your answer
+    # solution (delete to try yourself):
+    hits = [r["match"]["position"] for r in sc if "position" in r["match"]]
+    answer = sum(hits) / len(hits)
+exercises.check_fraction(answer, report.summarize(sc)["fidelity"]["position"], "L&R position fidelity") \
+    if bundle.backend == "toy" else None
 
 # %% [markdown]
 # **6.2** Is the gain in fidelity paid for in identity? Compute the mean identity of the
 # personalized images and check it.
 
 # %%
-answer = None  # your answer, from scores["personalized"] (each row has row["identity"])
-# solution (delete to try yourself):
-answer = float(np.mean([r["identity"] for r in scores["personalized"]]))
-exercises.check_fraction(answer, report.summarize(scores["personalized"])["identity"], "personalized identity")
+if toy_only(bundle, "exercise 6.2, whose identity score is the oracle's"):
+    answer = None  # your answer, from scores["personalized"] (each row has row["identity"])
+    # solution (delete to try yourself):
+    answer = float(np.mean([r["identity"] for r in scores["personalized"]]))
+exercises.check_fraction(answer, report.summarize(scores["personalized"])["identity"], "personalized identity") \
+    if bundle.backend == "toy" else None

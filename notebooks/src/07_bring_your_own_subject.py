@@ -35,8 +35,8 @@ import torch
 from lr_tutorial import load_models
 from lr_tutorial.toy import world, oracle
 from lr_tutorial.viz import image_grid
-SD_BASE = os.environ.get("LR_SD_BASE", "sd15")
-use_sd = torch.cuda.is_available() and os.path.isdir(SD_BASE)
+SD_BASE = os.environ.get("LR_SD_BASE", "sd15")  # a folder, or a hub id when LR_SD_BASE names one
+use_sd = torch.cuda.is_available() and (os.path.isdir(SD_BASE) or "LR_SD_BASE" in os.environ)
 print("Stable Diffusion cell: " + ("will run on the GPU" if use_sd else
       "skipped (needs a GPU and weights in ./sd15 or $LR_SD_BASE)") + "; toy cells: CPU")
 
@@ -83,20 +83,23 @@ print(f"identity to the new subject: personalized {score(per):.1f}, Layout-and-R
 # %% [markdown]
 # ## The same on Stable Diffusion (GPU)
 # With a GPU and the weights downloaded (`hf download stable-diffusion-v1-5/stable-diffusion-v1-5
-# --local-dir sd15`), the same function fine-tunes a LoRA on your photos (load them with
-# `lr_tutorial.images.load_images(paths, 512)`).
+# --local-dir sd15`, or LR_SD_BASE naming them), the same function fine-tunes a LoRA on your
+# photos: 3-5 of them in the folder $LR_SD_REFERENCE (loaded with `lr_tutorial.images.load_images`),
+# their class noun in $LR_SD_CLASS (default "dog").
 
 # %%
+from lr_tutorial.notebook import have_references, reference_images
 if not use_sd:
     print("skipped: needs a GPU and Stable Diffusion weights in ./sd15 (or LR_SD_BASE); "
           "the toy cells above ran the same code")
 else:
-    from lr_tutorial.images import load_images
-    sd = load_models("sd", base=SD_BASE, class_noun="dog")
-    my_photos = load_images(sorted(__import__("glob").glob("my_photos/*")), sd.image_size)
-    dreambooth_lora(sd, my_photos, DreamBoothConfig(instance_prompt="a sks dog", steps=500,
-                                                    lr=1e-4, batch_size=1), out_dir="my_lora")
-    LayoutAndRetouch(sd)("a sks dog on the beach", my_photos, seed=0).images[0]
+    sd = load_models("sd", base=SD_BASE, class_noun=os.environ.get("LR_SD_CLASS", "dog"))
+    my_photos = reference_images(sd)  # the photos in $LR_SD_REFERENCE, or None
+    if have_references(my_photos, "DreamBooth-LoRA on Stable Diffusion"):
+        dreambooth_lora(sd, my_photos, DreamBoothConfig(instance_prompt=f"a sks {sd.class_noun}", steps=500,
+                                                        lr=1e-4, batch_size=1), out_dir="my_lora")
+        out = LayoutAndRetouch(sd)(f"a sks {sd.class_noun} on the beach", my_photos, seed=0).images
+        image_grid(list(my_photos[:3]) + list(out), ["photo"] * min(3, len(my_photos)) + ["Layout-and-Retouch"]);
 
 # %% [markdown]
 # ## Exercises
