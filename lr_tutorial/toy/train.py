@@ -323,7 +323,10 @@ def export(cfg: ToyTrainConfig, out_dir: str | Path, overwrite: bool = False) ->
     log = [json.loads(x) for x in open(Path(cfg.ckpt_dir) / "log.jsonl")]
     last = {st: [r for r in log if r["stage"] == st][-1] for st in ("vae", "unet")
             if any(r["stage"] == st for r in log)}
-    meta = {"config": asdict(cfg), "unet_step": unet_step, "scaling_factor": scaling,
+    ck = torch.load(Path(cfg.ckpt_dir) / "unet.pt", weights_only=True)
+    meta = {"config": ck.get("config", asdict(cfg)),  # the recipe the last steps ran with
+            "unet_step": unet_step, "scaling_factor": scaling,
+            "resumed_from_export_at": ck.get("warm_start") or None,
             "last_logged": last, "command": "python -m lr_tutorial train-toy"}
     # written aside, then moved in entry by entry: an interrupted export leaves no half model
     with atomic_folder(out.with_name(out.name + ".export"), overwrite=True) as tmp:
