@@ -167,7 +167,7 @@ def profile(a, cases) -> None:
                 cases[name]()
                 sync()
             print(prof.key_averages().table(sort_by="self_cpu_time_total",
-                                            row_limit=a.profile_top, max_name_column_width=48))
+                                            row_limit=a.profile_top, max_name_column_width=60))
         else:
             import cProfile
             import io
