@@ -241,7 +241,7 @@ def main() -> None:
     base_rows = rows["plain"] / n
 
     def line(label, s, r, tr):
-        print(f"{label:<40}{s:>9.3f}{r:>12.1f}{tr:>10.2f}{r / base_rows:>10.2f}")
+        print(f"{label:<50}{s:>9.3f}{r:>12.1f}{tr:>10.2f}{r / base_rows:>10.2f}")
 
     print(f"# {a.backend}: {n} images ({len(set(prompts))} prompts x {len(set(seeds))} seeds) "
           f"sharing one reference, {a.batch} per call, {a.steps} DDIM steps, CFG {a.guidance}, "
@@ -249,7 +249,7 @@ def main() -> None:
     print(f"# {header}")
     print(f"# {a.reps} interleaved repetitions in {total_wall:.0f} s; s/image = median; "
           "time ratio = median of per-repetition ratios to (a)")
-    print(f"{'case':<40}{'s/image':>9}{'rows/image':>12}{'time x(a)':>10}{'rows x(a)':>10}")
+    print(f"{'case':<50}{'s/image':>9}{'rows/image':>12}{'time x(a)':>10}{'rows x(a)':>10}")
     for c in CASES:
         line(LABELS[c] + (f", over {n}" if c in ("cached", "batched") else ""),
              per[c], rows[c] / n, ratio[c])
