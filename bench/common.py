@@ -139,6 +139,29 @@ def exact_malloc_env() -> None:
 
 
 # ----------------------------------------------------------------------------- SD 1.5, random
+# runwayml/stable-diffusion-v1-5 unet/config.json, written out (the hub is not reachable):
+# 860M parameters; attention at 64, 32, 16 (two transformer blocks per down block, three per
+# up block) and 8 (mid block); 8 heads; text tokens 77 x 768 (CLIP ViT-L/14).
+SD15_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False,
+    flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1,
+    mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
+    cross_attention_dim=768, attention_head_dim=8,
+)
+SD15_TEXT_LENGTH = 77
+
+
+def sd15_unet(latent: int = 64):
+    """Stable Diffusion 1.5's UNet (random weights, seed 0) for `latent` x `latent` latents."""
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**dict(SD15_UNET_CONFIG, sample_size=latent))
+    return unet.eval().requires_grad_(False)
+
+
 def sd15_random(latent: int, device: str, dtype, lora_rank: int = 4, text_layers: int = 12):
     """Stable Diffusion 1.5's UNet and VAE configs with random weights, SD's DDIM schedule,
     CLIP ViT-L's text-encoder shape (random) with the tests' tiny tokenizer, and a random LoRA
@@ -146,15 +169,14 @@ def sd15_random(latent: int, device: str, dtype, lora_rank: int = 4, text_layers
     switches an adapter as a real LoRA does. No download."""
     import tempfile
 
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from lr_tutorial.models import ModelBundle
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_sd import tiny_tokenizer
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=latent, cross_attention_dim=768)  # SD 1.5 defaults
+    unet = sd15_unet(latent)
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                         down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4,

@@ -3,6 +3,7 @@
     python bench/pipeline.py --backend toy                                   # toy models, CPU
     python bench/pipeline.py --backend sd15-random --latent 16 --steps 10 --images 2   # CPU
     python bench/pipeline.py --backend sd15-random          # on a GPU: fp16, 512 px, 50 steps
+    python bench/pipeline.py --backend toy --profile torch   # where the time goes, before/after
 
 sd15-random is Stable Diffusion 1.5's real UNet/VAE architecture (and CLIP ViT-L's text-encoder
 shape) with random weights and a random rank-4 LoRA: no download, real cost.
@@ -149,6 +150,36 @@ def memory(a, device, cases) -> dict[str, int]:
     return out
 
 
+def profile(a, cases) -> None:
+    """--profile: one run of the batched stage 2 (before: three branches per UNet call) and one
+    of the cached stage 2 (after: the target alone), each under a profiler; the top entries by
+    self time. torch: aten ops (self CPU time); cprofile: Python functions (tottime)."""
+    for name, when in (("batched", "before"), ("cached", "after")):
+        print(f"\n## {when}: {LABELS[name]} ({a.images} images, {a.steps} steps, "
+              f"reference inversion included), top {a.profile_top} by self time, {a.profile}")
+        if a.profile == "torch":
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+            acts = [ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                acts.append(ProfilerActivity.CUDA)
+            with torch_profile(activities=acts) as prof:
+                cases[name]()
+                sync()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total",
+                                            row_limit=a.profile_top, max_name_column_width=60))
+        else:
+            import cProfile
+            import io
+            import pstats
+            pr = cProfile.Profile()
+            pr.runcall(cases[name])
+            out = io.StringIO()
+            pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(a.profile_top)
+            text = out.getvalue()
+            print(text[text.find("   ncalls"):].rstrip())  # the table, without pstats' preamble
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", choices=("toy", "sd15-random"), default="toy")
@@ -160,12 +191,23 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--profile", choices=("torch", "cprofile"), default=None,
+                    help="instead of timing: profile one run of (d) batched ('before') and (c) "
+                         "cached ('after') with torch.profiler or cProfile; print the top entries")
+    ap.add_argument("--profile-top", type=int, default=10, help="entries per profile table")
     ap.add_argument("--memory-case", choices=CASES, help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.batch = a.batch or a.images
-    exact_malloc_env()
+    if not a.profile:
+        exact_malloc_env()
     if a.memory_case:
         return memory_case(a)
+    if a.profile:
+        bundle, prompts, seeds, ref, device = setup(a)
+        cases = make_cases(a, bundle, prompts, seeds, ref)
+        print(f"# profile, {a.backend}: {a.images} images, {a.steps} steps, {device}; {machine()}")
+        cases["plain"]()  # warm-up (allocator, lazy inits)
+        return profile(a, cases)
 
     header = machine()
     bundle, prompts, seeds, ref, device = setup(a)
@@ -199,7 +241,7 @@ def main() -> None:
     base_rows = rows["plain"] / n
 
     def line(label, s, r, tr):
-        print(f"{label:<40}{s:>9.3f}{r:>12.1f}{tr:>10.2f}{r / base_rows:>10.2f}")
+        print(f"{label:<50}{s:>9.3f}{r:>12.1f}{tr:>10.2f}{r / base_rows:>10.2f}")
 
     print(f"# {a.backend}: {n} images ({len(set(prompts))} prompts x {len(set(seeds))} seeds) "
           f"sharing one reference, {a.batch} per call, {a.steps} DDIM steps, CFG {a.guidance}, "
@@ -207,7 +249,7 @@ def main() -> None:
     print(f"# {header}")
     print(f"# {a.reps} interleaved repetitions in {total_wall:.0f} s; s/image = median; "
           "time ratio = median of per-repetition ratios to (a)")
-    print(f"{'case':<40}{'s/image':>9}{'rows/image':>12}{'time x(a)':>10}{'rows x(a)':>10}")
+    print(f"{'case':<50}{'s/image':>9}{'rows/image':>12}{'time x(a)':>10}{'rows x(a)':>10}")
     for c in CASES:
         line(LABELS[c] + (f", over {n}" if c in ("cached", "batched") else ""),
              per[c], rows[c] / n, ratio[c])

@@ -164,8 +164,17 @@ class CaptureSpec:
 
     def estimate(self, unet, steps: int, batch: int = 1, latent_size: int | None = None,
                  n_tokens: int | None = None, cfg: bool = True) -> int:
-        """Bytes the store will hold after a run of `steps` steps on `batch` images."""
-        n_tokens = n_tokens or unet.config.get("max_position_embeddings", None) or 77
+        """Bytes the store will hold after a run of `steps` steps on `batch` images.
+
+        `unet`: the UNet, or a ModelBundle (then its UNet, its latent size and its tokenizer's
+        text length). n_tokens: the text length, the keys of cross-attention when the spec
+        keeps every token; a UNet alone does not know it: default the bundle's tokenizer
+        length, else 77 (CLIP's, Stable Diffusion's; the toy backend's is 16)."""
+        if hasattr(unet, "unet") and hasattr(unet, "tokenizer"):  # a ModelBundle
+            bundle, unet = unet, unet.unet
+            n_tokens = n_tokens or bundle.tokenizer.model_max_length
+            latent_size = latent_size or bundle.latent_size
+        n_tokens = n_tokens or 77
         n_steps = len([s for s in range(steps) if self.steps is None or s in self.steps])
         rows = batch * (2 if cfg and self.keep_uncond else 1)
         total = 0
@@ -232,7 +241,9 @@ class AttentionStore:
                 probs = probs[..., list(tokens)]
         if self.spec.heads == "mean":
             probs = probs.mean(1)
-        self.maps[(layer, self.step)] = probs.detach().to("cpu", self.spec.dtype)
+        # copy=True: a compact copy even when no conversion is needed (CPU, float32), so the
+        # store never keeps a slice's whole parent (both CFG halves, all tokens) alive
+        self.maps[(layer, self.step)] = probs.detach().to("cpu", self.spec.dtype, copy=True)
 
     @property
     def nbytes(self) -> int:

@@ -49,6 +49,57 @@ def test_capture_shapes_resolutions_and_estimate(unet):
     assert cm.shape == (1, 16, 16) and torch.isfinite(cm).all()
 
 
+def _held_bytes(store) -> int:
+    """Bytes the store really holds: each distinct storage once (a view keeps its whole parent)."""
+    held = {}
+    for m in store.maps.values():
+        held[m.untyped_storage().data_ptr()] = m.untyped_storage().nbytes()
+    return sum(held.values())
+
+
+SCRUBBER_SPECS = {  # what the scrubber and notebook 02 capture, and a float32 worst case
+    "cross, all tokens, heads mean": dict(kind="cross"),
+    "cross, all tokens, heads kept": dict(kind="cross", heads="all"),
+    "self at the top resolution, one step": dict(kind="self", resolutions=[8], steps=[1]),
+    "both, heads kept, float32": dict(kind="both", heads="all", dtype=torch.float32),
+}
+
+
+@pytest.mark.parametrize("kw", SCRUBBER_SPECS.values(), ids=SCRUBBER_SPECS.keys())
+def test_estimate_is_within_10_percent_of_the_store_on_tiny_sd(kw):
+    """Tiny SD (SD 1.5's blocks, 8 x 8 latents, 77 text tokens), CFG batch 2, three steps."""
+    from tiny_sd import CROSS_DIM, tiny_unet
+    unet = tiny_unet()
+    spec = attention.CaptureSpec(**kw)
+    est = spec.estimate(unet, steps=3, batch=1, cfg=True)  # before the run
+    g = torch.Generator().manual_seed(0)
+    z, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, CROSS_DIM, generator=g)
+    with torch.no_grad(), attention.capture(unet, spec) as store:
+        for k in range(3):
+            store.on_step(k, cfg=True)
+            unet(z, torch.tensor(500), ctx)
+    real = _held_bytes(store)
+    assert store.nbytes == real  # nothing held beyond what the store reports
+    assert abs(est / real - 1) <= 0.10, (est, real)
+
+
+def test_estimate_from_a_bundle_uses_its_text_length(unet):
+    """The toy's text is 16 tokens, not SD's 77: given the bundle, the estimate knows."""
+    from lr_tutorial.models import ModelBundle
+    tok = components.build_tokenizer()
+    bundle = ModelBundle(tok, components.build_text_encoder(tok), components.build_vae(), unet,
+                         components.build_scheduler())
+    spec = attention.CaptureSpec(kind="cross")
+    z, t, ctx = _inputs()
+    with torch.no_grad(), attention.capture(unet, spec) as store:
+        for k in range(2):
+            store.on_step(k, cfg=True)
+            unet(z, t, ctx)
+    est = spec.estimate(bundle, steps=2)
+    assert abs(est / _held_bytes(store) - 1) <= 0.10
+    assert est == spec.estimate(unet, steps=2, n_tokens=components.MAX_LENGTH)
+
+
 def test_cross_attention_rows_sum_to_one_over_all_tokens(unet):
     z, t, ctx = _inputs(batch=1)
     with torch.no_grad(), attention.capture(unet, attention.CaptureSpec(kind="cross")) as store:
