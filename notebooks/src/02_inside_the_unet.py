@@ -59,8 +59,8 @@ for path in attention.attention_layers(bundle.unet):
 prompt = prompts_for(bundle, "a sks star on the left in the snow")  # SD: the bundle's identifier and class noun
 spec = attention.CaptureSpec(kind="cross", heads="mean")
 steps = 25
-n_tokens = bundle.tokenizer.model_max_length  # key positions of cross-attention (77 on SD)
-print(f"estimate before the run: {spec.estimate(bundle.unet, steps, batch=1, n_tokens=n_tokens) / 1e6:.2f} MB")
+# given the bundle, the estimate knows the text length (cross-attention's keys: 16 toy, 77 SD)
+print(f"estimate before the run: {spec.estimate(bundle, steps, batch=1) / 1e6:.2f} MB")
 with bundle.using("personalized"), attention.capture(bundle.unet, spec) as store:
     z, traj = sampling.sample(bundle, [prompt], [0], steps=steps, observers=(store,))
 print(f"stored after the run:    {store.nbytes / 1e6:.2f} MB in {len(store.maps)} maps")
@@ -99,7 +99,7 @@ image_grid(panels, titles, ncols=len(panels), scale=1.3);
 
 # %%
 spec_self = attention.CaptureSpec(kind="self", resolutions=[R], steps=[steps - 5])
-print(f"self-attention estimate: {spec_self.estimate(bundle.unet, steps) / 1e6:.2f} MB")
+print(f"self-attention estimate: {spec_self.estimate(bundle, steps) / 1e6:.2f} MB")
 with bundle.using("personalized"), attention.capture(bundle.unet, spec_self) as sstore:
     sampling.sample(bundle, [prompt], [0], steps=steps, observers=(sstore,))
 layer = sstore.layers()[-1]
