@@ -61,7 +61,8 @@ def cmd_personalize_toy(a) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     bundle = load_models("toy", personalized=None)
-    cfg = DreamBoothConfig(steps=a.steps, seed=a.seed, rank=a.rank, lr=a.lr)
+    cfg = DreamBoothConfig(steps=a.steps, seed=a.seed, rank=a.rank, lr=a.lr,
+                           alpha=a.alpha if a.alpha is not None else float(a.rank))
     out = Path(a.out) if a.out else data_dir() / "toy" / "lora"
     dreambooth_lora(bundle, subject.reference_images(), cfg, out_dir=out, overwrite=a.overwrite)
     print(f"wrote the LoRA to {out}")
@@ -81,7 +82,7 @@ def cmd_toy_report(a) -> int:
         bundle, step = train.checkpoint_bundle(train.ToyTrainConfig(ckpt_dir=a.ckpt_dir))
         print(f"training checkpoint {a.ckpt_dir}, UNet step {step}", file=sys.stderr)
     else:
-        bundle = load_models("toy")
+        bundle = load_models("toy", **({"personalized": a.personalized} if a.personalized else {}))
     prompts = report.read_prompts(a.prompts)
     if a.limit:
         prompts = prompts[:a.limit]
@@ -239,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default=None, help="default data/toy/lora")
     q.add_argument("--steps", type=int, default=400)
     q.add_argument("--rank", type=int, default=8)
+    q.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     q.add_argument("--lr", type=float, default=1e-3)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--threads", type=int, default=0)
@@ -253,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
     s.add_argument("--methods", default="", help="extra rows: stage1,layout_and_retouch")
     s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--personalized", default=None,
+                   help="a LoRA folder to measure instead of data/toy/lora (personalize-toy --out)")
     s.add_argument("--ckpt-dir", default=None,
                    help="measure a train-toy checkpoint folder instead of data/toy (vanilla rows)")
     s.add_argument("--json", action="store_true")

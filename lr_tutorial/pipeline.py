@@ -38,7 +38,8 @@ class LRConfig:
     "a <identifier> <class noun>" [ours]); reference_index: which reference image is inverted;
     start_step: the step at which the target branch leaves the context trajectory (None: at
     lambda2, so the structure phase is the context itself [ours; method.md allows "z^c at an
-    early step"]; 0: from z_0, with the structure phase's attention swap).
+    early step"], or at lambda1 when that is later, since the context is the vanilla model's
+    before it; 0: from z_0, with the structure phase's attention swap).
     stage2: "cached" runs the target alone, reading the context's keys/values recorded in
     stage 1 and the reference's from a replay cached per reference (needs start >= lambda1);
     "batched" runs the three branches in one UNet call per step. Same result (tested), the
@@ -282,9 +283,10 @@ class LayoutAndRetouch:
                       capture=user)
 
     def start_step(self) -> int:
-        """The step the target branch starts from (config.start_step; None: lambda2)."""
+        """The step the target branch starts from (config.start_step; None: max(lambda1, lambda2))."""
         cfg = self.config
         if cfg.start_step is not None:
             return resolve_steps(cfg.start_step, cfg.layout.steps, "start_step")
-        return attention.SwapController(self.models.unet, cfg.swap, cfg.layout.steps,
-                                        self.models.latent_size).lambda2
+        lambda2 = attention.SwapController(self.models.unet, cfg.swap, cfg.layout.steps,
+                                           self.models.latent_size).lambda2
+        return max(lambda2, resolve_steps(cfg.layout.lambda1, cfg.layout.steps, "lambda1"))

@@ -131,6 +131,16 @@ def test_cached_stage2_needs_the_target_to_start_after_lambda1(bundle):
     assert len(LayoutAndRetouch(bundle, cfg)("a sks dog", np.zeros((64, 64, 3), np.uint8)).target) == 5
 
 
+def test_default_start_is_lambda2_or_lambda1_when_later(bundle):
+    # lambda2 = max(0.2 N, min_lambda2 = 4) = 4; lambda1 = 6 of 8 vanilla steps comes later: the
+    # target leaves the context at lambda1 (before it the context is the vanilla model's), and
+    # the cached path runs
+    lr = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=8, lambda1=6)))
+    assert lr.start_step() == 6
+    assert len(lr("a sks dog", np.zeros((64, 64, 3), np.uint8)).target) == 8 - 6
+    assert LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=10, lambda1=1))).start_step() == 4
+
+
 def test_reference_keys_values_are_cached_across_calls(bundle):
     lr = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=6)))
     ref = np.zeros((64, 64, 3), np.uint8)

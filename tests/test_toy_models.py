@@ -63,4 +63,4 @@ def test_ddim_inversion_round_trip(toy):
     assert err < ROUND_TRIP_BOUND, err
 
 
-ROUND_TRIP_BOUND = 0.1  # measured 0.037 (UNet step 2500 + LoRA); re-measure when the weights change
+ROUND_TRIP_BOUND = 0.1  # measured 0.037 (UNet step 2,500 + LoRA), 0.038 (step 8,750 + LoRA); re-measure when the weights change
