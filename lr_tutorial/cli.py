@@ -55,14 +55,19 @@ def cmd_personalize_toy(a) -> int:
     import torch
 
     from .models import data_dir, load_models
-    from .personalize import DreamBoothConfig, dreambooth_lora
+    from .personalize import dreambooth_lora, toy_recipe
     from .toy import subject
 
     if a.threads:
         torch.set_num_threads(a.threads)
     bundle = load_models("toy", personalized=None)
-    cfg = DreamBoothConfig(steps=a.steps, seed=a.seed, rank=a.rank, lr=a.lr,
-                           alpha=a.alpha if a.alpha is not None else float(a.rank))
+    given = {k: getattr(a, k) for k in ("steps", "seed", "rank", "alpha", "lr", "lr_schedule",
+                                         "identifier_lr", "uncond_prob", "class_prompt")}
+    if a.targets:
+        given["target_modules"] = tuple(a.targets.split(","))
+    if a.alpha is None and a.rank is not None:
+        given["alpha"] = float(a.rank)
+    cfg = toy_recipe(**{k: v for k, v in given.items() if v is not None})
     out = Path(a.out) if a.out else data_dir() / "toy" / "lora"
     dreambooth_lora(bundle, subject.reference_images(), cfg, out_dir=out, overwrite=a.overwrite)
     print(f"wrote the LoRA to {out}")
@@ -238,11 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("personalize-toy", help="DreamBooth-LoRA on the subject's references")
     q.add_argument("--out", default=None, help="default data/toy/lora")
-    q.add_argument("--steps", type=int, default=400)
-    q.add_argument("--rank", type=int, default=8)
+    # unset flags keep personalize.toy_recipe()'s values (the shipped LoRA's recipe)
+    q.add_argument("--steps", type=int, default=None)
+    q.add_argument("--rank", type=int, default=None)
     q.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
-    q.add_argument("--lr", type=float, default=1e-3)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--lr", type=float, default=None)
+    q.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None)
+    q.add_argument("--identifier-lr", type=float, default=None,
+                   help="> 0: also learn the identifier's input embedding at this lr")
+    q.add_argument("--uncond-prob", type=float, default=None,
+                   help="share of instance captions replaced by the empty prompt")
+    q.add_argument("--class-prompt", default=None,
+                   help="e.g. 'a star': prior preservation with base-model class images")
+    q.add_argument("--targets", default=None,
+                   help="comma-separated module names that get LoRA layers")
+    q.add_argument("--seed", type=int, default=None)
     q.add_argument("--threads", type=int, default=0)
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_personalize_toy)

@@ -51,10 +51,14 @@ class ModelBundle:
     adapter_name: str = "personal"
     personal_unet: torch.nn.Module | None = None
     mode: str = field(default="vanilla")
+    # (token id, (D,) learned input embedding of the identifier): written into the text encoder
+    # in personalized mode only (DreamBoothConfig.identifier_lr); None when not learned
+    identifier_embedding: tuple | None = None
     source: dict = field(default_factory=dict)  # where the weights came from (recorded in Results)
 
     def __post_init__(self):
         self._vanilla_unet = self.unet
+        self._base_identifier_row = None
         if self.personal_unet is not None:
             check_same_architecture(self.unet.config, self.personal_unet.config, "personal_unet")
         self._apply(self.mode)
@@ -99,7 +103,30 @@ class ModelBundle:
                                  "fine-tuned UNet>; or load it with load_models('sd', "
                                  "personalized=FOLDER)")
             self.unet = self.personal_unet if mode == "personalized" else self._vanilla_unet
+        if self.identifier_embedding is not None:
+            row, learned = self.identifier_embedding
+            weight = self.text_encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                weight[row] = (learned if mode == "personalized" else self._base_identifier_row).to(weight)
         self.mode = mode
+
+    def set_identifier_embedding(self, row: int | None, learned: torch.Tensor | None = None) -> None:
+        """Give the personalized model a learned input embedding (D,) for token `row` (the
+        identifier), or remove it (row=None). The base row is kept and used in vanilla mode."""
+        weight = self.text_encoder.get_input_embeddings().weight
+        if self.identifier_embedding is not None:  # put the base row back first
+            with torch.no_grad():
+                weight[self.identifier_embedding[0]] = self._base_identifier_row.to(weight)
+            self.identifier_embedding = self._base_identifier_row = None
+        if row is None:
+            return
+        learned = torch.as_tensor(learned).reshape(-1)
+        if learned.shape != weight.shape[1:]:
+            raise ValueError(f"identifier embedding of shape {tuple(learned.shape)}; this text "
+                             f"encoder needs ({weight.shape[1]},): made for another base model?")
+        self._base_identifier_row = weight[row].detach().clone()
+        self.identifier_embedding = (int(row), learned.detach().clone().cpu())
+        self._apply(self.mode)
 
     @contextlib.contextmanager
     def using(self, mode: str):
@@ -127,6 +154,9 @@ class ModelBundle:
             requires_safety_checker=False)
 
 
+IDENTIFIER_FILE = "identifier_embedding.safetensors"  # {identifier: (D,)}, next to the LoRA
+
+
 def attach_lora(bundle: ModelBundle, path: str | Path, adapter_name: str = "personal") -> ModelBundle:
     """Load diffusers-format LoRA weights (pytorch_lora_weights.safetensors) onto the UNet,
     after checking that they were made for this UNet (ValueError naming the misfit if not)."""
@@ -137,11 +167,23 @@ def attach_lora(bundle: ModelBundle, path: str | Path, adapter_name: str = "pers
         raise FileNotFoundError(f"no LoRA weights at {path}; give the folder or file that "
                                 "personalize.dreambooth_lora (or diffusers' training script) wrote")
     check_lora(bundle.unet, path)
+    ident = path.parent / IDENTIFIER_FILE
+    if ident.is_file():
+        embeds = load_state_dict(ident)
+        if list(embeds) != [bundle.identifier]:
+            raise ValueError(f"{ident} holds an embedding for {list(embeds)}, but this bundle's "
+                             f"identifier is {bundle.identifier!r}; load it with identifier=...")
+        ids = bundle.tokenizer(bundle.identifier, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(f"{ident}: the identifier {bundle.identifier!r} is not one token here")
     try:
         bundle.unet.load_lora_adapter(str(path), prefix="unet", adapter_name=adapter_name)
     except (ValueError, RuntimeError, KeyError) as err:
         raise ValueError(other_base(path, f"{type(err).__name__}: {err}")) from err
     bundle.personalization, bundle.adapter_name = "lora", adapter_name
+    bundle.set_identifier_embedding(None)
+    if ident.is_file():
+        bundle.set_identifier_embedding(ids[0], embeds[bundle.identifier])
     bundle._apply(bundle.mode)
     return bundle
 

@@ -4,13 +4,19 @@ Diffusion on a GPU, same function.
     z = E(x_ref) * s,  t ~ U{0..T-1},  z_t = sqrt(a_t) z + sqrt(1 - a_t) eps
     L = || eps - eps*(z_t, t, "a sks <class>") ||^2  (+ prior_weight * the same on class images)
 
-Only the LoRA matrices train; the base UNet, VAE and text encoder stay frozen. The result is
-saved in diffusers' LoRA format (pytorch_lora_weights.safetensors), which `load_models(...,
-personalized=DIR)` and any diffusers pipeline's `load_lora_weights` read.
+Only the LoRA matrices train (and, with `identifier_lr > 0`, the identifier token's input
+embedding, textual-inversion style); the base UNet, VAE and the rest of the text encoder stay
+frozen. With `uncond_prob > 0` that share of the instance captions is replaced by the empty
+prompt, so the LoRA's unconditional prediction learns the subject too and classifier-free
+guidance does not push the subject's colours away from it. The result is saved in diffusers'
+LoRA format (pytorch_lora_weights.safetensors, plus identifier_embedding.safetensors when the
+identifier was trained), which `load_models(..., personalized=DIR)` reads; any diffusers
+pipeline's `load_lora_weights` reads the LoRA file.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,13 +27,14 @@ from tqdm.auto import tqdm
 
 from . import sampling
 from .files import atomic_folder, refuse_existing
-from .models import ModelBundle
+from .models import IDENTIFIER_FILE, ModelBundle
 
 
 @dataclass
 class DreamBoothConfig:
     """Knobs of DreamBooth-LoRA fine-tuning (Ruiz et al. 2023; diffusers' train_dreambooth_lora).
-    Defaults are the ones that produced the shipped toy LoRA (data/toy/README.md)."""
+    The defaults are a mild, generic LoRA on the attention projections; the shipped toy LoRA
+    uses `toy_recipe()` (data/toy/README.md says how it was chosen)."""
     instance_prompt: str = "a sks star"
     class_prompt: str | None = None  # e.g. "a star": enables prior preservation
     prior_weight: float = 1.0
@@ -38,9 +45,25 @@ class DreamBoothConfig:
     steps: int = 400
     batch_size: int = 4
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # or "cosine" (to 0 at the last step)
+    identifier_lr: float = 0.0  # > 0: also learn the identifier's input embedding at this lr
+    uncond_prob: float = 0.0  # share of instance captions replaced by "" (CFG-aware LoRA)
     seed: int = 0
     adapter_name: str = "personal"
     extra: dict = field(default_factory=dict)
+
+
+# LoRA layers on every linear/conv projection of the UNet's resnets and transformer blocks
+ALL_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                    "ff.net.2", "conv1", "conv2")
+
+
+def toy_recipe(**overrides) -> DreamBoothConfig:
+    """The recipe of the shipped toy LoRA (`python -m lr_tutorial personalize-toy`); measured
+    against weaker ones in data/toy/README.md. Keyword arguments override single knobs."""
+    recipe = dict(target_modules=ALL_UNET_TARGETS, rank=8, alpha=8.0, steps=2000, lr=3e-3,
+                  lr_schedule="cosine", uncond_prob=0.0)
+    return DreamBoothConfig(**{**recipe, **overrides})
 
 
 def _save_lora(bundle: ModelBundle, out_dir: Path, cfg: DreamBoothConfig, overwrite: bool) -> None:
@@ -51,6 +74,10 @@ def _save_lora(bundle: ModelBundle, out_dir: Path, cfg: DreamBoothConfig, overwr
     with atomic_folder(out_dir, overwrite, what="LoRA") as tmp:
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers,
                                                   safe_serialization=True)
+        if bundle.identifier_embedding is not None:  # {identifier: (D,)}, textual-inversion style
+            from safetensors.torch import save_file
+            save_file({bundle.identifier: bundle.identifier_embedding[1].contiguous()},
+                      str(tmp / IDENTIFIER_FILE))
         with open(tmp / "dreambooth_config.json", "w") as f:
             json.dump(asdict(cfg), f, indent=1)
 
@@ -63,6 +90,7 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     from peft import LoraConfig
 
     cfg = cfg or DreamBoothConfig()
+    check_config(cfg)
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 of shape (n, H, W, 3), got {images.dtype} "
@@ -74,6 +102,8 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
         refuse_existing(out_dir, overwrite, what="LoRA")
     if bundle.personalization == "lora" and cfg.adapter_name in getattr(bundle.unet, "peft_config", {}):
         bundle.unet.delete_adapters(cfg.adapter_name)
+        bundle.personalization, bundle.mode = "none", "vanilla"
+    bundle.set_identifier_embedding(None)  # a previous LoRA's learned identifier goes too
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -84,7 +114,9 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
             seeds = [10_000 + cfg.seed * 1000 + i for i in range(cfg.num_class_images)]
             z_class, _ = sampling.sample(bundle, [cfg.class_prompt] * len(seeds), seeds, steps=25)
             cond_class = sampling.encode_prompts(bundle, [cfg.class_prompt])
-    cond_inst = sampling.encode_prompts(bundle, [cfg.instance_prompt])
+    cond_empty = sampling.encode_prompts(bundle, [""])
+    token = _identifier_row(bundle, cfg) if cfg.identifier_lr > 0 else None
+    encode_instance = _instance_encoder(bundle, cfg, token)
 
     unet = bundle.unet
     unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
@@ -95,13 +127,40 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     for p in params:
         p.requires_grad_(True)
         p.data = p.data.float()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
-    sched = bundle.scheduler
+    groups = [{"params": params, "lr": cfg.lr}]
+    if token is not None:
+        groups.append({"params": [token.weight], "lr": cfg.identifier_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=1e-4)
     unet.train()
+    try:
+        _train(cfg, bundle, opt, z_inst, z_class, cond_class, cond_empty, encode_instance, g, progress)
+    finally:
+        unet.eval()
+        for p in params:
+            p.requires_grad_(False)
+        if token is not None:
+            token.hook.remove()
+            token.weight.requires_grad_(False)
+    if token is not None:
+        _finish_identifier(bundle, token)
+    if out_dir is not None:
+        _save_lora(bundle, Path(out_dir), cfg, overwrite)
+    return bundle
+
+
+def _train(cfg, bundle, opt, z_inst, z_class, cond_class, cond_empty, encode_instance, g, progress):
+    """The DreamBooth loop (module docstring): LoRA (and identifier) steps on noised latents."""
+    unet, sched = bundle.unet, bundle.scheduler
     bar = tqdm(range(cfg.steps), desc="dreambooth-lora", disable=not progress)
     for step in bar:
+        scale = 0.5 * (1 + math.cos(math.pi * step / cfg.steps)) if cfg.lr_schedule == "cosine" else 1.0
+        for group, lr in zip(opt.param_groups, (cfg.lr, cfg.identifier_lr)):
+            group["lr"] = lr * scale
         idx = torch.randint(0, len(z_inst), (cfg.batch_size,), generator=g)
-        z0, cond = z_inst[idx], cond_inst.expand(cfg.batch_size, -1, -1)
+        z0, cond = z_inst[idx], encode_instance().expand(cfg.batch_size, -1, -1)
+        if cfg.uncond_prob > 0:  # (B, 1, 1): True where the caption is dropped
+            drop = (torch.rand(cfg.batch_size, generator=g) < cfg.uncond_prob).view(-1, 1, 1)
+            cond = torch.where(drop.to(cond.device), cond_empty.expand_as(cond), cond)
         if z_class is not None:
             jdx = torch.randint(0, len(z_class), (cfg.batch_size,), generator=g)
             z0 = torch.cat([z0, z_class[jdx].to(z0)])
@@ -118,12 +177,67 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
         loss.backward()
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    unet.eval()
-    for p in params:
-        p.requires_grad_(False)
-    if out_dir is not None:
-        _save_lora(bundle, Path(out_dir), cfg, overwrite)
-    return bundle
+
+
+@dataclass
+class _TrainableIdentifier:
+    """The text encoder's input-embedding matrix, trainable in the identifier's row only."""
+    id: int
+    weight: torch.nn.Parameter  # (vocab, D); a gradient hook zeroes every other row
+    base: torch.Tensor  # (D,) the row before training, restored afterwards
+    hook: object
+
+
+def _identifier_row(bundle: ModelBundle, cfg: DreamBoothConfig) -> _TrainableIdentifier:
+    ident = bundle.identifier
+    if not ident or ident not in cfg.instance_prompt.split():
+        raise ValueError(f"identifier_lr > 0 learns the identifier's embedding, but the instance "
+                         f"prompt {cfg.instance_prompt!r} does not contain the bundle's identifier "
+                         f"{ident!r}; write the prompt with it (e.g. 'a {ident or 'sks'} dog')")
+    ids = bundle.tokenizer(ident, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"the identifier {ident!r} is {len(ids)} tokens for this tokenizer; "
+                         "learning its embedding needs a single-token identifier such as 'sks'")
+    weight = bundle.text_encoder.get_input_embeddings().weight
+    if weight.dtype != torch.float32:
+        raise ValueError(f"the text encoder is in {weight.dtype}; load the models in float32 to "
+                         "learn the identifier's embedding, or set identifier_lr=0")
+    mask = torch.zeros_like(weight[:, :1])  # (vocab, 1)
+    mask[ids[0]] = 1
+    weight.requires_grad_(True)
+    hook = weight.register_hook(lambda grad: grad * mask)
+    return _TrainableIdentifier(ids[0], weight, weight[ids[0]].detach().clone(), hook)
+
+
+def _finish_identifier(bundle: ModelBundle, token: _TrainableIdentifier) -> None:
+    """Take the learned row out of the text encoder and give it to the bundle, which writes it
+    in personalized mode and restores the base row in vanilla mode."""
+    learned = token.weight[token.id].detach().clone()
+    with torch.no_grad():
+        token.weight[token.id] = token.base
+    bundle.set_identifier_embedding(token.id, learned)
+
+
+def _instance_encoder(bundle: ModelBundle, cfg: DreamBoothConfig, token):
+    """() -> (1, L, D) instance-prompt embedding: fixed, or re-encoded each step (with grad)
+    while the identifier's embedding learns."""
+    if token is None:
+        fixed = sampling.encode_prompts(bundle, [cfg.instance_prompt])
+        return lambda: fixed
+    tok = bundle.tokenizer
+    ids = tok([cfg.instance_prompt], padding="max_length", max_length=tok.model_max_length,
+              truncation=True, return_tensors="pt").input_ids.to(bundle.text_encoder.device)
+    return lambda: bundle.text_encoder(ids)[0].to(bundle.device, bundle.dtype)
+
+
+def check_config(cfg: DreamBoothConfig) -> None:
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+    if not 0 <= cfg.uncond_prob < 1:
+        raise ValueError(f"uncond_prob is a probability in [0, 1), got {cfg.uncond_prob}")
+    if cfg.identifier_lr < 0 or cfg.lr <= 0 or cfg.steps < 1 or cfg.rank < 1:
+        raise ValueError(f"need lr > 0, identifier_lr >= 0, steps >= 1, rank >= 1; got lr={cfg.lr}, "
+                         f"identifier_lr={cfg.identifier_lr}, steps={cfg.steps}, rank={cfg.rank}")
 
 
 class _nullctx:

@@ -109,16 +109,20 @@ def test_tokenizer_is_a_transformers_tokenizer_over_the_vocabulary():
     words = tok.convert_ids_to_tokens(ids[1:12])
     assert words == "a small red sks star on the left in the snow".split()
     assert tok("a dragon").input_ids[2] == tok.unk_token_id
-    longest = max(heldout.personal_prompts() + heldout.vanilla_prompts(), key=len)
+    longest = max(heldout.drawn_personal_prompts() + heldout.vanilla_prompts(), key=len)
     assert len(tok(longest).input_ids) <= tok.model_max_length
 
 
 def test_heldout_prompts_are_stable_and_excluded_from_training():
     p, v = heldout.personal_prompts(), heldout.vanilla_prompts()
-    assert len(p) >= 200 and len(v) >= 200 and len(set(p)) == len(p)
+    drawn = heldout.drawn_personal_prompts()
+    assert len(drawn) == len(v) == 240 and len(set(p)) == len(p) == 76
     assert all("sks star" in x for x in p)
+    assert all(world.parse_prompt(x)["colour"] is None for x in p)  # colour is the identity
+    assert set(p) < set(drawn)
     ex = heldout.training_exclusions()
-    assert heldout.strip_identifier(p[0]) in ex and v[0] in ex
+    # the exclusions cover all 240 drawn prompts: the shipped base model was trained without them
+    assert all(heldout.strip_identifier(x) in ex for x in drawn) and v[0] in ex
     assert "a star" not in ex  # single-word prompts stay in training
 
 

@@ -1,9 +1,10 @@
 """Held-out ShapeWorld prompts: never used as training captions, used for every measurement.
 
 Two sets, both deterministic (seeded) and shipped as text files in `data/prompts/`:
-- `personal_prompts()`: 240 prompts written with `sks star` (size, colour, position and
-  background each stated or omitted; at least two stated). The vanilla model is measured on the
-  same prompts without the identifier.
+- `personal_prompts()`: the prompts written with `sks star` that leave the colour out (76 of
+  240 drawn: size, position and background each stated or omitted; at least two stated). The
+  subject's colours are its identity: "a red sks star" asks for another look, so such prompts
+  cannot measure identity. The vanilla model is measured on the same prompts without `sks`.
 - `vanilla_prompts()`: 240 prompts over every shape and colour, without an identifier.
 """
 from __future__ import annotations
@@ -32,8 +33,14 @@ def _draw(rng, shape: str | None, n: int, identifier: str | None) -> list[str]:
     return list(seen)
 
 
-def personal_prompts(n: int = 240, seed: int = 2407) -> list[str]:
+def drawn_personal_prompts(n: int = 240, seed: int = 2407) -> list[str]:
+    """All 240 drawn `sks star` prompts, colour stated or not (the training exclusions)."""
     return _draw(np.random.default_rng(seed), world.SUBJECT_CLASS, n, world.SUBJECT_IDENTIFIER)
+
+
+def personal_prompts() -> list[str]:
+    """The held-out `sks star` prompts that state no colour (see the module docstring)."""
+    return [p for p in drawn_personal_prompts() if world.parse_prompt(p)["colour"] is None]
 
 
 def vanilla_prompts(n: int = 240, seed: int = 9779) -> list[str]:
@@ -47,4 +54,4 @@ def strip_identifier(prompt: str) -> str:
 
 def training_exclusions() -> frozenset[str]:
     """Captions the vanilla model must never be trained on."""
-    return frozenset([strip_identifier(p) for p in personal_prompts()] + vanilla_prompts())
+    return frozenset([strip_identifier(p) for p in drawn_personal_prompts()] + vanilla_prompts())

@@ -97,17 +97,26 @@ else:  # Stable Diffusion: T_CLIP (prompt fidelity) and I_DINO (identity) on the
                   + ("n/a (no reference photos)" if s["identity"] is None else f"{s['identity']:.3f}"))
 
 # %%
-# NBVAL_CHECK_OUTPUT
 if toy_only(bundle, "position / background fidelity and identity per model"):
     for name in ("vanilla", "personalized"):
         r = res[name]
-        print(f"{name:>13}: position {r['fidelity']['position']:.1f}  background "
-              f"{r['fidelity']['background']:.1f}  identity {r['identity']:.1f}")
+        f = r["fidelity"]
+        print(f"{name:>13}: position {f['position']:.2f}  background {f['background']:.2f}  "
+              f"size {f['size']:.2f}  identity {r['identity']:.2f}")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+if toy_only(bundle, "the comparison of the two models"):  # the claims, not the digits, are checked
+    v, p = res["vanilla"], res["personalized"]
+    print("personalized keeps the subject (identity > vanilla + 0.2):", p["identity"] > v["identity"] + 0.2)
+    print("and loses size fidelity (> 0.2 below vanilla):", p["fidelity"]["size"] < v["fidelity"]["size"] - 0.2)
+    print("and position fidelity:", p["fidelity"]["position"] < v["fidelity"]["position"])
 
 # %% [markdown]
 # The vanilla model follows the prompt but draws plain stars (identity near 0). The
-# personalized model draws *our* star, but position and background fidelity drop: it has
-# learnt "centred, large, plain backdrop" together with the subject. That is the problem
+# personalized model draws *our* star (not always: "at night" and "small" are its weak spots),
+# but it has learnt "centred, large, plain backdrop" together with the subject: size fidelity
+# falls most (it draws the star big), position and background less. That is the problem
 # Layout-and-Retouch addresses. Where does the subject land when the prompt does not say?
 
 # %%

@@ -54,13 +54,15 @@ image_grid(photos, [f"photo {i}" for i in range(5)], scale=1.3);
 # %% [markdown]
 # ## DreamBooth-LoRA on a CPU
 # $$\mathcal L = \big\| \epsilon - \epsilon^*_\theta(z_t, t, \text{"a zwx circle"}) \big\|^2,\quad z_t = \sqrt{\bar\alpha_t}\,E(x) + \sqrt{1-\bar\alpha_t}\,\epsilon$$
-# Only the LoRA matrices on the attention projections train (`peft`), the base stays frozen.
+# Only the LoRA matrices train (`peft`; on the UNet's attention, feed-forward and convolution
+# layers: the shipped star's recipe `toy_recipe()`, here for 300 of its 2,000 steps), the base
+# stays frozen.
 
 # %%
-from lr_tutorial.personalize import DreamBoothConfig, dreambooth_lora
+from lr_tutorial.personalize import DreamBoothConfig, dreambooth_lora, toy_recipe
 bundle = load_models("toy", personalized=None)
 bundle.identifier, bundle.class_noun = "zwx", "circle"
-cfg = DreamBoothConfig(instance_prompt="a zwx circle", steps=200, seed=0)
+cfg = toy_recipe(instance_prompt="a zwx circle", steps=300, seed=0)
 t0 = time.time()
 dreambooth_lora(bundle, photos, cfg, progress=False)
 print(f"trained {cfg.steps} LoRA steps in {time.time() - t0:.0f} s")
