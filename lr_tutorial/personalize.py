@@ -224,9 +224,7 @@ def _instance_encoder(bundle: ModelBundle, cfg: DreamBoothConfig, token):
     if token is None:
         fixed = sampling.encode_prompts(bundle, [cfg.instance_prompt])
         return lambda: fixed
-    tok = bundle.tokenizer
-    ids = tok([cfg.instance_prompt], padding="max_length", max_length=tok.model_max_length,
-              truncation=True, return_tensors="pt").input_ids.to(bundle.text_encoder.device)
+    ids = sampling.prompt_ids(bundle, [cfg.instance_prompt])
     return lambda: bundle.text_encoder(ids)[0].to(bundle.device, bundle.dtype)
 
 

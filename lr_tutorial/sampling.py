@@ -46,13 +46,18 @@ def make_scheduler(bundle, steps: int):
     return sched
 
 
+def prompt_ids(bundle, prompts: list[str]) -> torch.Tensor:
+    """Token ids (B, L) of prompts, padded to the tokenizer's max length, on the text encoder's
+    device (it may be offloaded)."""
+    tok = bundle.tokenizer
+    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids.to(bundle.text_encoder.device)
+
+
 @torch.no_grad()
 def encode_prompts(bundle, prompts: list[str]) -> torch.Tensor:
     """Text embeddings (B, L, D) of prompts, padded to the tokenizer's max length."""
-    tok = bundle.tokenizer
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(bundle.text_encoder.device)  # may be offloaded
-    return bundle.text_encoder(ids)[0].to(bundle.device, bundle.dtype)
+    return bundle.text_encoder(prompt_ids(bundle, prompts))[0].to(bundle.device, bundle.dtype)
 
 
 def initial_noise(bundle, seeds: list[int]) -> torch.Tensor:
