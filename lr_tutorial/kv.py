@@ -95,7 +95,7 @@ def record_kv(unet, cache: KVCache):
     """`with record_kv(unet, cache):` records keys/values of `cache.layers` (self-attention
     paths). Raises if a layer is not a self-attention layer or is already being captured or
     swapped (the recording would bypass that processor)."""
-    current = unet.attn_processors
+    current = attention.current_processors(unet)
     bad = [p for p in cache.layers if not p.endswith("attn1") or p + ".processor" not in current]
     if bad:
         raise ValueError(f"{bad[0]} is not a self-attention layer of this UNet; pick paths from "

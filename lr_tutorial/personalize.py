@@ -102,6 +102,7 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
         refuse_existing(out_dir, overwrite, what="LoRA")
     if bundle.personalization == "lora" and cfg.adapter_name in getattr(bundle.unet, "peft_config", {}):
         bundle.unet.delete_adapters(cfg.adapter_name)
+        bundle._lora_layers = None
         bundle.personalization, bundle.mode = "none", "vanilla"
     bundle.set_identifier_embedding(None)  # a previous LoRA's learned identifier goes too
     g = torch.Generator().manual_seed(cfg.seed)
@@ -122,6 +123,7 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
                                 target_modules=list(cfg.target_modules)), adapter_name=cfg.adapter_name)
     bundle.personalization, bundle.adapter_name = "lora", cfg.adapter_name
+    bundle._lora_layers = None  # a new adapter: the next switch walks the UNet again
     bundle._apply("personalized")
     params = [p for n, p in unet.named_parameters() if "lora" in n]
     for p in params:

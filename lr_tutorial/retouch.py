@@ -139,7 +139,7 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
     m = m_ctx.clone()
     zt = layout.trajectory.latents[start_step].to(bundle.device, bundle.dtype)
     traj = sampling.Trajectory(latents=[zt.detach().cpu()])
-    used = []
+    used, acc, n_seen = [], 0.0, 0
     with bundle.using("personalized" if bundle.has_personal else "vanilla"), \
             attention.swap(bundle.unet, ctl), attention.capture(bundle.unet, spec) as store:
         for k in range(start_step, steps):
@@ -160,8 +160,10 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
                 mm = m[:, None].to(zt)
                 zt = mm * zt + (1 - mm) * layout.trajectory.latents[k + 1].to(zt)
             if mask_cfg.adaptive and mask_cfg.source != "segmenter" and k in win:  # attention-based
-                seen = sorted(s for s in store.steps() if s in win)
-                a = aggregate(store, target_rows, steps, mask_cfg, size, steps=seen)
+                # running mean over the window's steps seen so far (each step: mean over layers)
+                acc = acc + aggregate(store, target_rows, steps, mask_cfg, size, steps=[k])
+                n_seen += 1
+                a = acc / n_seen
                 own = np.stack([masks.feather(masks.normalize(ai) >= mask_cfg.tau_lo,
                                               mask_cfg.feather) for ai in a])
                 m = torch.maximum(m_ctx, torch.as_tensor(own))
