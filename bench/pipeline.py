@@ -64,6 +64,8 @@ def setup(a):
         prompts = ["a sks dog on the beach", "a photo of a sks dog", "a sks dog in the snow",
                    "a red sks dog"]
         ref = (np.random.default_rng(0).random((1, latent * 8, latent * 8, 3)) * 255).astype(np.uint8)
+    if a.fuse_lora:  # every case, plain sampling included, runs the merged LoRA
+        bundle.set_fuse_lora(True)
     prompts = [prompts[i % len(prompts)] for i in range(a.images)]
     seeds = [i // len(set(prompts)) for i in range(a.images)]  # prompts x seeds
     return bundle, prompts, seeds, ref, device
@@ -141,7 +143,8 @@ def memory(a, device, cases) -> dict[str, int]:
     for name in cases:
         args = [sys.executable, __file__, "--memory-case", name, "--backend", a.backend,
                 "--steps", str(a.steps), "--images", str(a.images), "--batch", str(a.batch),
-                "--guidance", str(a.guidance)] + (["--latent", str(a.latent)] if a.latent else [])
+                "--guidance", str(a.guidance)] + (["--latent", str(a.latent)] if a.latent else []) \
+            + (["--fuse-lora"] if a.fuse_lora else [])
         res = subprocess.run(args, capture_output=True, text=True)
         line = [x for x in res.stdout.splitlines() if x.startswith("MEMORY ")]
         if not line:
@@ -190,6 +193,9 @@ def main() -> None:
                     help="sd15-random: latent side (default 64 = 512 px on a GPU, 16 on a CPU)")
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
+    ap.add_argument("--fuse-lora", action="store_true",
+                    help="merge the LoRA into the UNet weights while personalized "
+                         "(ModelBundle.set_fuse_lora), in every case")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--profile", choices=("torch", "cprofile"), default=None,
                     help="instead of timing: profile one run of (d) batched ('before') and (c) "
@@ -245,7 +251,8 @@ def main() -> None:
 
     print(f"# {a.backend}: {n} images ({len(set(prompts))} prompts x {len(set(seeds))} seeds) "
           f"sharing one reference, {a.batch} per call, {a.steps} DDIM steps, CFG {a.guidance}, "
-          f"{device}, {bundle.dtype}, latent {bundle.latent_size}")
+          f"{device}, {bundle.dtype}, latent {bundle.latent_size}"
+          f"{', LoRA merged (--fuse-lora)' if a.fuse_lora else ''}")
     print(f"# {header}")
     print(f"# {a.reps} interleaved repetitions in {total_wall:.0f} s; s/image = median; "
           "time ratio = median of per-repetition ratios to (a)")

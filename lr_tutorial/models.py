@@ -60,6 +60,8 @@ class ModelBundle:
         self._vanilla_unet = self.unet
         self._base_identifier_row = None
         self._lora_layers = None  # (key, peft layers) cached by _lora_switch
+        self._base_weights: dict = {}  # id(layer) -> (layer, base weight before merging)
+        self.fuse_lora = False  # set_fuse_lora
         if self.personal_unet is not None:
             check_same_architecture(self.unet.config, self.personal_unet.config, "personal_unet")
         self._apply(self.mode)
@@ -118,16 +120,50 @@ class ModelBundle:
         that adds or removes adapters sets `_lora_layers = None` (attach_lora, personalize)."""
         key = (id(self.unet), self.adapter_name)
         if self._lora_layers is not None and self._lora_layers[0] == key:
+            self._unmerge()
             for layer in self._lora_layers[1]:
                 layer.enable_adapters(on)
-            return
-        if on:
-            self.unet.enable_adapters()
-            self.unet.set_adapters([self.adapter_name])
         else:
-            self.unet.disable_adapters()
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        self._lora_layers = (key, [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)])
+            self._unmerge()
+            if on:
+                self.unet.enable_adapters()
+                self.unet.set_adapters([self.adapter_name])
+            else:
+                self.unet.disable_adapters()
+            from peft.tuners.tuners_utils import BaseTunerLayer
+            self._lora_layers = (key, [m for m in self.unet.modules()
+                                       if isinstance(m, BaseTunerLayer)])
+        if on and self.fuse_lora:
+            self._merge()
+
+    # LoRA merged into the weights while personalized (fuse_lora): W <- W + s B A, then
+    # W copied back bit for bit when switching off, so vanilla outputs never drift.
+    @torch.no_grad()
+    def _merge(self) -> None:
+        for layer in self._lora_layers[1]:
+            weight = layer.get_base_layer().weight
+            self._base_weights.setdefault(id(layer), (layer, weight.detach().clone()))
+            layer.merge(adapter_names=[self.adapter_name])
+
+    @torch.no_grad()
+    def _unmerge(self) -> None:
+        for layer, saved in self._base_weights.values():
+            if layer.merged:
+                layer.unmerge()
+            layer.get_base_layer().weight.copy_(saved)
+        self._base_weights.clear()
+
+    def set_fuse_lora(self, fuse: bool) -> None:
+        """Merge the LoRA into the UNet's weights whenever the bundle is personalized (off by
+        default). Inference only: an unmerged LoRA layer runs three ops (base, A, B) where a
+        merged one runs one, which is most of the cost of a personalized step on the toy UNet
+        (bench/pipeline.py --fuse-lora). Switching to vanilla copies the saved base weights
+        back exactly, so the vanilla model is bit-for-bit unchanged; personalized outputs
+        differ from the unmerged LoRA's by float rounding only. Memory: a copy of every
+        adapted base weight while merged. personalize.dreambooth_lora turns it off to train."""
+        self.fuse_lora = bool(fuse)
+        if self.personalization == "lora" and self.mode == "personalized":
+            self._lora_switch(True)
 
     def set_identifier_embedding(self, row: int | None, learned: torch.Tensor | None = None) -> None:
         """Give the personalized model a learned input embedding (D,) for token `row` (the

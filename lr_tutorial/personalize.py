@@ -100,6 +100,8 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
                          f"{bundle.image_size}x{bundle.image_size}; resize them first")
     if out_dir is not None:  # fail before training, not after
         refuse_existing(out_dir, overwrite, what="LoRA")
+    fused = bundle.fuse_lora
+    bundle.set_fuse_lora(False)  # training needs the LoRA unmerged: its gradients flow through it
     if bundle.personalization == "lora" and cfg.adapter_name in getattr(bundle.unet, "peft_config", {}):
         bundle.unet.delete_adapters(cfg.adapter_name)
         bundle._lora_layers = None
@@ -147,6 +149,7 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
         _finish_identifier(bundle, token)
     if out_dir is not None:
         _save_lora(bundle, Path(out_dir), cfg, overwrite)
+    bundle.set_fuse_lora(fused)
     return bundle
 
 
