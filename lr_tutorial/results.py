@@ -167,11 +167,27 @@ def plot(tab: list[dict], folder: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    x, y = ("fidelity", "identity") if toy else ("t_clip", "i_dino")
-    allc = [t for t in tab if t["category"] == "all" and t.get(x) is not None]
     fig, ax = plt.subplots(figsize=(5, 4))
+    tradeoff(tab, ax)
+    fig.tight_layout()
+    paths.append(folder / "lambda1_tradeoff.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def tradeoff(tab: list[dict], ax, x: str | None = None, y: str | None = None) -> None:
+    """Draw prompt fidelity (x) against identity (y) along the lambda1 sweep on `ax`: one line
+    per swept method (stage1, layout_and_retouch), points labelled lambda1 / N, and the
+    vanilla and personalized models as stars. Defaults: fidelity / identity (ShapeWorld),
+    t_clip / i_dino (real images)."""
+    toy = "fidelity" in tab[0]
+    x = x or ("fidelity" if toy else "t_clip")
+    y = y or ("identity" if toy else "i_dino")
+    allc = [t for t in tab if t["category"] == "all" and t.get(x) is not None]
     for m in ("stage1", "layout_and_retouch"):
-        pts = sorted((t for t in allc if t["method"] == m), key=lambda t: t["lambda1"])
+        pts = sorted({t["lambda1"]: t for t in allc if t["method"] == m}.values(),
+                     key=lambda t: t["lambda1"])  # the default variant repeats a sweep point
         if len(pts) > 1:
             ax.plot([t[x] for t in pts], [t[y] for t in pts], "o-", label=m)
             for t in pts:
@@ -184,8 +200,20 @@ def plot(tab: list[dict], folder: Path) -> list[Path]:
     ax.set_ylabel(f"{y} (identity)")
     ax.set_title("trade-off along lambda1 (labels: lambda1 / N)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(folder / "lambda1_tradeoff.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+
+
+def read_table(path: str | Path) -> list[dict]:
+    """A results.csv written by `write`, back as table rows (numbers parsed, empty cells None)."""
+    def parse(v: str):
+        if v == "":
+            return None
+        try:
+            return int(v)
+        except ValueError:
+            try:
+                return float(v)
+            except ValueError:
+                return v
+    with open(path, newline="") as f:
+        return [{k: (v if k in ("variant", "method", "category") else parse(v))
+                 for k, v in r.items()} for r in csv.DictReader(f)]

@@ -93,6 +93,9 @@ def test_run_writes_every_sample_tables_and_plots(done):
     assert (done / "plots" / "metrics_by_method.png").stat().st_size > 1000
     assert (done / "plots" / "lambda1_tradeoff.png").stat().st_size > 1000
     assert json.loads((done / "spec.json").read_text())["steps"] == 3
+    back = results.read_table(done / "results.csv")  # what notebook 06 reads: numbers, not text
+    for got, want_row in zip(back, results.table(results.load_rows(done, FOUR))):
+        assert {k: got[k] for k in want_row} == want_row
 
 
 @pytest.mark.slow
