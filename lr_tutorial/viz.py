@@ -59,6 +59,8 @@ def result_panel(result, bundle, index: int = 0, n_x0: int = 6):
            overlay(result.layout.images[index], ctx.mask), result.images[index]]
     titles = ["reference x^r", "reference mask M^r", "layout x^c (stage 1)",
               "class-token attention", "fused mask M^c", "Layout-and-Retouch"]
+    if not result.target.x0:  # the target started at the last step: no retouch step to show
+        return image_grid(top, titles, ncols=len(top), suptitle=result.prompts[index])
     ks = np.linspace(0, len(result.target.x0) - 1, n_x0).round().astype(int)
     x0 = sampling.decode(bundle, __import__("torch").cat(
         [result.target.x0[k][index:index + 1] for k in ks]))

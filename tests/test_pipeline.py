@@ -149,3 +149,27 @@ def test_reference_keys_values_are_cached_across_calls(bundle):
     assert len(lr._reference_kv) == 1
     (cache,) = lr._reference_kv.values()
     assert cache.complete() and cache.nbytes > 0
+
+
+def test_cli_generate_writes_the_image_panel_and_intermediates(tmp_path):
+    """`python -m lr_tutorial generate` on the toy backend, 6 steps, merged LoRA; and with 4
+    steps, where the retouch starts at the last step (min_lambda2 = 4) and the panel has no
+    x0 row."""
+    import json
+
+    from PIL import Image
+
+    from lr_tutorial import cli
+    out = tmp_path / "run"
+    assert cli.main(["generate", "--prompt", "a sks star on the left", "--seed", "3", "--steps", "6",
+                     "--lambda1", "1", "--lambda2", "1", "--lambda3", "3", "--fuse-lora",
+                     "--out", str(out)]) == 0
+    assert np.asarray(Image.open(out / "final.png")).shape == (64, 64, 3)
+    assert Image.open(out / "panel.png").size[0] > 200
+    assert (out / "final_00.png").exists() and (out / "layout_00.png").exists()
+    meta = json.loads((out / "result.json").read_text())
+    assert meta["seeds"] == [3] and meta["config"]["layout"]["lambda1"] == 1
+    assert meta["config"]["swap"]["lambda2"] == 1 and meta["config"]["mask"]["lambda3"] == 3
+    assert cli.main(["generate", "--prompt", "a sks star", "--steps", "4", "--out",
+                     str(tmp_path / "short")]) == 0
+    assert (tmp_path / "short" / "panel.png").exists()
