@@ -243,3 +243,35 @@ def test_kv_recording_leaves_the_output_unchanged_and_records_what_was_asked(une
     with pytest.raises(ValueError, match="not a self-attention layer"):
         with record_kv(unet, KVCache([layers[0].replace("attn1", "attn2")], [0])):
             pass
+
+
+def test_swap_attention_helpers_equal_their_plain_definitions():
+    """The swap's fast paths compute the same numbers as the definitions they replace:
+    _sdpa on (halves, B, heads, N, d) equals SDPA per 4-D slice, and attending to the gathered
+    keys inside M^r equals masking the others to -inf (float rounding: 1e-6 measured, 1e-5 bound)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 2, 16, 4, generator=g) for _ in range(3))
+    scale = 0.5
+    flat = attention._sdpa(q, k, v, scale)
+    per = torch.stack([torch.stack([torch.nn.functional.scaled_dot_product_attention(
+        q[i], k[i], v[i], scale=scale)[j:j + 1][0] for j in range(3)]) for i in range(2)])
+    assert flat.shape == q.shape and torch.allclose(flat, per, atol=1e-5)
+    inside = torch.zeros(16, dtype=torch.bool)
+    inside[[1, 2, 5, 6, 9]] = True
+    idx = inside.nonzero().squeeze(1)
+    gathered = attention._sdpa(q, k.index_select(-2, idx), v.index_select(-2, idx), scale)
+    masked = attention._sdpa(q, k, v, scale, mask=inside.expand(3, 16)[None, :, None, None, :])
+    assert torch.allclose(gathered, masked, atol=1e-5)
+    assert not torch.allclose(gathered, flat, atol=1e-3)  # the mask does something
+
+
+def test_current_processors_match_the_unet_and_follow_changes(unet):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    before = attention.current_processors(unet)
+    assert before == unet.attn_processors
+    path = attention.select_layers(unet, "up_blocks.*attn1", "self")[0]
+    mine = AttnProcessor2_0()
+    with attention.processors(unet, {path: mine}):
+        now = attention.current_processors(unet)
+        assert now == unet.attn_processors and now[path + ".processor"] is mine
+    assert attention.current_processors(unet) == before == unet.attn_processors
