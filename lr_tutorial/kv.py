@@ -37,12 +37,20 @@ class KVCache:
         self.device, self.dtype = device, dtype
         self.kv: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.step: int | None = None
+        self.group: list[int] | None = None  # several steps in one UNet call (on_steps)
         self.cfg = False
 
     def on_step(self, k: int, t: int | None = None, cfg: bool = False) -> None:
-        self.step, self.cfg = k, cfg
+        self.step, self.group, self.cfg = k, None, cfg
+
+    def on_steps(self, ks: Sequence[int], cfg: bool = False) -> None:
+        """The next UNet call holds several steps, one row each (twice under CFG: batch
+        [uncond rows of ks; cond rows of ks]); `put` files each step's rows under its step."""
+        self.step, self.group, self.cfg = None, [int(k) for k in ks], cfg
 
     def wants(self, path: str) -> bool:
+        if self.group is not None:
+            return path in self.layers and any(k in self.steps for k in self.group)
         if self.step is None:
             raise RuntimeError("the KV cache does not know the step: pass it to the sampler "
                                "(observers=[cache])")
@@ -50,7 +58,14 @@ class KVCache:
 
     def put(self, path: str, k: torch.Tensor, v: torch.Tensor) -> None:
         to = dict(device=self.device or k.device, dtype=self.dtype or k.dtype)
-        self.kv[(path, self.step)] = (k.detach().to(**to), v.detach().to(**to))
+        if self.group is None:
+            self.kv[(path, self.step)] = (k.detach().to(**to), v.detach().to(**to))
+            return
+        n = len(self.group)
+        for i, step in enumerate(self.group):  # rows i (and n + i, the cond half, under CFG)
+            if step in self.steps:
+                rows = [i, n + i] if self.cfg else [i]
+                self.kv[(path, step)] = tuple(x.detach()[rows].to(**to) for x in (k, v))
 
     def get(self, path: str, step: int, device=None, dtype=None):
         try:

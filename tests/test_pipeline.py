@@ -173,3 +173,23 @@ def test_cli_generate_writes_the_image_panel_and_intermediates(tmp_path):
     assert cli.main(["generate", "--prompt", "a sks star", "--steps", "4", "--out",
                      str(tmp_path / "short")]) == 0
     assert (tmp_path / "short" / "panel.png").exists()
+
+
+def test_kv_cache_files_the_rows_of_a_multi_step_call_under_their_steps():
+    """reference_kv runs several replay steps per UNet call; the batch is [uncond rows of the
+    steps; cond rows of the steps], and each step must get its own (uncond, cond) pair."""
+    from lr_tutorial.kv import KVCache
+    cache = KVCache(["a.attn1"], steps=[4, 5, 6])
+    k = torch.arange(6.0).view(6, 1, 1, 1)  # rows: u4 u5 u6 c4 c5 c6
+    cache.on_steps([4, 5, 6], cfg=True)
+    assert cache.wants("a.attn1") and not cache.wants("b.attn1")
+    cache.put("a.attn1", k, -k)
+    for i, step in enumerate([4, 5, 6]):
+        kk, vv = cache.get("a.attn1", step)
+        assert kk.flatten().tolist() == [i, 3 + i] and torch.equal(vv, -kk)
+    cache.on_steps([7], cfg=False)
+    assert not cache.wants("a.attn1")  # step 7 was not asked for
+    cache.on_steps([6, 7], cfg=False)
+    cache.put("a.attn1", k[:2] + 10, k[:2])
+    assert cache.get("a.attn1", 6)[0].flatten().tolist() == [10.0]
+    assert cache.complete() and not any(s == 7 for _, s in cache.kv)
