@@ -119,12 +119,11 @@ class ModelBundle:
         `enable_adapters(on)`, which is what diffusers does per layer, minus the walk. Code
         that adds or removes adapters sets `_lora_layers = None` (attach_lora, personalize)."""
         key = (id(self.unet), self.adapter_name)
+        self._unmerge()
         if self._lora_layers is not None and self._lora_layers[0] == key:
-            self._unmerge()
             for layer in self._lora_layers[1]:
                 layer.enable_adapters(on)
         else:
-            self._unmerge()
             if on:
                 self.unet.enable_adapters()
                 self.unet.set_adapters([self.adapter_name])

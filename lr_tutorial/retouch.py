@@ -108,12 +108,8 @@ def reference_kv(bundle, reference: ReferenceInversion, layers: list[str], steps
             z = torch.cat([reference.trajectory.latents[k] for k in group]).to(bundle.device,
                                                                                bundle.dtype)
             t = torch.stack([sched.timesteps[k] for k in group]).to(bundle.device)  # (n,)
-            if guidance != 1.0:  # [uncond rows; cond rows], as guided_eps lays them out
-                bundle.unet(torch.cat([z, z]), torch.cat([t, t]),
-                            encoder_hidden_states=torch.cat([uncond.expand(n, -1, -1),
-                                                             cond.expand(n, -1, -1)]))
-            else:
-                bundle.unet(z, t, encoder_hidden_states=cond.expand(n, -1, -1))
+            sampling.guided_eps(bundle.unet, z, t, cond.expand(n, -1, -1),
+                                uncond.expand(n, -1, -1), guidance)
     return cache
 
 

@@ -71,10 +71,12 @@ def initial_noise(bundle, seeds: list[int]) -> torch.Tensor:
 
 def guided_eps(unet, z: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor | None,
                guidance: float) -> torch.Tensor:
-    """Classifier-free guidance, both halves in one UNet call. z: (B, C, h, w)."""
+    """Classifier-free guidance, both halves in one UNet call: batch [uncond rows; cond rows].
+    z: (B, C, h, w); t: one timestep, or (B,) with a timestep per row."""
     if uncond is None or guidance == 1.0:
         return unet(z, t, encoder_hidden_states=cond).sample
-    out = unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+    tt = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim == 1 else t
+    out = unet(torch.cat([z, z]), tt, encoder_hidden_states=torch.cat([uncond, cond])).sample
     eps_u, eps_c = out.chunk(2)
     return eps_u + guidance * (eps_c - eps_u)
 
