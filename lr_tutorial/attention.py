@@ -389,9 +389,10 @@ class SwapController:
     """Per-step state shared by the swap processors: the phase, and the target and reference
     masks (B, H, W) in [0, 1] at latent resolution, resized per layer on demand.
 
-    The batch of every UNet call is [reference; context; target] (each B rows), twice
-    ([uncond; cond]) under classifier-free guidance; or, with `sources` set to KV caches of
-    the reference and the context (lr_tutorial.kv), the target rows alone.
+    The batch of every UNet call is [reference; context; target] (each B rows, or one
+    reference row for all with `shared_reference`), twice ([uncond; cond]) under
+    classifier-free guidance; or, with `sources` set to KV caches of the reference and the
+    context (lr_tutorial.kv), the target rows alone.
     """
 
     def __init__(self, unet, config: SwapConfig, n_steps: int, latent_size: int | None = None):
@@ -412,6 +413,9 @@ class SwapController:
         # None: the batch holds [reference; context; target]. Else {"reference": KVCache,
         # "context": KVCache} and the batch holds the target rows only (lr_tutorial.kv).
         self.sources: dict | None = None
+        # batched only: True when one reference row serves every target (per CFG half
+        # [reference (1); context (B); target (B)], 2B + 1 rows instead of 3B)
+        self.shared_reference = False
 
     def on_step(self, k: int, t: int | None = None, cfg: bool = False) -> None:
         self.step, self.cfg = k, cfg
@@ -500,28 +504,30 @@ class SwapProcessor:
         q, k, v = project_qkv(attn, hidden_states)  # (N, heads, HW, d)
         halves = 2 if self.ctl.cfg else 1
         n, h, hw, d = q.shape
-        if self.ctl.sources is None:  # batched: N = halves * 3 * B rows [ref; ctx; tgt]
-            b = n // (3 * halves)
-            split = lambda x: x.view(halves, 3, b, h, hw, d)  # noqa: E731
+        if self.ctl.sources is None:  # batched: per half, rows [ref (R); ctx (B); tgt (B)]
+            per = n // halves
+            r = 1 if self.ctl.shared_reference else per // 3  # R = 1 (shared) or B
+            b = (per - r) // 2
+            split = lambda x: x.view(halves, per, h, hw, d)  # noqa: E731
             q5, k5, v5 = split(q), split(k), split(v)
-            o = _sdpa(q, k, v, attn.scale).view(halves, 3, b, h, hw, d).clone()
-            src = lambda i: (k5[:, i], v5[:, i])  # noqa: E731
-            o[:, 2] = self.target_output(act, q5[:, 2], lambda w: src(BRANCHES.index(w)),
-                                         attn.scale)
+            o = _sdpa(q, k, v, attn.scale).view(halves, per, h, hw, d).clone()
+            rows = {"reference": slice(0, r), "context": slice(r, r + b)}
+            src = lambda w: (k5[:, rows[w]], v5[:, rows[w]])  # noqa: E731  (halves, R|B, ...)
+            o[:, r + b:] = self.target_output(act, q5[:, r + b:], src, attn.scale)
         else:  # cached: N = halves * B target rows; K/V of the sources from their KV caches
             b = n // halves
 
             def src(which):
                 ks, vs = self.ctl.sources[which].get(self.path, self.ctl.step, q.device, q.dtype)
                 rows = ks.shape[0] // halves  # 1 (a shared reference) or B
-                return tuple(x.view(halves, rows, h, hw, d).expand(halves, b, h, hw, d)
-                             for x in (ks, vs))
+                return tuple(x.view(halves, rows, h, hw, d) for x in (ks, vs))
             o = self.target_output(act, q.view(halves, b, h, hw, d), src, attn.scale)
         return output(attn, o.reshape(n, h, hw, d), hidden_states)
 
     def target_output(self, act, qt, src, scale):
         """The target's attention output. qt: (halves, B, heads, HW, d); src(branch) -> (K, V)
-        of that branch, same shape."""
+        of that branch, (halves, 1 or B, heads, HW, d) (one row: shared by every target;
+        _sdpa broadcasts it)."""
         b, hw = qt.shape[1], qt.shape[3]
         if act == "structure":
             return _sdpa(qt, *src("context"), scale)

@@ -10,7 +10,8 @@ about two; the safety factor covers allocator overhead):
     peak = weights on the device + max(UNet call of stage 2, VAE decode)
     UNet call  = rows x (skip connections + largest transformer working set) x 2 (safety)
                  + explicit attention of the largest captured layer
-                 (rows = 3 branches x batch x 2 for classifier-free guidance)
+                 (rows = (2 x batch + 1) x 2 for the three-branch batch [reference (1);
+                 context; target] under classifier-free guidance, batch x 2 when cached)
     explicit attention (captured layers run without fused SDPA) = 2 x rows x heads x HW x K x 4 B
     VAE decode = batch x 6 x the largest decoder activation (channels x pixels) x bytes
 
@@ -91,9 +92,13 @@ def attention_bytes(bundle, path: str, rows: int) -> int:
     return 2 * rows * heads * hw * keys * 4
 
 
-def estimate(bundle, config=None, batch: int = 1, capture=None) -> MemoryEstimate:
+def estimate(bundle, config=None, batch: int = 1, capture=None, stage2: str = "batched",
+             ) -> MemoryEstimate:
     """The peak memory of `LayoutAndRetouch(bundle, config)(prompts, capture=capture)` on
-    `batch` prompts, on the device the UNet is on (see the module docstring)."""
+    `batch` prompts, on the device the UNet is on (see the module docstring). stage2: the
+    path stage 2 takes (LayoutAndRetouch.stage2_path): "batched" runs 2 x batch + 1 rows per
+    CFG half, "cached" the batch's target rows (its key/value caches live on the CPU on a GPU
+    machine, so they are not part of the device's peak)."""
     from .pipeline import LRConfig
 
     config = config or LRConfig()
@@ -102,7 +107,10 @@ def estimate(bundle, config=None, batch: int = 1, capture=None) -> MemoryEstimat
               "text_encoder": bundle.text_encoder, "vae": bundle.vae}
     by_model = {k: _nbytes(m, device_type) for k, m in models.items() if m is not None}
     el = torch.finfo(bundle.dtype).bits // 8
-    rows = 3 * batch * (2 if config.layout.guidance != 1.0 else 1)
+    if stage2 not in ("batched", "cached"):
+        raise ValueError(f"stage2 must be 'batched' or 'cached', got {stage2!r}")
+    branch_rows = 2 * batch + 1 if stage2 == "batched" else batch
+    rows = branch_rows * (2 if config.layout.guidance != 1.0 else 1)
 
     cfg = bundle.unet.config
     s, chans, lpb = bundle.latent_size, list(cfg.block_out_channels), cfg.layers_per_block
@@ -155,14 +163,14 @@ def options(est: MemoryEstimate, bundle, batch: int) -> list[str]:
 
 
 def check(bundle, config=None, batch: int = 1, capture=None, free_bytes: int | None = None,
-          ) -> MemoryEstimate | None:
+          stage2: str = "batched") -> MemoryEstimate | None:
     """Estimate the run's peak and warn (MemoryWarning) with concrete options when it exceeds
     the free memory. `free_bytes` None: ask the device (returns None without a check on a CPU)."""
     if free_bytes is None:
         free_bytes = free_memory(bundle.device)
         if free_bytes is None:
             return None
-    est = estimate(bundle, config, batch, capture)
+    est = estimate(bundle, config, batch, capture, stage2)
     if est.total > free_bytes:
         opts = "\n".join(f"  - {o}" for o in options(est, bundle, batch))
         warnings.warn(MemoryWarning(

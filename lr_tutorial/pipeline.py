@@ -24,7 +24,7 @@ from . import attention, masks, memory, sampling
 from .files import atomic_folder
 from .images import as_batch
 from .layout import LayoutConfig, LayoutResult, resolve_steps, step_blended
-from .kv import KVCache, record_kv
+from .kv import KVCache, cache_bytes, record_kv
 from .prompts import check_prompts, token_index
 from .retouch import (ReferenceInversion, aggregate, invert_reference, kv_plan, mask_layers,
                       reference_kv, retouch)
@@ -42,16 +42,23 @@ class LRConfig:
     before it; 0: from z_0, with the structure phase's attention swap).
     stage2: "cached" runs the target alone, reading the context's keys/values recorded in
     stage 1 and the reference's from a replay cached per reference (needs start >= lambda1);
-    "batched" runs the three branches in one UNet call per step. Same result (tested), the
-    cached path at about a third of the UNet work; a `capture=` of stage 2 uses "batched"
-    since it records every branch."""
+    "batched" runs the three branches in one UNet call per step (one reference row for all
+    targets: 2B + 1 rows); "auto" (default) takes "cached" when its key/value caches fit in
+    `kv_budget_gb` and the target starts after lambda1, else "batched". Same result (tested),
+    the cached path at about half the UNet work of stage 2; a `capture=` of stage 2 uses
+    "batched" since it records every branch.
+    kv_budget_gb: memory the cached path may hold in keys/values (kv.cache_bytes: about 2.2 GB
+    per image at Stable Diffusion 1.5's 512 px, fp16, 50 steps; 19 MB on the toy); None: half
+    the memory available where the caches live when the run starts (the host's RAM: on a
+    GPU the caches are kept on the CPU)."""
     layout: LayoutConfig = field(default_factory=LayoutConfig)
     swap: attention.SwapConfig = field(default_factory=attention.SwapConfig)
     mask: masks.MaskConfig = field(default_factory=masks.MaskConfig)
     reference_prompt: str | None = None
     reference_index: int = 0
     start_step: int | None = None
-    stage2: str = "cached"
+    stage2: str = "auto"
+    kv_budget_gb: float | None = None
 
     def __post_init__(self):
         self.validate()
@@ -72,8 +79,13 @@ class LRConfig:
                 f"lambda2 = {self.swap.lambda2} (the retouch phase starts at step {l2} of {n}): "
                 "blending would stop before the retouch it keeps to the subject. Give "
                 "lambda3 >= lambda2, or lambda3 = 0 to switch blending off")
-        if self.stage2 not in ("cached", "batched"):
-            raise ValueError(f"stage2 must be 'cached' or 'batched', got {self.stage2!r}")
+        if self.stage2 not in ("auto", "cached", "batched"):
+            raise ValueError(f"stage2 must be 'auto', 'cached' or 'batched', got {self.stage2!r}")
+        if self.kv_budget_gb is not None and (
+                isinstance(self.kv_budget_gb, bool) or not isinstance(self.kv_budget_gb, numbers.Real)
+                or not self.kv_budget_gb >= 0):
+            raise ValueError(f"kv_budget_gb must be None (half the available memory) or a number "
+                             f"of GB >= 0, got {self.kv_budget_gb!r}")
         if self.start_step is not None and (
                 isinstance(self.start_step, bool) or not isinstance(self.start_step, numbers.Integral)
                 or not 0 <= self.start_step < n):
@@ -111,7 +123,7 @@ class Result:
     target: sampling.Trajectory
     reference: ReferenceInversion
     masks: Masks
-    attention: object  # AttentionStore of the class token in stage 2 (all three branches)
+    attention: object  # AttentionStore of the class token in stage 2 (batched: rows [ref (1); ctx (B); tgt (B)])
     config: dict
     versions: dict
     capture: object = None  # the caller's own AttentionStore of stage 2 (capture= argument)
@@ -135,6 +147,16 @@ class Result:
                     "versions": self.versions}
             (tmp / "result.json").write_text(json.dumps(meta, indent=1))
         return Path(folder)
+
+
+def available_memory() -> int:
+    """Bytes of host memory available now (psutil's `available`, else free pages)."""
+    try:
+        import psutil
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # psutil comes with Jupyter; without it, the free pages (Linux, macOS)
+        import os
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def versions() -> dict:
@@ -220,7 +242,8 @@ class LayoutAndRetouch:
                  seed: int | list[int] = 0, callback=None,
                  capture: attention.CaptureSpec | None = None) -> Result:
         """Run both stages. `capture`: an extra CaptureSpec recorded during stage 2 for all
-        three branches (rows [reference; context; target] x B), e.g. what a scrubber shows."""
+        three branches (rows [reference (1); context (B); target (B)]), e.g. what a scrubber
+        shows."""
         cfg, bundle = self.config, self.models
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         seeds = [seed] * len(prompts) if isinstance(seed, numbers.Integral) else list(seed)
@@ -236,17 +259,12 @@ class LayoutAndRetouch:
         n, size = cfg.layout.steps, bundle.latent_size
         cfg.validate(bundle.unet, size)  # every knob, before any denoising
         cls = check_prompts(bundle, prompts)
-        memory.check(bundle, cfg, batch=len(prompts), capture=capture)
+        stage2 = self.stage2_path(len(prompts), capture)
+        memory.check(bundle, cfg, batch=len(prompts), capture=capture, stage2=stage2)
         ref = self.reference(reference_images)
 
         start = self.start_step()
-        cached = cfg.stage2 == "cached" and capture is None
-        lambda1 = resolve_steps(cfg.layout.lambda1, n, "lambda1")
-        if cached and start < lambda1:
-            raise ValueError(
-                f"stage2='cached' reads the context's keys/values from stage 1's personalized "
-                f"steps (k >= lambda1 = {lambda1}), but the target starts at step {start}. Use "
-                f"start_step >= {lambda1}, or LRConfig(stage2='batched').")
+        cached = stage2 == "cached"
         layers, kv_steps = kv_plan(bundle, cfg.swap, n, start) if cached else ([], [])
         kv_device = "cpu" if bundle.device.type == "cuda" else None  # keep GPU memory free
 
@@ -277,10 +295,48 @@ class LayoutAndRetouch:
                 bundle, layout, ref, np.stack([m.mask for m in ctx_masks]), cls,
                 swap_cfg=cfg.swap, mask_cfg=cfg.mask, steps=n, guidance=cfg.layout.guidance,
                 start_step=start, callback=callback, observers=(user,) if user else (), kv=kv)
+        record = {**run_record(bundle, cfg, self.segmenter, ref.image), "stage2_used": stage2}
         return Result(prompts, seeds, sampling.decode(bundle, z), layout, traj, ref,
-                      Masks(ctx_masks, ref.mask, per_step), store2,
-                      run_record(bundle, cfg, self.segmenter, ref.image), versions(),
+                      Masks(ctx_masks, ref.mask, per_step), store2, record, versions(),
                       capture=user)
+
+    def stage2_path(self, batch: int, capture=None) -> str:
+        """"cached" or "batched": the stage-2 path a call on `batch` prompts takes (LRConfig.stage2;
+        "auto" weighs the key/value caches against kv_budget_gb). Raises for "cached" when the
+        target starts before lambda1."""
+        cfg, bundle = self.config, self.models
+        n = cfg.layout.steps
+        if capture is not None or cfg.stage2 == "batched":
+            return "batched"
+        start, lambda1 = self.start_step(), resolve_steps(cfg.layout.lambda1, n, "lambda1")
+        if start < lambda1:
+            if cfg.stage2 == "auto":
+                return "batched"
+            raise ValueError(
+                f"stage2='cached' reads the context's keys/values from stage 1's personalized "
+                f"steps (k >= lambda1 = {lambda1}), but the target starts at step {start}. Use "
+                f"start_step >= {lambda1}, or LRConfig(stage2='batched').")
+        if cfg.stage2 == "cached":
+            return "cached"
+        need = self.kv_bytes(batch)
+        return "cached" if need <= self.kv_budget() else "batched"
+
+    def kv_bytes(self, batch: int) -> int:
+        """Bytes of the key/value caches the cached stage 2 adds for `batch` prompts: the
+        context's (2 rows per prompt under CFG) and the reference's (once per reference)."""
+        cfg, bundle = self.config, self.models
+        n = cfg.layout.steps
+        layers, steps = kv_plan(bundle, cfg.swap, n, self.start_step())
+        halves = 2 if cfg.layout.guidance != 1.0 else 1
+        return cache_bytes(bundle.unet, layers, steps, halves * (batch + 1), bundle.latent_size,
+                           bundle.dtype)
+
+    def kv_budget(self) -> int:
+        """LRConfig.kv_budget_gb in bytes; None: half the memory available where the caches
+        live (host RAM on a GPU machine and on a CPU)."""
+        if self.config.kv_budget_gb is not None:
+            return int(self.config.kv_budget_gb * 1024 ** 3)
+        return available_memory() // 2
 
     def start_step(self) -> int:
         """The step the target branch starts from (config.start_step; None: max(lambda1, lambda2))."""

@@ -1,7 +1,7 @@
 """Stage 2: retouch by multi-source attention swap, with adaptive mask blending.
 
 Three branches share one UNet call per step (x2 for classifier-free guidance), batch order
-[reference; context; target] (docs/method.md stage 2); or, faster, the target alone reads the
+[reference (one row for all targets); context; target] (docs/method.md stage 2); or, faster, the target alone reads the
 other two branches' keys/values cached from stage 1 and from a replay of the reference
 (`kv=`, lr_tutorial.kv):
 - reference r: the DDIM inversion of x^r, replayed: z^r_k is read from its trajectory;
@@ -123,7 +123,8 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
     (N - start, B, h, w), the attention store of the class token for the branches in the
     batch). Extra observers (e.g. a user's attention store, already capturing) hear every step.
 
-    kv=None: the batched path, three branches per UNet call, batch [reference; context; target].
+    kv=None: the batched path, three branches per UNet call, batch [reference (one row, shared
+    by every target); context; target], 2B + 1 rows (x2 under CFG).
     kv={"reference": KVCache, "context": KVCache} (kv_plan's layers and steps): the target rows
     alone, reading the other branches' keys/values from the caches; same result, a third of
     the UNet work (the context cache comes from stage 1, lr_tutorial.kv)."""
@@ -137,10 +138,11 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
     ctl = attention.SwapController(bundle.unet, swap_cfg, steps, size)
     ctl.set_masks(target=m_ctx, reference=torch.as_tensor(reference.mask.mask)[None])
     mask_layers_ = mask_layers(bundle.unet, mask_cfg, size)
-    if kv is None:
-        cond = torch.cat([sampling.encode_prompts(bundle, [reference.prompt] * b), cond_p, cond_p])
-        tokens = [[ref_class]] * b + [[i] for i in class_indices] * 2
-        target_rows = slice(2 * b, 3 * b)
+    if kv is None:  # one reference row serves every target: [ref (1); ctx (B); tgt (B)]
+        ctl.shared_reference = True
+        cond = torch.cat([sampling.encode_prompts(bundle, [reference.prompt]), cond_p, cond_p])
+        tokens = [[ref_class]] + [[i] for i in class_indices] * 2
+        target_rows = slice(1 + b, 1 + 2 * b)
     else:
         ctl.sources = kv
         cond, tokens, target_rows = cond_p, [[i] for i in class_indices], slice(0, b)
@@ -158,7 +160,7 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
             for obs in (ctl, store, *observers):
                 obs.on_step(k, int(t), guidance != 1.0)
             if kv is None:
-                zr = reference.trajectory.latents[k].to(zt).expand(b, -1, -1, -1)
+                zr = reference.trajectory.latents[k].to(zt)  # (1, C, h, w)
                 zc = layout.trajectory.latents[k].to(zt)
                 z_in = torch.cat([zr, zc, zt])
             else:

@@ -75,8 +75,9 @@ class ScrubData:
                     m = m[:, None] if m.ndim == 3 else m  # (rows, heads, HW, tokens)
                     for br, r in rows.items():
                         att[br][(step, layer)] = m[r].numpy()
-        if any(m.shape[0] == 3 * b for m in store.maps.values()):  # batched stage 2
-            take(store, {"reference": index, "context": b + index, "target": 2 * b + index})
+        if any(m.shape[0] == 2 * b + 1 for m in store.maps.values()):  # batched stage 2:
+            # rows [reference (one, shared); context (B); target (B)]
+            take(store, {"reference": 0, "context": 1 + index, "target": 1 + b + index})
         else:  # cached stage 2 ran the target alone: the context's maps come from stage 1
             take(result.layout.store, {"context": index})
             take(store, {"target": index})

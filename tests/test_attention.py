@@ -152,8 +152,9 @@ def test_store_without_step_fails_loudly(unet):
 
 
 # ----------------------------------------------------------------------------- swap
-def _swap_run(unet, z, ctx, mode, step, cfg=False, ref_mask=None, tgt_mask=None):
+def _swap_run(unet, z, ctx, mode, step, cfg=False, ref_mask=None, tgt_mask=None, shared=False):
     ctl = attention.SwapController(unet, attention.SwapConfig(lambda2=4, mode=mode), n_steps=10)
+    ctl.shared_reference = shared
     ctl.set_masks(target=tgt_mask if tgt_mask is not None else torch.rand(1, 16, 16),
                   reference=ref_mask if ref_mask is not None else torch.ones(1, 16, 16))
     with torch.no_grad(), attention.swap(unet, ctl):
@@ -181,6 +182,33 @@ def test_swap_changes_only_the_target_rows(unet):
         got = _swap_run(unet, z, c, "multi", step, ref_mask=(torch.rand(1, 16, 16) > 0.5).float())
         assert torch.allclose(plain[:2], got[:2], atol=1e-5)  # reference and context untouched
         assert (plain[2] - got[2]).abs().max() > 1e-3  # the target reads from the others
+
+
+@pytest.mark.parametrize("step", [0, 7])
+def test_one_shared_reference_row_equals_a_reference_row_per_target(unet, step):
+    """Batched stage 2 with one reference for every target: [ref (1); ctx (B); tgt (B)] per CFG
+    half computes what [ref (B, the same latent repeated); ctx; tgt] computes, with B - 1 fewer
+    rows."""
+    torch.manual_seed(0)
+    b = 3
+    zr, zc, zt = torch.randn(1, 4, 16, 16), torch.randn(b, 4, 16, 16), torch.randn(b, 4, 16, 16)
+    cr, cc = torch.randn(1, components.MAX_LENGTH, 64), torch.randn(b, components.MAX_LENGTH, 64)
+    ref_mask, tgt_mask = (torch.rand(1, 16, 16) > 0.5).float(), torch.rand(b, 16, 16)
+    half_full = (torch.cat([zr.expand(b, -1, -1, -1), zc, zt]), torch.cat([cr.expand(b, -1, -1), cc, cc]))
+    half_one = (torch.cat([zr, zc, zt]), torch.cat([cr, cc, cc]))
+    full = _swap_run(unet, torch.cat([half_full[0]] * 2), torch.cat([half_full[1]] * 2), "multi",
+                     step, cfg=True, ref_mask=ref_mask, tgt_mask=tgt_mask)
+    one = _swap_run(unet, torch.cat([half_one[0]] * 2), torch.cat([half_one[1]] * 2), "multi",
+                    step, cfg=True, ref_mask=ref_mask, tgt_mask=tgt_mask, shared=True)
+    assert one.shape[0] == 2 * (2 * b + 1)
+    for h in range(2):  # the target rows of each CFG half, then the context rows
+        torch.testing.assert_close(one[h * (2 * b + 1) + 1 + b:(h + 1) * (2 * b + 1)],
+                                   full[h * 3 * b + 2 * b:(h + 1) * 3 * b], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(one[h * (2 * b + 1) + 1:h * (2 * b + 1) + 1 + b],
+                                   full[h * 3 * b + b:h * 3 * b + 2 * b], atol=1e-5, rtol=1e-5)
+    plain = _swap_run(unet, torch.cat([half_one[0]] * 2), torch.cat([half_one[1]] * 2), "none",
+                      step, cfg=True, ref_mask=ref_mask, tgt_mask=tgt_mask, shared=True)
+    assert (plain[1 + b:2 * b + 1] - one[1 + b:2 * b + 1]).abs().max() > 1e-3  # the swap acts
 
 
 def test_retouch_with_zero_target_mask_equals_context_only(unet):
@@ -243,6 +271,19 @@ def test_kv_recording_leaves_the_output_unchanged_and_records_what_was_asked(une
     with pytest.raises(ValueError, match="not a self-attention layer"):
         with record_kv(unet, KVCache([layers[0].replace("attn1", "attn2")], [0])):
             pass
+
+
+def test_kv_cache_bytes_are_known_before_recording(unet):
+    from lr_tutorial.kv import KVCache, cache_bytes, record_kv
+    layers = attention.select_layers(unet, "up_blocks.*attn1", "self")
+    z, t, ctx = _inputs(batch=3)
+    cache = KVCache(layers, steps=[1, 2])
+    with torch.no_grad(), record_kv(unet, cache):
+        for k in (1, 2):
+            cache.on_step(k)
+            unet(z, t, ctx)
+    assert cache.nbytes == cache_bytes(unet, layers, [1, 2], rows=3) > 0
+    assert cache_bytes(unet, layers, [1, 2], rows=3, dtype=torch.float16) == cache.nbytes // 2
 
 
 def test_swap_attention_helpers_equal_their_plain_definitions():

@@ -124,11 +124,34 @@ def test_cached_stage2_equals_the_batched_three_branch_stage2(bundle, mode):
 
 
 def test_cached_stage2_needs_the_target_to_start_after_lambda1(bundle):
-    cfg = LRConfig(layout=LayoutConfig(steps=6, lambda1=3), start_step=1)
+    cfg = LRConfig(layout=LayoutConfig(steps=6, lambda1=3), start_step=1, stage2="cached")
     with pytest.raises(ValueError, match="stage2='batched'"):
         LayoutAndRetouch(bundle, cfg)("a sks dog", np.zeros((64, 64, 3), np.uint8))
-    cfg.stage2 = "batched"  # the three-branch batch computes the context itself
-    assert len(LayoutAndRetouch(bundle, cfg)("a sks dog", np.zeros((64, 64, 3), np.uint8)).target) == 5
+    for stage2 in ("batched", "auto"):  # the three-branch batch computes the context itself
+        cfg.stage2 = stage2
+        res = LayoutAndRetouch(bundle, cfg)("a sks dog", np.zeros((64, 64, 3), np.uint8))
+        assert len(res.target) == 5 and res.config["stage2_used"] == "batched"
+
+
+def test_auto_stage2_caches_keys_and_values_only_within_the_budget(bundle):
+    ref = (np.random.default_rng(0).random((1, 64, 64, 3)) * 255).astype(np.uint8)
+    lr = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=6)))
+    need = lr.kv_bytes(batch=2)  # context: 2 prompts x 2 CFG rows; reference: 2 rows
+    assert need > 0 and lr.kv_bytes(batch=4) - need == 2 * (lr.kv_bytes(batch=3) - need)
+    assert lr.kv_budget() > need  # default: half the available memory
+    res = lr(PROMPTS, ref, seed=SEEDS)
+    assert res.config["stage2_used"] == "cached"
+    # what was really cached: the context's caches of this call plus the reference's
+    assert lr.kv_bytes(batch=2) == sum(c.nbytes for c in lr._reference_kv.values()) * 3
+    lr.config.kv_budget_gb = (need - 1) / 1024 ** 3  # one byte short: the batched path
+    assert lr.stage2_path(2) == "batched" and lr.stage2_path(1) == "cached"
+    small = lr(PROMPTS, ref, seed=SEEDS)
+    assert small.config["stage2_used"] == "batched"
+    assert next(iter(small.attention.maps.values())).shape[0] == 2 * 2 + 1  # [ref; ctx x2; tgt x2]
+    torch.testing.assert_close(small.target.latents[-1], res.target.latents[-1], atol=2e-5,
+                               rtol=1e-4)
+    with pytest.raises(ValueError, match="kv_budget_gb"):
+        LRConfig(kv_budget_gb=-1)
 
 
 def test_default_start_is_lambda2_or_lambda1_when_later(bundle):
