@@ -231,6 +231,7 @@ class AttentionStore:
         self.maps: dict[tuple[str, int], torch.Tensor] = {}
         self.step: int | None = None
         self.cfg = False
+        self.rows: slice | None = None  # this store's rows of the batch (None: all; sampling.denoise's rider)
 
     def on_step(self, k: int, t: int | None = None, cfg: bool = False) -> None:
         self.step, self.cfg = k, cfg
@@ -239,10 +240,14 @@ class AttentionStore:
         if self.step is None:
             raise RuntimeError("the attention store does not know the step: pass it to the "
                                "sampler (observers=[store]) or call store.on_step(k) yourself")
+        if self.rows == slice(0, 0):  # sampling.NO_ROWS: not this store's call
+            return False
         return self.spec.steps is None or self.step in self.spec.steps
 
     def add(self, layer: str, probs: torch.Tensor) -> None:
         """probs: (B, heads, HW, K) float."""
+        if self.rows is not None:
+            probs = probs[self.rows]
         if self.cfg and not self.spec.keep_uncond:
             probs = probs[probs.shape[0] // 2:]
         tokens = self.spec.tokens

@@ -39,6 +39,7 @@ class KVCache:
         self.step: int | None = None
         self.group: list[int] | None = None  # several steps in one UNet call (on_steps)
         self.cfg = False
+        self.rows: slice | None = None  # this cache's rows of the batch (None: all; sampling.denoise's rider)
 
     def on_step(self, k: int, t: int | None = None, cfg: bool = False) -> None:
         self.step, self.group, self.cfg = k, None, cfg
@@ -49,6 +50,8 @@ class KVCache:
         self.step, self.group, self.cfg = None, [int(k) for k in ks], cfg
 
     def wants(self, path: str) -> bool:
+        if self.rows == slice(0, 0):  # sampling.NO_ROWS: not this cache's call
+            return False
         if self.group is not None:
             return path in self.layers and any(k in self.steps for k in self.group)
         if self.step is None:
@@ -57,6 +60,8 @@ class KVCache:
         return self.step in self.steps and path in self.layers
 
     def put(self, path: str, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.rows is not None:
+            k, v = k[self.rows], v[self.rows]
         to = dict(device=self.device or k.device, dtype=self.dtype or k.dtype)
         if self.group is None:
             self.kv[(path, self.step)] = (k.detach().to(**to), v.detach().to(**to))

@@ -87,9 +87,11 @@ class LayoutResult:
 
 def step_blended(bundle, prompts: list[str], seeds: list[int], config: LayoutConfig | None = None,
                  *, callback=None, observers: tuple = (), decode: bool = True,
-                 checked: bool = False) -> LayoutResult:
+                 checked: bool = False, rider=None) -> LayoutResult:
     """Denoise with the vanilla model for k < lambda1 on y^-p, then the personalized one on y^p.
-    `checked`: the caller already ran prompts.check_prompts on these prompts."""
+    `checked`: the caller already ran prompts.check_prompts on these prompts. `rider`: a
+    sampling.Inversion that shares the personalized steps' UNet calls (the reference
+    inversion, lr_tutorial.pipeline); it needs the personalized model too."""
     cfg = config or LayoutConfig()
     cfg.validate()
     if len(prompts) != len(seeds):
@@ -113,6 +115,7 @@ def step_blended(bundle, prompts: list[str], seeds: list[int], config: LayoutCon
     if l1 < n:
         with bundle.using("personalized" if bundle.has_personal else "vanilla"):
             cond = sampling.encode_prompts(bundle, list(prompts))
-            z = sampling.denoise(bundle, z, cond, uncond, k_range=range(l1, n), **common)
+            z = sampling.denoise(bundle, z, cond, uncond, k_range=range(l1, n), rider=rider,
+                                 **common)
     images = sampling.decode(bundle, z) if decode else None
     return LayoutResult(images, traj, l1, list(prompts), vanilla_prompts)

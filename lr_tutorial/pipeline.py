@@ -27,7 +27,7 @@ from .layout import LayoutConfig, LayoutResult, resolve_steps, step_blended
 from .kv import KVCache, cache_bytes, record_kv
 from .prompts import check_prompts, token_index
 from .retouch import (ReferenceInversion, aggregate, invert_reference, kv_plan, mask_layers,
-                      reference_kv, retouch)
+                      reference_from, reference_kv, retouch, riding_inversion)
 
 
 @dataclass
@@ -48,7 +48,7 @@ class LRConfig:
     the cached path at about half the UNet work of stage 2; a `capture=` of stage 2 uses
     "batched" since it records every branch.
     kv_budget_gb: memory the cached path may hold in keys/values (kv.cache_bytes: about 2.2 GB
-    per image at Stable Diffusion 1.5's 512 px, fp16, 50 steps; 19 MB on the toy); None: half
+    per image at Stable Diffusion 1.5's 512 px, fp16, 50 steps; 16 MiB on the toy); None: half
     the memory available where the caches live when the run starts (the host's RAM: on a
     GPU the caches are kept on the CPU)."""
     layout: LayoutConfig = field(default_factory=LayoutConfig)
@@ -220,6 +220,16 @@ class LayoutAndRetouch:
     def reference(self, images: np.ndarray | None = None) -> ReferenceInversion:
         """The inversion of the chosen reference image, computed once and cached (keyed by the
         image bytes, the prompt and the settings that change it)."""
+        key, image, prompt = self._reference_key(images)
+        if key not in self._references:
+            idx = token_index(self.models.tokenizer, prompt, self.models.class_noun)
+            self._references[key] = invert_reference(
+                self.models, image, prompt, idx, steps=self.config.layout.steps,
+                mask_cfg=self.config.mask, segmenter=self.segmenter)
+        return self._references[key]
+
+    def _reference_key(self, images: np.ndarray | None) -> tuple[str, np.ndarray, str]:
+        """(cache key, the chosen reference image, the inversion's prompt); checks the images."""
         cfg = self.config
         images = self.default_references() if images is None else as_batch(
             images, self.models.image_size)
@@ -230,12 +240,7 @@ class LayoutAndRetouch:
         prompt = cfg.reference_prompt or f"a {self.models.identifier} {self.models.class_noun}"
         key = hashlib.sha1(image.tobytes() + prompt.encode() + repr(
             (cfg.layout.steps, asdict(cfg.mask))).encode()).hexdigest()
-        if key not in self._references:
-            idx = token_index(self.models.tokenizer, prompt, self.models.class_noun)
-            self._references[key] = invert_reference(
-                self.models, image, prompt, idx, steps=cfg.layout.steps, mask_cfg=cfg.mask,
-                segmenter=self.segmenter)
-        return self._references[key]
+        return key, image, prompt
 
     # ------------------------------------------------------------------ call
     def __call__(self, prompt: str | list[str], reference_images: np.ndarray | None = None,
@@ -261,7 +266,7 @@ class LayoutAndRetouch:
         cls = check_prompts(bundle, prompts)
         stage2 = self.stage2_path(len(prompts), capture)
         memory.check(bundle, cfg, batch=len(prompts), capture=capture, stage2=stage2)
-        ref = self.reference(reference_images)
+        ref_key, ref_image, ref_prompt = self._reference_key(reference_images)
 
         start = self.start_step()
         cached = stage2 == "cached"
@@ -273,9 +278,22 @@ class LayoutAndRetouch:
         spec = attention.CaptureSpec(layers=mask_layers(bundle.unet, cfg.mask, size),
                                      kind="cross", tokens=[[i] for i in cls])
         ctx_kv = KVCache(layers, kv_steps, device=kv_device)
-        with attention.capture(bundle.unet, spec) as store, record_kv(bundle.unet, ctx_kv):
+        with contextlib.ExitStack() as stack:
+            rider = None
+            if ref_key not in self._references:  # the reference inversion rides stage 1
+                lambda1 = resolve_steps(cfg.layout.lambda1, n, "lambda1")
+                rider, ref_store = stack.enter_context(riding_inversion(
+                    bundle, ref_image, ref_prompt,
+                    token_index(bundle.tokenizer, ref_prompt, bundle.class_noun), steps=n,
+                    mask_cfg=cfg.mask, ride_steps=n - lambda1))
+            store = stack.enter_context(attention.capture(bundle.unet, spec))
+            stack.enter_context(record_kv(bundle.unet, ctx_kv))
             layout = step_blended(bundle, prompts, seeds, cfg.layout, observers=(store, ctx_kv),
-                                  checked=True)
+                                  checked=True, rider=rider)
+        if rider is not None:
+            self._references[ref_key] = reference_from(bundle, rider, ref_store, ref_image,
+                                                       cfg.mask, self.segmenter)
+        ref = self._references[ref_key]
         layout.store = store
         attn = aggregate(store, slice(None), n, cfg.mask, size)
         ctx_masks = [masks.subject_mask(img, a, self.segmenter, cfg.mask)

@@ -15,6 +15,7 @@ other two branches' keys/values cached from stage 1 and from a replay of the ref
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,16 +60,40 @@ def invert_reference(bundle, image: np.ndarray, prompt: str, class_index: int, *
                      mask_cfg: masks.MaskConfig, segmenter=None, guidance: float = 1.0,
                      ) -> ReferenceInversion:
     """DDIM-invert x^r with the personalized model and build its subject mask M^r."""
+    with riding_inversion(bundle, image, prompt, class_index, steps=steps, mask_cfg=mask_cfg,
+                          ride_steps=0, guidance=guidance) as (inv, store):
+        pass
+    return reference_from(bundle, inv, store, image, mask_cfg, segmenter)
+
+
+@contextlib.contextmanager
+def riding_inversion(bundle, image: np.ndarray, prompt: str, class_index: int, *, steps: int,
+                     mask_cfg: masks.MaskConfig, ride_steps: int, guidance: float = 1.0):
+    """`with riding_inversion(...) as (inv, store):` the reference inversion of invert_reference,
+    started so that its last `ride_steps` steps can ride another loop's UNet calls
+    (`sampling.denoise(..., rider=inv)`: stage 1's personalized steps, in the pipeline). Runs
+    the first `steps - ride_steps` steps alone, with the personalized model, and keeps the
+    class token's capture open for the riding steps. Then `reference_from(...)`."""
     z = sampling.encode(bundle, image[None])
     spec = attention.CaptureSpec(layers=mask_layers(bundle.unet, mask_cfg, bundle.latent_size),
                                  kind="cross", tokens=[class_index])
-    with bundle.using("personalized" if bundle.has_personal else "vanilla"), \
-            attention.capture(bundle.unet, spec) as store:
-        traj = sampling.ddim_invert(bundle, z, prompt, steps=steps, guidance=guidance,
-                                    observers=(store,))
-    attn = aggregate(store, slice(0, 1), steps, mask_cfg, bundle.latent_size)[0]
+    with attention.capture(bundle.unet, spec) as store:
+        inv = sampling.Inversion(bundle, z, prompt, steps=steps, guidance=guidance,
+                                 observers=(store,))
+        with bundle.using("personalized" if bundle.has_personal else "vanilla"):
+            for _ in range(steps - ride_steps):
+                inv.step_alone()
+        yield inv, store
+
+
+def reference_from(bundle, inv: sampling.Inversion, store, image: np.ndarray,
+                   mask_cfg: masks.MaskConfig, segmenter=None) -> ReferenceInversion:
+    """The ReferenceInversion of a finished inversion: its trajectory, the class token's mean
+    attention over the window, and the fused subject mask M^r."""
+    traj = inv.trajectory()  # raises while steps are left
+    attn = aggregate(store, slice(0, 1), len(traj), mask_cfg, bundle.latent_size)[0]
     fused = masks.subject_mask(image, attn, segmenter, mask_cfg)
-    return ReferenceInversion(image, prompt, traj, attn, fused)
+    return ReferenceInversion(image, inv.prompt, traj, attn, fused)
 
 
 def kv_plan(bundle, swap_cfg: attention.SwapConfig, steps: int, start_step: int

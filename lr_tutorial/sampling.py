@@ -11,6 +11,7 @@ Works for epsilon- and v-prediction models alike: the scheduler converts the mod
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Callable
@@ -84,17 +85,36 @@ def guided_eps(unet, z: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tenso
 @torch.no_grad()
 def denoise(bundle, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
             sched, guidance: float, k_range: range, traj: Trajectory | None = None,
-            callback: StepCallback | None = None, observers: tuple = ()) -> torch.Tensor:
+            callback: StepCallback | None = None, observers: tuple = (),
+            rider: Inversion | None = None) -> torch.Tensor:
     """Run DDIM steps k in `k_range` from z = z_k; append to `traj`. Returns z after the range.
 
     Each observer (an attention store or swap controller) hears `on_step(k, t, cfg)` before
-    the step's UNet call, `cfg` telling whether the batch is [uncond; cond]."""
+    the step's UNet call, `cfg` telling whether the batch is [uncond; cond].
+    `rider`: an Inversion whose next steps share these UNet calls, its row appended to the
+    batch (while it has steps left). The observers on both sides are told which rows are
+    theirs (`rows`), so each records its own."""
     cfg = uncond is not None and guidance != 1.0
+    n = z.shape[0] * (2 if cfg else 1)  # this loop's rows
     for k in k_range:
         t = sched.timesteps[k]
         for obs in observers:
             obs.on_step(k, int(t), cfg)
-        eps = guided_eps(bundle.unet, z, t, cond, uncond, guidance)
+        if rider is not None and not rider.done:
+            zr, tr, cr = rider.begin()
+            with _rows(observers, slice(0, n)), _rows(rider.observers, slice(n, None)):
+                if cfg:
+                    out = bundle.unet(torch.cat([z, z, zr]), torch.cat([t.reshape(1).expand(n).to(tr), tr]),
+                                      encoder_hidden_states=torch.cat([uncond, cond, cr])).sample
+                    eps_u, eps_c = out[:n].chunk(2)
+                    eps = eps_u + guidance * (eps_c - eps_u)
+                else:
+                    out = bundle.unet(torch.cat([z, zr]), torch.cat([t.reshape(1).expand(n).to(tr), tr]),
+                                      encoder_hidden_states=torch.cat([cond, cr])).sample
+                    eps = out[:n]
+            rider.finish(out[n:])
+        else:
+            eps = guided_eps(bundle.unet, z, t, cond, uncond, guidance)
         out = sched.step(eps, t, z)
         if traj is not None:
             traj.timesteps.append(int(t))
@@ -105,6 +125,23 @@ def denoise(bundle, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | 
                       "x0": out.pred_original_sample})
         z = out.prev_sample
     return z
+
+
+NO_ROWS = slice(0, 0)  # an observer's `rows` when no row of the next UNet call is its own
+
+
+@contextlib.contextmanager
+def _rows(observers, rows: slice):
+    """Tell observers (attention stores, key/value caches) which rows of the batch are theirs,
+    for the calls inside the block; then restore what they had."""
+    before = [getattr(obs, "rows", None) for obs in observers]
+    for obs in observers:
+        obs.rows = rows
+    try:
+        yield
+    finally:
+        for obs, r in zip(observers, before):
+            obs.rows = r
 
 
 def sample(bundle, prompts: list[str], seeds: list[int], *, steps: int = 50,
@@ -169,28 +206,92 @@ def ddim_invert(bundle, z_clean: torch.Tensor, prompt: str | list[str] = "", *, 
     on_step(k, t_k) in inversion order (k = N-1 .. 0). Returns the Trajectory in denoising order
     (latents[k] = z_k, latents[N] = z_clean; x0[k] the x0 seen at step k), ready to be replayed.
     """
-    sched = make_scheduler(bundle, steps)
-    ts, abar = sched.timesteps, sched.alphas_cumprod
-    ptype = sched.config.prediction_type
-    b = z_clean.shape[0]
-    prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
-    cond = encode_prompts(bundle, prompts)
-    uncond = encode_prompts(bundle, [""] * b) if guidance != 1.0 else None
-    cfg = uncond is not None
-    z = z_clean.to(bundle.device, bundle.dtype)
-    lat, x0s = [z.detach().cpu()], []
-    for k in reversed(range(steps)):
-        t = ts[k]
-        a_next = abar[t].to(z)
-        a_cur = (abar[ts[k + 1]] if k + 1 < steps else sched.final_alpha_cumprod).to(z)
+    inv = Inversion(bundle, z_clean, prompt, steps=steps, guidance=guidance,
+                    observers=observers, callback=callback)
+    try:
+        while not inv.done:
+            inv.step_alone()
+    finally:
         for obs in observers:
-            obs.on_step(k, int(t), cfg)
-        out = guided_eps(bundle.unet, z, t, cond, uncond, guidance)
-        eps = to_eps(out, z, a_next, ptype)
+            obs.rows = None
+    return inv.trajectory()
+
+
+class Inversion:
+    """ddim_invert one step at a time, so that its UNet calls can also ride along another
+    loop's: `denoise(..., rider=inv)` appends the inversion's row to each of its UNet calls
+    (one timestep per row) until the inversion is done. The reference inversion of
+    Layout-and-Retouch rides stage 1 this way (batch 2B + 1 instead of a separate batch-1
+    call per step; lr_tutorial.pipeline). Without classifier-free guidance only (guidance 1,
+    the inversion's usual setting).
+
+    Its observers record only in its own calls: between its steps their `rows` is NO_ROWS, so
+    an attention store left installed does not record the other loop's calls."""
+
+    def __init__(self, bundle, z_clean: torch.Tensor, prompt: str | list[str] = "", *,
+                 steps: int = 50, guidance: float = 1.0, observers: tuple = (),
+                 callback: StepCallback | None = None):
+        self.bundle, self.guidance, self.prompt = bundle, guidance, prompt
+        self.observers, self.callback = tuple(observers), callback
+        self.sched = make_scheduler(bundle, steps)
+        self.ptype = self.sched.config.prediction_type
+        b = z_clean.shape[0]
+        prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
+        self.cond = encode_prompts(bundle, prompts)
+        self.uncond = encode_prompts(bundle, [""] * b) if guidance != 1.0 else None
+        self.z = z_clean.to(bundle.device, bundle.dtype)
+        self.lat, self.x0s = [self.z.detach().cpu()], []
+        self.todo = list(reversed(range(steps)))  # k = N-1 .. 0
+
+    @property
+    def done(self) -> bool:
+        return not self.todo
+
+    def begin(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next step's UNet inputs (z, t per row, text embeddings); tells the observers the
+        step (k, t_k, cfg=False)."""
+        if self.guidance != 1.0:
+            raise ValueError("an inversion with classifier-free guidance cannot ride another "
+                             "loop's calls; run it alone (ddim_invert)")
+        k = self.todo[0]
+        t = self.sched.timesteps[k]
+        for obs in self.observers:
+            obs.on_step(k, int(t), False)
+            obs.rows = None  # denoise narrows this to the rider's rows
+        return self.z, t.reshape(1).expand(self.z.shape[0]).to(self.z.device), self.cond
+
+    def finish(self, model_output: torch.Tensor) -> None:
+        """Advance by one step, given the UNet's output for the rows `begin` returned."""
+        for obs in self.observers:
+            obs.rows = NO_ROWS  # sit out the calls that are not the inversion's
+        k = self.todo.pop(0)
+        ts, abar = self.sched.timesteps, self.sched.alphas_cumprod
+        t, z = ts[k], self.z
+        a_next = abar[t].to(z)
+        a_cur = (abar[ts[k + 1]] if k + 1 < len(ts) else self.sched.final_alpha_cumprod).to(z)
+        eps = to_eps(model_output, z, a_next, self.ptype)
         x0 = (z - (1 - a_cur).sqrt() * eps) / a_cur.sqrt()
-        z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
-        lat.append(z.detach().cpu())
-        x0s.append(x0.detach().cpu())
-        if callback is not None:
-            callback({"step": k, "timestep": int(t), "latent": z, "x0": x0})
-    return Trajectory(timesteps=[int(t) for t in ts], latents=lat[::-1], x0=x0s[::-1])
+        self.z = z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+        self.lat.append(z.detach().cpu())
+        self.x0s.append(x0.detach().cpu())
+        if self.callback is not None:
+            self.callback({"step": k, "timestep": int(t), "latent": z, "x0": x0})
+
+    @torch.no_grad()
+    def step_alone(self) -> None:
+        """One inversion step in a UNet call of its own (with CFG if guidance != 1)."""
+        k = self.todo[0]
+        t = self.sched.timesteps[k]
+        cfg = self.uncond is not None
+        for obs in self.observers:
+            obs.on_step(k, int(t), cfg)
+            obs.rows = None
+        out = guided_eps(self.bundle.unet, self.z, t, self.cond, self.uncond, self.guidance)
+        self.finish(out)
+
+    def trajectory(self) -> Trajectory:
+        if not self.done:
+            raise RuntimeError(f"the inversion still has {len(self.todo)} steps to go")
+        ts = self.sched.timesteps
+        return Trajectory(timesteps=[int(t) for t in ts], latents=self.lat[::-1],
+                          x0=self.x0s[::-1])

@@ -216,3 +216,39 @@ def test_kv_cache_files_the_rows_of_a_multi_step_call_under_their_steps():
     cache.put("a.attn1", k[:2] + 10, k[:2])
     assert cache.get("a.attn1", 6)[0].flatten().tolist() == [10.0]
     assert cache.complete() and not any(s == 7 for _, s in cache.kv)
+
+
+def test_reference_inversion_rides_stage_1_with_the_same_result(bundle):
+    """The first call with a new reference runs its DDIM inversion inside stage 1's personalized
+    UNet calls (one more row each, its own timestep): n - lambda1 fewer UNet calls, the same
+    inversion, mask and layout as computing them apart (up to float rounding)."""
+    n = 8
+    ref = (np.random.default_rng(1).random((1, 64, 64, 3)) * 255).astype(np.uint8)
+    calls = []
+    hook = bundle.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        riding = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=n)))
+        res = riding(PROMPTS, ref, seed=SEEDS)
+        n_riding = len(calls)
+        apart = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=n)))
+        calls.clear()
+        alone = apart.reference(ref)  # the inversion by itself: n calls
+        assert len(calls) == n
+        res2 = apart(PROMPTS, ref, seed=SEEDS)
+        n_apart = len(calls)
+    finally:
+        hook.remove()
+    lambda1 = res.layout.lambda1
+    assert lambda1 == 2 and n_apart - n_riding == n - lambda1
+    assert res2.reference is alone
+    for a, b in zip(res.reference.trajectory.latents, alone.trajectory.latents):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(res.reference.attention, alone.attention, atol=1e-5)
+    np.testing.assert_array_equal(res.reference.mask.mask > 0.5, alone.mask.mask > 0.5)
+    torch.testing.assert_close(res.layout.trajectory.final, res2.layout.trajectory.final,
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res.target.latents[-1], res2.target.latents[-1], atol=1e-4,
+                               rtol=1e-4)
+    # the stage-1 attention store and key/value cache kept their own rows only
+    assert next(iter(res.layout.store.maps.values())).shape[0] == len(PROMPTS)
+    assert riding.reference(ref) is res.reference  # cached for the next call

@@ -437,6 +437,14 @@ def test_memory_estimate_of_stable_diffusion_15_is_plausible():
     assert 2.5e9 < est.total < 8e9
     cap = memory.estimate(bundle, LRConfig(), capture=CaptureSpec(kind="self", resolutions=[64]))
     assert cap.attention > 4 * memory.GiB and "CaptureSpec" in memory.options(cap, bundle, 1)[0]
+    # the cached stage 2's context keys/values of one image: the 9 decoder self-attention
+    # layers, 2 CFG rows, steps 10..49 in fp16: 27.5 MB per row and step, 2.2 GB in all
+    from lr_tutorial.attention import select_layers
+    from lr_tutorial.kv import cache_bytes
+    layers = select_layers(unet, "up_blocks.*attn1", "self")
+    assert len(layers) == 9
+    assert cache_bytes(unet, layers, range(10, 50), 2, 64, torch.float16) == 2 * 2 * 40 * (
+        3 * 64 ** 2 * 320 + 3 * 32 ** 2 * 640 + 3 * 16 ** 2 * 1280) * 2 == 2_202_009_600
 
 
 # ============================================================================ 2. nothing lost
