@@ -11,11 +11,14 @@ shape) with random weights and a random rank-4 LoRA: no download, real cost.
 For `--images` prompts x seeds sharing one reference, with the same steps and guidance, it runs
 (a) plain personalized sampling (+ decode), (b) stage 1 only (step-blended layout + decode),
 (c) the full method with the cached stage 2 (LRConfig.stage2="cached", the default),
-(d) the full method with the three-branch batched stage 2 (the naive path), and reports
-(e) stage 2 alone (retouch + final decode, timed inside (c) and (d)). Each full run starts from
-a fresh LayoutAndRetouch, so it pays the reference inversion and the reference K/V replay once
-for its images; those two are printed separately, and the per-image cost amortized over 8
-images is (per-image cost without them) + (their cost) / 8.
+(d) the full method with the three-branch batched stage 2 (one reference row for all targets),
+(c') the cached full method with a LayoutAndRetouch kept across runs, so its reference work
+(inversion and key/value replay) is already done, and reports (e) stage 2 alone (retouch +
+final decode, timed inside (c) and (d)). Each run of (c) and (d) starts from a fresh
+LayoutAndRetouch, so it pays the reference work once for its images: the reference's DDIM
+inversion (its first lambda1 steps alone, the others riding stage 1's UNet calls) and, cached,
+the reference's key/value replay. The per-image cost amortized over 8 images is
+(c') + ((c) - (c')) x images / 8, all measured.
 
 Timing: the cases are interleaved (the order rotates every repetition) and each ratio to (a) is
 the median of the per-repetition ratios, so a load that drifts during the run (another job on
@@ -44,9 +47,10 @@ from common import (Phases, UNetCounter, exact_malloc_env, machine, median,  # n
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-CASES = ("plain", "stage1", "cached", "batched")
+CASES = ("plain", "stage1", "cached", "batched", "warm")
 LABELS = {"plain": "(a) plain personalized", "stage1": "(b) stage 1 only",
-          "cached": "(c) L&R, cached stage 2", "batched": "(d) L&R, batched stage 2"}
+          "cached": "(c) L&R, cached stage 2", "batched": "(d) L&R, batched stage 2",
+          "warm": "(c') L&R, cached, reference already cached"}
 PHASES = ("reference inversion", "reference K/V", "stage 1", "masks", "stage 2", "final decode")
 
 
@@ -98,14 +102,24 @@ def make_cases(a, bundle, prompts, seeds, ref):
                 lr(p, ref, seed=s)
         return run
 
-    return {"plain": plain, "stage1": stage1, "cached": full("cached"), "batched": full("batched")}
+    held = {}
+
+    def warm():  # one LayoutAndRetouch kept across runs: its reference work is already done
+        if "lr" not in held:  # (the first run, a warm-up, fills its caches)
+            held["lr"] = LayoutAndRetouch(bundle, LRConfig(layout=layout, stage2="cached"))
+        for p, s in chunks:
+            held["lr"](p, ref, seed=s)
+
+    return {"plain": plain, "stage1": stage1, "cached": full("cached"), "batched": full("batched"),
+            "warm": warm}
 
 
 def instrument(counter):
     """Time the phases of LayoutAndRetouch.__call__ by wrapping the functions it calls."""
     from lr_tutorial import masks, pipeline, sampling
     ph = Phases(counter)
-    ph.wrap(pipeline, "invert_reference", "reference inversion")
+    # the reference inversion's steps that run alone (the others ride stage 1's UNet calls)
+    ph.wrap(sampling.Inversion, "step_alone", "reference inversion")
     ph.wrap(pipeline, "reference_kv", "reference K/V")
     ph.wrap(pipeline, "step_blended", "stage 1")  # includes the x^c decode
     ph.wrap(pipeline, "aggregate", "masks")
@@ -221,6 +235,7 @@ def main() -> None:
     cases = make_cases(a, bundle, prompts, seeds, ref)
     phases = instrument(counter)
     cases["plain"]()  # warm-up (allocator, lazy inits)
+    cases["warm"]()  # fills the kept LayoutAndRetouch's reference caches
 
     times = {c: [] for c in CASES}
     rows: dict[str, int] = {}
@@ -264,20 +279,14 @@ def main() -> None:
         pt = {k: median(v) for k, v in ph_time[c].items()}
         pr = ph_rows[c]
         plain_t = median(times["plain"])
-        frac = lambda k: median([x / p for x, p in zip(ph_time[c].get(k, [0] * a.reps),  # noqa: E731
-                                                           times["plain"])])
         s2 = [a_ + b_ for a_, b_ in zip(ph_time[c].get("stage 2", []), ph_time[c].get("final decode", []))]
         s2_ratio = median([x / p for x, p in zip(s2, times["plain"])])
         line(f"(e) stage 2 alone ({c}: retouch + decode)",
              median(s2) / n, (pr.get("stage 2", 0) + pr.get("final decode", 0)) / n, s2_ratio)
-        ref_t = pt.get("reference inversion", 0) + pt.get("reference K/V", 0)
-        ref_r = pr.get("reference inversion", 0) + pr.get("reference K/V", 0)
-        ref_ratio = frac("reference inversion") + frac("reference K/V")
-        full_ratio = ratio[c] - ref_ratio / 1  # the per-image ratio without the reference work
-        line(f"    {c}: per image, reference already cached", per[c] - ref_t / n,
-             (rows[c] - ref_r) / n, full_ratio)
-        line(f"    {c}: amortized over 8 images", per[c] - ref_t / n + ref_t / 8,
-             (rows[c] - ref_r) / n + ref_r / 8, full_ratio + ref_ratio * n / 8)
+        if c == "cached":  # the one-time reference work = (c) - (c'), measured, spread over 8
+            ref_s, ref_r = per[c] - per["warm"], (rows[c] - rows["warm"]) / n  # per image of n
+            line("    cached: amortized over 8 images", per["warm"] + ref_s * n / 8,
+                 rows["warm"] / n + ref_r * n / 8, ratio["warm"] + (ratio[c] - ratio["warm"]) * n / 8)
         print(f"    {c} phases (s per run of {n} images / UNet rows / share of plain's time):")
         for k in PHASES:
             if k in pt:

@@ -152,6 +152,11 @@ def test_auto_stage2_caches_keys_and_values_only_within_the_budget(bundle):
                                rtol=1e-4)
     with pytest.raises(ValueError, match="kv_budget_gb"):
         LRConfig(kv_budget_gb=-1)
+    # one prompt with a new reference: batched (the reference's replay would serve one image);
+    # the next call, with the reference known, caches
+    one = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=6)))
+    assert one(PROMPTS[0], ref, seed=0).config["stage2_used"] == "batched"
+    assert one(PROMPTS[1], ref, seed=0).config["stage2_used"] == "cached"
 
 
 def test_default_start_is_lambda2_or_lambda1_when_later(bundle):
