@@ -192,6 +192,7 @@ def run_record(bundle, config: LRConfig, segmenter, reference_image: np.ndarray)
               "image_size": bundle.image_size, "latent_size": bundle.latent_size,
               "dtype": str(bundle.dtype), "device": str(bundle.device),
               "scheduler": type(bundle.scheduler).__name__,
+              "fuse_lora": bool(getattr(bundle, "fuse_lora", False)),
               "prediction_type": bundle.scheduler.config.get("prediction_type"),
               "unet_parameters": sum(p.numel() for p in unet.parameters())}
     return {**config.to_dict(), "models": models,

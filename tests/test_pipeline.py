@@ -198,9 +198,12 @@ def test_cli_generate_writes_the_image_panel_and_intermediates(tmp_path):
     meta = json.loads((out / "result.json").read_text())
     assert meta["seeds"] == [3] and meta["config"]["layout"]["lambda1"] == 1
     assert meta["config"]["swap"]["lambda2"] == 1 and meta["config"]["mask"]["lambda3"] == 3
-    assert cli.main(["generate", "--prompt", "a sks star", "--steps", "4", "--out",
-                     str(tmp_path / "short")]) == 0
+    assert meta["config"]["models"]["fuse_lora"] is True
+    assert cli.main(["generate", "--prompt", "a sks star", "--steps", "4", "--no-fuse-lora",
+                     "--out", str(tmp_path / "short")]) == 0
     assert (tmp_path / "short" / "panel.png").exists()
+    meta = json.loads((tmp_path / "short" / "result.json").read_text())
+    assert meta["config"]["models"]["fuse_lora"] is False
 
 
 def test_kv_cache_files_the_rows_of_a_multi_step_call_under_their_steps():
