@@ -54,7 +54,10 @@ class LRConfig:
     kv_budget_gb: memory the cached path may hold in keys/values (kv.cache_bytes: about 2.2 GB
     per image at Stable Diffusion 1.5's 512 px, fp16, 50 steps; 16 MiB on the toy); None: half
     the memory available where the caches live when the run starts (the host's RAM: on a
-    GPU the caches are kept on the CPU)."""
+    GPU the caches are kept on the CPU).
+    kv_dtype: storage dtype of those caches, None (the model's) or "float16" / "bfloat16":
+    half the memory of a float32 model's caches, at the cost of rounding the keys/values the
+    target reads (the result then differs from the batched path by more than float rounding)."""
     layout: LayoutConfig = field(default_factory=LayoutConfig)
     swap: attention.SwapConfig = field(default_factory=attention.SwapConfig)
     mask: masks.MaskConfig = field(default_factory=masks.MaskConfig)
@@ -63,6 +66,7 @@ class LRConfig:
     start_step: int | None = None
     stage2: str = "auto"
     kv_budget_gb: float | None = None
+    kv_dtype: str | None = None
 
     def __post_init__(self):
         self.validate()
@@ -85,6 +89,9 @@ class LRConfig:
                 "lambda3 >= lambda2, or lambda3 = 0 to switch blending off")
         if self.stage2 not in ("auto", "cached", "batched"):
             raise ValueError(f"stage2 must be 'auto', 'cached' or 'batched', got {self.stage2!r}")
+        if self.kv_dtype not in (None, "float16", "bfloat16", "float32"):
+            raise ValueError(f"kv_dtype must be None (the model's dtype), 'float16', 'bfloat16' "
+                             f"or 'float32', got {self.kv_dtype!r}")
         if self.kv_budget_gb is not None and (
                 isinstance(self.kv_budget_gb, bool) or not isinstance(self.kv_budget_gb, numbers.Real)
                 or not self.kv_budget_gb >= 0):
@@ -277,12 +284,13 @@ class LayoutAndRetouch:
         cached = stage2 == "cached"
         layers, kv_steps = kv_plan(bundle, cfg.swap, n, start) if cached else ([], [])
         kv_device = "cpu" if bundle.device.type == "cuda" else None  # keep GPU memory free
+        kv_dtype = self.cache_dtype()
 
         # stage 1, capturing the class token's cross-attention for the context masks (and,
         # for the cached stage 2, the context's self-attention keys/values)
         spec = attention.CaptureSpec(layers=mask_layers(bundle.unet, cfg.mask, size),
                                      kind="cross", tokens=[[i] for i in cls])
-        ctx_kv = KVCache(layers, kv_steps, device=kv_device)
+        ctx_kv = KVCache(layers, kv_steps, device=kv_device, dtype=kv_dtype)
         with contextlib.ExitStack() as stack:
             rider = None
             if ref_key not in self._references:  # the reference inversion rides stage 1
@@ -307,10 +315,11 @@ class LayoutAndRetouch:
         # stage 2
         kv = None
         if cached:
-            key = (id(ref), tuple(layers), tuple(kv_steps), cfg.layout.guidance)
+            key = (id(ref), tuple(layers), tuple(kv_steps), cfg.layout.guidance, str(kv_dtype))
             if key not in self._reference_kv:
                 self._reference_kv[key] = reference_kv(bundle, ref, layers, kv_steps, n,
-                                                       cfg.layout.guidance, device=kv_device)
+                                                       cfg.layout.guidance, device=kv_device,
+                                                       dtype=kv_dtype)
             kv = {"reference": self._reference_kv[key], "context": ctx_kv}
         with contextlib.ExitStack() as stack:
             user = stack.enter_context(attention.capture(bundle.unet, capture)) if capture else None
@@ -357,7 +366,13 @@ class LayoutAndRetouch:
         layers, steps = kv_plan(bundle, cfg.swap, n, self.start_step())
         halves = 2 if cfg.layout.guidance != 1.0 else 1
         return cache_bytes(bundle.unet, layers, steps, halves * (batch + 1), bundle.latent_size,
-                           bundle.dtype)
+                           self.cache_dtype())
+
+    def cache_dtype(self):
+        """The torch dtype the key/value caches are stored in (LRConfig.kv_dtype)."""
+        import torch
+        name = self.config.kv_dtype
+        return self.models.dtype if name is None else getattr(torch, name)
 
     def kv_budget(self) -> int:
         """LRConfig.kv_budget_gb in bytes; None: half the memory available where the caches

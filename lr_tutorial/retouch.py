@@ -110,7 +110,8 @@ def kv_plan(bundle, swap_cfg: attention.SwapConfig, steps: int, start_step: int
 
 @torch.no_grad()
 def reference_kv(bundle, reference: ReferenceInversion, layers: list[str], steps: list[int],
-                 n_steps: int, guidance: float, device=None, steps_per_call: int = 8) -> KVCache:
+                 n_steps: int, guidance: float, device=None, steps_per_call: int = 8,
+                 dtype=None) -> KVCache:
     """Keys/values of the reference branch: the personalized UNet on the replayed inversion
     latents z^r_k, [uncond; cond] as in the batched stage 2. Once per reference.
 
@@ -122,7 +123,7 @@ def reference_kv(bundle, reference: ReferenceInversion, layers: list[str], steps
     sched = sampling.make_scheduler(bundle, n_steps)
     cond = sampling.encode_prompts(bundle, [reference.prompt])
     uncond = sampling.encode_prompts(bundle, [""])
-    cache = KVCache(layers, steps, device=device)
+    cache = KVCache(layers, steps, device=device, dtype=dtype)
     steps = list(steps)
     with bundle.using("personalized" if bundle.has_personal else "vanilla"), \
             record_kv(bundle.unet, cache):
