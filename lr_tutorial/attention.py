@@ -222,6 +222,12 @@ def _heads(unet, path: str) -> int:
     return unet.get_submodule(path).heads
 
 
+# Observers (attention stores, key/value caches) may share a UNet call with rows that are not
+# theirs (sampling.denoise's rider): `rows` None = the whole batch, a slice = their rows,
+# NO_ROWS = none of this call's rows (they sit the call out).
+NO_ROWS = slice(0, 0)
+
+
 class AttentionStore:
     """Recorded maps: `maps[(layer, step)]` is a (B, HW, K) tensor (heads averaged) or
     (B, heads, HW, K) (heads kept), K = selected tokens (cross) or HW (self)."""
@@ -240,7 +246,7 @@ class AttentionStore:
         if self.step is None:
             raise RuntimeError("the attention store does not know the step: pass it to the "
                                "sampler (observers=[store]) or call store.on_step(k) yourself")
-        if self.rows == slice(0, 0):  # sampling.NO_ROWS: not this store's call
+        if self.rows == NO_ROWS:  # not this store's call
             return False
         return self.spec.steps is None or self.step in self.spec.steps
 

@@ -50,7 +50,7 @@ class KVCache:
         self.step, self.group, self.cfg = None, [int(k) for k in ks], cfg
 
     def wants(self, path: str) -> bool:
-        if self.rows == slice(0, 0):  # sampling.NO_ROWS: not this cache's call
+        if self.rows == attention.NO_ROWS:  # not this cache's call
             return False
         if self.group is not None:
             return path in self.layers and any(k in self.steps for k in self.group)

@@ -19,6 +19,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .attention import NO_ROWS  # an observer's `rows` when no row of a call is its own
+
 StepCallback = Callable[[dict], None]  # receives {"step", "timestep", "latent", "x0"}
 
 
@@ -100,19 +102,17 @@ def denoise(bundle, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | 
         t = sched.timesteps[k]
         for obs in observers:
             obs.on_step(k, int(t), cfg)
-        if rider is not None and not rider.done:
+        if rider is not None and not rider.done:  # batch [uncond; cond] (or [cond]) + rider
             zr, tr, cr = rider.begin()
+            z_in, c_in = (torch.cat([z, z]), torch.cat([uncond, cond])) if cfg else (z, cond)
             with _rows(observers, slice(0, n)), _rows(rider.observers, slice(n, None)):
-                if cfg:
-                    out = bundle.unet(torch.cat([z, z, zr]), torch.cat([t.reshape(1).expand(n).to(tr), tr]),
-                                      encoder_hidden_states=torch.cat([uncond, cond, cr])).sample
-                    eps_u, eps_c = out[:n].chunk(2)
-                    eps = eps_u + guidance * (eps_c - eps_u)
-                else:
-                    out = bundle.unet(torch.cat([z, zr]), torch.cat([t.reshape(1).expand(n).to(tr), tr]),
-                                      encoder_hidden_states=torch.cat([cond, cr])).sample
-                    eps = out[:n]
+                out = bundle.unet(torch.cat([z_in, zr]), torch.cat([t.reshape(1).expand(n).to(tr), tr]),
+                                  encoder_hidden_states=torch.cat([c_in, cr])).sample
             rider.finish(out[n:])
+            eps = out[:n]
+            if cfg:
+                eps_u, eps_c = eps.chunk(2)
+                eps = eps_u + guidance * (eps_c - eps_u)
         else:
             eps = guided_eps(bundle.unet, z, t, cond, uncond, guidance)
         out = sched.step(eps, t, z)
@@ -125,9 +125,6 @@ def denoise(bundle, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | 
                       "x0": out.pred_original_sample})
         z = out.prev_sample
     return z
-
-
-NO_ROWS = slice(0, 0)  # an observer's `rows` when no row of the next UNet call is its own
 
 
 @contextlib.contextmanager
