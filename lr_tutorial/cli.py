@@ -21,7 +21,7 @@ def cmd_train_toy(a) -> int:
         torch.set_num_threads(a.threads)
     cfg = train.ToyTrainConfig(ckpt_dir=a.ckpt_dir, seed=a.seed)
     for k in ("vae_steps", "unet_steps", "dataset_size", "pyramid_from", "boost_from",
-              "token_id_from"):
+              "token_id_from", "looks_from", "look_share"):
         if getattr(a, k) is not None:
             setattr(cfg, k, getattr(a, k))
     Path(cfg.ckpt_dir).mkdir(parents=True, exist_ok=True)
@@ -35,8 +35,7 @@ def cmd_train_toy(a) -> int:
     if a.stage in ("all", "vae", "unet"):
         vae = train.train_vae(cfg)
         if a.stage != "vae":
-            latents, scaling = train.encode_dataset(cfg, vae)
-            train.train_unet(cfg, latents, scaling)
+            train.train_unet(cfg, *train.unet_data(cfg, vae))
     if a.stage in ("all", "export"):
         out = Path(a.out) if a.out else data_dir() / "toy"
         train.export(cfg, out, overwrite=a.overwrite)
@@ -52,6 +51,7 @@ def cmd_references(a) -> int:
 
 
 def cmd_personalize_toy(a) -> int:
+    import numpy as np
     import torch
 
     from .models import data_dir, load_models
@@ -62,14 +62,23 @@ def cmd_personalize_toy(a) -> int:
         torch.set_num_threads(a.threads)
     bundle = load_models("toy", personalized=None)
     given = {k: getattr(a, k) for k in ("steps", "seed", "rank", "alpha", "lr", "lr_schedule",
-                                         "identifier_lr", "uncond_prob", "class_prompt")}
+                                         "identifier_lr", "uncond_prob", "offset_noise",
+                                         "pyramid_noise", "background_weight",
+                                         "num_class_images")}
+    if a.class_prompt:
+        given["class_prompt"] = a.class_prompt[0] if len(a.class_prompt) == 1 else tuple(a.class_prompt)
     if a.targets:
         given["target_modules"] = tuple(a.targets.split(","))
     if a.alpha is None and a.rank is not None:
         given["alpha"] = float(a.rank)
     cfg = toy_recipe(**{k: v for k, v in given.items() if v is not None})
     out = Path(a.out) if a.out else data_dir() / "toy" / "lora"
-    dreambooth_lora(bundle, subject.reference_images(), cfg, out_dir=out, overwrite=a.overwrite)
+    refs = subject.reference_images()
+    masks = None
+    if cfg.background_weight < 1:  # the toy's masks come from the oracle
+        from .toy import oracle
+        masks = np.stack([oracle.analyze(r).mask for r in refs])
+    dreambooth_lora(bundle, refs, cfg, out_dir=out, overwrite=a.overwrite, masks=masks)
     print(f"wrote the LoRA to {out}")
     return 0
 
@@ -231,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--boost-from", type=int, help="UNet step that turns the high-noise boost on")
     t.add_argument("--token-id-from", type=int,
                    help="UNet step that turns the text encoder's token-identity loss on")
+    t.add_argument("--looks-from", type=int,
+                   help="UNet step from which free-look scenes (random colours/patterns) join")
+    t.add_argument("--look-share", type=float, help="share of each batch with free looks")
     t.add_argument("--threads", type=int, default=0)
     t.add_argument("--overwrite", action="store_true")
     t.add_argument("--from-export", default=None,
@@ -255,8 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="> 0: also learn the identifier's input embedding at this lr")
     q.add_argument("--uncond-prob", type=float, default=None,
                    help="share of instance captions replaced by the empty prompt")
-    q.add_argument("--class-prompt", default=None,
-                   help="e.g. 'a star': prior preservation with base-model class images")
+    q.add_argument("--class-prompt", nargs="+", default=None,
+                   help="e.g. 'a star' (or several): prior preservation with base-model class "
+                        "images")
+    q.add_argument("--num-class-images", type=int, default=None)
+    q.add_argument("--offset-noise", type=float, default=None,
+                   help="offset noise of the fine-tune (per sample and channel)")
+    q.add_argument("--pyramid-noise", type=float, default=None,
+                   help="pyramid noise (2x2, 4x4, 8x8) of the fine-tune")
+    q.add_argument("--background-weight", type=float, default=None,
+                   help="< 1: masked loss, the references' background weighted by this")
     q.add_argument("--targets", default=None,
                    help="comma-separated module names that get LoRA layers")
     q.add_argument("--seed", type=int, default=None)

@@ -36,7 +36,9 @@ class DreamBoothConfig:
     The defaults are a mild, generic LoRA on the attention projections; the shipped toy LoRA
     uses `toy_recipe()` (data/toy/README.md says how it was chosen)."""
     instance_prompt: str = "a sks star"
-    class_prompt: str | None = None  # e.g. "a star": enables prior preservation
+    # prior preservation: None (off), one class prompt ("a star") or several ("a star at night",
+    # "a star on the grass", ...) that the class images cycle through
+    class_prompt: str | tuple[str, ...] | None = None
     prior_weight: float = 1.0
     num_class_images: int = 32
     rank: int = 8
@@ -48,6 +50,16 @@ class DreamBoothConfig:
     lr_schedule: str = "constant"  # or "cosine" (to 0 at the last step)
     identifier_lr: float = 0.0  # > 0: also learn the identifier's input embedding at this lr
     uncond_prob: float = 0.0  # share of instance captions replaced by "" (CFG-aware LoRA)
+    # the training noise: white + offset_noise * N(0, 1) per channel (diffusers' --offset_noise)
+    # + pyramid_noise * N(0, 1) at 2x2, 4x4, 8x8 upsampled. Fine-tune with the noise the base
+    # model was trained with: a LoRA trained on white noise alone unlearns the per-channel mean
+    # that offset noise taught, and the subject loses its colours on dark backgrounds.
+    offset_noise: float = 0.0
+    pyramid_noise: float = 0.0
+    # masked loss: the loss of the references' background pixels is weighted by this (1: plain
+    # DreamBooth; < 1 needs `masks`, the subject's masks, e.g. from a Segmenter). The references'
+    # backdrop then pulls the model's scenes less, and its capacity goes to the subject.
+    background_weight: float = 1.0
     seed: int = 0
     adapter_name: str = "personal"
     extra: dict = field(default_factory=dict)
@@ -84,9 +96,10 @@ def _save_lora(bundle: ModelBundle, out_dir: Path, cfg: DreamBoothConfig, overwr
 
 def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConfig | None = None,
                     out_dir: str | Path | None = None, overwrite: bool = False,
-                    progress: bool = True) -> ModelBundle:
+                    progress: bool = True, masks: np.ndarray | None = None) -> ModelBundle:
     """Fine-tune a LoRA on `images` (uint8, (n, H, W, 3) at the model's resolution) and attach
-    it to `bundle` as its personalized model. Saves it to `out_dir` when given."""
+    it to `bundle` as its personalized model. Saves it to `out_dir` when given. `masks` ((n, H,
+    W), True on the subject) are needed when `cfg.background_weight < 1`."""
     from peft import LoraConfig
 
     cfg = cfg or DreamBoothConfig()
@@ -98,6 +111,7 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     if images.shape[1] != bundle.image_size or images.shape[2] != bundle.image_size:
         raise ValueError(f"images are {images.shape[1]}x{images.shape[2]} but the model works at "
                          f"{bundle.image_size}x{bundle.image_size}; resize them first")
+    weights = _loss_weights(bundle, images, masks, cfg)  # (n, 1, h, w) or None
     if out_dir is not None:  # fail before training, not after
         refuse_existing(out_dir, overwrite, what="LoRA")
     fused = bundle.fuse_lora
@@ -113,10 +127,12 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     with bundle.using("vanilla") if bundle.has_personal else _nullctx():
         z_inst = sampling.encode(bundle, images)  # (n, 4, h, w)
         z_class, cond_class = None, None
-        if cfg.class_prompt:  # prior preservation: class images from the frozen base model
+        prompts = class_prompts(cfg)
+        if prompts:  # prior preservation: class images from the frozen base model
             seeds = [10_000 + cfg.seed * 1000 + i for i in range(cfg.num_class_images)]
-            z_class, _ = sampling.sample(bundle, [cfg.class_prompt] * len(seeds), seeds, steps=25)
-            cond_class = sampling.encode_prompts(bundle, [cfg.class_prompt])
+            prompts = [prompts[i % len(prompts)] for i in range(len(seeds))]
+            z_class, _ = sampling.sample(bundle, prompts, seeds, steps=25)  # (n, 4, h, w)
+            cond_class = sampling.encode_prompts(bundle, prompts)  # (n, L, D)
     cond_empty = sampling.encode_prompts(bundle, [""])
     token = _identifier_row(bundle, cfg) if cfg.identifier_lr > 0 else None
     encode_instance = _instance_encoder(bundle, cfg, token)
@@ -137,7 +153,8 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=1e-4)
     unet.train()
     try:
-        _train(cfg, bundle, opt, z_inst, z_class, cond_class, cond_empty, encode_instance, g, progress)
+        _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, encode_instance,
+               g, progress)
     finally:
         unet.eval()
         for p in params:
@@ -153,7 +170,26 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     return bundle
 
 
-def _train(cfg, bundle, opt, z_inst, z_class, cond_class, cond_empty, encode_instance, g, progress):
+def _loss_weights(bundle, images, masks, cfg) -> torch.Tensor | None:
+    """Per-latent-pixel loss weights (n, 1, h, w) of the instance images: 1 on the subject,
+    `background_weight` elsewhere (area-averaged to the latent grid); None for the plain loss."""
+    if cfg.background_weight == 1.0:
+        return None
+    if masks is None:
+        raise ValueError(f"background_weight={cfg.background_weight} weights the loss by the "
+                         "subject's masks, but no masks were given; pass masks=(n, H, W) bool "
+                         "arrays (e.g. from a masks.Segmenter) or set background_weight=1")
+    masks = np.asarray(masks)
+    if masks.shape != images.shape[:3]:
+        raise ValueError(f"masks must be (n, H, W) = {images.shape[:3]} like the images, got "
+                         f"{masks.shape}")
+    m = torch.from_numpy(masks.astype(np.float32))[:, None]  # (n, 1, H, W)
+    m = F.adaptive_avg_pool2d(m, bundle.latent_size)  # (n, 1, h, w): subject share per latent
+    return (cfg.background_weight + (1 - cfg.background_weight) * m).to(bundle.device)
+
+
+def _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, encode_instance, g,
+           progress):
     """The DreamBooth loop (module docstring): LoRA (and identifier) steps on noised latents."""
     unet, sched = bundle.unet, bundle.scheduler
     bar = tqdm(range(cfg.steps), desc="dreambooth-lora", disable=not progress)
@@ -169,12 +205,17 @@ def _train(cfg, bundle, opt, z_inst, z_class, cond_class, cond_empty, encode_ins
         if z_class is not None:
             jdx = torch.randint(0, len(z_class), (cfg.batch_size,), generator=g)
             z0 = torch.cat([z0, z_class[jdx].to(z0)])
-            cond = torch.cat([cond, cond_class.expand(cfg.batch_size, -1, -1)])
-        noise = torch.randn(z0.shape, generator=g).to(z0)
+            cond = torch.cat([cond, cond_class[jdx]])
+        noise = training_noise(z0.shape, g, cfg.offset_noise, cfg.pyramid_noise).to(z0)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(z0),), generator=g).to(z0.device)
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
         pred = unet(sched.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample
-        per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        se = F.mse_loss(pred.float(), target.float(), reduction="none")  # (B', C, h, w)
+        per = se.mean(dim=(1, 2, 3))
+        if weights is not None:  # masked loss on the instance rows, normalized by the weights
+            w = weights[idx]  # (B, 1, h, w)
+            per = torch.cat([(se[:cfg.batch_size] * w).mean(dim=(1, 2, 3)) / w.mean(dim=(1, 2, 3)),
+                             per[cfg.batch_size:]])
         loss = per[:cfg.batch_size].mean()
         if z_class is not None:
             loss = loss + cfg.prior_weight * per[cfg.batch_size:].mean()
@@ -182,6 +223,21 @@ def _train(cfg, bundle, opt, z_inst, z_class, cond_class, cond_empty, encode_ins
         loss.backward()
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
+
+
+def training_noise(shape, gen: torch.Generator, offset: float = 0.0,
+                   pyramid: float = 0.0) -> torch.Tensor:
+    """White noise + offset noise (one value per sample and channel) + pyramid noise (2x2, 4x4,
+    8x8, bilinearly upsampled), drawn from `gen` in that order."""
+    noise = torch.randn(shape, generator=gen)  # (B, C, h, w)
+    if offset:
+        noise = noise + offset * torch.randn((*shape[:2], 1, 1), generator=gen)
+    if pyramid:
+        for side in (2, 4, 8):
+            low = torch.randn((*shape[:2], side, side), generator=gen)
+            noise = noise + pyramid * F.interpolate(low, size=shape[-2:], mode="bilinear",
+                                                    align_corners=False)
+    return noise
 
 
 @dataclass
@@ -233,11 +289,28 @@ def _instance_encoder(bundle: ModelBundle, cfg: DreamBoothConfig, token):
     return lambda: bundle.text_encoder(ids)[0].to(bundle.device, bundle.dtype)
 
 
+def class_prompts(cfg: DreamBoothConfig) -> list[str]:
+    """The prior-preservation prompts of `cfg` as a list ([] when prior preservation is off)."""
+    if cfg.class_prompt is None:
+        return []
+    prompts = [cfg.class_prompt] if isinstance(cfg.class_prompt, str) else list(cfg.class_prompt)
+    return [p for p in prompts if p]
+
+
 def check_config(cfg: DreamBoothConfig) -> None:
+    if cfg.class_prompt is not None and not isinstance(cfg.class_prompt, str) and not all(
+            isinstance(p, str) and p for p in cfg.class_prompt):
+        raise ValueError(f"class_prompt must be a prompt or a sequence of non-empty prompts, got "
+                         f"{cfg.class_prompt!r}")
+    if class_prompts(cfg) and cfg.num_class_images < len(class_prompts(cfg)):
+        raise ValueError(f"num_class_images={cfg.num_class_images} is fewer than the "
+                         f"{len(class_prompts(cfg))} class prompts; raise it so each gets an image")
     if cfg.lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
     if not 0 <= cfg.uncond_prob < 1:
         raise ValueError(f"uncond_prob is a probability in [0, 1), got {cfg.uncond_prob}")
+    if not 0 <= cfg.background_weight <= 1:
+        raise ValueError(f"background_weight is a loss weight in [0, 1], got {cfg.background_weight}")
     if cfg.identifier_lr < 0 or cfg.lr <= 0 or cfg.steps < 1 or cfg.rank < 1:
         raise ValueError(f"need lr > 0, identifier_lr >= 0, steps >= 1, rank >= 1; got lr={cfg.lr}, "
                          f"identifier_lr={cfg.identifier_lr}, steps={cfg.steps}, rank={cfg.rank}")

@@ -74,6 +74,10 @@ def test_a_new_lora_drops_the_previous_identifier(trained, tmp_path):
     ({"uncond_prob": 1.0}, "uncond_prob"),
     ({"identifier_lr": -1.0}, "identifier_lr"),
     ({"identifier_lr": 1e-3, "instance_prompt": "a star"}, "does not contain the bundle's identifier"),
+    ({"background_weight": 0.5}, "no masks were given"),
+    ({"background_weight": 1.5}, "background_weight"),
+    ({"class_prompt": ("a star", ""), "num_class_images": 4}, "class_prompt"),
+    ({"class_prompt": ("a star", "a star at night"), "num_class_images": 1}, "num_class_images"),
 ])
 def test_bad_config_is_refused_before_training(kw, match):
     b = load_models("toy", personalized=None)
@@ -90,9 +94,63 @@ def test_cli_trains_the_toy_recipe_with_flag_overrides(tmp_path):
     from lr_tutorial.personalize import ALL_UNET_TARGETS, toy_recipe
     out = tmp_path / "lora"
     assert cli.main(["personalize-toy", "--out", str(out), "--steps", "2", "--rank", "4",
-                     "--identifier-lr", "1e-3"]) == 0
+                     "--identifier-lr", "1e-3", "--background-weight", "0.5", "--offset-noise",
+                     "0.1", "--class-prompt", "a star", "a star at night",
+                     "--num-class-images", "2"]) == 0
     cfg = json.loads((out / "dreambooth_config.json").read_text())
     recipe = toy_recipe()
     assert (cfg["steps"], cfg["rank"], cfg["alpha"], cfg["identifier_lr"]) == (2, 4, 4.0, 1e-3)
     assert (cfg["lr"], cfg["lr_schedule"]) == (recipe.lr, recipe.lr_schedule)  # unset flags
     assert tuple(cfg["target_modules"]) == ALL_UNET_TARGETS and (out / IDENTIFIER_FILE).is_file()
+    assert (cfg["background_weight"], cfg["offset_noise"], cfg["pyramid_noise"]) == (0.5, 0.1, 0.0)
+    assert cfg["class_prompt"] == ["a star", "a star at night"] and cfg["num_class_images"] == 2
+
+
+def test_masked_loss_weights_follow_the_subject_mask():
+    """background_weight < 1: loss weights 1 on latent pixels inside the subject, the weight
+    outside, the covered share in between (area average to the latent grid)."""
+    from lr_tutorial.personalize import _loss_weights
+    b = load_models("toy", personalized=None)
+    imgs = np.zeros((1, 64, 64, 3), np.uint8)
+    mask = np.zeros((1, 64, 64), bool)
+    mask[0, 16:32, 16:34] = True  # latent (4x downsampled): rows 4-7 full, col 8 half covered
+    w = _loss_weights(b, imgs, mask, DreamBoothConfig(background_weight=0.2))  # (1, 1, 16, 16)
+    assert w.shape == (1, 1, 16, 16)
+    assert torch.all(w[0, 0, 4:8, 4:8] == 1) and torch.all(w[0, 0, :4] == 0.2)
+    torch.testing.assert_close(w[0, 0, 5, 8], torch.tensor(0.6))
+    assert _loss_weights(b, imgs, None, DreamBoothConfig()) is None  # the plain loss
+    with pytest.raises(ValueError, match="must be"):
+        _loss_weights(b, imgs, mask[:, :32], DreamBoothConfig(background_weight=0.2))
+
+
+def test_training_noise_adds_a_per_channel_offset_and_block_noise():
+    from lr_tutorial.personalize import training_noise
+    shape = (2, 4, 16, 16)
+    white = training_noise(shape, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(white, torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+    off = training_noise(shape, torch.Generator().manual_seed(0), offset=0.3) - white
+    assert off.std(dim=(2, 3)).max() < 1e-6 and off.abs().max() > 0  # one value per channel
+    pyr = training_noise(shape, torch.Generator().manual_seed(0), pyramid=0.5) - white
+    assert pyr.std(dim=(2, 3)).min() > 0.05  # varies over the image, smoothly
+    assert (pyr[..., 1:, :] - pyr[..., :-1, :]).abs().mean() < pyr.abs().mean()
+
+
+def test_prior_preservation_cycles_through_several_class_prompts(monkeypatch):
+    """Several class prompts: class image i is sampled with prompt i mod P and trained with it."""
+    from lr_tutorial import personalize
+    seen = {}
+    real = personalize._train
+
+    def spy(cfg, bundle, opt, z_inst, weights, z_class, cond_class, *rest):
+        seen["z"], seen["cond"] = z_class, cond_class
+        return real(cfg, bundle, opt, z_inst, weights, z_class, cond_class, *rest)
+
+    monkeypatch.setattr(personalize, "_train", spy)
+    b = load_models("toy", personalized=None)
+    prompts = ("a star at night", "a star on the grass")
+    cfg = DreamBoothConfig(steps=1, class_prompt=prompts, num_class_images=3)
+    dreambooth_lora(b, subject.reference_images(), cfg, progress=False)
+    assert seen["z"].shape == (3, 4, 16, 16) and seen["cond"].shape[0] == 3
+    with b.using("vanilla"):
+        want = sampling.encode_prompts(b, [prompts[0], prompts[1], prompts[0]])
+    torch.testing.assert_close(seen["cond"], want)

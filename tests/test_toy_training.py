@@ -17,12 +17,12 @@ def tiny_cfg(tmp_path, **kw):
 
 
 def test_training_smoke_runs_checkpoints_and_exports(tmp_path):
-    cfg = tiny_cfg(tmp_path / "ck")
+    cfg = tiny_cfg(tmp_path / "ck", look_dataset_size=6, looks_from=1)  # free looks from step 1
     (tmp_path / "ck").mkdir()
     vae = train.train_vae(cfg)
-    latents, scaling = train.encode_dataset(cfg, vae)
-    assert latents.shape == (12, 4, 16, 16) and scaling > 0
-    train.train_unet(cfg, latents, scaling)
+    latents, scaling, looks = train.unet_data(cfg, vae)
+    assert latents.shape == (12, 4, 16, 16) and scaling > 0 and looks.shape == (6, 4, 16, 16)
+    train.train_unet(cfg, latents, scaling, looks)
     log = [json.loads(x) for x in open(tmp_path / "ck" / "log.jsonl")]
     assert [r["stage"] for r in log] == ["vae"] * 2 + ["unet"] * 3
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
@@ -125,3 +125,21 @@ def test_pyramid_noise_adds_low_frequency_power_from_its_step_on():
     # offset noise 0.15 -> sqrt(1/64 + 0.15^2) = 0.19 (measured 0.19); with the three 0.5
     # levels (bilinear upsampling smooths them) measured 0.51
     assert 0.15 < before < 0.25 and after > 2.5 * before
+
+
+def test_free_looks_never_draw_the_subject_and_leave_the_colour_out():
+    """`look_scene`: random colours and patterns, deterministic, never the subject's look, and
+    their captions never name a colour (the palette's names would be wrong for them)."""
+    import numpy as np
+
+    from lr_tutorial.toy import oracle, world
+    scenes = [train.look_scene(0, i) for i in range(300)]
+    assert scenes[7] == train.look_scene(0, 7)
+    ident = [oracle.identity_score(world.render(sc)) for sc in scenes]
+    # measured: max 0.311, mean 0.012 over these 300 (the subject itself scores 1.0)
+    assert max(ident) < 0.4 and np.mean(ident) < 0.05
+    plain = sum(sc.pattern.body == sc.pattern.core for sc in scenes)
+    assert 100 < plain < 200  # half one colour, half two
+    assert all(world.parse_prompt(world.scene_caption(sc))["colour"] is None for sc in scenes)
+    with pytest.raises(ValueError, match="free-look latents"):
+        train.train_unet(tiny_cfg("/nonexistent", looks_from=0), torch.zeros(4, 4, 16, 16), 1.0)

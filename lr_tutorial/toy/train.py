@@ -72,6 +72,16 @@ class ToyTrainConfig:
     # 500 steps after the third the position words were 12 apart and drove the UNet's x0.
     token_id_loss: float = 0.1
     token_id_from: int = 8500
+    # Free looks [ours]: ShapeWorld's six named colours are all the first runs' UNet ever drew,
+    # so a DreamBooth-LoRA had to teach it a new colour from five light-backdrop photos, and it
+    # never learned to draw the subject's teal at night or on grass (the base model itself
+    # drew "a teal star at night" yellow; identity on those backgrounds 0.07 and 0.21). Like
+    # Stable Diffusion, which has seen every colour on every background, from `looks_from` on
+    # this share of each batch shows objects in random colours and random two-colour patterns
+    # (captions leave the colour out; the subject's own look is never drawn: `look_scene`).
+    look_share: float = 0.25
+    looks_from: int = 14_000
+    look_dataset_size: int = 20_000
     ema_decay: float = 0.999
     keep_prob: float = 0.7  # each attribute is stated in the caption with this probability
     uncond_prob: float = 0.1  # empty caption, for classifier-free guidance
@@ -174,6 +184,54 @@ def encode_dataset(cfg: ToyTrainConfig, vae) -> tuple[torch.Tensor, float]:
     return latents, scaling
 
 
+LOOK_MIN_DIST = 90.0  # RGB distance a free look keeps from the subject's colours and the backdrop
+
+
+def _far(a, b, d: float = LOOK_MIN_DIST) -> bool:
+    return float(np.linalg.norm(np.subtract(a, b, dtype=np.float32))) >= d
+
+
+def look_scene(seed: int, i: int) -> world.Scene:
+    """A scene whose object has a free look: one random colour (half of them) or a random
+    two-colour pattern, never near the subject's look (a body near the subject's body colour
+    together with a core near its core colour is redrawn) and visible on its background."""
+    rng = np.random.default_rng([seed, 4, i])
+    scene = world.sample_scene(rng)
+    bg = world.BACKGROUNDS[scene.background]
+    while True:
+        body = tuple(int(c) for c in rng.integers(0, 256, 3))
+        core = body if rng.random() < 0.5 else tuple(int(c) for c in rng.integers(0, 256, 3))
+        subject_like = not _far(body, world.SUBJECT_BODY) and not _far(core, world.SUBJECT_CORE)
+        if _far(body, bg) and not subject_like:
+            break
+    pattern = world.Pattern(body, core, core_radius=float(rng.uniform(0.3, 0.55)))
+    return world.with_attrs(scene, pattern=pattern)
+
+
+@torch.no_grad()
+def encode_looks(cfg: ToyTrainConfig, vae, scaling: float) -> torch.Tensor:
+    """Latent means of `look_dataset_size` free-look scenes (unscaled, like `encode_dataset`)."""
+    path = Path(cfg.ckpt_dir) / "latents_looks.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)["latents"].float()
+    vae.eval()
+    out = []
+    for s in tqdm(range(0, cfg.look_dataset_size, 500), desc="encode free looks"):
+        imgs = [world.render(look_scene(cfg.seed, i))
+                for i in range(s, min(s + 500, cfg.look_dataset_size))]
+        out.append(vae.encode(to_tensor(imgs)).latent_dist.mean)
+    latents = torch.cat(out)
+    _atomic_save({"latents": latents.half(), "scaling_factor": scaling}, path)
+    return latents
+
+
+def unet_data(cfg: ToyTrainConfig, vae) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+    """(latents, scaling factor, free-look latents or None): what `train_unet` reads."""
+    latents, scaling = encode_dataset(cfg, vae)
+    needs_looks = cfg.look_share > 0 and cfg.looks_from < cfg.unet_steps
+    return latents, scaling, encode_looks(cfg, vae, scaling) if needs_looks else None
+
+
 # ----------------------------------------------------------------------------- UNet
 def training_caption(scene: world.Scene, rng: np.random.Generator, cfg: ToyTrainConfig,
                      excluded: frozenset[str]) -> str:
@@ -200,7 +258,8 @@ def training_noise(shape, gen: torch.Generator, cfg: ToyTrainConfig, step: int) 
     return noise
 
 
-def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float):
+def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float,
+               looks: torch.Tensor | None = None):
     ckdir = Path(cfg.ckpt_dir)
     torch.manual_seed(cfg.seed)
     tok = components.build_tokenizer()
@@ -231,14 +290,24 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float):
     t0, run = time.time(), []
     for step in bar:
         rng = np.random.default_rng([cfg.seed, 3, step])
-        idx = rng.integers(0, len(latents), size=cfg.unet_batch)
-        caps = [training_caption(dataset_scene(cfg.seed, int(i)), rng, cfg, excluded) for i in idx]
+        n_look = round(cfg.look_share * cfg.unet_batch) if step >= cfg.looks_from else 0
+        if n_look and looks is None:
+            raise ValueError("look_share > 0 from looks_from on needs the free-look latents "
+                             "(train.encode_looks)")
+        idx = rng.integers(0, len(latents), size=cfg.unet_batch - n_look)
+        scenes = [dataset_scene(cfg.seed, int(i)) for i in idx]
+        z0 = latents[torch.from_numpy(idx)]
+        if n_look:  # the batch's last n_look rows show free looks
+            jdx = rng.integers(0, len(looks), size=n_look)
+            scenes += [look_scene(cfg.seed, int(j)) for j in jdx]
+            z0 = torch.cat([z0, looks[torch.from_numpy(jdx)]])
+        caps = [training_caption(sc, rng, cfg, excluded) for sc in scenes]
         ids = tok(caps, padding="max_length", max_length=tok.model_max_length,
                   return_tensors="pt").input_ids
-        z0 = latents[torch.from_numpy(idx)] * scaling  # (B, 4, 16, 16)
+        z0 = z0 * scaling  # (B, 4, 16, 16)
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
         noise = training_noise(z0.shape, gen, cfg, step)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(z0),), generator=gen)
         zt = sched.add_noise(z0, noise, t)
         lr = cfg.unet_lr * min(1.0, (step + 1 - warm_start) / cfg.unet_warmup)
         for g in opt.param_groups:
@@ -300,8 +369,7 @@ def train_all(cfg: ToyTrainConfig) -> None:
     with open(Path(cfg.ckpt_dir) / "config.json", "w") as f:
         json.dump(asdict(cfg), f, indent=1)
     vae = train_vae(cfg)
-    latents, scaling = encode_dataset(cfg, vae)
-    train_unet(cfg, latents, scaling)
+    train_unet(cfg, *unet_data(cfg, vae))
 
 
 def export(cfg: ToyTrainConfig, out_dir: str | Path, overwrite: bool = False) -> Path:
