@@ -4,6 +4,10 @@ Diffusion on a GPU, same function.
     z = E(x_ref) * s,  t ~ U{0..T-1},  z_t = sqrt(a_t) z + sqrt(1 - a_t) eps
     L = || eps - eps*(z_t, t, "a sks <class>") ||^2  (+ prior_weight * the same on class images)
 
+eps is white noise, plus offset/pyramid noise when the base model was trained with them; with
+`background_weight < 1` the instance loss is a masked mean, w = 1 on the subject and
+background_weight elsewhere: sum(w * (eps - eps*)^2) / sum(w).
+
 Only the LoRA matrices train (and, with `identifier_lr > 0`, the identifier token's input
 embedding, textual-inversion style); the base UNet, VAE and the rest of the text encoder stay
 frozen. With `uncond_prob > 0` that share of the instance captions is replaced by the empty

@@ -17,7 +17,7 @@ def tiny_cfg(tmp_path, **kw):
 
 
 def test_training_smoke_runs_checkpoints_and_exports(tmp_path):
-    cfg = tiny_cfg(tmp_path / "ck", look_dataset_size=6, looks_from=1)  # free looks from step 1
+    cfg = tiny_cfg(tmp_path / "ck", look_share=0.5, look_dataset_size=6, looks_from=1)
     (tmp_path / "ck").mkdir()
     vae = train.train_vae(cfg)
     latents, scaling, looks = train.unet_data(cfg, vae)
@@ -142,4 +142,5 @@ def test_free_looks_never_draw_the_subject_and_leave_the_colour_out():
     assert 100 < plain < 200  # half one colour, half two
     assert all(world.parse_prompt(world.scene_caption(sc))["colour"] is None for sc in scenes)
     with pytest.raises(ValueError, match="free-look latents"):
-        train.train_unet(tiny_cfg("/nonexistent", looks_from=0), torch.zeros(4, 4, 16, 16), 1.0)
+        train.train_unet(tiny_cfg("/nonexistent", look_share=0.5, looks_from=0),
+                         torch.zeros(4, 4, 16, 16), 1.0)
