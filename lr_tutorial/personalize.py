@@ -55,14 +55,13 @@ class DreamBoothConfig:
     identifier_lr: float = 0.0  # > 0: also learn the identifier's input embedding at this lr
     uncond_prob: float = 0.0  # share of instance captions replaced by "" (CFG-aware LoRA)
     # the training noise: white + offset_noise * N(0, 1) per channel (diffusers' --offset_noise)
-    # + pyramid_noise * N(0, 1) at 2x2, 4x4, 8x8 upsampled. Fine-tune with the noise the base
-    # model was trained with: a LoRA trained on white noise alone unlearns the per-channel mean
-    # that offset noise taught, and the subject loses its colours on dark backgrounds.
+    # + pyramid_noise * N(0, 1) at 2x2, 4x4, 8x8 upsampled, to fine-tune with the noise the base
+    # model was trained with. On the toy it did not change identity (data/toy/README.md).
     offset_noise: float = 0.0
     pyramid_noise: float = 0.0
     # masked loss: the loss of the references' background pixels is weighted by this (1: plain
-    # DreamBooth; < 1 needs `masks`, the subject's masks, e.g. from a Segmenter). The references'
-    # backdrop then pulls the model's scenes less, and its capacity goes to the subject.
+    # DreamBooth; < 1 needs `masks`, the subject's masks, e.g. from a Segmenter), so the
+    # references' backdrop pulls the model's scenes less (measured on the toy: data/toy/README.md).
     background_weight: float = 1.0
     seed: int = 0
     adapter_name: str = "personal"

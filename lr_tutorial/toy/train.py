@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import personalize
 from ..files import atomic_folder, replace_entries
 from . import components, heldout, world
 
@@ -250,14 +251,8 @@ def training_caption(scene: world.Scene, rng: np.random.Generator, cfg: ToyTrain
 
 def training_noise(shape, gen: torch.Generator, cfg: ToyTrainConfig, step: int) -> torch.Tensor:
     """White noise + offset noise (1x1) [+ pyramid noise at 2x2, 4x4, 8x8 from pyramid_from]."""
-    noise = torch.randn(shape, generator=gen)
-    noise = noise + cfg.offset_noise * torch.randn((*shape[:2], 1, 1), generator=gen)
-    if cfg.pyramid_noise and step >= cfg.pyramid_from:
-        for side in (2, 4, 8):
-            low = torch.randn((*shape[:2], side, side), generator=gen)
-            noise = noise + cfg.pyramid_noise * F.interpolate(low, size=shape[-2:], mode="bilinear",
-                                                              align_corners=False)
-    return noise
+    pyramid = cfg.pyramid_noise if step >= cfg.pyramid_from else 0.0
+    return personalize.training_noise(shape, gen, cfg.offset_noise, pyramid)
 
 
 def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float,
