@@ -169,19 +169,24 @@ def dataset_scene(seed: int, i: int) -> world.Scene:
 
 
 @torch.no_grad()
+def _encode_scenes(vae, scene_of, n: int, what: str) -> torch.Tensor:
+    """(n, 4, h, w) posterior means of scenes scene_of(0..n-1), 500 at a time."""
+    vae.eval()
+    out = []
+    for s in tqdm(range(0, n, 500), desc=f"encode {what}"):
+        imgs = [world.render(scene_of(i)) for i in range(s, min(s + 500, n))]
+        out.append(vae.encode(to_tensor(imgs)).latent_dist.mean)
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def encode_dataset(cfg: ToyTrainConfig, vae) -> tuple[torch.Tensor, float]:
     """Latent means of `dataset_size` scenes, and the scaling factor 1/std of those latents."""
     path = Path(cfg.ckpt_dir) / "latents.pt"
     if path.exists():
         state = torch.load(path, weights_only=True)
         return state["latents"].float(), state["scaling_factor"]
-    vae.eval()
-    out = []
-    for s in tqdm(range(0, cfg.dataset_size, 500), desc="encode latents"):
-        imgs = [world.render(dataset_scene(cfg.seed, i))
-                for i in range(s, min(s + 500, cfg.dataset_size))]
-        out.append(vae.encode(to_tensor(imgs)).latent_dist.mean)
-    latents = torch.cat(out)
+    latents = _encode_scenes(vae, lambda i: dataset_scene(cfg.seed, i), cfg.dataset_size, "latents")
     scaling = float(1.0 / latents.std())
     _atomic_save({"latents": latents.half(), "scaling_factor": scaling}, path)
     return latents, scaling
@@ -217,13 +222,8 @@ def encode_looks(cfg: ToyTrainConfig, vae, scaling: float) -> torch.Tensor:
     path = Path(cfg.ckpt_dir) / "latents_looks.pt"
     if path.exists():
         return torch.load(path, weights_only=True)["latents"].float()
-    vae.eval()
-    out = []
-    for s in tqdm(range(0, cfg.look_dataset_size, 500), desc="encode free looks"):
-        imgs = [world.render(look_scene(cfg.seed, i))
-                for i in range(s, min(s + 500, cfg.look_dataset_size))]
-        out.append(vae.encode(to_tensor(imgs)).latent_dist.mean)
-    latents = torch.cat(out)
+    latents = _encode_scenes(vae, lambda i: look_scene(cfg.seed, i), cfg.look_dataset_size,
+                             "free looks")
     _atomic_save({"latents": latents.half(), "scaling_factor": scaling}, path)
     return latents
 
