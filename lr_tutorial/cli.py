@@ -116,6 +116,8 @@ def _pretty(res: dict) -> str:
             r = res[k]
             lines.append(f"{k:>22}: fidelity {r['fidelity']} identity {r['identity']} "
                          f"positions {r['position_hist']}")
+            if k != "vanilla" and "identity_by" in r:
+                lines.append(f"{'':>22}  identity by {r['identity_by']}")
     return "\n".join(lines)
 
 

@@ -92,6 +92,20 @@ def test_identity_score_is_position_and_size_invariant_and_pattern_sensitive():
     assert max(vanilla_stars) <= 0.5
 
 
+def test_identity_by_groups_the_rows_by_what_the_prompt_states():
+    from lr_tutorial.toy import report
+    rng = np.random.default_rng(3)
+    night = world.render(world.subject_scene(rng, background="night"))
+    plain_star = world.render(world.sample_scene(rng, shape="star", colour="red"))
+    rows = report.score(np.stack([night, plain_star, night]),
+                        ["a sks star at night", "a sks star", "a small sks star at night"])
+    by = report.summarize(rows)["identity_by"]
+    assert set(by) == {"background", "size"} and set(by["background"]) == {"night", "none"}
+    assert by["background"]["night"] >= 0.8 and by["background"]["none"] <= 0.5
+    assert by["size"]["small"] == rows[2]["identity"]
+    assert by["size"]["none"] == round((rows[0]["identity"] + rows[1]["identity"]) / 2, 4)
+
+
 def test_identity_is_zero_without_object():
     bg = world.render(world.sample_scene(np.random.default_rng(1)))
     empty = np.full_like(bg, 206)

@@ -106,10 +106,23 @@ def summarize(rows: list[dict]) -> dict:
         "position_free_images": len(free),
         "position_hist": {p: round(hist.get(p, 0) / n_free, 4) for p in world.POSITIONS},
     }
+    out["identity_by"] = identity_by(rows)
     out["position_classes"] = sum(v > 0.05 for v in out["position_hist"].values())
     out["position_max_share"] = max(out["position_hist"].values()) if free else None
     out["centroid_spread_px"] = (round(float(np.linalg.norm(cents - cents.mean(0), axis=1).mean()), 3)
                                  if len(cents) > 1 else None)
+    return out
+
+
+def identity_by(rows: list[dict], attrs: tuple[str, ...] = ("background", "size")) -> dict:
+    """Mean identity grouped by what each prompt states, e.g. {"background": {"night": 0.07,
+    "none": 0.79, ...}, "size": {...}}: where a personalized model loses its subject."""
+    out = {}
+    for a in attrs:
+        groups: dict[str, list[float]] = {}
+        for r in rows:
+            groups.setdefault(r["stated"].get(a) or "none", []).append(r["identity"])
+        out[a] = {k: round(float(np.mean(v)), 4) for k, v in sorted(groups.items())}
     return out
 
 
