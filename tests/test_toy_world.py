@@ -1,4 +1,6 @@
 """ShapeWorld renderer, grammar, oracle and identity score."""
+import json
+
 import numpy as np
 import pytest
 
@@ -146,3 +148,16 @@ def test_shipped_prompt_files_equal_the_generators():
     d = data_dir() / "prompts"
     assert read_prompts(d / "heldout_personal.txt") == heldout.personal_prompts()
     assert read_prompts(d / "heldout_vanilla.txt") == heldout.vanilla_prompts()
+
+
+def test_toy_report_cli_prints_identity_by_background(tmp_path, capsys):
+    from lr_tutorial import cli
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("# two prompts\na sks star at night\na small sks star\n")
+    assert cli.main(["toy-report", "--prompts", str(prompts), "--seeds", "1", "--steps", "2",
+                     "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["personalized"]["identity_by"]["background"].keys() == {"night", "none"}
+    assert res["personalized"]["identity_by"]["size"].keys() == {"small", "none"}
+    assert cli.main(["toy-report", "--prompts", str(prompts), "--seeds", "1", "--steps", "2"]) == 0
+    assert "identity by {'background'" in capsys.readouterr().out
