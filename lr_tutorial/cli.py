@@ -63,7 +63,7 @@ def cmd_personalize_toy(a) -> int:
     bundle = load_models("toy", personalized=None)
     given = {k: getattr(a, k) for k in ("steps", "seed", "rank", "alpha", "lr", "lr_schedule",
                                          "identifier_lr", "uncond_prob", "offset_noise",
-                                         "pyramid_noise", "background_weight",
+                                         "pyramid_noise", "background_weight", "background_augment",
                                          "num_class_images")}
     if a.class_prompt:
         given["class_prompt"] = a.class_prompt[0] if len(a.class_prompt) == 1 else tuple(a.class_prompt)
@@ -75,7 +75,7 @@ def cmd_personalize_toy(a) -> int:
     out = Path(a.out) if a.out else data_dir() / "toy" / "lora"
     refs = subject.reference_images()
     masks = None
-    if cfg.background_weight < 1:  # the toy's masks come from the oracle
+    if cfg.background_weight < 1 or cfg.background_augment:  # the toy's masks: from the oracle
         from .toy import oracle
         masks = np.stack([oracle.analyze(r).mask for r in refs])
     dreambooth_lora(bundle, refs, cfg, out_dir=out, overwrite=a.overwrite, masks=masks)
@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pyramid noise (2x2, 4x4, 8x8) of the fine-tune")
     q.add_argument("--background-weight", type=float, default=None,
                    help="< 1: masked loss, the references' background weighted by this")
+    q.add_argument("--background-augment", type=int, default=None,
+                   help="this many extra images: the subject pasted on random solid backdrops")
     q.add_argument("--targets", default=None,
                    help="comma-separated module names that get LoRA layers")
     q.add_argument("--seed", type=int, default=None)

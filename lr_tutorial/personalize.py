@@ -63,6 +63,11 @@ class DreamBoothConfig:
     # DreamBooth; < 1 needs `masks`, the subject's masks, e.g. from a Segmenter), so the
     # references' backdrop pulls the model's scenes less (measured on the toy: data/toy/README.md).
     background_weight: float = 1.0
+    # background augmentation: this many extra training images, each reference's subject (by its
+    # mask) pasted on a random solid backdrop, so the subject is also seen on dark and coloured
+    # backdrops; needs `masks`. On the toy it lifted identity at night but cost it elsewhere and
+    # removed the backdrop pull (data/toy/README.md, session 8).
+    background_augment: int = 0
     seed: int = 0
     adapter_name: str = "personal"
     extra: dict = field(default_factory=dict)
@@ -114,6 +119,9 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     if images.shape[1] != bundle.image_size or images.shape[2] != bundle.image_size:
         raise ValueError(f"images are {images.shape[1]}x{images.shape[2]} but the model works at "
                          f"{bundle.image_size}x{bundle.image_size}; resize them first")
+    if cfg.background_augment:
+        _check_masks(images, masks, "background_augment", cfg.background_augment)
+        images, masks = paste_on_backdrops(images, masks, cfg.background_augment, cfg.seed)
     weights = _loss_weights(bundle, images, masks, cfg)  # (n, 1, h, w) or None
     if out_dir is not None:  # fail before training, not after
         refuse_existing(out_dir, overwrite, what="LoRA")
@@ -173,19 +181,43 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     return bundle
 
 
+def _check_masks(images: np.ndarray, masks, knob: str, value) -> np.ndarray:
+    """The images back, once `masks` is known to be (n, H, W) like them; names `knob` if not."""
+    if masks is None:
+        raise ValueError(f"{knob}={value} needs the subject's masks, but no masks were given; "
+                         "pass masks=(n, H, W) bool arrays (e.g. from a masks.Segmenter) or "
+                         f"turn {knob} off")
+    if np.asarray(masks).shape != images.shape[:3]:
+        raise ValueError(f"masks must be (n, H, W) = {images.shape[:3]} like the images, got "
+                         f"{np.asarray(masks).shape}")
+    return images
+
+
+def paste_on_backdrops(images: np.ndarray, masks: np.ndarray, n: int,
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The images and masks followed by `n` composites: image i % len(images)'s subject pixels
+    on a solid backdrop of a uniformly random RGB colour (drawn from `seed`)."""
+    rng = np.random.default_rng(seed)
+    masks = np.asarray(masks, bool)
+    out = []
+    for i in range(n):
+        j = i % len(images)
+        backdrop = rng.integers(0, 256, 3).astype(np.float32)  # (3,)
+        m = masks[j][..., None].astype(np.float32)  # (H, W, 1)
+        out.append((m * images[j] + (1 - m) * backdrop).round().astype(np.uint8))
+    if not out:
+        return images, masks
+    return (np.concatenate([images, np.stack(out)]),
+            np.concatenate([masks, masks[np.arange(n) % len(images)]]))
+
+
 def _loss_weights(bundle, images, masks, cfg) -> torch.Tensor | None:
     """Per-latent-pixel loss weights (n, 1, h, w) of the instance images: 1 on the subject,
     `background_weight` elsewhere (area-averaged to the latent grid); None for the plain loss."""
     if cfg.background_weight == 1.0:
         return None
-    if masks is None:
-        raise ValueError(f"background_weight={cfg.background_weight} weights the loss by the "
-                         "subject's masks, but no masks were given; pass masks=(n, H, W) bool "
-                         "arrays (e.g. from a masks.Segmenter) or set background_weight=1")
+    _check_masks(images, masks, "background_weight", cfg.background_weight)
     masks = np.asarray(masks)
-    if masks.shape != images.shape[:3]:
-        raise ValueError(f"masks must be (n, H, W) = {images.shape[:3]} like the images, got "
-                         f"{masks.shape}")
     m = torch.from_numpy(masks.astype(np.float32))[:, None]  # (n, 1, H, W)
     m = F.adaptive_avg_pool2d(m, bundle.latent_size)  # (n, 1, h, w): subject share per latent
     return (cfg.background_weight + (1 - cfg.background_weight) * m).to(bundle.device)
@@ -314,6 +346,8 @@ def check_config(cfg: DreamBoothConfig) -> None:
         raise ValueError(f"uncond_prob is a probability in [0, 1), got {cfg.uncond_prob}")
     if not 0 <= cfg.background_weight <= 1:
         raise ValueError(f"background_weight is a loss weight in [0, 1], got {cfg.background_weight}")
+    if cfg.background_augment < 0:
+        raise ValueError(f"background_augment is a number of extra images, got {cfg.background_augment}")
     if cfg.identifier_lr < 0 or cfg.lr <= 0 or cfg.steps < 1 or cfg.rank < 1:
         raise ValueError(f"need lr > 0, identifier_lr >= 0, steps >= 1, rank >= 1; got lr={cfg.lr}, "
                          f"identifier_lr={cfg.identifier_lr}, steps={cfg.steps}, rank={cfg.rank}")

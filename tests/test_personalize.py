@@ -76,6 +76,8 @@ def test_a_new_lora_drops_the_previous_identifier(trained, tmp_path):
     ({"identifier_lr": 1e-3, "instance_prompt": "a star"}, "does not contain the bundle's identifier"),
     ({"background_weight": 0.5}, "no masks were given"),
     ({"background_weight": 1.5}, "background_weight"),
+    ({"background_augment": 4}, "background_augment=4 needs the subject's masks"),
+    ({"background_augment": -1}, "background_augment"),
     ({"class_prompt": ("a star", ""), "num_class_images": 4}, "class_prompt"),
     ({"class_prompt": ("a star", "a star at night"), "num_class_images": 1}, "num_class_images"),
 ])
@@ -95,7 +97,7 @@ def test_cli_trains_the_toy_recipe_with_flag_overrides(tmp_path):
     out = tmp_path / "lora"
     assert cli.main(["personalize-toy", "--out", str(out), "--steps", "2", "--rank", "4",
                      "--identifier-lr", "1e-3", "--background-weight", "0.5", "--offset-noise",
-                     "0.1", "--class-prompt", "a star", "a star at night",
+                     "0.1", "--background-augment", "3", "--class-prompt", "a star", "a star at night",
                      "--num-class-images", "2"]) == 0
     cfg = json.loads((out / "dreambooth_config.json").read_text())
     recipe = toy_recipe()
@@ -104,6 +106,27 @@ def test_cli_trains_the_toy_recipe_with_flag_overrides(tmp_path):
     assert tuple(cfg["target_modules"]) == ALL_UNET_TARGETS and (out / IDENTIFIER_FILE).is_file()
     assert (cfg["background_weight"], cfg["offset_noise"], cfg["pyramid_noise"]) == (0.5, 0.1, 0.0)
     assert cfg["class_prompt"] == ["a star", "a star at night"] and cfg["num_class_images"] == 2
+    assert cfg["background_augment"] == 3
+
+
+def test_background_augment_pastes_the_subject_on_solid_backdrops():
+    from lr_tutorial.personalize import paste_on_backdrops
+    from lr_tutorial.toy import oracle
+    refs = subject.reference_images()[:2]
+    masks = np.stack([oracle.analyze(r).mask for r in refs])
+    imgs, ms = paste_on_backdrops(refs, masks, 5, seed=0)
+    assert imgs.shape == (7, 64, 64, 3) and imgs.dtype == np.uint8 and ms.shape == (7, 64, 64)
+    assert np.array_equal(imgs[:2], refs) and np.array_equal(ms[2:], masks[[0, 1, 0, 1, 0]])
+    backdrops = set()
+    for k in range(2, 7):
+        j = (k - 2) % 2
+        assert np.array_equal(imgs[k][masks[j]], refs[j][masks[j]])  # the subject untouched
+        outside = imgs[k][~masks[j]]  # one solid colour everywhere else
+        assert (outside == outside[0]).all()
+        backdrops.add(tuple(outside[0]))
+    assert len(backdrops) == 5  # a new colour each time, the same ones for the same seed
+    assert np.array_equal(paste_on_backdrops(refs, masks, 5, seed=0)[0], imgs)
+    assert not np.array_equal(paste_on_backdrops(refs, masks, 5, seed=1)[0], imgs)
 
 
 def test_masked_loss_weights_follow_the_subject_mask():
