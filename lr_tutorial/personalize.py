@@ -181,8 +181,8 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     return bundle
 
 
-def _check_masks(images: np.ndarray, masks, knob: str, value) -> np.ndarray:
-    """The images back, once `masks` is known to be (n, H, W) like them; names `knob` if not."""
+def _check_masks(images: np.ndarray, masks, knob: str, value) -> None:
+    """Raise, naming `knob`, unless `masks` is (n, H, W) like the images."""
     if masks is None:
         raise ValueError(f"{knob}={value} needs the subject's masks, but no masks were given; "
                          "pass masks=(n, H, W) bool arrays (e.g. from a masks.Segmenter) or "
@@ -190,7 +190,6 @@ def _check_masks(images: np.ndarray, masks, knob: str, value) -> np.ndarray:
     if np.asarray(masks).shape != images.shape[:3]:
         raise ValueError(f"masks must be (n, H, W) = {images.shape[:3]} like the images, got "
                          f"{np.asarray(masks).shape}")
-    return images
 
 
 def paste_on_backdrops(images: np.ndarray, masks: np.ndarray, n: int,
