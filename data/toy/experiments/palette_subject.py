@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from lr_tutorial import sampling
 from lr_tutorial.models import load_models
 from lr_tutorial.personalize import dreambooth_lora, toy_recipe
 from lr_tutorial.toy import heldout, oracle, report, subject, world
@@ -29,9 +30,7 @@ refs = np.stack([world.render(dataclasses.replace(s, pattern=pattern))
                  for s in subject.reference_scenes()])  # (5, 64, 64, 3) uint8
 bundle = load_models("toy", personalized=None)
 with torch.no_grad():  # the autoencoder's ceiling: identity of its reconstructions
-    x = torch.from_numpy(refs).permute(0, 3, 1, 2).float() / 127.5 - 1
-    rec = bundle.vae.decode(bundle.vae.encode(x).latent_dist.mode()).sample
-    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    rec = sampling.decode(bundle, sampling.encode(bundle, refs))
 print("autoencoder reconstructions of the references: identity %.3f"
       % np.mean([oracle.identity_score(r, pattern=pattern) for r in rec]))
 dreambooth_lora(bundle, refs, toy_recipe(), progress=True)
