@@ -111,8 +111,9 @@ def held_bytes(store) -> int:
 def specs(a, steps: int):
     """The scrubber's cross-attention capture and notebook 02's self-attention capture."""
     from lr_tutorial.attention import CaptureSpec
-    cross = CaptureSpec(kind="cross", heads=a.heads)  # every layer, step and token
-    self_ = CaptureSpec(kind="self", resolutions=[a.self_resolution], steps=[max(steps - 5, 0)])
+    cross = CaptureSpec(kind="cross", heads=a.heads, offload=a.offload)  # every layer, step, token
+    self_ = CaptureSpec(kind="self", resolutions=[a.self_resolution], steps=[max(steps - 5, 0)],
+                        offload=a.offload)
     return cross, self_
 
 
@@ -124,6 +125,9 @@ def main() -> None:
                     help="denoising steps run (default: 50 on a GPU or toy, 3 for sd15 on a CPU)")
     ap.add_argument("--latent", type=int, default=64, help="sd15: latent side (64 = 512 px)")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions of each case")
+    ap.add_argument("--offload", choices=("end", "step"), default="end",
+                    help="CaptureSpec.offload: maps move to the CPU when the capture ends "
+                         "(default) or as each is recorded (one synchronising copy per layer)")
     ap.add_argument("--heads", choices=("mean", "all"), default="mean",
                     help="cross-attention heads averaged (issue 6) or kept (notebook 02)")
     ap.add_argument("--self-resolution", type=int, default=16,
@@ -188,7 +192,7 @@ def main() -> None:
           f"{a.steps} DDIM steps run")
     print(f"# {header}")
     print(f"# capture: cross-attention at every step, {n_cross} layers, all {n_tokens} tokens, "
-          f"heads {a.heads}, {cross.dtype} on the CPU; self-attention at "
+          f"heads {a.heads}, {cross.dtype} on the CPU (offload {a.offload}); self-attention at "
           f"{a.self_resolution}x{a.self_resolution} ({n_self} layers) at step N - 5")
     print(f"# {a.reps} interleaved repetitions in {wall:.0f} s; ratios are medians of "
           "per-repetition ratios")

@@ -10,6 +10,7 @@ about two; the safety factor covers allocator overhead):
     peak = weights on the device + max(UNet call of stage 2, VAE decode)
     UNet call  = rows x (skip connections + largest transformer working set) x 2 (safety)
                  + explicit attention of the largest captured layer
+                 + the caller's capture store while it runs (CaptureSpec.offload="end")
                  (rows = (2 x batch + 1) x 2 for the three-branch batch [reference (1);
                  context; target] under classifier-free guidance, batch x 2 when cached)
     explicit attention (captured layers run without fused SDPA) = 2 x rows x heads x HW x K x 4 B
@@ -44,17 +45,20 @@ class MemoryEstimate:
     captured: list[str] = field(default_factory=list)
     weights_by_model: dict[str, int] = field(default_factory=dict)
     user_layers: list[str] = field(default_factory=list)  # captured for the caller's spec
+    stored: int = 0  # the caller's capture store, held on the device until the capture ends
 
     @property
     def total(self) -> int:
-        return self.weights + max(self.unet_activations + self.attention, self.vae_decode)
+        return self.weights + max(self.unet_activations + self.attention + self.stored,
+                                  self.vae_decode)
 
     def summary(self) -> str:
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
         return (f"about {g(self.total)} at the peak: weights {g(self.weights)}, UNet activations "
                 f"{g(self.unet_activations)} ({self.rows} rows per UNet call), explicit attention "
-                f"{g(self.attention)} ({len(self.captured)} captured layers), VAE decode "
-                f"{g(self.vae_decode)}")
+                f"{g(self.attention)} ({len(self.captured)} captured layers), "
+                + (f"capture store {g(self.stored)}, " if self.stored else "")
+                + f"VAE decode {g(self.vae_decode)}")
 
 
 def _nbytes(module, device_type: str | None) -> int:
@@ -123,6 +127,10 @@ def estimate(bundle, config=None, batch: int = 1, capture=None, stage2: str = "b
     per_layer = {p: attention_bytes(bundle, p, rows) for p in captured}
     captured.sort(key=per_layer.get, reverse=True)
     attn = max(per_layer.values(), default=0)
+    stored = 0  # stage 2's capture records every branch (batched rows) until the capture ends
+    if capture is not None and capture.offload == "end" and device_type != "cpu":
+        stored = capture.estimate(bundle, config.layout.steps, batch=2 * batch + 1,
+                                  cfg=config.layout.guidance != 1.0)
 
     vcfg = bundle.vae.config
     vch = list(reversed(vcfg.block_out_channels))
@@ -131,7 +139,7 @@ def estimate(bundle, config=None, batch: int = 1, capture=None, stage2: str = "b
     vae_el = torch.finfo(bundle.vae.dtype).bits // 8
     vae = batch * 6 * max(sizes) * vae_el if bundle.vae.device.type == device_type else 0
     return MemoryEstimate(sum(by_model.values()), unet_act, attn, int(vae), rows, captured,
-                          by_model, user)
+                          by_model, user, stored)
 
 
 def options(est: MemoryEstimate, bundle, batch: int) -> list[str]:
@@ -143,6 +151,9 @@ def options(est: MemoryEstimate, bundle, batch: int) -> list[str]:
                     f"layer ({est.captured[0]}) alone takes {g(est.attention)} while it runs "
                     "without fused attention; capture cross-attention (kind='cross') or lower "
                     "resolutions (CaptureSpec(resolutions=[16]))"))
+    if est.stored:
+        out.append((est.stored, "keep the capture store on the CPU while it records: "
+                    "CaptureSpec(offload='step') (slower: one synchronising copy per layer)"))
     if bundle.dtype == torch.float32:
         out.append(((est.weights + est.unet_activations + est.attention) // 2,
                     "half precision: load_models('sd', ..., dtype=torch.float16) halves weights "

@@ -47,8 +47,10 @@ class LRConfig:
     "batched" runs the three branches in one UNet call per step (one reference row for all
     targets: 2B + 1 rows); "auto" (default) takes "cached" when its key/value caches fit in
     `kv_budget_gb` and the target starts after lambda1, else "batched" (also for one prompt
-    with a new reference, where the reference's key/value replay does not pay off). Same
-    result (tested),
+    with a new reference, where the reference's key/value replay does not pay off, and on a
+    GPU, where the caches live in host memory and copying them costs more than the UNet rows
+    they save: on an H200, SD 1.5 at 512 px, 8 images, cached 6.1x a plain run, batched 3.2x;
+    bench/README.md). Same result (tested),
     the cached path at about half the UNet work of stage 2; a `capture=` of stage 2 uses
     "batched" since it records every branch.
     kv_budget_gb: memory the cached path may hold in keys/values (kv.cache_bytes: about 2.2 GB
@@ -337,7 +339,9 @@ class LayoutAndRetouch:
         "auto" takes "batched" when the key/value caches would not fit kv_budget_gb, and for one
         prompt with a reference not seen before (`new_reference`): the reference's key/value
         replay pays off from the second image on (bench/README.md, one image: batched 4.93 s,
-        cached 5.62 s; with the reference cached, 4.06 s). Raises for "cached" when the target
+        cached 5.62 s; with the reference cached, 4.06 s), and on a GPU, where the caches are
+        kept in host memory and their copies cost more than they save (H200, SD 1.5, 512 px,
+        8 images: cached 6.1x a plain run, batched 3.2x). Raises for "cached" when the target
         starts before lambda1."""
         cfg, bundle = self.config, self.models
         n = cfg.layout.steps
@@ -355,6 +359,8 @@ class LayoutAndRetouch:
                 f"start_step >= {lambda1}, or LRConfig(stage2='batched').")
         if cfg.stage2 == "cached":
             return "cached"
+        if bundle.device.type == "cuda":  # the caches would live on the host (measured slower)
+            return "batched"
         need = self.kv_bytes(batch)
         return "cached" if need <= self.kv_budget() else "batched"
 

@@ -144,6 +144,38 @@ def test_processors_are_restored_also_after_an_exception(unet):
     assert {k: id(v) for k, v in unet.attn_processors.items()} == ids_before
 
 
+def test_offload_at_the_end_or_per_step_stores_the_same_maps_on_the_cpu(unet):
+    z, t, ctx = _inputs()
+    stores = {}
+    for offload in ("end", "step"):
+        with torch.no_grad(), attention.capture(unet, attention.CaptureSpec(
+                kind="both", offload=offload)) as store:
+            store.on_step(0)
+            unet(z, t, ctx)
+        stores[offload] = store
+    end, step = stores["end"], stores["step"]
+    assert end.maps.keys() == step.maps.keys() and end.nbytes == step.nbytes > 0
+    for key, m in end.maps.items():
+        assert m.device.type == "cpu" and torch.equal(m, step.maps[key])
+    with pytest.raises(ValueError, match="offload"):
+        attention.CaptureSpec(offload="never")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_offload_end_keeps_maps_on_the_gpu_until_the_capture_ends_also_after_an_error():
+    torch.manual_seed(0)
+    gpu = components.build_unet().eval().cuda()
+    z, t, ctx = (x.cuda() for x in _inputs())
+    seen = {}
+    with pytest.raises(RuntimeError, match="boom"):
+        with torch.no_grad(), attention.capture(gpu, attention.CaptureSpec()) as store:
+            store.on_step(0)
+            gpu(z, t, ctx)
+            seen["during"] = {m.device.type for m in store.maps.values()}
+            raise RuntimeError("boom")
+    assert seen["during"] == {"cuda"} and {m.device.type for m in store.maps.values()} == {"cpu"}
+
+
 def test_store_without_step_fails_loudly(unet):
     z, t, ctx = _inputs(batch=1)
     with pytest.raises(RuntimeError, match="does not know the step"):

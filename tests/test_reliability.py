@@ -437,6 +437,17 @@ def test_memory_estimate_of_stable_diffusion_15_is_plausible():
     assert 2.5e9 < est.total < 8e9
     cap = memory.estimate(bundle, LRConfig(), capture=CaptureSpec(kind="self", resolutions=[64]))
     assert cap.attention > 4 * memory.GiB and "CaptureSpec" in memory.options(cap, bundle, 1)[0]
+    # the scrubber's capture (every step, every layer's cross-attention) kept on the GPU until
+    # it ends (offload="end"): the store's bytes, for stage 2's 2B + 1 rows, join the peak
+    scrub = CaptureSpec(kind="cross")
+    held = memory.estimate(bundle, LRConfig(), capture=scrub)
+    assert held.stored == scrub.estimate(bundle, 50, batch=3) > 0
+    # 622 MB held over stage 2's UNet call: the peak moves from the VAE decode to the UNet
+    assert est.total == est.weights + est.vae_decode
+    assert held.total == held.weights + held.unet_activations + held.attention + held.stored
+    assert any("offload='step'" in o for o in memory.options(held, bundle, 1))
+    assert memory.estimate(bundle, LRConfig(), capture=CaptureSpec(kind="cross", offload="step")
+                           ).stored == 0
     # the cached stage 2's context keys/values of one image: the 9 decoder self-attention
     # layers, 2 CFG rows, steps 10..49 in fp16: 27.5 MB per row and step, 2.2 GB in all
     from lr_tutorial.attention import select_layers
