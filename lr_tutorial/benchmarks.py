@@ -93,7 +93,7 @@ class Benchmark:
     lambda1_sweep: list[float] = field(default_factory=list)
     sweep_methods: list[str] = field(default_factory=lambda: list(SWEEPABLE))
     steps: int = 50
-    guidance: float = 7.5
+    guidance: float | None = None  # None: the backend's (ModelBundle.guidance)
     config: dict = field(default_factory=dict)
     metrics: list[str] | None = None
     base: str | None = None

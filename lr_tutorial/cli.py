@@ -292,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", required=True)
     s.add_argument("--seeds", type=int, default=4)
     s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--guidance", type=float, default=7.5)
+    s.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance (default: the backend's, 3.0 on the toy)")
     s.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
     s.add_argument("--methods", default="", help="extra rows: stage1,layout_and_retouch")
     s.add_argument("--threads", type=int, default=0)
@@ -317,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lambda2", default="0.2", help="end of the structure phase")
     g.add_argument("--lambda3", default="0.8", help="end of latent blending")
     g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance (default: the backend's: toy 3.0, sd 7.5)")
     g.add_argument("--fuse-lora", action=argparse.BooleanOptionalAction, default=True,
                    help="merge the LoRA into the weights while personalized (default: one toy "
                         "image in 4.8 s instead of 8.8 s, bench/README.md; outputs differ from "

@@ -30,7 +30,7 @@ def _title(img, prompt: str, label: str) -> str:
             f"fid {sum(match.values())}/{len(match)} id {oracle.identity_score(img, facts):.2f}")
 
 
-def run(out: Path, steps: int = 50, guidance: float = 7.5) -> Path:
+def run(out: Path, steps: int = 50, guidance: float | None = None) -> Path:
     matplotlib.use("Agg")
     from .layout import LayoutConfig
     from .pipeline import LayoutAndRetouch, LRConfig

@@ -9,7 +9,7 @@ The whole trajectory is kept: stage 2 replays it, so the context image never nee
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -49,19 +49,30 @@ def check_steps(steps) -> None:
                          "setting (a few steps suffice for a quick look on the toy backend)")
 
 
-def check_guidance(guidance) -> None:
+def check_guidance(guidance, allow_none: bool = False) -> None:
+    if guidance is None and allow_none:
+        return
     if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not guidance >= 0:
-        raise ValueError(f"guidance must be a number >= 0, got {guidance!r}; 7.5 is Stable "
-                         "Diffusion's usual setting (1 means no classifier-free guidance)")
+        raise ValueError(f"guidance must be a number >= 0{' or None' if allow_none else ''}, got "
+                         f"{guidance!r}; 7.5 is Stable Diffusion's usual setting, 3.0 the toy "
+                         "backend's (1 means no classifier-free guidance)")
+
+
+def resolve_guidance(bundle, guidance) -> float:
+    """`guidance`, or the bundle's own weight (ModelBundle.guidance) when it is None."""
+    guidance = getattr(bundle, "guidance", 7.5) if guidance is None else guidance
+    check_guidance(guidance)
+    return float(guidance)
 
 
 @dataclass
 class LayoutConfig:
     """Stage 1 knobs. lambda1: vanilla steps, a fraction of N or a count (default 0.2 N [ours],
-    docs/method.md stage 1). steps: N DDIM steps. guidance: CFG weight (7.5 [ours])."""
+    docs/method.md stage 1). steps: N DDIM steps. guidance: CFG weight; None (default): the
+    models' own (ModelBundle.guidance: Stable Diffusion's 7.5, the toy backend's 3.0) [ours]."""
     lambda1: float | int = 0.2
     steps: int = 50
-    guidance: float = 7.5
+    guidance: float | None = None
 
     def __post_init__(self):
         self.validate()
@@ -69,8 +80,12 @@ class LayoutConfig:
     def validate(self) -> None:
         """Raise a ValueError/TypeError naming the bad knob (also after fields were changed)."""
         check_steps(self.steps)
-        check_guidance(self.guidance)
+        check_guidance(self.guidance, allow_none=True)
         resolve_steps(self.lambda1, self.steps, "lambda1")
+
+    def resolved(self, bundle) -> "LayoutConfig":
+        """A copy with the guidance filled in from the bundle when it is None."""
+        return replace(self, guidance=resolve_guidance(bundle, self.guidance))
 
 
 @dataclass
@@ -94,6 +109,7 @@ def step_blended(bundle, prompts: list[str], seeds: list[int], config: LayoutCon
     inversion, lr_tutorial.pipeline); it needs the personalized model too."""
     cfg = config or LayoutConfig()
     cfg.validate()
+    cfg = cfg.resolved(bundle)
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; give one seed each")
     n = cfg.steps

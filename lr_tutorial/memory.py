@@ -114,7 +114,9 @@ def estimate(bundle, config=None, batch: int = 1, capture=None, stage2: str = "b
     if stage2 not in ("batched", "cached"):
         raise ValueError(f"stage2 must be 'batched' or 'cached', got {stage2!r}")
     branch_rows = 2 * batch + 1 if stage2 == "batched" else batch
-    rows = branch_rows * (2 if config.layout.guidance != 1.0 else 1)
+    from .layout import resolve_guidance
+    cfg_on = resolve_guidance(bundle, config.layout.guidance) != 1.0
+    rows = branch_rows * (2 if cfg_on else 1)
 
     cfg = bundle.unet.config
     s, chans, lpb = bundle.latent_size, list(cfg.block_out_channels), cfg.layers_per_block
@@ -130,7 +132,7 @@ def estimate(bundle, config=None, batch: int = 1, capture=None, stage2: str = "b
     stored = 0  # stage 2's capture records every branch (batched rows) until the capture ends
     if capture is not None and capture.offload == "end" and device_type != "cpu":
         stored = capture.estimate(bundle, config.layout.steps, batch=2 * batch + 1,
-                                  cfg=config.layout.guidance != 1.0)
+                                  cfg=cfg_on)
 
     vcfg = bundle.vae.config
     vch = list(reversed(vcfg.block_out_channels))

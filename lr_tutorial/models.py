@@ -55,6 +55,9 @@ class ModelBundle:
     # in personalized mode only (DreamBoothConfig.identifier_lr); None when not learned
     identifier_embedding: tuple | None = None
     source: dict = field(default_factory=dict)  # where the weights came from (recorded in Results)
+    # the backend's classifier-free guidance weight, used wherever a guidance is left None:
+    # Stable Diffusion's usual 7.5; the toy's TOY_GUIDANCE
+    guidance: float = 7.5
 
     def __post_init__(self):
         self._vanilla_unet = self.unet
@@ -302,6 +305,13 @@ def other_base(file: Path, detail: str) -> str:
             f"({detail}). Load it with the base it was trained on (base=...), or retrain it on this one.")
 
 
+# The toy backend's guidance weight. Chosen on the vanilla model alone: the smallest weight at
+# which its prompt fidelity is at the plateau it keeps up to Stable Diffusion's 7.5 (data/toy/
+# README.md, "Guidance"). Above it, the DreamBooth-LoRA's images on dark backdrops fall apart:
+# classifier-free guidance multiplies a conditional direction the fine-tune has bent.
+TOY_GUIDANCE = 3.0
+
+
 def load_toy(personalized: str | Path | None = "default", device: str = "cpu") -> ModelBundle:
     """The ShapeWorld models from data/toy (vanilla) plus the shipped `sks star` LoRA."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -322,7 +332,7 @@ def load_toy(personalized: str | Path | None = "default", device: str = "cpu") -
         unet=UNet2DConditionModel.from_pretrained(root / "unet").eval(),
         scheduler=DDIMScheduler.from_pretrained(root / "scheduler"),
         backend="toy", identifier=world.SUBJECT_IDENTIFIER, class_noun=world.SUBJECT_CLASS,
-        source={"base": str(root)},
+        source={"base": str(root)}, guidance=TOY_GUIDANCE,
     )
     for m in (bundle.text_encoder, bundle.vae, bundle.unet):
         m.requires_grad_(False)

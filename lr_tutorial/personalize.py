@@ -81,8 +81,8 @@ ALL_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "
 def toy_recipe(**overrides) -> DreamBoothConfig:
     """The recipe of the shipped toy LoRA (`python -m lr_tutorial personalize-toy`); measured
     against weaker ones in data/toy/README.md. Keyword arguments override single knobs."""
-    recipe = dict(target_modules=ALL_UNET_TARGETS, rank=8, alpha=8.0, steps=2000, lr=3e-3,
-                  lr_schedule="cosine", uncond_prob=0.0)
+    recipe = dict(target_modules=ALL_UNET_TARGETS, rank=8, alpha=8.0, steps=4000, lr=3e-3,
+                  lr_schedule="cosine", uncond_prob=0.0, identifier_lr=5e-3)
     return DreamBoothConfig(**{**recipe, **overrides})
 
 

@@ -17,7 +17,7 @@ import hashlib
 import json
 import numbers
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ import numpy as np
 from . import attention, masks, memory, sampling
 from .files import atomic_folder
 from .images import as_batch
-from .layout import LayoutConfig, LayoutResult, resolve_steps, step_blended
+from .layout import LayoutConfig, LayoutResult, resolve_guidance, resolve_steps, step_blended
 from .kv import KVCache, cache_bytes, record_kv
 from .prompts import check_prompts, token_index
 from .retouch import (ReferenceInversion, aggregate, invert_reference, kv_plan, mask_layers,
@@ -263,7 +263,7 @@ class LayoutAndRetouch:
         """Run both stages. `capture`: an extra CaptureSpec recorded during stage 2 for all
         three branches (rows [reference (1); context (B); target (B)]), e.g. what a scrubber
         shows."""
-        cfg, bundle = self.config, self.models
+        cfg, bundle = self.resolved_config(), self.models
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         seeds = [seed] * len(prompts) if isinstance(seed, numbers.Integral) else list(seed)
         if len(seeds) != len(prompts):
@@ -364,13 +364,18 @@ class LayoutAndRetouch:
         need = self.kv_bytes(batch)
         return "cached" if need <= self.kv_budget() else "batched"
 
+    def resolved_config(self) -> LRConfig:
+        """The config a call runs with: guidance None filled in from the models
+        (ModelBundle.guidance); recorded in Result.config."""
+        return replace(self.config, layout=self.config.layout.resolved(self.models))
+
     def kv_bytes(self, batch: int) -> int:
         """Bytes of the key/value caches the cached stage 2 adds for `batch` prompts: the
         context's (2 rows per prompt under CFG) and the reference's (once per reference)."""
         cfg, bundle = self.config, self.models
         n = cfg.layout.steps
         layers, steps = kv_plan(bundle, cfg.swap, n, self.start_step())
-        halves = 2 if cfg.layout.guidance != 1.0 else 1
+        halves = 2 if resolve_guidance(bundle, cfg.layout.guidance) != 1.0 else 1
         return cache_bytes(bundle.unet, layers, steps, halves * (batch + 1), bundle.latent_size,
                            self.cache_dtype())
 

@@ -142,13 +142,14 @@ def _rows(observers, rows: slice):
 
 
 def sample(bundle, prompts: list[str], seeds: list[int], *, steps: int = 50,
-           guidance: float = 7.5, negative: str = "", callback: StepCallback | None = None,
+           guidance: float | None = None, negative: str = "", callback: StepCallback | None = None,
            observers: tuple = ()) -> tuple[torch.Tensor, Trajectory]:
-    """Plain text-to-image DDIM sampling with the bundle's current UNet. Returns (z_N, Trajectory)."""
+    """Plain text-to-image DDIM sampling with the bundle's current UNet. Returns (z_N, Trajectory).
+    guidance None: the bundle's own (ModelBundle.guidance)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; give one seed per prompt")
-    from .layout import check_guidance
-    check_guidance(guidance)
+    from .layout import resolve_guidance
+    guidance = resolve_guidance(bundle, guidance)
     sched = make_scheduler(bundle, steps)
     cond = encode_prompts(bundle, list(prompts))
     uncond = encode_prompts(bundle, [negative] * len(prompts))

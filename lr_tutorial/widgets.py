@@ -212,7 +212,7 @@ class LambdaExplorer:
     identity) may be given for other backends."""
 
     def __init__(self, bundle, prompts: list[str], seeds: list[int], lambdas, steps: int = 25,
-                 guidance: float = 7.5, scores=None):
+                 guidance: float | None = None, scores=None):
         from .layout import LayoutConfig, step_blended
         self.lambdas = list(lambdas)
         self.prompts = [p for p in prompts for _ in seeds]

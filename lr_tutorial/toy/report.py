@@ -31,7 +31,7 @@ def read_prompts(path) -> list[str]:
 
 
 def generate(bundle, prompts: list[str], seeds: list[int], mode: str, *, steps: int = 50,
-             guidance: float = 7.5, batch: int = 64, progress: bool = True) -> np.ndarray:
+             guidance: float | None = None, batch: int = 64, progress: bool = True) -> np.ndarray:
     """Images (len(prompts) * len(seeds), 64, 64, 3), prompt-major, sampled in `mode`."""
     jobs = [(p, s) for p in prompts for s in seeds]
     out = []
@@ -45,7 +45,7 @@ def generate(bundle, prompts: list[str], seeds: list[int], mode: str, *, steps: 
 
 
 def generate_method(bundle, prompts: list[str], seeds: list[int], method: str, *,
-                    steps: int = 50, guidance: float = 7.5, batch: int = 32, config=None,
+                    steps: int = 50, guidance: float | None = None, batch: int = 32, config=None,
                     progress: bool = True, reference_images=None) -> np.ndarray:
     """Images of `method`: "stage1" (step-blended layout only) or "layout_and_retouch"
     (`reference_images`: photos of the subject; None: the toy subject's)."""
@@ -127,12 +127,14 @@ def identity_by(rows: list[dict], attrs: tuple[str, ...] = ("background", "size"
 
 
 def toy_report(bundle, prompts: list[str], seeds: list[int], *, steps: int = 50,
-               guidance: float = 7.5, progress: bool = True, methods: tuple[str, ...] = (),
+               guidance: float | None = None, progress: bool = True, methods: tuple[str, ...] = (),
                config=None) -> dict:
     """{'vanilla': summary over every prompt without identifier,
         'personalized': summary over the prompts that carry the identifier (if the bundle has
         a personalized model), and one summary per extra method ("stage1",
         "layout_and_retouch") on those prompts}."""
+    from ..layout import resolve_guidance
+    guidance = resolve_guidance(bundle, guidance)  # None: the bundle's own
     vanilla_prompts = [heldout.strip_identifier(p) for p in prompts]
     report = {"prompts": len(prompts), "seeds": list(seeds), "steps": steps, "guidance": guidance}
     imgs = generate(bundle, vanilla_prompts, seeds, "vanilla", steps=steps, guidance=guidance,

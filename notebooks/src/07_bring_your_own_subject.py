@@ -55,7 +55,7 @@ image_grid(photos, [f"photo {i}" for i in range(5)], scale=1.3);
 # ## DreamBooth-LoRA on a CPU
 # $$\mathcal L = \big\| \epsilon - \epsilon^*_\theta(z_t, t, \text{"a zwx circle"}) \big\|^2,\quad z_t = \sqrt{\bar\alpha_t}\,E(x) + \sqrt{1-\bar\alpha_t}\,\epsilon$$
 # Only the LoRA matrices train (`peft`; on the UNet's attention, feed-forward and convolution
-# layers: the shipped star's recipe `toy_recipe()`, here for 300 of its 2,000 steps), the base
+# layers: the shipped star's recipe `toy_recipe()`, here for 300 of its 4,000 steps), the base
 # stays frozen.
 
 # %%
