@@ -78,9 +78,10 @@ def riding_inversion(bundle, image: np.ndarray, prompt: str, class_index: int, *
     spec = attention.CaptureSpec(layers=mask_layers(bundle.unet, mask_cfg, bundle.latent_size),
                                  kind="cross", tokens=[class_index])
     with attention.capture(bundle.unet, spec) as store:
-        inv = sampling.Inversion(bundle, z, prompt, steps=steps, guidance=guidance,
-                                 observers=(store,))
         with bundle.using("personalized" if bundle.has_personal else "vanilla"):
+            # the prompt is encoded here: a learned identifier embedding exists in this mode only
+            inv = sampling.Inversion(bundle, z, prompt, steps=steps, guidance=guidance,
+                                     observers=(store,))
             for _ in range(steps - ride_steps):
                 inv.step_alone()
         yield inv, store
@@ -121,12 +122,12 @@ def reference_kv(bundle, reference: ReferenceInversion, layers: list[str], steps
     if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
         raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}")
     sched = sampling.make_scheduler(bundle, n_steps)
-    cond = sampling.encode_prompts(bundle, [reference.prompt])
-    uncond = sampling.encode_prompts(bundle, [""])
     cache = KVCache(layers, steps, device=device, dtype=dtype)
     steps = list(steps)
     with bundle.using("personalized" if bundle.has_personal else "vanilla"), \
             record_kv(bundle.unet, cache):
+        cond = sampling.encode_prompts(bundle, [reference.prompt])  # in this mode: a learned
+        uncond = sampling.encode_prompts(bundle, [""])  # identifier embedding applies
         for i in range(0, len(steps), steps_per_call):
             group = steps[i:i + steps_per_call]
             n = len(group)
@@ -159,14 +160,17 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
     sched = sampling.make_scheduler(bundle, steps)
     l3 = resolve_steps(mask_cfg.lambda3, steps, "lambda3")
     ref_class = reference_class_index(bundle, reference.prompt)
-    cond_p = sampling.encode_prompts(bundle, layout.prompt)
+    personal = "personalized" if bundle.has_personal else "vanilla"
+    with bundle.using(personal):  # y^p with the identifier's learned embedding, if there is one
+        cond_p = sampling.encode_prompts(bundle, layout.prompt)
+        cond_r = sampling.encode_prompts(bundle, [reference.prompt])
     m_ctx = torch.as_tensor(context_masks, dtype=torch.float32)  # (B, h, w)
     ctl = attention.SwapController(bundle.unet, swap_cfg, steps, size)
     ctl.set_masks(target=m_ctx, reference=torch.as_tensor(reference.mask.mask)[None])
     mask_layers_ = mask_layers(bundle.unet, mask_cfg, size)
     if kv is None:  # one reference row serves every target: [ref (1); ctx (B); tgt (B)]
         ctl.shared_reference = True
-        cond = torch.cat([sampling.encode_prompts(bundle, [reference.prompt]), cond_p, cond_p])
+        cond = torch.cat([cond_r, cond_p, cond_p])
         tokens = [[ref_class]] + [[i] for i in class_indices] * 2
         target_rows = slice(1 + b, 1 + 2 * b)
     else:
@@ -179,7 +183,7 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
     zt = layout.trajectory.latents[start_step].to(bundle.device, bundle.dtype)
     traj = sampling.Trajectory(latents=[zt.detach().cpu()])
     used, acc, n_seen = [], 0.0, 0
-    with bundle.using("personalized" if bundle.has_personal else "vanilla"), \
+    with bundle.using(personal), \
             attention.swap(bundle.unet, ctl), attention.capture(bundle.unet, spec) as store:
         for k in range(start_step, steps):
             t = sched.timesteps[k]

@@ -107,3 +107,19 @@ def test_personalized_model_shows_the_problem_and_the_method_helps(toy):
     assert per[1] > van[1] + 0.25 and lr[1] > van[1] + 0.25  # identity: 0.74 and 0.59 vs 0.02
     assert per[0] < van[0] - 0.2  # layout fidelity lost: 0.667 vs 2.0
     assert lr[0] > per[0]  # and partly recovered: 0.75 (one image more than personalized)
+
+
+def test_retouch_without_the_swap_is_stage_1_also_with_a_learned_identifier(toy):
+    """Regression (session 9): stage 2 encoded y^p before switching to the personalized model,
+    so the identifier's learned input embedding (the shipped LoRA has one) was missing from
+    the target and reference branches, and "no swap" drifted from stage 1 (ShapeWorld benchmark:
+    identity 0.755 against 0.789). Without the swap the target re-runs the context's own steps."""
+    from lr_tutorial.attention import SwapConfig
+    from lr_tutorial.layout import LayoutConfig
+    from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
+    assert toy.identifier_embedding is not None
+    for stage2 in ("batched", "cached"):
+        cfg = LRConfig(layout=LayoutConfig(steps=10), swap=SwapConfig(mode="none"), stage2=stage2)
+        res = LayoutAndRetouch(toy, cfg)(["a sks star on the left at night"] * 2, seed=[0, 1])
+        torch.testing.assert_close(res.target.latents[-1], res.layout.trajectory.latents[-1],
+                                   atol=1e-4, rtol=1e-4)

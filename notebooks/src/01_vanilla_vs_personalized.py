@@ -114,10 +114,11 @@ if toy_only(bundle, "the comparison of the two models"):  # the claims, not the 
 
 # %% [markdown]
 # The vanilla model follows the prompt but draws plain stars (identity near 0). The
-# personalized model draws *our* star (not always: "at night" and "small" are its weak spots),
-# but it has learnt "centred, large, plain backdrop" together with the subject: size fidelity
-# falls most (it draws the star big), position and background less. That is the problem
-# Layout-and-Retouch addresses. Where does the subject land when the prompt does not say?
+# personalized model draws *our* star (not always: "at night" is its weak spot), but it has
+# learnt "centred, large, plain backdrop" together with the subject: it puts the star in the
+# centre of the references' light backdrop and draws it big, whatever the prompt says. That is
+# the problem Layout-and-Retouch addresses. Where does the subject land when the prompt does
+# not say?
 
 # %%
 if toy_only(bundle, "the histogram of positions the oracle reads"):
