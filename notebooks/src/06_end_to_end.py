@@ -149,21 +149,22 @@ plt.show()
 
 # %% [markdown]
 # What this says about the paper's claims, in ShapeWorld:
-# - **the problem reproduces**: the personalized model loses fidelity (size and position most)
-#   and its layouts collapse (max pos. 1.0 against the vanilla model's 0.33);
-# - **stage 1 holds**: at lambda1 = 0.2-0.4 N, fidelity rises to 0.79-0.83 while identity stays
-#   at the personalized model's (about 0.5);
-# - **the trade-off is real**: beyond 0.4 N identity falls as fidelity and diversity approach
-#   vanilla's;
-# - **the retouch does not break it here**: Layout-and-Retouch sits below stage 1 at every
-#   lambda1 (0.03-0.05 identity). "no_swap" equals stage 1 exactly (without the swap the
+# - **the problem reproduces, strongly**: the personalized model keeps the subject (identity
+#   0.81) but loses fidelity (0.51 against the vanilla model's 0.86; position, background and
+#   size most), and its layouts collapse (max pos. 1.0 against the vanilla model's 0.42);
+# - **stage 1 trades layout for identity**: the shipped toy LoRA pulls so hard towards its
+#   references that 0.2 N vanilla steps barely move the layout (fidelity 0.53); more vanilla
+#   steps raise fidelity (0.56 at 0.4 N, 0.67 at 0.8 N) and cost identity (0.68, 0.37);
+# - **the retouch does not give identity back here**: Layout-and-Retouch sits below stage 1 at
+#   every lambda1 (0.04-0.07 identity). "no_swap" equals stage 1 exactly (without the swap the
 #   target re-runs the context's own steps), so the attention swap is what costs identity in
 #   this toy, whose subject pattern lives mostly in convolutions (an attention-only LoRA
 #   reached identity 0.11, one that adapts the convolutions too 0.54). On Stable Diffusion,
 #   where appearance does live in self-attention, run the same comparison with
 #   `evaluate --benchmark vico`;
-# - **multi-source masking matters**: the reference-only swap copies the reference's plain
-#   backdrop (background fidelity 0.58 against 0.99).
+# - **the single-source swap keeps the most identity**: the reference-only swap (0.81) beats
+#   the multi-source one (0.73), so here the context's keys and values outside the subject
+#   mask are what cost identity.
 #
 # The README has the full discussion.
 #
