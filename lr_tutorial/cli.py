@@ -64,7 +64,9 @@ def cmd_personalize_toy(a) -> int:
     given = {k: getattr(a, k) for k in ("steps", "seed", "rank", "alpha", "lr", "lr_schedule",
                                          "identifier_lr", "uncond_prob", "offset_noise",
                                          "pyramid_noise", "background_weight", "background_augment",
-                                         "num_class_images")}
+                                         "layout_augment", "num_class_images")}
+    if a.layout_scale:
+        given["layout_scale"] = tuple(a.layout_scale)
     if a.class_prompt:
         given["class_prompt"] = a.class_prompt[0] if len(a.class_prompt) == 1 else tuple(a.class_prompt)
     if a.targets:
@@ -281,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="< 1: masked loss, the references' background weighted by this")
     q.add_argument("--background-augment", type=int, default=None,
                    help="this many extra images: the subject pasted on random solid backdrops")
+    q.add_argument("--layout-augment", type=int, default=None,
+                   help="this many extra images: the photos zoomed, shifted and mirrored at random")
+    q.add_argument("--layout-scale", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="zoom range of --layout-augment (default 0.5 1.2)")
     q.add_argument("--targets", default=None,
                    help="comma-separated module names that get LoRA layers")
     q.add_argument("--seed", type=int, default=None)

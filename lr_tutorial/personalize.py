@@ -68,6 +68,15 @@ class DreamBoothConfig:
     # backdrops; needs `masks`. On the toy it lifted identity at night but cost it elsewhere and
     # removed the backdrop pull (data/toy/README.md, session 8).
     background_augment: int = 0
+    # layout augmentation: this many extra training images, each a reference photo zoomed by a
+    # random factor in [layout_scale[0], layout_scale[1]] (< 1: shrunk onto a canvas of the
+    # photo's border colour; > 1: a crop), shifted at random within the frame and mirrored half
+    # of the time (the random crop/flip of DreamBooth trainers), so the LoRA learns the subject's
+    # look at several places and sizes instead of memorizing the photos' one framing. No masks.
+    # On the toy (40 copies) the LoRA then kept a committed layout but only 0.37 of the
+    # subject's identity (data/toy/README.md, "Issue 3", session 10).
+    layout_augment: int = 0
+    layout_scale: tuple[float, float] = (0.5, 1.2)
     seed: int = 0
     adapter_name: str = "personal"
     extra: dict = field(default_factory=dict)
@@ -122,6 +131,13 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     if cfg.background_augment:
         _check_masks(images, masks, "background_augment", cfg.background_augment)
         images, masks = paste_on_backdrops(images, masks, cfg.background_augment, cfg.seed)
+    if cfg.layout_augment:
+        if masks is not None:
+            raise ValueError("layout_augment moves the subject, so masks given for "
+                             "background_weight / background_augment would no longer fit; "
+                             "use one kind of augmentation at a time")
+        images = np.concatenate([images, reframe(images, cfg.layout_augment, cfg.layout_scale,
+                                                 cfg.seed)])
     weights = _loss_weights(bundle, images, masks, cfg)  # (n, 1, h, w) or None
     if out_dir is not None:  # fail before training, not after
         refuse_existing(out_dir, overwrite, what="LoRA")
@@ -208,6 +224,42 @@ def paste_on_backdrops(images: np.ndarray, masks: np.ndarray, n: int,
         return images, masks
     return (np.concatenate([images, np.stack(out)]),
             np.concatenate([masks, masks[np.arange(n) % len(images)]]))
+
+
+def reframe(images: np.ndarray, n: int, scale: tuple[float, float] = (0.5, 1.2),
+            seed: int = 0) -> np.ndarray:
+    """`n` re-framed copies (n, H, W, 3) uint8 of the photos (image i % len(images)): zoomed by
+    a factor drawn uniformly from `scale` (< 1 shrinks the photo onto a canvas of its median
+    border colour, > 1 crops it), placed at a random offset, mirrored with probability 1/2."""
+    from PIL import Image
+
+    lo, hi = _check_scale(scale)
+    rng = np.random.default_rng(seed)
+    size = images.shape[1]
+    out = []
+    for i in range(n):
+        img = images[i % len(images)]
+        s = rng.uniform(lo, hi)
+        side = max(1, int(round(size * s)))
+        zoomed = np.asarray(Image.fromarray(img).resize((side, side), Image.BICUBIC))
+        border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])  # (4 size, 3)
+        canvas = np.empty_like(img)
+        canvas[:] = np.median(border, axis=0).astype(np.uint8)
+        # offset of the zoomed photo's corner in the canvas (negative: the photo is cropped)
+        ox, oy = (int(rng.integers(min(0, size - side), max(0, size - side) + 1)) for _ in range(2))
+        x0, y0 = max(ox, 0), max(oy, 0)
+        x1, y1 = min(ox + side, size), min(oy + side, size)
+        canvas[y0:y1, x0:x1] = zoomed[y0 - oy:y1 - oy, x0 - ox:x1 - ox]
+        out.append(canvas[:, ::-1] if rng.random() < 0.5 else canvas)
+    return np.stack(out)
+
+
+def _check_scale(scale) -> tuple[float, float]:
+    lo, hi = scale
+    if not 0 < lo <= hi:
+        raise ValueError(f"layout_scale must be (low, high) zoom factors with 0 < low <= high, "
+                         f"got {scale}")
+    return lo, hi
 
 
 def _loss_weights(bundle, images, masks, cfg) -> torch.Tensor | None:
@@ -347,6 +399,9 @@ def check_config(cfg: DreamBoothConfig) -> None:
         raise ValueError(f"background_weight is a loss weight in [0, 1], got {cfg.background_weight}")
     if cfg.background_augment < 0:
         raise ValueError(f"background_augment is a number of extra images, got {cfg.background_augment}")
+    if cfg.layout_augment < 0:
+        raise ValueError(f"layout_augment is a number of extra images, got {cfg.layout_augment}")
+    _check_scale(cfg.layout_scale)
     if cfg.identifier_lr < 0 or cfg.lr <= 0 or cfg.steps < 1 or cfg.rank < 1:
         raise ValueError(f"need lr > 0, identifier_lr >= 0, steps >= 1, rank >= 1; got lr={cfg.lr}, "
                          f"identifier_lr={cfg.identifier_lr}, steps={cfg.steps}, rank={cfg.rank}")

@@ -78,6 +78,8 @@ def test_a_new_lora_drops_the_previous_identifier(trained, tmp_path):
     ({"background_weight": 1.5}, "background_weight"),
     ({"background_augment": 4}, "background_augment=4 needs the subject's masks"),
     ({"background_augment": -1}, "background_augment"),
+    ({"layout_augment": -1}, "layout_augment"),
+    ({"layout_augment": 2, "layout_scale": (0.0, 1.0)}, "layout_scale"),
     ({"class_prompt": ("a star", ""), "num_class_images": 4}, "class_prompt"),
     ({"class_prompt": ("a star", "a star at night"), "num_class_images": 1}, "num_class_images"),
 ])
@@ -98,7 +100,8 @@ def test_cli_trains_the_toy_recipe_with_flag_overrides(tmp_path):
     assert cli.main(["personalize-toy", "--out", str(out), "--steps", "2", "--rank", "4",
                      "--identifier-lr", "1e-3", "--background-weight", "0.5", "--offset-noise",
                      "0.1", "--background-augment", "3", "--class-prompt", "a star", "a star at night",
-                     "--num-class-images", "2"]) == 0
+                     "--num-class-images", "2", "--layout-augment", "0",
+                     "--layout-scale", "0.6", "1.1"]) == 0
     cfg = json.loads((out / "dreambooth_config.json").read_text())
     recipe = toy_recipe()
     assert (cfg["steps"], cfg["rank"], cfg["alpha"], cfg["identifier_lr"]) == (2, 4, 4.0, 1e-3)
@@ -107,6 +110,7 @@ def test_cli_trains_the_toy_recipe_with_flag_overrides(tmp_path):
     assert (cfg["background_weight"], cfg["offset_noise"], cfg["pyramid_noise"]) == (0.5, 0.1, 0.0)
     assert cfg["class_prompt"] == ["a star", "a star at night"] and cfg["num_class_images"] == 2
     assert cfg["background_augment"] == 3
+    assert cfg["layout_augment"] == 0 and cfg["layout_scale"] == [0.6, 1.1]
 
 
 def test_background_augment_pastes_the_subject_on_solid_backdrops():
@@ -177,3 +181,32 @@ def test_prior_preservation_cycles_through_several_class_prompts(monkeypatch):
     with b.using("vanilla"):
         want = sampling.encode_prompts(b, [prompts[0], prompts[1], prompts[0]])
     torch.testing.assert_close(seen["cond"], want)
+
+
+def test_layout_augment_reframes_the_photos_without_changing_the_subject():
+    from lr_tutorial.personalize import reframe
+    from lr_tutorial.toy import oracle
+    refs = subject.reference_images()[:2]
+    same = reframe(refs, 4, scale=(1.0, 1.0), seed=0)  # zoom 1: each photo itself or its mirror
+    assert same.shape == (4, 64, 64, 3) and same.dtype == np.uint8
+    for k, img in enumerate(same):
+        assert np.array_equal(img, refs[k % 2]) or np.array_equal(img, refs[k % 2][:, ::-1])
+    small = reframe(refs, 6, scale=(0.5, 0.5), seed=0)
+    area = np.mean([oracle.analyze(r).mask.sum() for r in refs])
+    for img in small:
+        facts = oracle.analyze(img)
+        # half the side: a quarter of the area (measured 0.24-0.27 of it), the look intact
+        # (the oracle's identity 0.99-1.0 on every copy of seed 0)
+        assert 0.2 < facts.mask.sum() / area < 0.3 and oracle.identity_score(img, facts) > 0.95
+    assert len({oracle.analyze(img).position for img in reframe(refs, 16, seed=0)}) >= 2
+    assert np.array_equal(reframe(refs, 6, seed=3), reframe(refs, 6, seed=3))
+    assert not np.array_equal(reframe(refs, 6, seed=3), reframe(refs, 6, seed=4))
+
+
+def test_layout_augment_refuses_masks_it_would_misalign():
+    b = load_models("toy", personalized=None)
+    refs = subject.reference_images()[:2]
+    masks = np.ones(refs.shape[:3], bool)
+    with pytest.raises(ValueError, match="layout_augment moves the subject"):
+        dreambooth_lora(b, refs, DreamBoothConfig(steps=1, layout_augment=2, background_weight=0.5),
+                        progress=False, masks=masks)

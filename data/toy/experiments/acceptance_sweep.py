@@ -1,0 +1,61 @@
+"""Layout-and-Retouch settings against issue 3's acceptance bars, on a quick prompt subset.
+
+For each setting (dotted LRConfig overrides as JSON, e.g. '{"layout.lambda1": 0.6,
+"start_step": 0}'), runs stage 1 and the full method on the first --limit held-out personal
+prompts x --seeds seeds and prints fidelity (mean over stated attributes), identity and the
+per-attribute fidelity, next to the vanilla and personalized rows and the two 90% bars.
+
+    python data/toy/experiments/acceptance_sweep.py '{}' '{"layout.lambda1": 0.6, "start_step": 0}'
+    python data/toy/experiments/acceptance_sweep.py '{}' --lora DIR --stage1   # another LoRA
+"""
+import argparse
+import json
+
+from lr_tutorial.methods import apply_overrides
+from lr_tutorial.models import load_models
+from lr_tutorial.pipeline import LRConfig
+from lr_tutorial.toy import heldout, report
+
+ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+ap.add_argument("settings", nargs="+", help="JSON dicts of dotted LRConfig overrides")
+ap.add_argument("--prompts", default="data/prompts/heldout_personal.txt")
+ap.add_argument("--limit", type=int, default=24)
+ap.add_argument("--seeds", type=int, default=2)
+ap.add_argument("--steps", type=int, default=25)
+ap.add_argument("--stage1", action="store_true", help="also score stage 1 of each setting")
+ap.add_argument("--lora", default="default", help="a LoRA folder (personalize-toy --out)")
+ap.add_argument("--grid", default=None, help="save the first setting's images here (PNG)")
+a = ap.parse_args()
+
+bundle = load_models("toy", personalized=a.lora)
+prompts = report.read_prompts(a.prompts)[: a.limit]
+seeds = list(range(a.seeds))
+flat = [p for p in prompts for _ in seeds]
+
+
+def line(name, s):
+    f = " ".join(f"{k[:4]} {v:.2f}" for k, v in s["fidelity"].items())
+    print(f"{name:58s} fidelity {s['fidelity_mean']:.3f} identity {s['identity']:.3f} | {f}",
+          flush=True)
+    return s
+
+
+van = line("vanilla", report.summarize(report.score(report.generate(
+    bundle, [heldout.strip_identifier(p) for p in prompts], seeds, "vanilla", steps=a.steps,
+    progress=False), [heldout.strip_identifier(p) for p in flat])))
+per = line("personalized", report.summarize(report.score(report.generate(
+    bundle, prompts, seeds, "personalized", steps=a.steps, progress=False), flat)))
+print(f"bars: fidelity >= {0.9 * van['fidelity_mean']:.3f}, identity >= {0.9 * per['identity']:.3f}")
+for i, setting in enumerate(a.settings):
+    cfg = apply_overrides(LRConfig(), json.loads(setting))
+    methods = ("stage1", "layout_and_retouch") if a.stage1 else ("layout_and_retouch",)
+    for m in methods:
+        imgs = report.generate_method(bundle, prompts, seeds, m, steps=a.steps, config=cfg,
+                                      progress=False)
+        line(f"{m[:6]} {setting}", report.summarize(report.score(imgs, flat)))
+        if a.grid and i == 0 and m == "layout_and_retouch":
+            import numpy as np
+            from PIL import Image
+            n = len(seeds) * 8
+            Image.fromarray(np.concatenate([np.concatenate(list(imgs[j:j + n]), 1)
+                                            for j in range(0, len(imgs), n)], 0)).save(a.grid)
