@@ -113,8 +113,10 @@ else:  # Stable Diffusion: T_CLIP (prompt) and I_DINO (subject) of each variant
 # the whole image, and here it loses the prompt (fewer attributes match); the context alone keeps
 # the layout. Masked multi-source reads each from where it belongs. On this one prompt and seed
 # the toy models show the first effect clearly but not a gain in identity over the context alone
-# (the numbers above); averaged over prompts the full method keeps 91% of the personalized
-# model's identity (README, "Results").
+# (the numbers above); averaged over prompts the full method keeps 89% of the personalized
+# model's identity (README, "Results"). The toy's base model takes an object's colour from the
+# caption alone, so its self-attention carries backdrops but not an object's look: the swap has
+# little to move here (README, "Why it falls short").
 #
 # ## Exercises
 # **4.1** Implement the retouch output for one layer (shapes in the docstring of

@@ -158,9 +158,11 @@ plt.show()
 # - **the retouch does not give identity back here**: Layout-and-Retouch sits below stage 1 at
 #   every lambda1 (0.04-0.07 identity). "no_swap" equals stage 1 exactly (without the swap the
 #   target re-runs the context's own steps), so the attention swap is what costs identity in
-#   this toy, whose subject pattern lives mostly in convolutions (an attention-only LoRA
-#   reached identity 0.11, one that adapts the convolutions too 0.54). On Stable Diffusion,
-#   where appearance does live in self-attention, run the same comparison with
+#   this toy. Its self-attention carries backdrops, not an object's look: with the vanilla
+#   model, reading the reference photo's keys and values at every layer leaves identity at
+#   0.004, against 0.003 without the swap
+#   (`python data/toy/experiments/swap_carries_look.py`). On Stable Diffusion, where
+#   appearance does live in self-attention, run the same comparison with
 #   `evaluate --benchmark vico`;
 # - **the single-source swap keeps the most identity**: the reference-only swap (0.81) beats
 #   the multi-source one (0.73), so here the context's keys and values outside the subject
