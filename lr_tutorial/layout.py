@@ -129,7 +129,7 @@ def step_blended(bundle, prompts: list[str], seeds: list[int], config: LayoutCon
             cond = sampling.encode_prompts(bundle, vanilla_prompts)
             z = sampling.denoise(bundle, z, cond, uncond, k_range=range(0, l1), **common)
     if l1 < n:
-        with bundle.using("personalized" if bundle.has_personal else "vanilla"):
+        with bundle.using(bundle.personal_mode):
             cond = sampling.encode_prompts(bundle, list(prompts))
             z = sampling.denoise(bundle, z, cond, uncond, k_range=range(l1, n), rider=rider,
                                  **common)

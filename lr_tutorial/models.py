@@ -92,6 +92,12 @@ class ModelBundle:
     def has_personal(self) -> bool:
         return self.personalization != "none"
 
+    @property
+    def personal_mode(self) -> str:
+        """The mode that draws the subject: "personalized", or "vanilla" for a bundle without a
+        personalized model (`with bundle.using(bundle.personal_mode):`)."""
+        return "personalized" if self.has_personal else "vanilla"
+
     # ------------------------------------------------------------------ switching
     def _apply(self, mode: str) -> None:
         if mode not in MODES:

@@ -78,7 +78,7 @@ def riding_inversion(bundle, image: np.ndarray, prompt: str, class_index: int, *
     spec = attention.CaptureSpec(layers=mask_layers(bundle.unet, mask_cfg, bundle.latent_size),
                                  kind="cross", tokens=[class_index])
     with attention.capture(bundle.unet, spec) as store:
-        with bundle.using("personalized" if bundle.has_personal else "vanilla"):
+        with bundle.using(bundle.personal_mode):
             # the prompt is encoded here: a learned identifier embedding exists in this mode only
             inv = sampling.Inversion(bundle, z, prompt, steps=steps, guidance=guidance,
                                      observers=(store,))
@@ -124,7 +124,7 @@ def reference_kv(bundle, reference: ReferenceInversion, layers: list[str], steps
     sched = sampling.make_scheduler(bundle, n_steps)
     cache = KVCache(layers, steps, device=device, dtype=dtype)
     steps = list(steps)
-    with bundle.using("personalized" if bundle.has_personal else "vanilla"), \
+    with bundle.using(bundle.personal_mode), \
             record_kv(bundle.unet, cache):
         cond = sampling.encode_prompts(bundle, [reference.prompt])  # in this mode: a learned
         uncond = sampling.encode_prompts(bundle, [""])  # identifier embedding applies
@@ -160,7 +160,7 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
     sched = sampling.make_scheduler(bundle, steps)
     l3 = resolve_steps(mask_cfg.lambda3, steps, "lambda3")
     ref_class = reference_class_index(bundle, reference.prompt)
-    personal = "personalized" if bundle.has_personal else "vanilla"
+    personal = bundle.personal_mode
     with bundle.using(personal):  # y^p with the identifier's learned embedding, if there is one
         cond_p = sampling.encode_prompts(bundle, layout.prompt)
         cond_r = sampling.encode_prompts(bundle, [reference.prompt])
