@@ -67,6 +67,8 @@ def cmd_personalize_toy(a) -> int:
                                          "layout_augment", "num_class_images")}
     if a.layout_scale:
         given["layout_scale"] = tuple(a.layout_scale)
+    if a.layout_shift is not None:
+        given["layout_shift"] = a.layout_shift
     if a.class_prompt:
         given["class_prompt"] = a.class_prompt[0] if len(a.class_prompt) == 1 else tuple(a.class_prompt)
     if a.targets:
@@ -287,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this many extra images: the photos zoomed, shifted and mirrored at random")
     q.add_argument("--layout-scale", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="zoom range of --layout-augment (default 0.5 1.2)")
+    q.add_argument("--layout-shift", type=float, default=None,
+                   help="--layout-augment moves each photo's centre by up to this fraction of "
+                        "the side (default: the zoomed photo stays inside the frame)")
     q.add_argument("--targets", default=None,
                    help="comma-separated module names that get LoRA layers")
     q.add_argument("--seed", type=int, default=None)

@@ -77,6 +77,11 @@ class DreamBoothConfig:
     # subject's identity (data/toy/README.md, "Issue 3", session 10).
     layout_augment: int = 0
     layout_scale: tuple[float, float] = (0.5, 1.2)
+    # None: the zoomed photo stays inside the frame (or covers it), so a photo zoomed by 0.75
+    # moves its centre by at most 1/8 of the side. A float: the zoomed photo's centre moves by up
+    # to this fraction of the side in x and y whatever the zoom, the uncovered canvas in the
+    # photo's border colour (0.22 reaches the toy world's left/right/top/bottom positions).
+    layout_shift: float | None = None
     seed: int = 0
     adapter_name: str = "personal"
     extra: dict = field(default_factory=dict)
@@ -137,7 +142,7 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
                              "background_weight / background_augment would no longer fit; "
                              "use one kind of augmentation at a time")
         images = np.concatenate([images, reframe(images, cfg.layout_augment, cfg.layout_scale,
-                                                 cfg.seed)])
+                                                 cfg.seed, shift=cfg.layout_shift)])
     weights = _loss_weights(bundle, images, masks, cfg)  # (n, 1, h, w) or None
     if out_dir is not None:  # fail before training, not after
         refuse_existing(out_dir, overwrite, what="LoRA")
@@ -227,13 +232,16 @@ def paste_on_backdrops(images: np.ndarray, masks: np.ndarray, n: int,
 
 
 def reframe(images: np.ndarray, n: int, scale: tuple[float, float] = (0.5, 1.2),
-            seed: int = 0) -> np.ndarray:
+            seed: int = 0, shift: float | None = None) -> np.ndarray:
     """`n` re-framed copies (n, H, W, 3) uint8 of the photos (image i % len(images)): zoomed by
     a factor drawn uniformly from `scale` (< 1 shrinks the photo onto a canvas of its median
-    border colour, > 1 crops it), placed at a random offset, mirrored with probability 1/2."""
+    border colour, > 1 crops it), placed at a random offset, mirrored with probability 1/2.
+    The offset keeps the zoomed photo inside the frame (or covering it) when `shift` is None;
+    otherwise its centre moves by up to `shift` x the side in x and y (DreamBoothConfig)."""
     from PIL import Image
 
     lo, hi = _check_scale(scale)
+    _check_shift(shift)
     rng = np.random.default_rng(seed)
     size = images.shape[1]
     out = []
@@ -246,12 +254,24 @@ def reframe(images: np.ndarray, n: int, scale: tuple[float, float] = (0.5, 1.2),
         canvas = np.empty_like(img)
         canvas[:] = np.median(border, axis=0).astype(np.uint8)
         # offset of the zoomed photo's corner in the canvas (negative: the photo is cropped)
-        ox, oy = (int(rng.integers(min(0, size - side), max(0, size - side) + 1)) for _ in range(2))
+        if shift is None:
+            lo_off, hi_off = min(0, size - side), max(0, size - side)
+        else:
+            reach = int(round(shift * size))
+            lo_off, hi_off = (size - side) // 2 - reach, (size - side) // 2 + reach
+        ox, oy = (int(rng.integers(lo_off, hi_off + 1)) for _ in range(2))
         x0, y0 = max(ox, 0), max(oy, 0)
         x1, y1 = min(ox + side, size), min(oy + side, size)
-        canvas[y0:y1, x0:x1] = zoomed[y0 - oy:y1 - oy, x0 - ox:x1 - ox]
+        if x1 > x0 and y1 > y0:
+            canvas[y0:y1, x0:x1] = zoomed[y0 - oy:y1 - oy, x0 - ox:x1 - ox]
         out.append(canvas[:, ::-1] if rng.random() < 0.5 else canvas)
     return np.stack(out)
+
+
+def _check_shift(shift) -> None:
+    if shift is not None and not 0 <= shift <= 0.5:
+        raise ValueError(f"layout_shift must be None or a fraction of the side in [0, 0.5], "
+                         f"got {shift}")
 
 
 def _check_scale(scale) -> tuple[float, float]:
@@ -402,6 +422,7 @@ def check_config(cfg: DreamBoothConfig) -> None:
     if cfg.layout_augment < 0:
         raise ValueError(f"layout_augment is a number of extra images, got {cfg.layout_augment}")
     _check_scale(cfg.layout_scale)
+    _check_shift(cfg.layout_shift)
     if cfg.identifier_lr < 0 or cfg.lr <= 0 or cfg.steps < 1 or cfg.rank < 1:
         raise ValueError(f"need lr > 0, identifier_lr >= 0, steps >= 1, rank >= 1; got lr={cfg.lr}, "
                          f"identifier_lr={cfg.identifier_lr}, steps={cfg.steps}, rank={cfg.rank}")
