@@ -137,12 +137,14 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
         _check_masks(images, masks, "background_augment", cfg.background_augment)
         images, masks = paste_on_backdrops(images, masks, cfg.background_augment, cfg.seed)
     if cfg.layout_augment:
-        if masks is not None:
-            raise ValueError("layout_augment moves the subject, so masks given for "
-                             "background_weight / background_augment would no longer fit; "
-                             "use one kind of augmentation at a time")
+        if cfg.background_weight < 1:
+            raise ValueError("layout_augment moves the subject, so the masks of the masked loss "
+                             "(background_weight < 1) would no longer fit; use background_weight=1 "
+                             "with layout_augment")
+        # after background_augment: the composites are re-framed too (on their own backdrops)
         images = np.concatenate([images, reframe(images, cfg.layout_augment, cfg.layout_scale,
                                                  cfg.seed, shift=cfg.layout_shift)])
+        masks = None
     weights = _loss_weights(bundle, images, masks, cfg)  # (n, 1, h, w) or None
     if out_dir is not None:  # fail before training, not after
         refuse_existing(out_dir, overwrite, what="LoRA")
