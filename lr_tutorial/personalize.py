@@ -72,7 +72,8 @@ class DreamBoothConfig:
     # random factor in [layout_scale[0], layout_scale[1]] (< 1: shrunk onto a canvas of the
     # photo's border colour; > 1: a crop), shifted at random within the frame and mirrored half
     # of the time (the random crop/flip of DreamBooth trainers), so the LoRA learns the subject's
-    # look at several places and sizes instead of memorizing the photos' one framing. No masks.
+    # look at several places and sizes instead of memorizing the photos' one framing. Applied
+    # after background_augment (its composites are re-framed too); not with the masked loss.
     # On the toy (40 copies) the LoRA then kept a committed layout but only 0.37 of the
     # subject's identity (data/toy/README.md, "Issue 3", session 10).
     layout_augment: int = 0
@@ -82,6 +83,13 @@ class DreamBoothConfig:
     # to this fraction of the side in x and y whatever the zoom, the uncovered canvas in the
     # photo's border colour (0.22 reaches the toy world's left/right/top/bottom positions).
     layout_shift: float | None = None
+    # None: the augmented copies (background_augment, layout_augment) are noised at every
+    # timestep like the photos. An int: only at timesteps below it, the photos still at all.
+    # Not a DreamBooth practice but a toy-construction knob: the LoRA then composes like the
+    # photos when it starts from noise (the paper's collapse) and paints the subject into any
+    # layout handed to it below that timestep (what step-blended denoising assumes of a
+    # Stable Diffusion DreamBooth model; data/toy/README.md, "Issue 3", session 11).
+    augment_max_timestep: int | None = None
     seed: int = 0
     adapter_name: str = "personal"
     extra: dict = field(default_factory=dict)
@@ -136,6 +144,7 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     if cfg.background_augment:
         _check_masks(images, masks, "background_augment", cfg.background_augment)
         images, masks = paste_on_backdrops(images, masks, cfg.background_augment, cfg.seed)
+    n_photos = len(images) - cfg.background_augment  # the rows before are the photos themselves
     if cfg.layout_augment:
         if cfg.background_weight < 1:
             raise ValueError("layout_augment moves the subject, so the masks of the masked loss "
@@ -188,7 +197,7 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     unet.train()
     try:
         _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, encode_instance,
-               g, progress)
+               g, progress, n_photos)
     finally:
         unet.eval()
         for p in params:
@@ -297,7 +306,7 @@ def _loss_weights(bundle, images, masks, cfg) -> torch.Tensor | None:
 
 
 def _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, encode_instance, g,
-           progress):
+           progress, n_photos):
     """The DreamBooth loop (module docstring): LoRA (and identifier) steps on noised latents."""
     unet, sched = bundle.unet, bundle.scheduler
     bar = tqdm(range(cfg.steps), desc="dreambooth-lora", disable=not progress)
@@ -315,7 +324,9 @@ def _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, e
             z0 = torch.cat([z0, z_class[jdx].to(z0)])
             cond = torch.cat([cond, cond_class[jdx]])
         noise = training_noise(z0.shape, g, cfg.offset_noise, cfg.pyramid_noise).to(z0)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(z0),), generator=g).to(z0.device)
+        augmented = torch.cat([idx >= n_photos, torch.zeros(len(z0) - len(idx), dtype=torch.bool)])
+        t = training_timesteps(augmented, g, sched.config.num_train_timesteps,
+                               cfg.augment_max_timestep).to(z0.device)
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
         pred = unet(sched.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample
         se = F.mse_loss(pred.float(), target.float(), reduction="none")  # (B', C, h, w)
@@ -331,6 +342,17 @@ def _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, e
         loss.backward()
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
+
+
+def training_timesteps(augmented: torch.Tensor, gen: torch.Generator, num_train_timesteps: int,
+                       augment_max_timestep: int | None = None) -> torch.Tensor:
+    """One training timestep per row, uniform in [0, num_train_timesteps); the rows where
+    `augmented` (B,) is True are rescaled into [0, augment_max_timestep) when it is given
+    (DreamBoothConfig.augment_max_timestep). The draws do not depend on the knob."""
+    t = torch.randint(0, num_train_timesteps, augmented.shape, generator=gen)  # (B,)
+    if augment_max_timestep is None:
+        return t
+    return torch.where(augmented, t * augment_max_timestep // num_train_timesteps, t)
 
 
 def training_noise(shape, gen: torch.Generator, offset: float = 0.0,
@@ -425,6 +447,9 @@ def check_config(cfg: DreamBoothConfig) -> None:
         raise ValueError(f"layout_augment is a number of extra images, got {cfg.layout_augment}")
     _check_scale(cfg.layout_scale)
     _check_shift(cfg.layout_shift)
+    if cfg.augment_max_timestep is not None and cfg.augment_max_timestep < 1:
+        raise ValueError(f"augment_max_timestep must be None or a timestep >= 1, got "
+                         f"{cfg.augment_max_timestep}")
     if cfg.identifier_lr < 0 or cfg.lr <= 0 or cfg.steps < 1 or cfg.rank < 1:
         raise ValueError(f"need lr > 0, identifier_lr >= 0, steps >= 1, rank >= 1; got lr={cfg.lr}, "
                          f"identifier_lr={cfg.identifier_lr}, steps={cfg.steps}, rank={cfg.rank}")

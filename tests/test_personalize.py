@@ -163,6 +163,19 @@ def test_training_noise_adds_a_per_channel_offset_and_block_noise():
     assert (pyr[..., 1:, :] - pyr[..., :-1, :]).abs().mean() < pyr.abs().mean()
 
 
+def test_augment_max_timestep_keeps_the_augmented_rows_below_it():
+    from lr_tutorial.personalize import training_timesteps
+    aug = torch.tensor([False, True] * 500)
+    plain = training_timesteps(aug, torch.Generator().manual_seed(0), 1000)
+    split = training_timesteps(aug, torch.Generator().manual_seed(0), 1000, 800)
+    assert torch.equal(plain[~aug], split[~aug])  # the photos' rows: unchanged, all of [0, 1000)
+    assert plain.max() >= 990 and split[aug].max() < 800 and split[aug].min() >= 0
+    assert split[aug].float().mean() > 350  # rescaled, not clipped: spread over [0, 800)
+    with pytest.raises(ValueError, match="augment_max_timestep"):
+        dreambooth_lora(load_models("toy", personalized=None), subject.reference_images(),
+                        DreamBoothConfig(steps=1, augment_max_timestep=0), progress=False)
+
+
 def test_prior_preservation_cycles_through_several_class_prompts(monkeypatch):
     """Several class prompts: class image i is sampled with prompt i mod P and trained with it."""
     from lr_tutorial import personalize
