@@ -84,7 +84,8 @@ class DreamBoothConfig:
     # photo's border colour (0.22 reaches the toy world's left/right/top/bottom positions).
     layout_shift: float | None = None
     # None: the augmented copies (background_augment, layout_augment) are noised at every
-    # timestep like the photos. An int: only at timesteps below it, the photos still at all.
+    # timestep like the photos. An int: only at timesteps below it; at and above it every
+    # training row is one of the photos.
     # Not a DreamBooth practice but a toy-construction knob: the LoRA then composes like the
     # photos when it starts from noise (the paper's collapse) and paints the subject into any
     # layout handed to it below that timestep (what step-blended denoising assumes of a
@@ -324,9 +325,10 @@ def _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, e
             z0 = torch.cat([z0, z_class[jdx].to(z0)])
             cond = torch.cat([cond, cond_class[jdx]])
         noise = training_noise(z0.shape, g, cfg.offset_noise, cfg.pyramid_noise).to(z0)
-        augmented = torch.cat([idx >= n_photos, torch.zeros(len(z0) - len(idx), dtype=torch.bool)])
-        t = training_timesteps(augmented, g, sched.config.num_train_timesteps,
-                               cfg.augment_max_timestep).to(z0.device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(z0),), generator=g).to(z0.device)
+        if cfg.augment_max_timestep is not None:  # at t >= max the instance rows are photos
+            idx = photos_above(idx, t[:len(idx)].cpu(), n_photos, cfg.augment_max_timestep)
+            z0 = torch.cat([z_inst[idx], z0[len(idx):]])
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
         pred = unet(sched.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample
         se = F.mse_loss(pred.float(), target.float(), reduction="none")  # (B', C, h, w)
@@ -344,15 +346,13 @@ def _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, e
         bar.set_postfix(loss=f"{loss.item():.4f}")
 
 
-def training_timesteps(augmented: torch.Tensor, gen: torch.Generator, num_train_timesteps: int,
-                       augment_max_timestep: int | None = None) -> torch.Tensor:
-    """One training timestep per row, uniform in [0, num_train_timesteps); the rows where
-    `augmented` (B,) is True are rescaled into [0, augment_max_timestep) when it is given
-    (DreamBoothConfig.augment_max_timestep). The draws do not depend on the knob."""
-    t = torch.randint(0, num_train_timesteps, augmented.shape, generator=gen)  # (B,)
-    if augment_max_timestep is None:
-        return t
-    return torch.where(augmented, t * augment_max_timestep // num_train_timesteps, t)
+def photos_above(idx: torch.Tensor, t: torch.Tensor, n_photos: int, max_timestep: int) -> torch.Tensor:
+    """The training rows' image indices (B,) with every row whose timestep t (B,) is at or above
+    `max_timestep` moved onto a photo (index mod `n_photos`; the photos are the first rows), so
+    augmented copies are trained only below it and the photos alone above it
+    (DreamBoothConfig.augment_max_timestep). Uniform over the photos when n_photos divides the
+    number of images."""
+    return torch.where(t >= max_timestep, idx % n_photos, idx)
 
 
 def training_noise(shape, gen: torch.Generator, offset: float = 0.0,

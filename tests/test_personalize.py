@@ -163,17 +163,29 @@ def test_training_noise_adds_a_per_channel_offset_and_block_noise():
     assert (pyr[..., 1:, :] - pyr[..., :-1, :]).abs().mean() < pyr.abs().mean()
 
 
-def test_augment_max_timestep_keeps_the_augmented_rows_below_it():
-    from lr_tutorial.personalize import training_timesteps
-    aug = torch.tensor([False, True] * 500)
-    plain = training_timesteps(aug, torch.Generator().manual_seed(0), 1000)
-    split = training_timesteps(aug, torch.Generator().manual_seed(0), 1000, 800)
-    assert torch.equal(plain[~aug], split[~aug])  # the photos' rows: unchanged, all of [0, 1000)
-    assert plain.max() >= 990 and split[aug].max() < 800 and split[aug].min() >= 0
-    assert split[aug].float().mean() > 350  # rescaled, not clipped: spread over [0, 800)
+def test_augment_max_timestep_trains_only_photos_above_it():
+    from lr_tutorial.personalize import photos_above
+    g = torch.Generator().manual_seed(0)
+    idx, t = torch.randint(0, 65, (4000,), generator=g), torch.randint(0, 1000, (4000,), generator=g)
+    moved = photos_above(idx, t, n_photos=5, max_timestep=800)
+    assert torch.equal(moved[t < 800], idx[t < 800])  # below: every image, as drawn
+    assert moved[t >= 800].max() < 5  # at and above: the five photos only, each about as often
+    counts = torch.bincount(moved[t >= 800], minlength=5)
+    assert counts.min() > 0.8 * counts.float().mean()
     with pytest.raises(ValueError, match="augment_max_timestep"):
         dreambooth_lora(load_models("toy", personalized=None), subject.reference_images(),
                         DreamBoothConfig(steps=1, augment_max_timestep=0), progress=False)
+    b = load_models("toy", personalized=None)  # one real step with the knob and both augments
+    cfg = DreamBoothConfig(steps=2, layout_augment=3, background_augment=2, layout_shift=0.2,
+                           augment_max_timestep=500)
+    masks = np.stack([oracle_mask(r) for r in subject.reference_images()])
+    dreambooth_lora(b, subject.reference_images(), cfg, progress=False, masks=masks)
+    assert b.has_personal
+
+
+def oracle_mask(image):
+    from lr_tutorial.toy import oracle
+    return oracle.analyze(image).mask
 
 
 def test_prior_preservation_cycles_through_several_class_prompts(monkeypatch):
