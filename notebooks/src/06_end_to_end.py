@@ -180,7 +180,7 @@ plt.show()
 # half the subject. The same prompts and seeds with it:
 
 # %%
-if toy_only(bundle, "the second toy LoRA"):
+if toy_only(bundle, "the second toy LoRA") and have_references(refs, "the second LoRA's L&R"):
     from lr_tutorial.models import load_models
     reframed = load_models("toy", personalized=data_dir() / "toy" / "lora_reframed")
     per2 = report.generate(reframed, prompts, seeds, "personalized", steps=25, progress=False)
