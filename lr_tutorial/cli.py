@@ -64,13 +64,10 @@ def cmd_personalize_toy(a) -> int:
     given = {k: getattr(a, k) for k in ("steps", "seed", "rank", "alpha", "lr", "lr_schedule",
                                          "identifier_lr", "uncond_prob", "offset_noise",
                                          "pyramid_noise", "background_weight", "background_augment",
-                                         "layout_augment", "num_class_images")}
+                                         "layout_augment", "layout_shift",
+                                         "augment_max_timestep", "num_class_images")}
     if a.layout_scale:
         given["layout_scale"] = tuple(a.layout_scale)
-    if a.layout_shift is not None:
-        given["layout_shift"] = a.layout_shift
-    if a.augment_max_timestep is not None:
-        given["augment_max_timestep"] = a.augment_max_timestep
     if a.class_prompt:
         given["class_prompt"] = a.class_prompt[0] if len(a.class_prompt) == 1 else tuple(a.class_prompt)
     if a.targets:
@@ -295,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--layout-augment moves each photo's centre by up to this fraction of "
                         "the side (default: the zoomed photo stays inside the frame)")
     q.add_argument("--augment-max-timestep", type=int, default=None,
-                   help="noise the augmented copies only at timesteps below this (the photos at "
-                        "all); a toy-construction knob, see DreamBoothConfig")
+                   help="train the augmented copies only at timesteps below this and only the "
+                        "photos at and above it; a toy-construction knob, see DreamBoothConfig")
     q.add_argument("--targets", default=None,
                    help="comma-separated module names that get LoRA layers")
     q.add_argument("--seed", type=int, default=None)
