@@ -97,8 +97,10 @@ def make_cases(a, bundle, prompts, seeds, ref):
 
     def full(stage2):
         def run():
-            lr = LayoutAndRetouch(bundle, LRConfig(layout=layout, stage2=stage2))  # fresh: pays
-            for p, s in chunks:                                                  # the reference
+            # fresh: pays the reference work
+            lr = LayoutAndRetouch(bundle, LRConfig(layout=layout, stage2=stage2,
+                                                   kv_device=a.kv_device))
+            for p, s in chunks:
                 lr(p, ref, seed=s)
         return run
 
@@ -106,7 +108,8 @@ def make_cases(a, bundle, prompts, seeds, ref):
 
     def warm():  # one LayoutAndRetouch kept across runs: its reference work is already done
         if "lr" not in held:  # (the first run, a warm-up, fills its caches)
-            held["lr"] = LayoutAndRetouch(bundle, LRConfig(layout=layout, stage2="cached"))
+            held["lr"] = LayoutAndRetouch(bundle, LRConfig(layout=layout, stage2="cached",
+                                                           kv_device=a.kv_device))
         for p, s in chunks:
             held["lr"](p, ref, seed=s)
 
@@ -158,7 +161,8 @@ def memory(a, device, cases) -> dict[str, int]:
     for name in cases:
         args = [sys.executable, __file__, "--memory-case", name, "--backend", a.backend,
                 "--steps", str(a.steps), "--images", str(a.images), "--batch", str(a.batch),
-                "--guidance", str(a.guidance)] + (["--latent", str(a.latent)] if a.latent else []) \
+                "--guidance", str(a.guidance), "--kv-device", a.kv_device] \
+            + (["--latent", str(a.latent)] if a.latent else []) \
             + (["--fuse-lora"] if a.fuse_lora else [])
         res = subprocess.run(args, capture_output=True, text=True)
         line = [x for x in res.stdout.splitlines() if x.startswith("MEMORY ")]
@@ -211,6 +215,8 @@ def main() -> None:
     ap.add_argument("--fuse-lora", action="store_true",
                     help="merge the LoRA into the UNet weights while personalized "
                          "(ModelBundle.set_fuse_lora), in every case")
+    ap.add_argument("--kv-device", choices=("auto", "host", "model"), default="auto",
+                    help="LRConfig.kv_device of the cached cases: where the key/value caches live")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--profile", choices=("torch", "cprofile"), default=None,
                     help="instead of timing: profile one run of (d) batched ('before') and (c) "
@@ -266,7 +272,7 @@ def main() -> None:
 
     print(f"# {a.backend}: {n} images ({len(set(prompts))} prompts x {len(set(seeds))} seeds) "
           f"sharing one reference, {a.batch} per call, {a.steps} DDIM steps, CFG {a.guidance}, "
-          f"{device}, {bundle.dtype}, latent {bundle.latent_size}"
+          f"{device}, {bundle.dtype}, latent {bundle.latent_size}, kv_device {a.kv_device}"
           f"{', LoRA merged (--fuse-lora)' if a.fuse_lora else ''}")
     print(f"# {header}")
     print(f"# {a.reps} interleaved repetitions in {total_wall:.0f} s; s/image = median; "

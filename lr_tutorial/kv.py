@@ -20,6 +20,7 @@ Stage 2 then runs the target rows alone (docs/method.md stage 2; bench/README.md
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Sequence
 
 import torch
@@ -30,9 +31,19 @@ from . import attention
 class KVCache:
     """`get(path, step)` -> (K, V), each (rows, heads, HW, d), for the layers and steps asked for.
     Stored on `device` (default: where they were computed; "cpu" keeps GPU memory free) in
-    `dtype` (default: the model's)."""
+    `dtype` (default: the model's).
 
-    def __init__(self, layers: Sequence[str], steps: Sequence[int], device=None, dtype=None):
+    Keys/values computed on a GPU and stored on the host go through page-locked (pinned) host
+    memory on a side CUDA stream, so neither direction stalls the UNet's kernels: `put` queues
+    the device-to-host copy behind the layer that computed them, `get` reads the entry asked for
+    and queues the host-to-device copies of the next `prefetch` entries (default: one step's
+    layers) while the UNet computes (bench/README.md: session 12). Pinned memory is taken in
+    `SLAB`-byte slabs through torch's caching host allocator, so a later call reuses it."""
+
+    SLAB = 1 << 28  # 256 MiB: a power of two, which the host allocator does not round up
+
+    def __init__(self, layers: Sequence[str], steps: Sequence[int], device=None, dtype=None,
+                 prefetch: int | None = None):
         self.layers, self.steps = set(layers), set(int(s) for s in steps)
         self.device, self.dtype = device, dtype
         self.kv: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -40,6 +51,11 @@ class KVCache:
         self.group: list[int] | None = None  # several steps in one UNet call (on_steps)
         self.cfg = False
         self.rows: slice | None = None  # this cache's rows of the batch (None: all; sampling.denoise's rider)
+        self.prefetch = len(self.layers) if prefetch is None else int(prefetch)
+        self._stream = None  # the side CUDA stream of the host copies (pinned path only)
+        self._slab, self._used = None, 0  # the pinned slab being filled, bytes used of it
+        self._order: list[tuple[str, int]] | None = None  # get's expected order, for prefetch
+        self._ahead: dict[tuple[str, int], tuple] = {}  # (path, step) -> (K, V, event) on the GPU
 
     def on_step(self, k: int, t: int | None = None, cfg: bool = False) -> None:
         self.step, self.group, self.cfg = k, None, cfg
@@ -62,25 +78,30 @@ class KVCache:
     def put(self, path: str, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.rows is not None:
             k, v = k[self.rows], v[self.rows]
-        to = dict(device=self.device or k.device, dtype=self.dtype or k.dtype)
+        self._order = None
         if self.group is None:
-            self.kv[(path, self.step)] = (k.detach().to(**to), v.detach().to(**to))
+            self.kv[(path, self.step)] = (self._keep(k), self._keep(v))
             return
         n = len(self.group)
         for i, step in enumerate(self.group):  # rows i (and n + i, the cond half, under CFG)
             if step in self.steps:
                 rows = [i, n + i] if self.cfg else [i]
-                self.kv[(path, step)] = tuple(x.detach()[rows].to(**to) for x in (k, v))
+                self.kv[(path, step)] = (self._keep(k[rows]), self._keep(v[rows]))
 
     def get(self, path: str, step: int, device=None, dtype=None):
-        try:
-            k, v = self.kv[(path, step)]
-        except KeyError:
+        key = (path, step)
+        if key not in self.kv:
             have = sorted({s for _, s in self.kv})
             raise KeyError(f"no cached keys/values for {path} at step {step} (cached steps: "
                            f"{have[:3]}...{have[-3:]}); record them with record_kv over the "
                            "same steps and layers") from None
-        return k.to(device or k.device, dtype or k.dtype), v.to(device or v.device, dtype or v.dtype)
+        k, v = self.kv[key]
+        device = torch.device(device) if device is not None else k.device
+        if self._stream is not None and device.type == "cuda":  # pinned: from the prefetch
+            k, v = self._fetched(key, device)
+        elif self._stream is not None:  # the host copies must have landed before a host read
+            self._stream.synchronize()
+        return k.to(device, dtype or k.dtype), v.to(device, dtype or v.dtype)
 
     def complete(self) -> bool:
         return all((p, s) in self.kv for p in self.layers for s in self.steps)
@@ -88,6 +109,66 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for kv in self.kv.values() for t in kv)
+
+    # ------------------------------------------------------------ the pinned host path
+    def _keep(self, x: torch.Tensor) -> torch.Tensor:
+        """x, detached, in this cache's dtype and on its device."""
+        x = x.detach()
+        dtype = self.dtype or x.dtype
+        target = torch.device(self.device) if self.device is not None else x.device
+        if not (x.is_cuda and target.type == "cpu"):
+            return x.to(target, dtype)
+        x = x.to(dtype).contiguous()  # on the GPU, in the UNet's stream
+        main = torch.cuda.current_stream(x.device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(x.device)
+        out = self._pinned(x.shape, dtype)
+        self._stream.wait_stream(main)  # after the layer that computed x
+        with torch.cuda.stream(self._stream):
+            out.copy_(x, non_blocking=True)
+        x.record_stream(self._stream)  # the allocator keeps x until the copy is done
+        return out
+
+    def _pinned(self, shape, dtype) -> torch.Tensor:
+        """An uninitialised pinned host tensor, cut from the current slab (512-byte aligned)."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        size = -(-nbytes // 512) * 512
+        if size > self.SLAB:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        if self._slab is None or self._used + size > self.SLAB:
+            self._slab, self._used = torch.empty(self.SLAB, dtype=torch.uint8, pin_memory=True), 0
+        out = self._slab[self._used:self._used + nbytes].view(dtype).view(shape)
+        self._used += size
+        return out
+
+    def _fetched(self, key, device):
+        """(K, V) of `key` on `device`: waits for its prefetched copy (issuing it if it was not),
+        then issues the copies of the next `prefetch` entries in get's expected order (steps
+        ascending, layers in the order they were recorded)."""
+        if self._order is None:
+            rank = {p: i for i, (p, _) in reversed(list(enumerate(self.kv)))}
+            self._order = sorted(self.kv, key=lambda ps: (ps[1], rank[ps[0]]))
+            self._index = {ps: i for i, ps in enumerate(self._order)}
+        i = self._index[key]
+        for skipped in [a for a in self._ahead if self._index[a] < i]:  # never read: drop
+            del self._ahead[skipped]
+        for ahead in self._order[i:i + 1 + self.prefetch]:
+            if ahead not in self._ahead:
+                self._ahead[ahead] = self._issue(ahead, device)
+        k, v, done = self._ahead.pop(key)
+        main = torch.cuda.current_stream(device)
+        main.wait_event(done)
+        k.record_stream(main)  # used here, allocated on the copy stream
+        v.record_stream(main)
+        return k, v
+
+    def _issue(self, key, device):
+        k, v = self.kv[key]
+        with torch.cuda.stream(self._stream):
+            kd, vd = k.to(device, non_blocking=True), v.to(device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        return kd, vd, done
 
 
 def cache_bytes(unet, layers: Sequence[str], steps: Sequence[int], rows: int,

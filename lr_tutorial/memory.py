@@ -101,8 +101,8 @@ def estimate(bundle, config=None, batch: int = 1, capture=None, stage2: str = "b
     """The peak memory of `LayoutAndRetouch(bundle, config)(prompts, capture=capture)` on
     `batch` prompts, on the device the UNet is on (see the module docstring). stage2: the
     path stage 2 takes (LayoutAndRetouch.stage2_path): "batched" runs 2 x batch + 1 rows per
-    CFG half, "cached" the batch's target rows (its key/value caches live on the CPU on a GPU
-    machine, so they are not part of the device's peak)."""
+    CFG half, "cached" the batch's target rows (its key/value caches live in host memory on a
+    GPU machine, so they are not part of the device's peak, unless config.kv_device="model")."""
     from .pipeline import LRConfig
 
     config = config or LRConfig()
@@ -133,6 +133,10 @@ def estimate(bundle, config=None, batch: int = 1, capture=None, stage2: str = "b
     if capture is not None and capture.offload == "end" and device_type != "cpu":
         stored = capture.estimate(bundle, config.layout.steps, batch=2 * batch + 1,
                                   cfg=cfg_on)
+
+    if stage2 == "cached" and config.kv_device == "model" and device_type != "cpu":
+        from .pipeline import LayoutAndRetouch  # the caches on the GPU: exact bytes
+        stored += LayoutAndRetouch(bundle, config).kv_bytes(batch)
 
     vcfg = bundle.vae.config
     vch = list(reversed(vcfg.block_out_channels))

@@ -47,16 +47,19 @@ class LRConfig:
     "batched" runs the three branches in one UNet call per step (one reference row for all
     targets: 2B + 1 rows); "auto" (default) takes "cached" when its key/value caches fit in
     `kv_budget_gb` and the target starts after lambda1, else "batched" (also for one prompt
-    with a new reference, where the reference's key/value replay does not pay off, and on a
-    GPU, where the caches live in host memory and copying them costs more than the UNet rows
-    they save: on an H200, SD 1.5 at 512 px, 8 images, cached 6.1x a plain run, batched 3.2x;
-    bench/README.md). Same result (tested),
+    with a new reference, where the reference's key/value replay does not pay off; on an
+    H200, SD 1.5 at 512 px, 8 images: cached 3.1x a plain run, batched 3.5x; bench/README.md).
+    Same result (tested),
     the cached path at about half the UNet work of stage 2; a `capture=` of stage 2 uses
     "batched" since it records every branch.
     kv_budget_gb: memory the cached path may hold in keys/values (kv.cache_bytes: about 2.2 GB
     per image at Stable Diffusion 1.5's 512 px, fp16, 50 steps; 16 MiB on the toy); None: half
     the memory available where the caches live when the run starts (the host's RAM: on a
     GPU the caches are kept on the CPU).
+    kv_device: where those caches live: "host" (the CPU's memory; on a GPU they are copied
+    through pinned memory on a side stream, so the GPU's peak stays plain sampling's), "model"
+    (the UNet's device: no copies, fastest, but on a GPU the caches add kv.cache_bytes to its
+    memory) or "auto" (default: "host") [ours; bench/README.md measures both].
     kv_dtype: storage dtype of those caches, None (the model's) or "float16" / "bfloat16":
     half the memory of a float32 model's caches, at the cost of rounding the keys/values the
     target reads (the result then differs from the batched path by more than float rounding)."""
@@ -68,6 +71,7 @@ class LRConfig:
     start_step: int | None = None
     stage2: str = "auto"
     kv_budget_gb: float | None = None
+    kv_device: str = "auto"
     kv_dtype: str | None = None
 
     def __post_init__(self):
@@ -91,6 +95,8 @@ class LRConfig:
                 "lambda3 >= lambda2, or lambda3 = 0 to switch blending off")
         if self.stage2 not in ("auto", "cached", "batched"):
             raise ValueError(f"stage2 must be 'auto', 'cached' or 'batched', got {self.stage2!r}")
+        if self.kv_device not in ("auto", "host", "model"):
+            raise ValueError(f"kv_device must be 'auto', 'host' or 'model', got {self.kv_device!r}")
         if self.kv_dtype not in (None, "float16", "bfloat16", "float32"):
             raise ValueError(f"kv_dtype must be None (the model's dtype), 'float16', 'bfloat16' "
                              f"or 'float32', got {self.kv_dtype!r}")
@@ -285,7 +291,7 @@ class LayoutAndRetouch:
         start = self.start_step()
         cached = stage2 == "cached"
         layers, kv_steps = kv_plan(bundle, cfg.swap, n, start) if cached else ([], [])
-        kv_device = "cpu" if bundle.device.type == "cuda" else None  # keep GPU memory free
+        kv_device = self.cache_device()
         kv_dtype = self.cache_dtype()
 
         # stage 1, capturing the class token's cross-attention for the context masks (and,
@@ -339,9 +345,7 @@ class LayoutAndRetouch:
         "auto" takes "batched" when the key/value caches would not fit kv_budget_gb, and for one
         prompt with a reference not seen before (`new_reference`): the reference's key/value
         replay pays off from the second image on (bench/README.md, one image: batched 4.93 s,
-        cached 5.62 s; with the reference cached, 4.06 s), and on a GPU, where the caches are
-        kept in host memory and their copies cost more than they save (H200, SD 1.5, 512 px,
-        8 images: cached 6.1x a plain run, batched 3.2x). Raises for "cached" when the target
+        cached 5.62 s; with the reference cached, 4.06 s). Raises for "cached" when the target
         starts before lambda1."""
         cfg, bundle = self.config, self.models
         n = cfg.layout.steps
@@ -359,8 +363,6 @@ class LayoutAndRetouch:
                 f"start_step >= {lambda1}, or LRConfig(stage2='batched').")
         if cfg.stage2 == "cached":
             return "cached"
-        if bundle.device.type == "cuda":  # the caches would live on the host (measured slower)
-            return "batched"
         need = self.kv_bytes(batch)
         return "cached" if need <= self.kv_budget() else "batched"
 
@@ -379,6 +381,12 @@ class LayoutAndRetouch:
         return cache_bytes(bundle.unet, layers, steps, halves * (batch + 1), bundle.latent_size,
                            self.cache_dtype())
 
+    def cache_device(self):
+        """Where the key/value caches are stored (LRConfig.kv_device): "cpu", or None (where
+        they are computed, the UNet's device)."""
+        on_model = self.config.kv_device == "model" or self.models.device.type == "cpu"
+        return None if on_model else "cpu"
+
     def cache_dtype(self):
         """The torch dtype the key/value caches are stored in (LRConfig.kv_dtype)."""
         import torch
@@ -387,9 +395,11 @@ class LayoutAndRetouch:
 
     def kv_budget(self) -> int:
         """LRConfig.kv_budget_gb in bytes; None: half the memory available where the caches
-        live (host RAM on a GPU machine and on a CPU)."""
+        live (host RAM; the GPU's free memory with kv_device="model" on a GPU)."""
         if self.config.kv_budget_gb is not None:
             return int(self.config.kv_budget_gb * 1024 ** 3)
+        if self.cache_device() is None and self.models.device.type != "cpu":
+            return (memory.free_memory(self.models.device) or 0) // 2
         return available_memory() // 2
 
     def start_step(self) -> int:

@@ -52,7 +52,8 @@ def aggregate(store, rows: slice, n_steps: int, cfg: masks.MaskConfig, size: int
     """Mean class-token map (rows of the store's batch) over the window's steps: (B, size, size)."""
     steps = steps if steps is not None else window(cfg, n_steps)
     present = [s for s in steps if s in set(store.steps())]
-    return store.cross_map(0, size, steps=present)[rows].numpy()
+    # .cpu(): while a capture with offload="end" runs, its maps are still on the GPU
+    return store.cross_map(0, size, steps=present)[rows].cpu().numpy()
 
 
 @torch.no_grad()
