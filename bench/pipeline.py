@@ -188,8 +188,13 @@ def profile(a, cases) -> None:
             with torch_profile(activities=acts) as prof:
                 cases[name]()
                 sync()
-            print(prof.key_averages().table(sort_by="self_cpu_time_total",
-                                            row_limit=a.profile_top, max_name_column_width=60))
+            table = prof.key_averages().table
+            print(table(sort_by="self_cpu_time_total", row_limit=a.profile_top,
+                        max_name_column_width=60))
+            if torch.cuda.is_available():  # where the GPU's time goes
+                print(f"\n## {when}: top {a.profile_top} by self GPU time")
+                print(table(sort_by="self_device_time_total", row_limit=a.profile_top,
+                            max_name_column_width=60))
         else:
             import cProfile
             import io

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Issue 6's GPU checks as one prepared call of a lent GPU machine (about 6 min on an H200):
+# the GPU-only tests, the pipeline and capture benchmarks (bench/README.md), and a torch.profiler
+# run of the batched and cached full method (top entries by CPU and by GPU time). Each step has
+# its own timeout, so one that hangs leaves the others' results. Output: one file per step in
+# $OUT (or outputs/gpu). A machine without diffusers: put its wheel in .whl/ (git-ignored
+# locally) and carry it; it is installed into /tmp/site.
+set -u
+out="${OUT:-outputs/gpu}"
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  pip install --no-index --no-deps --target /tmp/site .whl/*.whl -q 2>&1 | grep -v WARNING
+  export PYTHONPATH="/tmp/site:$PWD"
+fi
+py=$(command -v python3 || command -v python)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+step() {  # step NAME SECONDS COMMAND...: run, keep the output, print its tail
+  local name=$1 secs=$2; shift 2
+  timeout "$secs" "$@" >"$out/$name.txt" 2>&1
+  echo "## $name: exit $?"; grep -v '^\[transformers\]\|^There are modules' "$out/$name.txt" | tail -30
+}
+step tests 150 "$py" -m pytest -q -p no:cacheprovider tests/test_pipeline.py tests/test_attention.py -k "gpu or cuda"
+step pipeline 200 "$py" bench/pipeline.py --backend sd15-random --images 8 --reps 2
+step attention 90 "$py" bench/attention.py --backend sd15
+step profile 120 "$py" bench/pipeline.py --backend sd15-random --images 8 --profile torch --profile-top 15
