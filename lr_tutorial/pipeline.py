@@ -169,13 +169,30 @@ class Result:
 
 
 def available_memory() -> int:
-    """Bytes of host memory available now (psutil's `available`, else free pages)."""
+    """Bytes of host memory available now (psutil's `available`, else free pages), plus the
+    pinned memory torch's host allocator holds cached but unused (an earlier call's key/value
+    caches, which the next call reuses: without them the budget would shrink call by call)."""
     try:
         import psutil
-        return int(psutil.virtual_memory().available)
+        free = int(psutil.virtual_memory().available)
     except ImportError:  # psutil comes with Jupyter; without it, the free pages (Linux, macOS)
         import os
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        free = int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return free + idle_pinned_bytes()
+
+
+def idle_pinned_bytes() -> int:
+    """Pinned host bytes cached by torch's host allocator and not in use (0 without CUDA).
+    The statistics' names changed across torch releases; both spellings are read."""
+    import torch
+    if not torch.cuda.is_available():
+        return 0
+    s = torch.cuda.host_memory_stats()
+    if "active_bytes.current" in s:  # allocated = owned (in use + cached), active = in use
+        idle = s.get("allocated_bytes.current", 0) - s["active_bytes.current"]
+    else:  # older: reserved = owned, allocated = in use
+        idle = s.get("reserved_bytes.current", 0) - s.get("allocated_bytes.current", 0)
+    return max(0, int(idle))
 
 
 def versions() -> dict:

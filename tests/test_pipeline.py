@@ -345,3 +345,20 @@ def test_cached_stage2_on_a_gpu_with_host_caches_equals_the_batched_stage2(tmp_p
         for za, zb in zip(out["batched"].target.latents, out[name].target.latents):
             print(name, (za - zb).abs().max().item())
             torch.testing.assert_close(za, zb, atol=2e-4, rtol=1e-3)
+
+
+def test_the_host_budget_counts_pinned_memory_cached_from_an_earlier_call(monkeypatch):
+    """An earlier call's pinned key/value slabs stay in torch's host allocator for the next call
+    to reuse; they are not `available` to the OS, so the budget adds them back (both spellings
+    of the allocator's statistics)."""
+    from lr_tutorial import pipeline
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    new = {"allocated_bytes.current": 5 << 30, "active_bytes.current": 1 << 30}
+    old = {"reserved_bytes.current": 3 << 30, "allocated_bytes.current": 1 << 30}
+    for stats, idle in ((new, 4 << 30), (old, 2 << 30), ({}, 0)):
+        monkeypatch.setattr(torch.cuda, "host_memory_stats", lambda s=stats: s)
+        assert pipeline.idle_pinned_bytes() == idle
+    monkeypatch.setattr(torch.cuda, "host_memory_stats", lambda: new)
+    with_idle = pipeline.available_memory()
+    monkeypatch.setattr(torch.cuda, "host_memory_stats", lambda: {})
+    assert abs(with_idle - pipeline.available_memory() - (4 << 30)) < 256 << 20  # OS noise
