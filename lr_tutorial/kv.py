@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -54,6 +55,7 @@ class KVCache:
         self.prefetch = len(self.layers) if prefetch is None else int(prefetch)
         self._stream = None  # the side CUDA stream of the host copies (pinned path only)
         self._slab, self._used = None, 0  # the pinned slab being filled, bytes used of it
+        self._pin = True  # False once pinning failed (then ordinary host memory)
         self._order: list[tuple[str, int]] | None = None  # get's expected order, for prefetch
         self._ahead: dict[tuple[str, int], tuple] = {}  # (path, step) -> (K, V, event) on the GPU
 
@@ -130,13 +132,27 @@ class KVCache:
         return out
 
     def _pinned(self, shape, dtype) -> torch.Tensor:
-        """An uninitialised pinned host tensor, cut from the current slab (512-byte aligned)."""
+        """An uninitialised pinned host tensor, cut from the current slab (512-byte aligned).
+        Where the OS refuses to pin (a memlock limit, some WSL setups), ordinary host memory,
+        with a warning: the same result, at synchronising copies' speed."""
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         size = -(-nbytes // 512) * 512
-        if size > self.SLAB:
-            return torch.empty(shape, dtype=dtype, pin_memory=True)
-        if self._slab is None or self._used + size > self.SLAB:
-            self._slab, self._used = torch.empty(self.SLAB, dtype=torch.uint8, pin_memory=True), 0
+        if not self._pin:
+            return torch.empty(shape, dtype=dtype)
+        try:
+            if size > self.SLAB:
+                return torch.empty(shape, dtype=dtype, pin_memory=True)
+            if self._slab is None or self._used + size > self.SLAB:
+                self._slab, self._used = torch.empty(self.SLAB, dtype=torch.uint8,
+                                                     pin_memory=True), 0
+        except RuntimeError as err:
+            self._pin = False
+            warnings.warn(f"could not pin host memory for the key/value cache ({err}); using "
+                          "ordinary host memory, whose copies are slower. Raise the memlock "
+                          "limit (ulimit -l), or keep the caches on the GPU with "
+                          "LRConfig(kv_device='model') if it has room", RuntimeWarning,
+                          stacklevel=3)
+            return torch.empty(shape, dtype=dtype)
         out = self._slab[self._used:self._used + nbytes].view(dtype).view(shape)
         self._used += size
         return out

@@ -362,3 +362,17 @@ def test_the_host_budget_counts_pinned_memory_cached_from_an_earlier_call(monkey
     with_idle = pipeline.available_memory()
     monkeypatch.setattr(torch.cuda, "host_memory_stats", lambda: {})
     assert abs(with_idle - pipeline.available_memory() - (4 << 30)) < 256 << 20  # OS noise
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where pinning fails")
+def test_kv_cache_falls_back_to_ordinary_host_memory_when_pinning_fails():
+    """Without CUDA, pin_memory raises: the cache warns once and uses ordinary memory."""
+    import warnings
+    from lr_tutorial.kv import KVCache
+    cache = KVCache(["a.attn1"], steps=[0], device="cpu")
+    with pytest.warns(RuntimeWarning, match="could not pin host memory"):
+        x = cache._pinned((2, 3, 5), torch.float16)
+    assert x.shape == (2, 3, 5) and x.dtype == torch.float16 and not x.is_pinned()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        assert cache._pinned((4,), torch.float32).shape == (4,)
