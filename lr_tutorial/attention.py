@@ -483,9 +483,9 @@ class SwapController:
             m = self.target_mask if which == "target" else self.reference_mask
             if m is None:
                 raise RuntimeError(f"the swap needs a {which} mask: call controller.set_masks()")
-            m = F.interpolate(m[:, None].float(), size=(side, side), mode="bilinear",
-                              align_corners=False)
-            self._cache[key] = m.flatten(1).to(device, dtype)
+            m = m[:, None].to(device, torch.float32, non_blocking=True)  # resized on `device`
+            m = F.interpolate(m, size=(side, side), mode="bilinear", align_corners=False)
+            self._cache[key] = m.flatten(1).to(dtype)
         return self._cache[key]
 
     def action(self, path: str) -> str | None:

@@ -120,7 +120,7 @@ def step_blended(bundle, prompts: list[str], seeds: list[int], config: LayoutCon
     vanilla_prompts = [strip_identifier(p, ident) if ident else p for p in prompts]
     sched = sampling.make_scheduler(bundle, n)
     z = sampling.initial_noise(bundle, seeds)
-    traj = sampling.Trajectory(latents=[z.detach().cpu()])
+    traj = sampling.Trajectory(latents=[sampling.to_host(z)])
     uncond = sampling.encode_prompts(bundle, [""] * len(prompts))
     common = dict(sched=sched, guidance=cfg.guidance, traj=traj, callback=callback,
                   observers=observers)

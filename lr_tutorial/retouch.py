@@ -182,7 +182,7 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
     win = set(window(mask_cfg, steps))
     m = m_ctx.clone()
     zt = layout.trajectory.latents[start_step].to(bundle.device, bundle.dtype)
-    traj = sampling.Trajectory(latents=[zt.detach().cpu()])
+    traj = sampling.Trajectory(latents=[sampling.to_host(zt)])
     used, acc, n_seen = [], 0.0, 0
     with bundle.using(personal), \
             attention.swap(bundle.unet, ctl), attention.capture(bundle.unet, spec) as store:
@@ -191,8 +191,8 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
             for obs in (ctl, store, *observers):
                 obs.on_step(k, int(t), guidance != 1.0)
             if kv is None:
-                zr = reference.trajectory.latents[k].to(zt)  # (1, C, h, w)
-                zc = layout.trajectory.latents[k].to(zt)
+                zr = _on(reference.trajectory.latents[k], zt)  # (1, C, h, w)
+                zc = _on(layout.trajectory.latents[k], zt)
                 z_in = torch.cat([zr, zc, zt])
             else:
                 z_in = zt
@@ -201,8 +201,8 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
             zt = out.prev_sample
             used.append(m.numpy().copy())
             if k < l3:
-                mm = m[:, None].to(zt)
-                zt = mm * zt + (1 - mm) * layout.trajectory.latents[k + 1].to(zt)
+                mm = _on(m[:, None], zt)
+                zt = mm * zt + (1 - mm) * _on(layout.trajectory.latents[k + 1], zt)
             if mask_cfg.adaptive and mask_cfg.source != "segmenter" and k in win:  # attention-based
                 # running mean over the window's steps seen so far (each step: mean over layers)
                 acc = acc + aggregate(store, target_rows, steps, mask_cfg, size, steps=[k])
@@ -213,13 +213,20 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
                 m = torch.maximum(m_ctx, torch.as_tensor(own))
                 ctl.set_masks(target=m)
             traj.timesteps.append(int(t))
-            traj.x0.append(out.pred_original_sample.detach().cpu())
-            traj.latents.append(zt.detach().cpu())
+            traj.x0.append(sampling.to_host(out.pred_original_sample))
+            traj.latents.append(sampling.to_host(zt))
             if callback is not None:
                 callback({"step": k, "timestep": int(t), "latent": zt,
                           "x0": out.pred_original_sample, "mask": used[-1]})
+    sampling.settle(zt)  # the trajectory's host copies have landed
     used = np.stack(used) if used else np.zeros((0, *m_ctx.shape), np.float32)
     return zt, traj, used, store
+
+
+def _on(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """x (host) on like's device and dtype, without waiting for the GPU's queue: x is a stored
+    trajectory latent or a mask made this step, never written to again."""
+    return x.to(like.device, like.dtype, non_blocking=True)
 
 
 def reference_class_index(bundle, prompt: str) -> int:

@@ -84,6 +84,20 @@ def guided_eps(unet, z: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tenso
     return eps_u + guidance * (eps_c - eps_u)
 
 
+def to_host(x: torch.Tensor) -> torch.Tensor:
+    """x, detached, on the CPU. From a GPU the copy is asynchronous (into pinned memory), so a
+    loop that keeps every step's latents does not stall the GPU once per step; whoever reads
+    the copies first calls `settle` (the loops here do, before they return)."""
+    x = x.detach()
+    return x.to("cpu", non_blocking=True) if x.is_cuda else x.cpu()
+
+
+def settle(x: torch.Tensor) -> None:
+    """Wait until the work queued on x's device (its asynchronous host copies included) is done."""
+    if x.is_cuda:
+        torch.cuda.current_stream(x.device).synchronize()
+
+
 @torch.no_grad()
 def denoise(bundle, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
             sched, guidance: float, k_range: range, traj: Trajectory | None = None,
@@ -118,12 +132,13 @@ def denoise(bundle, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | 
         out = sched.step(eps, t, z)
         if traj is not None:
             traj.timesteps.append(int(t))
-            traj.x0.append(out.pred_original_sample.detach().cpu())
-            traj.latents.append(out.prev_sample.detach().cpu())
+            traj.x0.append(to_host(out.pred_original_sample))
+            traj.latents.append(to_host(out.prev_sample))
         if callback is not None:
             callback({"step": k, "timestep": int(t), "latent": out.prev_sample,
                       "x0": out.pred_original_sample})
         z = out.prev_sample
+    settle(z)  # the trajectory's host copies have landed
     return z
 
 
@@ -154,7 +169,7 @@ def sample(bundle, prompts: list[str], seeds: list[int], *, steps: int = 50,
     cond = encode_prompts(bundle, list(prompts))
     uncond = encode_prompts(bundle, [negative] * len(prompts))
     z = initial_noise(bundle, seeds)
-    traj = Trajectory(latents=[z.detach().cpu()])
+    traj = Trajectory(latents=[to_host(z)])
     z = denoise(bundle, z, cond, uncond, sched=sched, guidance=guidance, k_range=range(steps),
                 traj=traj, callback=callback, observers=observers)
     return z, traj
@@ -238,7 +253,7 @@ class Inversion:
         self.cond = encode_prompts(bundle, prompts)
         self.uncond = encode_prompts(bundle, [""] * b) if guidance != 1.0 else None
         self.z = z_clean.to(bundle.device, bundle.dtype)
-        self.lat, self.x0s = [self.z.detach().cpu()], []
+        self.lat, self.x0s = [to_host(self.z)], []
         self.todo = list(reversed(range(steps)))  # k = N-1 .. 0
 
     @property
@@ -270,8 +285,8 @@ class Inversion:
         eps = to_eps(model_output, z, a_next, self.ptype)
         x0 = (z - (1 - a_cur).sqrt() * eps) / a_cur.sqrt()
         self.z = z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
-        self.lat.append(z.detach().cpu())
-        self.x0s.append(x0.detach().cpu())
+        self.lat.append(to_host(z))
+        self.x0s.append(to_host(x0))
         if self.callback is not None:
             self.callback({"step": k, "timestep": int(t), "latent": z, "x0": x0})
 
@@ -290,6 +305,7 @@ class Inversion:
     def trajectory(self) -> Trajectory:
         if not self.done:
             raise RuntimeError(f"the inversion still has {len(self.todo)} steps to go")
+        settle(self.z)  # its host copies have landed
         ts = self.sched.timesteps
         return Trajectory(timesteps=[int(t) for t in ts], latents=self.lat[::-1],
                           x0=self.x0s[::-1])

@@ -341,6 +341,13 @@ def test_cached_stage2_on_a_gpu_with_host_caches_equals_the_batched_stage2(tmp_p
         out[stage2] = lr(PROMPTS, ref, seed=SEEDS)
         out[stage2 + "2"] = lr(PROMPTS, ref, seed=SEEDS)  # cached: the reference's K/V reused
     assert out["cached"].config["stage2_used"] == "cached"
+    # the trajectories' host copies are asynchronous on a GPU: all landed when the loop returns
+    z, traj = sampling.sample(gpu, PROMPTS, SEEDS, steps=6)
+    assert torch.equal(traj.latents[-1], z.cpu()) and all(x.isfinite().all() for x in traj.x0)
+    for res in (out["cached"], out["batched"]):
+        traj = res.target
+        assert len(traj.latents) == len(traj.x0) + 1 and all(
+            x.abs().sum() > 0 for x in traj.latents)
     for name in ("cached", "cached2", "batched2"):
         for za, zb in zip(out["batched"].target.latents, out[name].target.latents):
             print(name, (za - zb).abs().max().item())
