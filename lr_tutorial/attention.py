@@ -250,6 +250,7 @@ class AttentionStore:
         self.step: int | None = None
         self.cfg = False
         self.rows: slice | None = None  # this store's rows of the batch (None: all; sampling.denoise's rider)
+        self._index: dict = {}  # (device, B, heads, HW) -> gather index of per-row tokens
 
     def on_step(self, k: int, t: int | None = None, cfg: bool = False) -> None:
         self.step, self.cfg = k, cfg
@@ -274,9 +275,7 @@ class AttentionStore:
             if len(tokens) and isinstance(tokens[0], (list, tuple)):  # one list per row
                 if len(tokens) != probs.shape[0]:
                     raise ValueError(f"spec.tokens has {len(tokens)} rows, the batch {probs.shape[0]}")
-                idx = torch.tensor(tokens, device=probs.device)  # (B, K)
-                idx = idx[:, None, None, :].expand(-1, probs.shape[1], probs.shape[2], -1)
-                probs = probs.gather(-1, idx)
+                probs = probs.gather(-1, self._token_index(probs))
             else:
                 probs = probs[..., list(tokens)]
         if self.spec.heads == "mean":
@@ -285,6 +284,17 @@ class AttentionStore:
         # store never keeps a slice's whole parent (both CFG halves, all tokens) alive
         where = "cpu" if self.spec.offload == "step" else probs.device
         self.maps[(layer, self.step)] = probs.detach().to(where, self.spec.dtype, copy=True)
+
+    def _token_index(self, probs: torch.Tensor) -> torch.Tensor:
+        """gather's index of spec.tokens' per-row lists, (B, heads, HW, K), made once per device
+        and shape: building it from the lists each call would copy it to the GPU and wait for
+        the GPU's queue, once per captured layer and step."""
+        b, h, hw, _ = probs.shape
+        key = (probs.device, b, h, hw)
+        if key not in self._index:
+            idx = torch.tensor(self.spec.tokens, device=probs.device)  # (B, K)
+            self._index[key] = idx[:, None, None, :].expand(-1, h, hw, -1)
+        return self._index[key]
 
     def to_cpu(self) -> None:
         """Move every map to the CPU (capture() calls this when it ends; spec.offload)."""

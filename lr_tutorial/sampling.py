@@ -76,6 +76,8 @@ def guided_eps(unet, z: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tenso
                guidance: float) -> torch.Tensor:
     """Classifier-free guidance, both halves in one UNet call: batch [uncond rows; cond rows].
     z: (B, C, h, w); t: one timestep, or (B,) with a timestep per row."""
+    if torch.is_tensor(t):  # on z's device without waiting for the GPU's queue (the UNet
+        t = t.to(z.device, non_blocking=True)  # would copy it with a wait)
     if uncond is None or guidance == 1.0:
         return unet(z, t, encoder_hidden_states=cond).sample
     tt = torch.cat([t, t]) if torch.is_tensor(t) and t.ndim == 1 else t
@@ -119,8 +121,9 @@ def denoise(bundle, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | 
         if rider is not None and not rider.done:  # batch [uncond; cond] (or [cond]) + rider
             zr, tr, cr = rider.begin()
             z_in, c_in = (torch.cat([z, z]), torch.cat([uncond, cond])) if cfg else (z, cond)
+            t_in = t.reshape(1).expand(n).to(tr.device, tr.dtype, non_blocking=True)
             with _rows(observers, slice(0, n)), _rows(rider.observers, slice(n, None)):
-                out = bundle.unet(torch.cat([z_in, zr]), torch.cat([t.reshape(1).expand(n).to(tr), tr]),
+                out = bundle.unet(torch.cat([z_in, zr]), torch.cat([t_in, tr]),
                                   encoder_hidden_states=torch.cat([c_in, cr])).sample
             rider.finish(out[n:])
             eps = out[:n]
@@ -271,7 +274,8 @@ class Inversion:
         for obs in self.observers:
             obs.on_step(k, int(t), False)
             obs.rows = None  # denoise narrows this to the rider's rows
-        return self.z, t.reshape(1).expand(self.z.shape[0]).to(self.z.device), self.cond
+        return (self.z, t.reshape(1).expand(self.z.shape[0]).to(self.z.device, non_blocking=True),
+                self.cond)
 
     def finish(self, model_output: torch.Tensor) -> None:
         """Advance by one step, given the UNet's output for the rows `begin` returned."""
