@@ -46,11 +46,12 @@ class MemoryEstimate:
     weights_by_model: dict[str, int] = field(default_factory=dict)
     user_layers: list[str] = field(default_factory=list)  # captured for the caller's spec
     stored: int = 0  # the caller's capture store, held on the device until the capture ends
+    kv_caches: int = 0  # the cached stage 2's keys/values, on the device (kv_device="model")
 
     @property
     def total(self) -> int:
-        return self.weights + max(self.unet_activations + self.attention + self.stored,
-                                  self.vae_decode)
+        return self.weights + self.kv_caches + max(
+            self.unet_activations + self.attention + self.stored, self.vae_decode)
 
     def summary(self) -> str:
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
@@ -58,6 +59,7 @@ class MemoryEstimate:
                 f"{g(self.unet_activations)} ({self.rows} rows per UNet call), explicit attention "
                 f"{g(self.attention)} ({len(self.captured)} captured layers), "
                 + (f"capture store {g(self.stored)}, " if self.stored else "")
+                + (f"key/value caches {g(self.kv_caches)}, " if self.kv_caches else "")
                 + f"VAE decode {g(self.vae_decode)}")
 
 
@@ -134,9 +136,10 @@ def estimate(bundle, config=None, batch: int = 1, capture=None, stage2: str = "b
         stored = capture.estimate(bundle, config.layout.steps, batch=2 * batch + 1,
                                   cfg=cfg_on)
 
+    kv = 0
     if stage2 == "cached" and config.kv_device == "model" and device_type != "cpu":
         from .pipeline import LayoutAndRetouch  # the caches on the GPU: exact bytes
-        stored += LayoutAndRetouch(bundle, config).kv_bytes(batch)
+        kv = LayoutAndRetouch(bundle, config).kv_bytes(batch)
 
     vcfg = bundle.vae.config
     vch = list(reversed(vcfg.block_out_channels))
@@ -145,7 +148,7 @@ def estimate(bundle, config=None, batch: int = 1, capture=None, stage2: str = "b
     vae_el = torch.finfo(bundle.vae.dtype).bits // 8
     vae = batch * 6 * max(sizes) * vae_el if bundle.vae.device.type == device_type else 0
     return MemoryEstimate(sum(by_model.values()), unet_act, attn, int(vae), rows, captured,
-                          by_model, user, stored)
+                          by_model, user, stored, kv)
 
 
 def options(est: MemoryEstimate, bundle, batch: int) -> list[str]:
@@ -157,6 +160,10 @@ def options(est: MemoryEstimate, bundle, batch: int) -> list[str]:
                     f"layer ({est.captured[0]}) alone takes {g(est.attention)} while it runs "
                     "without fused attention; capture cross-attention (kind='cross') or lower "
                     "resolutions (CaptureSpec(resolutions=[16]))"))
+    if est.kv_caches:
+        out.append((est.kv_caches, "keep the key/value caches in host memory: "
+                    "LRConfig(kv_device='host'), the default (copied on a side stream; about as "
+                    "fast once the reference is cached), or LRConfig(stage2='batched')"))
     if est.stored:
         out.append((est.stored, "keep the capture store on the CPU while it records: "
                     "CaptureSpec(offload='step') (slower: one synchronising copy per layer)"))

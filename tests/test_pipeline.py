@@ -170,7 +170,9 @@ def test_auto_stage2_caches_keys_and_values_only_within_the_budget(bundle, monke
     from lr_tutorial import memory  # the caches count in the GPU's peak only there
     host = memory.estimate(bundle, LRConfig(layout=LayoutConfig(steps=6)), 2, stage2="cached")
     gpu = memory.estimate(bundle, on_gpu.config, 2, stage2="cached")
-    assert gpu.stored - host.stored == on_gpu.kv_bytes(2) > 0
+    assert gpu.kv_caches == on_gpu.kv_bytes(2) > 0 == host.kv_caches
+    assert gpu.total - host.total == gpu.kv_caches
+    assert any("kv_device='host'" in o for o in memory.options(gpu, bundle, 2))
     with pytest.raises(ValueError, match="kv_device"):
         LRConfig(kv_device="gpu")
 
