@@ -214,7 +214,7 @@ def main() -> None:
     lr_est = cross.estimate(unet, x_steps - lam2, batch=3, latent_size=latent, n_tokens=n_tokens)
     print(f"# estimate only: the same cross capture on a Layout-and-Retouch result (stage 2: "
           f"3 branches x {x_steps - lam2} steps after lambda2 = {lam2}): {lr_est / MB:.1f} MB")
-    print(f"# targets (issue 6): <= 300 MB stored, <= 1.15x wall time, estimate within 10%")
+    print("# targets (issue 6): <= 300 MB stored, <= 1.15x wall time, estimate within 10%")
 
 
 if __name__ == "__main__":

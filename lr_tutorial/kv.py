@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from . import attention
+from .swap import SwapProcessor
 
 
 class KVCache:
@@ -241,5 +242,5 @@ def record_kv(unet, cache: KVCache):
 
 
 def _plain(proc) -> bool:
-    return not isinstance(proc, (attention.CaptureProcessor, attention.SwapProcessor,
+    return not isinstance(proc, (attention.CaptureProcessor, SwapProcessor,
                                  KVRecordProcessor))

@@ -12,7 +12,6 @@ import numbers
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
 
 from . import sampling
 from .prompts import check_prompts, strip_identifier

@@ -26,6 +26,7 @@ from . import attention, masks, memory, sampling
 from .files import atomic_folder
 from .images import as_batch
 from .layout import LayoutConfig, LayoutResult, resolve_guidance, resolve_steps, step_blended
+from .swap import SwapConfig, SwapController
 from .kv import KVCache, cache_bytes, record_kv
 from .prompts import check_prompts, token_index
 from .retouch import (ReferenceInversion, aggregate, invert_reference, kv_plan, mask_layers,
@@ -64,7 +65,7 @@ class LRConfig:
     half the memory of a float32 model's caches, at the cost of rounding the keys/values the
     target reads (the result then differs from the batched path by more than float rounding)."""
     layout: LayoutConfig = field(default_factory=LayoutConfig)
-    swap: attention.SwapConfig = field(default_factory=attention.SwapConfig)
+    swap: SwapConfig = field(default_factory=SwapConfig)
     mask: masks.MaskConfig = field(default_factory=masks.MaskConfig)
     reference_prompt: str | None = None
     reference_index: int = 0
@@ -364,7 +365,7 @@ class LayoutAndRetouch:
         replay pays off from the second image on (bench/README.md, one image: batched 4.93 s,
         cached 5.62 s; with the reference cached, 4.06 s). Raises for "cached" when the target
         starts before lambda1."""
-        cfg, bundle = self.config, self.models
+        cfg = self.config
         n = cfg.layout.steps
         if capture is not None or cfg.stage2 == "batched":
             return "batched"
@@ -424,6 +425,6 @@ class LayoutAndRetouch:
         cfg = self.config
         if cfg.start_step is not None:
             return resolve_steps(cfg.start_step, cfg.layout.steps, "start_step")
-        lambda2 = attention.SwapController(self.models.unet, cfg.swap, cfg.layout.steps,
+        lambda2 = SwapController(self.models.unet, cfg.swap, cfg.layout.steps,
                                            self.models.latent_size).lambda2
         return max(lambda2, resolve_steps(cfg.layout.lambda1, cfg.layout.steps, "lambda1"))

@@ -7,7 +7,7 @@ other two branches' keys/values cached from stage 1 and from a replay of the ref
 - reference r: the DDIM inversion of x^r, replayed: z^r_k is read from its trajectory;
 - context c:   the stage-1 trajectory, replayed: z^c_k is read, never recomputed;
 - target t:    starts from z^c at `start_step` and is denoised by eps* with y^p, its
-               self-attention reading from the other two (attention.SwapProcessor).
+               self-attention reading from the other two (swap.SwapProcessor).
 
     z^t_{k+1} = DDIM(z^t_k, CFG(eps*, [z^r_k, z^c_k, z^t_k], t_k))[target]
     z^t_{k+1} = M_k z^t_{k+1} + (1 - M_k) z^c_{k+1}        for k < lambda3
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import attention, masks, sampling
+from . import attention, masks, sampling, swap
 from .kv import KVCache, record_kv
 from .layout import resolve_steps
 
@@ -98,12 +98,12 @@ def reference_from(bundle, inv: sampling.Inversion, store, image: np.ndarray,
     return ReferenceInversion(image, inv.prompt, traj, attn, fused)
 
 
-def kv_plan(bundle, swap_cfg: attention.SwapConfig, steps: int, start_step: int
+def kv_plan(bundle, swap_cfg: swap.SwapConfig, steps: int, start_step: int
             ) -> tuple[list[str], list[int]]:
     """(self-attention layers, steps) whose context/reference keys and values the target reads
     when it runs from `start_step`: the retouch layers from lambda2 on, and the structure
     layers before it."""
-    ctl = attention.SwapController(bundle.unet, swap_cfg, steps, bundle.latent_size)
+    ctl = swap.SwapController(bundle.unet, swap_cfg, steps, bundle.latent_size)
     if swap_cfg.mode == "none":
         return [], []
     layers = ctl.retouch | (ctl.structure if start_step < ctl.lambda2 else set())
@@ -143,7 +143,7 @@ def reference_kv(bundle, reference: ReferenceInversion, layers: list[str], steps
 
 @torch.no_grad()
 def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.ndarray,
-            class_indices: list[int], *, swap_cfg: attention.SwapConfig,
+            class_indices: list[int], *, swap_cfg: swap.SwapConfig,
             mask_cfg: masks.MaskConfig, steps: int, guidance: float, start_step: int = 0,
             callback=None, observers: tuple = (), kv: dict[str, KVCache] | None = None,
             ) -> tuple[torch.Tensor, sampling.Trajectory, np.ndarray, object]:
@@ -166,7 +166,7 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
         cond_p = sampling.encode_prompts(bundle, layout.prompt)
         cond_r = sampling.encode_prompts(bundle, [reference.prompt])
     m_ctx = torch.as_tensor(context_masks, dtype=torch.float32)  # (B, h, w)
-    ctl = attention.SwapController(bundle.unet, swap_cfg, steps, size)
+    ctl = swap.SwapController(bundle.unet, swap_cfg, steps, size)
     ctl.set_masks(target=m_ctx, reference=torch.as_tensor(reference.mask.mask)[None])
     mask_layers_ = mask_layers(bundle.unet, mask_cfg, size)
     if kv is None:  # one reference row serves every target: [ref (1); ctx (B); tgt (B)]
@@ -185,7 +185,7 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
     traj = sampling.Trajectory(latents=[sampling.to_host(zt)])
     used, acc, n_seen = [], 0.0, 0
     with bundle.using(personal), \
-            attention.swap(bundle.unet, ctl), attention.capture(bundle.unet, spec) as store:
+            swap.swap(bundle.unet, ctl), attention.capture(bundle.unet, spec) as store:
         for k in range(start_step, steps):
             t = sched.timesteps[k]
             for obs in (ctl, store, *observers):

@@ -64,7 +64,6 @@ def result_panel(result, bundle, index: int = 0, n_x0: int = 6):
     ks = np.linspace(0, len(result.target.x0) - 1, n_x0).round().astype(int)
     x0 = sampling.decode(bundle, __import__("torch").cat(
         [result.target.x0[k][index:index + 1] for k in ks]))
-    images = top + list(x0)
     titles += [f"target x0, step {k}" for k in ks]
     ncols = max(len(top), n_x0)
     pad = [np.full_like(top[0], 255)] * (ncols - len(top)) if ncols > len(top) else []

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from lr_tutorial import attention
+from lr_tutorial import attention, swap
 from lr_tutorial.toy import components
 
 
@@ -325,15 +325,15 @@ def test_swap_attention_helpers_equal_their_plain_definitions():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 2, 16, 4, generator=g) for _ in range(3))
     scale = 0.5
-    flat = attention._sdpa(q, k, v, scale)
+    flat = swap._sdpa(q, k, v, scale)
     per = torch.stack([torch.stack([torch.nn.functional.scaled_dot_product_attention(
         q[i], k[i], v[i], scale=scale)[j:j + 1][0] for j in range(3)]) for i in range(2)])
     assert flat.shape == q.shape and torch.allclose(flat, per, atol=1e-5)
     inside = torch.zeros(16, dtype=torch.bool)
     inside[[1, 2, 5, 6, 9]] = True
     idx = inside.nonzero().squeeze(1)
-    gathered = attention._sdpa(q, k.index_select(-2, idx), v.index_select(-2, idx), scale)
-    masked = attention._sdpa(q, k, v, scale, mask=inside.expand(3, 16)[None, :, None, None, :])
+    gathered = swap._sdpa(q, k.index_select(-2, idx), v.index_select(-2, idx), scale)
+    masked = swap._sdpa(q, k, v, scale, mask=inside.expand(3, 16)[None, :, None, None, :])
     assert torch.allclose(gathered, masked, atol=1e-5)
     assert not torch.allclose(gathered, flat, atol=1e-3)  # the mask does something
 

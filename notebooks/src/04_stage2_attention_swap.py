@@ -66,7 +66,7 @@ if have_references(refs, "the reference inversion"):
 # Retouch phase, $k \ge \lambda_2$, decoder self-attention layers:
 # $$O^t = M^t \odot \mathrm{Attn}(Q^t, K^r_{|M^r}, V^r) + (1 - M^t) \odot \mathrm{Attn}(Q^t, K^c, V^c)$$
 # where $K^r_{|M^r}$ gives keys outside the reference subject a logit of $-\infty$. From
-# `SwapProcessor` in `lr_tutorial/attention.py`:
+# `SwapProcessor` in `lr_tutorial/swap.py`:
 # ```python
 # o_ref = sdpa(q_t, k_r, v_r, mask=reference_mask_over_keys)
 # o_ctx = sdpa(q_t, k_c, v_c)
