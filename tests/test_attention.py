@@ -348,3 +348,18 @@ def test_current_processors_match_the_unet_and_follow_changes(unet):
         now = attention.current_processors(unet)
         assert now == unet.attn_processors and now[path + ".processor"] is mine
     assert attention.current_processors(unet) == before == unet.attn_processors
+
+
+@pytest.mark.parametrize("first", ["lr_tutorial.swap", "lr_tutorial.attention", "lr_tutorial.kv"])
+def test_swap_and_capture_modules_import_in_any_order(first):
+    """swap.py imports attention.py, and attention.py reaches the swap lazily: no import cycle,
+    whichever module a fresh interpreter imports first; the old names still resolve."""
+    import subprocess
+    import sys
+    code = (f"import importlib; importlib.import_module({first!r}); "
+            "from lr_tutorial import attention, swap; "
+            "assert attention.SwapConfig is swap.SwapConfig and attention.swap is swap.swap")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        attention.nope
