@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 6's GPU checks as one prepared call of a lent GPU machine (about 6 min on an H200):
-# the GPU-only tests, the pipeline and capture benchmarks (bench/README.md), and a torch.profiler
+# Issue 6's GPU checks as one prepared call of a lent GPU machine (about 7 min on an H200):
+# the GPU-only tests, the waits for the GPU per case (bench/syncs.py), the pipeline and capture
+# benchmarks (bench/README.md), and a torch.profiler
 # run of the batched and cached full method (top entries by CPU and by GPU time). Each step has
 # its own timeout, so one that hangs leaves the others' results. Output: one file per step in
 # $OUT (or outputs/gpu). A machine without diffusers: put its wheel in .whl/ (git-ignored
@@ -20,6 +21,7 @@ step() {  # step NAME SECONDS COMMAND...: run, keep the output, print its tail
   echo "## $name: exit $?"; grep -v '^\[transformers\]\|^There are modules' "$out/$name.txt" | tail -30
 }
 step tests 150 "$py" -m pytest -q -p no:cacheprovider tests/test_pipeline.py tests/test_attention.py -k "gpu or cuda"
+step syncs 90 "$py" bench/syncs.py --backend sd15-random --steps 10 --images 2
 step pipeline 200 "$py" bench/pipeline.py --backend sd15-random --images 8 --reps 2
 step attention 90 "$py" bench/attention.py --backend sd15
 step profile 120 "$py" bench/pipeline.py --backend sd15-random --images 8 --profile torch --profile-top 15
