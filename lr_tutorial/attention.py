@@ -117,20 +117,35 @@ def processors(unet, replacements: dict[str, object]):
 
 
 # ----------------------------------------------------------------------------- explicit attention
-def project_qkv(attn, hidden_states, encoder_hidden_states=None):
-    """q, k, v of a diffusers Attention module, shaped (B, heads, N, d). hidden_states: (B, N, C)."""
+def attention_input(attn, hidden_states):
+    """What a diffusers Attention module's projections read: hidden_states (B, N, C) after the
+    module's own group norm, if it has one."""
     if attn.spatial_norm is not None or hidden_states.ndim != 3:
         raise NotImplementedError("only the transformer-block attention of SD UNets is supported")
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return hidden_states
+
+
+def _split_heads(attn, x):
+    """(B, N, heads * d) -> (B, heads, N, d)."""
+    return x.view(x.shape[0], -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+
+def project_qkv(attn, hidden_states, encoder_hidden_states=None):
+    """q, k, v of a diffusers Attention module, shaped (B, heads, N, d). hidden_states: (B, N, C)."""
+    hidden_states = attention_input(attn, hidden_states)
     q = attn.to_q(hidden_states)
     ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
     if encoder_hidden_states is not None and attn.norm_cross:
         ctx = attn.norm_encoder_hidden_states(ctx)
-    k, v = attn.to_k(ctx), attn.to_v(ctx)
-    b, h = q.shape[0], attn.heads
-    split = lambda x: x.view(b, -1, h, x.shape[-1] // h).transpose(1, 2)  # noqa: E731
-    return split(q), split(k), split(v)
+    return (_split_heads(attn, q), _split_heads(attn, attn.to_k(ctx)),
+            _split_heads(attn, attn.to_v(ctx)))
+
+
+def project_kv(attn, x):
+    """k, v (B, heads, N, d) of a self-attention layer from its input x (attention_input)."""
+    return _split_heads(attn, attn.to_k(x)), _split_heads(attn, attn.to_v(x))
 
 
 def output(attn, o, residual):

@@ -16,6 +16,12 @@ Stage 2 then runs the target rows alone (docs/method.md stage 2; bench/README.md
     with record_kv(unet, cache):
         sampling.denoise(..., observers=(cache,))
     k, v = cache.get(path, step)   # (rows, heads, HW, d), rows = [uncond; cond] x B
+
+`store="hidden"` keeps the layer's input instead, (rows, HW, C): half the bytes of K and V (for
+SD's self-attention C equals K's width), and `keys_values(attn, ...)` projects it with the
+layer's own to_k / to_v when it is read. Those projections cost two small matrix products per
+layer and step; where the caches cross between host and GPU, halving the bytes is worth more
+(LRConfig.kv_store).
 """
 from __future__ import annotations
 
@@ -31,9 +37,10 @@ from .swap import SwapProcessor
 
 
 class KVCache:
-    """`get(path, step)` -> (K, V), each (rows, heads, HW, d), for the layers and steps asked for.
-    Stored on `device` (default: where they were computed; "cpu" keeps GPU memory free) in
-    `dtype` (default: the model's).
+    """`get(path, step)` -> (K, V), each (rows, heads, HW, d), for the layers and steps asked for
+    (`store="hidden"`: (H,), the layer's input (rows, HW, C); `keys_values` gives (K, V) for
+    either). Stored on `device` (default: where they were computed; "cpu" keeps GPU memory free)
+    in `dtype` (default: the model's).
 
     Keys/values computed on a GPU and stored on the host go through page-locked (pinned) host
     memory on a side CUDA stream, so neither direction stalls the UNet's kernels: `put` queues
@@ -45,10 +52,14 @@ class KVCache:
     SLAB = 1 << 28  # 256 MiB: a power of two, which the host allocator does not round up
 
     def __init__(self, layers: Sequence[str], steps: Sequence[int], device=None, dtype=None,
-                 prefetch: int | None = None):
+                 prefetch: int | None = None, store: str = "kv"):
+        if store not in ("kv", "hidden"):
+            raise ValueError(f"store must be 'kv' (keys and values) or 'hidden' (the layer's "
+                             f"input, projected when read), got {store!r}")
+        self.store = store
         self.layers, self.steps = set(layers), set(int(s) for s in steps)
         self.device, self.dtype = device, dtype
-        self.kv: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.kv: dict[tuple[str, int], tuple[torch.Tensor, ...]] = {}  # (K, V) or (H,)
         self.step: int | None = None
         self.group: list[int] | None = None  # several steps in one UNet call (on_steps)
         self.cfg = False
@@ -58,7 +69,7 @@ class KVCache:
         self._slab, self._used = None, 0  # the pinned slab being filled, bytes used of it
         self._pin = True  # False once pinning failed (then ordinary host memory)
         self._order: list[tuple[str, int]] | None = None  # get's expected order, for prefetch
-        self._ahead: dict[tuple[str, int], tuple] = {}  # (path, step) -> (K, V, event) on the GPU
+        self._ahead: dict[tuple[str, int], tuple] = {}  # (path, step) -> ((K, V), event) on the GPU
 
     def on_step(self, k: int, t: int | None = None, cfg: bool = False) -> None:
         self.step, self.group, self.cfg = k, None, cfg
@@ -78,18 +89,23 @@ class KVCache:
                                "(observers=[cache])")
         return self.step in self.steps and path in self.layers
 
-    def put(self, path: str, k: torch.Tensor, v: torch.Tensor) -> None:
+    def put(self, path: str, *tensors: torch.Tensor) -> None:
+        """Record (K, V), or (H,) with store="hidden", each with the batch's rows first."""
+        if len(tensors) != (1 if self.store == "hidden" else 2):
+            raise ValueError(f"a store={self.store!r} cache records "
+                             f"{'(H,)' if self.store == 'hidden' else '(K, V)'}, got "
+                             f"{len(tensors)} tensors")
         if self.rows is not None:
-            k, v = k[self.rows], v[self.rows]
+            tensors = tuple(x[self.rows] for x in tensors)
         self._order = None
         if self.group is None:
-            self.kv[(path, self.step)] = (self._keep(k), self._keep(v))
+            self.kv[(path, self.step)] = tuple(self._keep(x) for x in tensors)
             return
         n = len(self.group)
         for i, step in enumerate(self.group):  # rows i (and n + i, the cond half, under CFG)
             if step in self.steps:
                 rows = [i, n + i] if self.cfg else [i]
-                self.kv[(path, step)] = (self._keep(k[rows]), self._keep(v[rows]))
+                self.kv[(path, step)] = tuple(self._keep(x[rows]) for x in tensors)
 
     def get(self, path: str, step: int, device=None, dtype=None):
         key = (path, step)
@@ -98,13 +114,19 @@ class KVCache:
             raise KeyError(f"no cached keys/values for {path} at step {step} (cached steps: "
                            f"{have[:3]}...{have[-3:]}); record them with record_kv over the "
                            "same steps and layers") from None
-        k, v = self.kv[key]
-        device = torch.device(device) if device is not None else k.device
+        got = self.kv[key]
+        device = torch.device(device) if device is not None else got[0].device
         if self._stream is not None and device.type == "cuda":  # pinned: from the prefetch
-            k, v = self._fetched(key, device)
+            got = self._fetched(key, device)
         elif self._stream is not None:  # the host copies must have landed before a host read
             self._stream.synchronize()
-        return k.to(device, dtype or k.dtype), v.to(device, dtype or v.dtype)
+        return tuple(x.to(device, dtype or x.dtype) for x in got)
+
+    def keys_values(self, attn, path: str, step: int, device=None, dtype=None):
+        """(K, V), each (rows, heads, HW, d), of `path` at `step`, whatever the store: with
+        store="hidden" the stored input projected by `attn` (the layer at `path`)."""
+        got = self.get(path, step, device, dtype)
+        return attention.project_kv(attn, got[0]) if self.store == "hidden" else got
 
     def complete(self) -> bool:
         return all((p, s) in self.kv for p in self.layers for s in self.steps)
@@ -172,39 +194,43 @@ class KVCache:
         for ahead in self._order[i:i + 1 + self.prefetch]:
             if ahead not in self._ahead:
                 self._ahead[ahead] = self._issue(ahead, device)
-        k, v, done = self._ahead.pop(key)
+        got, done = self._ahead.pop(key)
         main = torch.cuda.current_stream(device)
         main.wait_event(done)
-        k.record_stream(main)  # used here, allocated on the copy stream
-        v.record_stream(main)
-        return k, v
+        for x in got:
+            x.record_stream(main)  # used here, allocated on the copy stream
+        return got
 
     def _issue(self, key, device):
-        k, v = self.kv[key]
         with torch.cuda.stream(self._stream):
-            kd, vd = k.to(device, non_blocking=True), v.to(device, non_blocking=True)
+            got = tuple(x.to(device, non_blocking=True) for x in self.kv[key])
             done = torch.cuda.Event()
             done.record(self._stream)
-        return kd, vd, done
+        return got, done
 
 
 def cache_bytes(unet, layers: Sequence[str], steps: Sequence[int], rows: int,
-                latent_size: int | None = None, dtype: torch.dtype = torch.float32) -> int:
+                latent_size: int | None = None, dtype: torch.dtype = torch.float32,
+                store: str = "kv") -> int:
     """Bytes a KVCache of `layers` x `steps` holds for `rows` batch rows, before recording:
 
-        sum over layers of 2 (K and V) x rows x HW x inner dim x element size, x steps
+        sum over layers of rows x HW x width x element size, x steps
+        width: 2 x the inner dim (K and V; store="kv") or the input's channels (store="hidden")
 
     Exact (a test compares it with KVCache.nbytes). Stable Diffusion 1.5 at 512 px, the
-    default retouch layers (9 decoder layers), fp16: 27.5 MB per row and step, so the
-    context's cache of one image (2 rows under CFG, 40 steps) holds 2.2 GB."""
-    per_row = sum(attention.layer_resolution(unet, p, latent_size) ** 2
-                  * unet.get_submodule(p).to_k.out_features for p in layers)
-    return 2 * rows * per_row * len(list(steps)) * (torch.finfo(dtype).bits // 8)
+    default retouch layers (9 decoder layers), fp16, store="kv": 27.5 MB per row and step, so
+    the context's cache of one image (2 rows under CFG, 40 steps) holds 2.2 GB; "hidden" half."""
+    def width(p):
+        m = unet.get_submodule(p)
+        return m.to_k.in_features if store == "hidden" else 2 * m.to_k.out_features
+    per_row = sum(attention.layer_resolution(unet, p, latent_size) ** 2 * width(p) for p in layers)
+    return rows * per_row * len(list(steps)) * (torch.finfo(dtype).bits // 8)
 
 
 class KVRecordProcessor:
-    """Computes self-attention as usual (SDPA) and records its keys/values when the cache wants
-    this layer at this step; otherwise the layer's original processor runs."""
+    """Computes self-attention as usual (SDPA) and records its keys/values (or its input, with
+    store="hidden") when the cache wants this layer at this step; otherwise the layer's
+    original processor runs."""
 
     def __init__(self, cache: KVCache, path: str, original):
         self.cache, self.path, self.original = cache, path, original
@@ -217,7 +243,10 @@ class KVRecordProcessor:
         if attention_mask is not None or encoder_hidden_states is not None:
             raise NotImplementedError("key/value recording is for self-attention without a mask")
         q, k, v = attention.project_qkv(attn, hidden_states)  # (B, heads, HW, d)
-        self.cache.put(self.path, k, v)
+        if self.cache.store == "hidden":  # what to_k / to_v read: (B, HW, C)
+            self.cache.put(self.path, attention.attention_input(attn, hidden_states))
+        else:
+            self.cache.put(self.path, k, v)
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scale)
         return attention.output(attn, o, hidden_states)
 

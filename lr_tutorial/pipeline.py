@@ -54,13 +54,18 @@ class LRConfig:
     the cached path at about half the UNet work of stage 2; a `capture=` of stage 2 uses
     "batched" since it records every branch.
     kv_budget_gb: memory the cached path may hold in keys/values (kv.cache_bytes: about 2.2 GB
-    per image at Stable Diffusion 1.5's 512 px, fp16, 50 steps; 16 MiB on the toy); None: half
+    per image at Stable Diffusion 1.5's 512 px, fp16, 50 steps, 1.1 GB with kv_store "hidden";
+    16 MiB on the toy); None: half
     the memory available where the caches live when the run starts (the host's RAM: on a
     GPU the caches are kept on the CPU).
     kv_device: where those caches live: "host" (the CPU's memory; on a GPU they are copied
     through pinned memory on a side stream, so the GPU's peak stays plain sampling's), "model"
     (the UNet's device: no copies, fastest, but on a GPU the caches add kv.cache_bytes to its
     memory) or "auto" (default: "host") [ours; bench/README.md measures both].
+    kv_store: what those caches hold: "kv" (the keys and values), "hidden" (each layer's input,
+    projected with the layer's to_k / to_v when stage 2 reads it: half the bytes, two small
+    matrix products more per layer and step) or "auto" (default: "hidden" where the caches
+    cross between host and GPU, whose copies it halves, else "kv") [ours].
     kv_dtype: storage dtype of those caches, None (the model's) or "float16" / "bfloat16":
     half the memory of a float32 model's caches, at the cost of rounding the keys/values the
     target reads (the result then differs from the batched path by more than float rounding)."""
@@ -73,6 +78,7 @@ class LRConfig:
     stage2: str = "auto"
     kv_budget_gb: float | None = None
     kv_device: str = "auto"
+    kv_store: str = "auto"
     kv_dtype: str | None = None
 
     def __post_init__(self):
@@ -98,6 +104,8 @@ class LRConfig:
             raise ValueError(f"stage2 must be 'auto', 'cached' or 'batched', got {self.stage2!r}")
         if self.kv_device not in ("auto", "host", "model"):
             raise ValueError(f"kv_device must be 'auto', 'host' or 'model', got {self.kv_device!r}")
+        if self.kv_store not in ("auto", "kv", "hidden"):
+            raise ValueError(f"kv_store must be 'auto', 'kv' or 'hidden', got {self.kv_store!r}")
         if self.kv_dtype not in (None, "float16", "bfloat16", "float32"):
             raise ValueError(f"kv_dtype must be None (the model's dtype), 'float16', 'bfloat16' "
                              f"or 'float32', got {self.kv_dtype!r}")
@@ -316,7 +324,8 @@ class LayoutAndRetouch:
         # for the cached stage 2, the context's self-attention keys/values)
         spec = attention.CaptureSpec(layers=mask_layers(bundle.unet, cfg.mask, size),
                                      kind="cross", tokens=[[i] for i in cls])
-        ctx_kv = KVCache(layers, kv_steps, device=kv_device, dtype=kv_dtype)
+        kv_store = self.cache_store()
+        ctx_kv = KVCache(layers, kv_steps, device=kv_device, dtype=kv_dtype, store=kv_store)
         with contextlib.ExitStack() as stack:
             rider = None
             if ref_key not in self._references:  # the reference inversion rides stage 1
@@ -341,11 +350,12 @@ class LayoutAndRetouch:
         # stage 2
         kv = None
         if cached:
-            key = (id(ref), tuple(layers), tuple(kv_steps), cfg.layout.guidance, str(kv_dtype))
+            key = (id(ref), tuple(layers), tuple(kv_steps), cfg.layout.guidance, str(kv_dtype),
+                   kv_device, kv_store)
             if key not in self._reference_kv:
                 self._reference_kv[key] = reference_kv(bundle, ref, layers, kv_steps, n,
                                                        cfg.layout.guidance, device=kv_device,
-                                                       dtype=kv_dtype)
+                                                       dtype=kv_dtype, store=kv_store)
             kv = {"reference": self._reference_kv[key], "context": ctx_kv}
         with contextlib.ExitStack() as stack:
             user = stack.enter_context(attention.capture(bundle.unet, capture)) if capture else None
@@ -353,7 +363,8 @@ class LayoutAndRetouch:
                 bundle, layout, ref, np.stack([m.mask for m in ctx_masks]), cls,
                 swap_cfg=cfg.swap, mask_cfg=cfg.mask, steps=n, guidance=cfg.layout.guidance,
                 start_step=start, callback=callback, observers=(user,) if user else (), kv=kv)
-        record = {**run_record(bundle, cfg, self.segmenter, ref.image), "stage2_used": stage2}
+        record = {**run_record(bundle, cfg, self.segmenter, ref.image), "stage2_used": stage2,
+                  "kv_store_used": kv_store if cached else None}
         return Result(prompts, seeds, sampling.decode(bundle, z), layout, traj, ref,
                       Masks(ctx_masks, ref.mask, per_step), store2, record, versions(),
                       capture=user)
@@ -397,13 +408,22 @@ class LayoutAndRetouch:
         layers, steps = kv_plan(bundle, cfg.swap, n, self.start_step())
         halves = 2 if resolve_guidance(bundle, cfg.layout.guidance) != 1.0 else 1
         return cache_bytes(bundle.unet, layers, steps, halves * (batch + 1), bundle.latent_size,
-                           self.cache_dtype())
+                           self.cache_dtype(), self.cache_store())
 
     def cache_device(self):
         """Where the key/value caches are stored (LRConfig.kv_device): "cpu", or None (where
         they are computed, the UNet's device)."""
         on_model = self.config.kv_device == "model" or self.models.device.type == "cpu"
         return None if on_model else "cpu"
+
+    def cache_store(self) -> str:
+        """What the key/value caches hold (LRConfig.kv_store): "kv" or "hidden"; "auto" takes
+        "hidden" where they cross between host and GPU (kv_device "host" on a GPU)."""
+        store = self.config.kv_store
+        if store == "auto":
+            crossing = self.models.device.type != "cpu" and self.cache_device() == "cpu"
+            return "hidden" if crossing else "kv"
+        return store
 
     def cache_dtype(self):
         """The torch dtype the key/value caches are stored in (LRConfig.kv_dtype)."""

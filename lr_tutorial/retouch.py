@@ -113,7 +113,7 @@ def kv_plan(bundle, swap_cfg: swap.SwapConfig, steps: int, start_step: int
 @torch.no_grad()
 def reference_kv(bundle, reference: ReferenceInversion, layers: list[str], steps: list[int],
                  n_steps: int, guidance: float, device=None, steps_per_call: int = 8,
-                 dtype=None) -> KVCache:
+                 dtype=None, store: str = "kv") -> KVCache:
     """Keys/values of the reference branch: the personalized UNet on the replayed inversion
     latents z^r_k, [uncond; cond] as in the batched stage 2. Once per reference.
 
@@ -123,7 +123,7 @@ def reference_kv(bundle, reference: ReferenceInversion, layers: list[str], steps
     if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
         raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}")
     sched = sampling.make_scheduler(bundle, n_steps)
-    cache = KVCache(layers, steps, device=device, dtype=dtype)
+    cache = KVCache(layers, steps, device=device, dtype=dtype, store=store)
     steps = list(steps)
     with bundle.using(bundle.personal_mode), \
             record_kv(bundle.unet, cache):

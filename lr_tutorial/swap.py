@@ -195,7 +195,8 @@ class SwapProcessor:
             b = n // halves
 
             def src(which):
-                ks, vs = self.ctl.sources[which].get(self.path, self.ctl.step, q.device, q.dtype)
+                ks, vs = self.ctl.sources[which].keys_values(attn, self.path, self.ctl.step,
+                                                             q.device, q.dtype)
                 rows = ks.shape[0] // halves  # 1 (a shared reference) or B
                 return tuple(x.view(halves, rows, h, hw, d) for x in (ks, vs))
             o = self.target_output(act, q.view(halves, b, h, hw, d), src, attn.scale)

@@ -316,6 +316,21 @@ def test_kv_cache_bytes_are_known_before_recording(unet):
             unet(z, t, ctx)
     assert cache.nbytes == cache_bytes(unet, layers, [1, 2], rows=3) > 0
     assert cache_bytes(unet, layers, [1, 2], rows=3, dtype=torch.float16) == cache.nbytes // 2
+    hidden = KVCache(layers, steps=[1, 2], store="hidden")
+    with torch.no_grad(), record_kv(unet, hidden):
+        for k in (1, 2):
+            hidden.on_step(k)
+            unet(z, t, ctx)
+    assert hidden.nbytes == cache_bytes(unet, layers, [1, 2], rows=3, store="hidden") > 0
+    for key, (k, v) in cache.kv.items():  # projected when read: the recorded keys and values
+        attn = unet.get_submodule(key[0])
+        hk, hv = hidden.keys_values(attn, *key)
+        torch.testing.assert_close(hk, k, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(hv, v, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="records"):
+        hidden.put(layers[0], k, v)
+    with pytest.raises(ValueError, match="store must be"):
+        KVCache(layers, steps=[1], store="values")
 
 
 def test_swap_attention_helpers_equal_their_plain_definitions():

@@ -123,6 +123,27 @@ def test_cached_stage2_equals_the_batched_three_branch_stage2(bundle, mode):
     assert same == (mode == "context")
 
 
+def test_cached_stage2_storing_layer_inputs_equals_the_batched_stage2(bundle):
+    """kv_store="hidden": the caches hold each layer's input and stage 2 projects it with the
+    layer's to_k / to_v; the same result as the three-branch batch, at half the bytes."""
+    n = 8
+    ref = (np.random.default_rng(0).random((1, 64, 64, 3)) * 255).astype(np.uint8)
+    out, lrs = {}, {}
+    for store in ("batched", "kv", "hidden"):
+        cfg = LRConfig(layout=LayoutConfig(steps=n), stage2="batched" if store == "batched"
+                       else "cached", kv_store="kv" if store == "batched" else store)
+        lrs[store] = LayoutAndRetouch(bundle, cfg)
+        out[store] = lrs[store](PROMPTS, ref, seed=SEEDS)
+    assert out["hidden"].config["kv_store_used"] == "hidden"
+    assert out["kv"].config["kv_store_used"] == "kv" and out["batched"].config["kv_store_used"] is None
+    for za, zb in zip(out["batched"].target.latents, out["hidden"].target.latents):
+        torch.testing.assert_close(za, zb, atol=2e-5, rtol=1e-4)
+    # SD's self-attention: the input is as wide as K, so half the bytes of K and V
+    assert 2 * lrs["hidden"].kv_bytes(2) == lrs["kv"].kv_bytes(2)
+    (cache,) = lrs["hidden"]._reference_kv.values()
+    assert cache.store == "hidden" and all(len(e) == 1 and e[0].ndim == 3 for e in cache.kv.values())
+
+
 def test_cached_stage2_needs_the_target_to_start_after_lambda1(bundle):
     cfg = LRConfig(layout=LayoutConfig(steps=6, lambda1=3), start_step=1, stage2="cached")
     with pytest.raises(ValueError, match="stage2='batched'"):
@@ -175,6 +196,10 @@ def test_auto_stage2_caches_keys_and_values_only_within_the_budget(bundle, monke
     assert any("kv_device='host'" in o for o in memory.options(gpu, bundle, 2))
     with pytest.raises(ValueError, match="kv_device"):
         LRConfig(kv_device="gpu")
+    with pytest.raises(ValueError, match="kv_store"):
+        LRConfig(kv_store="keys")
+    # auto store: the layers' inputs (half the bytes) where the caches cross host <-> GPU
+    assert one.cache_store() == "hidden" and on_gpu.cache_store() == "kv"
 
 
 def test_default_start_is_lambda2_or_lambda1_when_later(bundle):
