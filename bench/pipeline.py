@@ -99,7 +99,7 @@ def make_cases(a, bundle, prompts, seeds, ref):
         def run():
             # fresh: pays the reference work
             lr = LayoutAndRetouch(bundle, LRConfig(layout=layout, stage2=stage2,
-                                                   kv_device=a.kv_device))
+                                                   kv_device=a.kv_device, kv_store=a.kv_store))
             for p, s in chunks:
                 lr(p, ref, seed=s)
         return run
@@ -109,7 +109,8 @@ def make_cases(a, bundle, prompts, seeds, ref):
     def warm():  # one LayoutAndRetouch kept across runs: its reference work is already done
         if "lr" not in held:  # (the first run, a warm-up, fills its caches)
             held["lr"] = LayoutAndRetouch(bundle, LRConfig(layout=layout, stage2="cached",
-                                                           kv_device=a.kv_device))
+                                                           kv_device=a.kv_device,
+                                                           kv_store=a.kv_store))
         for p, s in chunks:
             held["lr"](p, ref, seed=s)
 
@@ -161,7 +162,8 @@ def memory(a, device, cases) -> dict[str, int]:
     for name in cases:
         args = [sys.executable, __file__, "--memory-case", name, "--backend", a.backend,
                 "--steps", str(a.steps), "--images", str(a.images), "--batch", str(a.batch),
-                "--guidance", str(a.guidance), "--kv-device", a.kv_device] \
+                "--guidance", str(a.guidance), "--kv-device", a.kv_device,
+                "--kv-store", a.kv_store] \
             + (["--latent", str(a.latent)] if a.latent else []) \
             + (["--fuse-lora"] if a.fuse_lora else [])
         res = subprocess.run(args, capture_output=True, text=True)
@@ -222,6 +224,8 @@ def main() -> None:
                          "(ModelBundle.set_fuse_lora), in every case")
     ap.add_argument("--kv-device", choices=("auto", "host", "model"), default="auto",
                     help="LRConfig.kv_device of the cached cases: where the key/value caches live")
+    ap.add_argument("--kv-store", choices=("auto", "kv", "hidden"), default="auto",
+                    help="LRConfig.kv_store of the cached cases: keys/values or layer inputs")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--profile", choices=("torch", "cprofile"), default=None,
                     help="instead of timing: profile one run of (d) batched ('before') and (c) "
@@ -277,7 +281,8 @@ def main() -> None:
 
     print(f"# {a.backend}: {n} images ({len(set(prompts))} prompts x {len(set(seeds))} seeds) "
           f"sharing one reference, {a.batch} per call, {a.steps} DDIM steps, CFG {a.guidance}, "
-          f"{device}, {bundle.dtype}, latent {bundle.latent_size}, kv_device {a.kv_device}"
+          f"{device}, {bundle.dtype}, latent {bundle.latent_size}, kv_device {a.kv_device}, "
+          f"kv_store {a.kv_store}"
           f"{', LoRA merged (--fuse-lora)' if a.fuse_lora else ''}")
     print(f"# {header}")
     print(f"# {a.reps} interleaved repetitions in {total_wall:.0f} s; s/image = median; "
