@@ -8,8 +8,9 @@ wait leaves the GPU idle until Python catches up (bench/README.md, session 12). 
 synchronising operations torch reports under `torch.cuda.set_sync_debug_mode("warn")` (blocking
 copies between host and GPU, `.item()`, `nonzero`, ...), per case and per denoising step, and
 lists the lines of code they come from. The count is exact and the same on any GPU, like the
-UNet rows of bench/pipeline.py. Explicit waits (`torch.cuda.synchronize`, a stream's
-`synchronize`, which `sampling.settle` uses once per loop) are not counted.
+UNet rows of bench/pipeline.py. The intended waits, one `sampling.settle` per loop (a stream's
+`synchronize`), may be counted too, depending on the torch version; they show up as their own
+line in the list of sites.
 
 Cases: (a) plain personalized sampling, (b) stage 1, (c) the full method with the cached stage 2
 and the reference already cached, (d) with the batched stage 2. Each case runs once untimed
