@@ -380,16 +380,35 @@ def _swap_processor():
     return SwapProcessor
 
 
+def unets_of(unet) -> list:
+    """A UNet, or several (a ModelBundle's `unets`: the vanilla UNet and a full DreamBooth UNet),
+    as a list of distinct modules."""
+    many = list(unet) if isinstance(unet, (list, tuple)) else [unet]
+    return list({id(u): u for u in many}.values())
+
+
 @contextlib.contextmanager
 def capture(unet, spec: CaptureSpec, latent_size: int | None = None):
     """`with capture(unet, spec) as store:` records attention for the layers `spec` selects.
-    Captures nest (each store gets what its own spec asks for); a self-attention layer that a
-    swap is running on cannot be captured (the capture would bypass the swap)."""
+    `unet` may be a list of UNets of one architecture (`bundle.unets`: with a full DreamBooth
+    UNet, the vanilla steps and the personalized steps run different modules); all of them
+    record into the one store. Captures nest (each store gets what its own spec asks for); a
+    self-attention layer that a swap is running on cannot be captured (the capture would bypass
+    the swap)."""
     store = AttentionStore(spec)
-    paths = spec.match(unet, latent_size)
+    try:
+        with contextlib.ExitStack() as stack:
+            for u in unets_of(unet):
+                stack.enter_context(processors(u, _capture_processors(u, spec, store, latent_size)))
+            yield store
+    finally:
+        store.to_cpu()
+
+
+def _capture_processors(unet, spec: CaptureSpec, store: AttentionStore, latent_size) -> dict:
     current = current_processors(unet)
     procs = {}
-    for p in paths:
+    for p in spec.match(unet, latent_size):
         cur = current[p + ".processor"]
         if isinstance(cur, _swap_processor()):
             raise ValueError(f"{p} runs the attention swap; capture cross-attention (attn2) "
@@ -398,11 +417,7 @@ def capture(unet, spec: CaptureSpec, latent_size: int | None = None):
             procs[p] = CaptureProcessor(cur.stores + [store], p, cur.original)
         else:
             procs[p] = CaptureProcessor([store], p, cur)
-    try:
-        with processors(unet, procs):
-            yield store
-    finally:
-        store.to_cpu()
+    return procs
 
 
 _SWAP_NAMES = ("BRANCHES", "SwapConfig", "SwapController", "SwapProcessor", "swap")

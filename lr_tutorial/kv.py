@@ -254,8 +254,16 @@ class KVRecordProcessor:
 @contextlib.contextmanager
 def record_kv(unet, cache: KVCache):
     """`with record_kv(unet, cache):` records keys/values of `cache.layers` (self-attention
-    paths). Raises if a layer is not a self-attention layer or is already being captured or
-    swapped (the recording would bypass that processor)."""
+    paths); `unet` may be a list of UNets (`bundle.unets`), all recording into `cache`. Raises if
+    a layer is not a self-attention layer or is already being captured or swapped (the
+    recording would bypass that processor)."""
+    with contextlib.ExitStack() as stack:
+        for u in attention.unets_of(unet):
+            stack.enter_context(attention.processors(u, _record_processors(u, cache)))
+        yield cache
+
+
+def _record_processors(unet, cache: KVCache) -> dict:
     current = attention.current_processors(unet)
     bad = [p for p in cache.layers if not p.endswith("attn1") or p + ".processor" not in current]
     if bad:
@@ -265,9 +273,7 @@ def record_kv(unet, cache: KVCache):
     if busy:
         raise ValueError(f"{busy[0]} already runs {type(current[busy[0] + '.processor']).__name__};"
                          " record keys/values on layers that are not captured or swapped")
-    procs = {p: KVRecordProcessor(cache, p, current[p + ".processor"]) for p in cache.layers}
-    with attention.processors(unet, procs):
-        yield cache
+    return {p: KVRecordProcessor(cache, p, current[p + ".processor"]) for p in cache.layers}
 
 
 def _plain(proc) -> bool:

@@ -115,7 +115,7 @@ def generate(method: str, bundle, lr, prompts: list[str], seeds: list[int],
     spec = attention.CaptureSpec(layers=mask_layers(bundle.unet, cfg.mask, size), kind="cross",
                                  tokens=[[token_index(bundle.tokenizer, p, bundle.class_noun)]
                                          for p in seen])
-    with attention.capture(bundle.unet, spec) as store:
+    with attention.capture(bundle.unets, spec) as store:
         out = step_blended(bundle, prompts, seeds, cfg.layout, observers=(store,))
     attn = aggregate(store, slice(None), cfg.layout.steps, cfg.mask, size)
     return out.images, normalize(attn) >= cfg.mask.tau_lo

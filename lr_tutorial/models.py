@@ -93,6 +93,14 @@ class ModelBundle:
         return self.personalization != "none"
 
     @property
+    def unets(self) -> list:
+        """Every UNet a run may call: the vanilla UNet, and a full DreamBooth UNet if there is one
+        (a LoRA lives inside the vanilla UNet). Install attention processors on all of them
+        (`attention.capture(bundle.unets, ...)`): `bundle.unet` is only the current mode's."""
+        return [self._vanilla_unet] + ([self.personal_unet] if self.personal_unet is not None
+                                       else [])
+
+    @property
     def personal_mode(self) -> str:
         """The mode that draws the subject: "personalized", or "vanilla" for a bundle without a
         personalized model (`with bundle.using(bundle.personal_mode):`)."""

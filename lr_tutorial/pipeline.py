@@ -334,8 +334,8 @@ class LayoutAndRetouch:
                     bundle, ref_image, ref_prompt,
                     token_index(bundle.tokenizer, ref_prompt, bundle.class_noun), steps=n,
                     mask_cfg=cfg.mask, ride_steps=n - lambda1))
-            store = stack.enter_context(attention.capture(bundle.unet, spec))
-            stack.enter_context(record_kv(bundle.unet, ctx_kv))
+            store = stack.enter_context(attention.capture(bundle.unets, spec))
+            stack.enter_context(record_kv(bundle.unets, ctx_kv))
             layout = step_blended(bundle, prompts, seeds, cfg.layout, observers=(store, ctx_kv),
                                   checked=True, rider=rider)
         if rider is not None:
@@ -358,7 +358,8 @@ class LayoutAndRetouch:
                                                        dtype=kv_dtype, store=kv_store)
             kv = {"reference": self._reference_kv[key], "context": ctx_kv}
         with contextlib.ExitStack() as stack:
-            user = stack.enter_context(attention.capture(bundle.unet, capture)) if capture else None
+            user = (stack.enter_context(attention.capture(bundle.unets, capture)) if capture
+                    else None)
             z, traj, per_step, store2 = retouch(
                 bundle, layout, ref, np.stack([m.mask for m in ctx_masks]), cls,
                 swap_cfg=cfg.swap, mask_cfg=cfg.mask, steps=n, guidance=cfg.layout.guidance,

@@ -78,7 +78,7 @@ def riding_inversion(bundle, image: np.ndarray, prompt: str, class_index: int, *
     z = sampling.encode(bundle, image[None])
     spec = attention.CaptureSpec(layers=mask_layers(bundle.unet, mask_cfg, bundle.latent_size),
                                  kind="cross", tokens=[class_index])
-    with attention.capture(bundle.unet, spec) as store:
+    with attention.capture(bundle.unets, spec) as store:
         with bundle.using(bundle.personal_mode):
             # the prompt is encoded here: a learned identifier embedding exists in this mode only
             inv = sampling.Inversion(bundle, z, prompt, steps=steps, guidance=guidance,

@@ -410,3 +410,28 @@ def test_kv_cache_falls_back_to_ordinary_host_memory_when_pinning_fails():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
         assert cache._pinned((4,), torch.float32).shape == (4,)
+
+
+def test_full_dreambooth_unet_runs_the_whole_method(tmp_path):
+    """A full DreamBooth UNet is a second module, which the personalized steps call. Stage 1's
+    mask capture and key/value recording, the riding reference inversion's capture and a
+    user's stage-2 capture must be installed on both UNets. They sat on the vanilla one only,
+    and the method failed: "no cross-attention maps stored"."""
+    from lr_tutorial.kv import KVRecordProcessor
+    make_tiny_sd(tmp_path / "base")
+    make_tiny_sd(tmp_path / "db", seed=1)
+    db = load_sd(str(tmp_path / "base"), personalized=str(tmp_path / "db"), class_noun="dog",
+                 local_files_only=True)
+    assert db.personalization == "dreambooth" and len(db.unets) == 2
+    ref = (np.random.default_rng(0).random((1, 64, 64, 3)) * 255).astype(np.uint8)
+    out = {s: LayoutAndRetouch(db, LRConfig(layout=LayoutConfig(steps=6), stage2=s))(
+        PROMPTS, ref, seed=SEEDS) for s in ("batched", "cached")}
+    assert out["cached"].config["stage2_used"] == "cached"
+    for za, zb in zip(out["batched"].target.latents, out["cached"].target.latents):
+        torch.testing.assert_close(za, zb, atol=2e-5, rtol=1e-4)
+    spec = attention.CaptureSpec(layers="*attn2", kind="cross")
+    res = LayoutAndRetouch(db, LRConfig(layout=LayoutConfig(steps=6)))(PROMPTS[0], ref, seed=0,
+                                                                       capture=spec)
+    assert res.capture.steps() == list(range(6 - len(res.target), 6))  # every stage-2 step
+    ours = (attention.CaptureProcessor, attention.SwapProcessor, KVRecordProcessor)
+    assert not any(isinstance(p, ours) for u in db.unets for p in u.attn_processors.values())
