@@ -91,7 +91,13 @@ def to_host(x: torch.Tensor) -> torch.Tensor:
     loop that keeps every step's latents does not stall the GPU once per step; whoever reads
     the copies first calls `settle` (the loops here do, before they return)."""
     x = x.detach()
-    return x.to("cpu", non_blocking=True) if x.is_cuda else x.cpu()
+    if not x.is_cuda:
+        return x.cpu()
+    try:
+        out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    except RuntimeError:  # the OS refuses to pin: an ordinary, waiting copy
+        return x.cpu()
+    return out.copy_(x, non_blocking=True)
 
 
 def settle(x: torch.Tensor) -> None:
