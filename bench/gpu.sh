@@ -4,8 +4,9 @@
 # benchmarks (bench/README.md), and a torch.profiler
 # run of the batched and cached full method (top entries by CPU and by GPU time). Each step has
 # its own timeout, so one that hangs leaves the others' results. Output: one file per step in
-# $OUT (or outputs/gpu). A machine without diffusers: put its wheel in .whl/ (in .gitignore)
-# and carry it; it is installed into /tmp/site.
+# $OUT (or outputs/gpu). A machine without diffusers: put its wheel in .whl/ (in .gitignore;
+# `pip download --no-deps diffusers==0.42.1 -d .whl`) and carry it; it is installed into
+# /tmp/site.
 set -u
 out="${OUT:-outputs/gpu}"
 mkdir -p "$out"
