@@ -129,7 +129,7 @@ def cmd_generate(a) -> int:
     matplotlib.use("Agg")
     from PIL import Image
 
-    from .attention import SwapConfig
+    from .swap import SwapConfig
     from .files import atomic_file
     from .images import load_images
     from .layout import LayoutConfig
@@ -153,13 +153,21 @@ def cmd_generate(a) -> int:
     refs = load_images(a.reference, bundle.image_size) if a.reference else None
     cfg = LRConfig(layout=LayoutConfig(lambda1=_num(a.lambda1), steps=a.steps, guidance=a.guidance),
                    swap=SwapConfig(lambda2=_num(a.lambda2)), mask=MaskConfig(lambda3=_num(a.lambda3)))
-    result = LayoutAndRetouch(bundle, cfg)(a.prompt, refs, seed=a.seed)
-    result.save(out, overwrite=a.overwrite)
-    with atomic_file(out / "final.png") as tmp:
-        Image.fromarray(result.images[0]).save(tmp)
-    with atomic_file(out / "panel.png") as tmp:
-        result_panel(result, bundle).savefig(tmp, dpi=130)
-    print(f"wrote {out / 'final.png'} and {out / 'panel.png'} (intermediates in {out})")
+    seeds = list(a.seed)
+    result = LayoutAndRetouch(bundle, cfg)([a.prompt] * len(seeds), refs, seed=seeds)
+    result.save(out, overwrite=a.overwrite)  # final_00.png, layout_00.png, ... per image
+    if len(seeds) == 1:
+        with atomic_file(out / "final.png") as tmp:
+            Image.fromarray(result.images[0]).save(tmp)
+        with atomic_file(out / "panel.png") as tmp:
+            result_panel(result, bundle).savefig(tmp, dpi=130)
+        print(f"wrote {out / 'final.png'} and {out / 'panel.png'} (intermediates in {out})")
+        return 0
+    for i in range(len(seeds)):
+        with atomic_file(out / f"panel_{i:02d}.png") as tmp:
+            result_panel(result, bundle, index=i).savefig(tmp, dpi=130)
+    print(f"wrote {len(seeds)} images (seeds {seeds}): {out}/final_NN.png and panel_NN.png, "
+          f"NN = 00..{len(seeds) - 1:02d} (intermediates in {out})")
     return 0
 
 
@@ -319,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="run Layout-and-Retouch on one prompt and seed")
     g.add_argument("--prompt", required=True, help="with the identifier, e.g. 'a sks star at night'")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, nargs="+", default=[0],
+                   help="one seed, or several: one image each, in one batch that shares the "
+                        "reference's inversion (and, from 2 images, its cached keys/values)")
     g.add_argument("--out", required=True)
     g.add_argument("--backend", choices=("toy", "sd"), default="toy")
     g.add_argument("--base", default=None, help="sd: hub id or local folder of the base model")

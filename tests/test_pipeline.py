@@ -247,6 +247,16 @@ def test_cli_generate_writes_the_image_panel_and_intermediates(tmp_path):
     assert (tmp_path / "short" / "panel.png").exists()
     meta = json.loads((tmp_path / "short" / "result.json").read_text())
     assert meta["config"]["models"]["fuse_lora"] is False
+    # several seeds: one batch, a panel per image; the images are those of single-seed runs
+    assert cli.main(["generate", "--prompt", "a sks star on the left", "--seed", "3", "5",
+                     "--steps", "6", "--lambda1", "1", "--lambda2", "1", "--lambda3", "3",
+                     "--fuse-lora", "--out", str(tmp_path / "two")]) == 0
+    two = tmp_path / "two"
+    assert json.loads((two / "result.json").read_text())["seeds"] == [3, 5]
+    assert (two / "panel_00.png").exists() and (two / "panel_01.png").exists()
+    assert not (two / "final.png").exists()
+    same = np.asarray(Image.open(out / "final_00.png")).astype(int)
+    assert np.abs(np.asarray(Image.open(two / "final_00.png")).astype(int) - same).max() <= 1
 
 
 def test_kv_cache_files_the_rows_of_a_multi_step_call_under_their_steps():
