@@ -127,7 +127,7 @@ def attention_input(attn, hidden_states):
     return hidden_states
 
 
-def _split_heads(attn, x):
+def split_heads(attn, x):
     """(B, N, heads * d) -> (B, heads, N, d)."""
     return x.view(x.shape[0], -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
 
@@ -139,13 +139,13 @@ def project_qkv(attn, hidden_states, encoder_hidden_states=None):
     ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
     if encoder_hidden_states is not None and attn.norm_cross:
         ctx = attn.norm_encoder_hidden_states(ctx)
-    return (_split_heads(attn, q), _split_heads(attn, attn.to_k(ctx)),
-            _split_heads(attn, attn.to_v(ctx)))
+    return (split_heads(attn, q), split_heads(attn, attn.to_k(ctx)),
+            split_heads(attn, attn.to_v(ctx)))
 
 
 def project_kv(attn, x):
     """k, v (B, heads, N, d) of a self-attention layer from its input x (attention_input)."""
-    return _split_heads(attn, attn.to_k(x)), _split_heads(attn, attn.to_v(x))
+    return split_heads(attn, attn.to_k(x)), split_heads(attn, attn.to_v(x))
 
 
 def output(attn, o, residual):

@@ -17,8 +17,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import (CaptureProcessor, current_processors, output, processors, project_qkv,
-                        select_layers)
+from .attention import (CaptureProcessor, attention_input, current_processors, output,
+                        processors, project_qkv, select_layers, split_heads)
 
 BRANCHES = ("reference", "context", "target")
 
@@ -178,7 +178,10 @@ class SwapProcessor:
         if act is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
                                  temb, *args, **kwargs)
-        q, k, v = project_qkv(attn, hidden_states)  # (N, heads, HW, d)
+        if self.ctl.sources is None:  # batched: every branch's keys/values are in the batch
+            q, k, v = project_qkv(attn, hidden_states)  # (N, heads, HW, d)
+        else:  # cached: the target reads the others' keys/values only, never its own
+            q = split_heads(attn, attn.to_q(attention_input(attn, hidden_states)))
         halves = 2 if self.ctl.cfg else 1
         n, h, hw, d = q.shape
         if self.ctl.sources is None:  # batched: per half, rows [ref (R); ctx (B); tgt (B)]
