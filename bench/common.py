@@ -199,3 +199,21 @@ def sd15_random(latent: int, device: str, dtype, lora_rank: int = 4, text_layers
     b = ModelBundle(tok, te.eval(), vae.eval(), unet.eval(), sched, backend="sd",
                     identifier="sks", class_noun="dog", personalization=personalization)
     return b.to(device, dtype)
+
+
+def small_workload(backend: str, device: str, dtype, latent: int, images: int):
+    """(bundle, prompts, seeds, reference) for the per-step counters (ops.py, syncs.py): the toy
+    models with their own reference photos, or sd15_random with a random reference image;
+    `images` prompts cycled over two, seeds 0..images-1."""
+    import numpy as np
+
+    from lr_tutorial import load_models
+    if backend == "toy":
+        bundle, ref = load_models("toy", device=device), None
+        prompts = ["a sks star on the left in the snow", "a sks star at night"]
+    else:
+        bundle = sd15_random(latent, device, dtype)
+        prompts = ["a sks dog on the beach", "a photo of a sks dog"]
+        ref = (np.random.default_rng(0).random((1, latent * 8, latent * 8, 3)) * 255
+               ).astype(np.uint8)
+    return bundle, [prompts[i % len(prompts)] for i in range(images)], list(range(images)), ref

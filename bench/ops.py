@@ -22,9 +22,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import sd15_random  # noqa: E402
+from common import small_workload  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
@@ -56,20 +55,12 @@ def main() -> None:
     ap.add_argument("--latent", type=int, default=8, help="sd15-random: latent side")
     ap.add_argument("--top", type=int, default=12)
     a = ap.parse_args()
-    from lr_tutorial import load_models, pipeline, sampling
+    from lr_tutorial import pipeline, sampling
     from lr_tutorial.layout import LayoutConfig
     from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
 
-    if a.backend == "toy":
-        bundle, ref = load_models("toy", device="cpu"), None
-        prompts = ["a sks star on the left in the snow", "a sks star at night"]
-    else:
-        bundle = sd15_random(a.latent, "cpu", torch.float32)
-        prompts = ["a sks dog on the beach", "a photo of a sks dog"]
-        ref = (np.random.default_rng(0).random((1, a.latent * 8, a.latent * 8, 3)) * 255
-               ).astype(np.uint8)
-    prompts = [prompts[i % len(prompts)] for i in range(a.images)]
-    seeds = list(range(a.images))
+    bundle, prompts, seeds, ref = small_workload(a.backend, "cpu", torch.float32, a.latent,
+                                                 a.images)
     n = a.steps
     lr = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=n), stage2="cached"))
     lr(prompts, ref, seed=seeds)  # the reference's inversion and keys/values, once

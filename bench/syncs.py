@@ -25,9 +25,8 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, sd15_random  # noqa: E402
+from common import machine, small_workload  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -78,18 +77,8 @@ def main() -> None:
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/syncs.py counts waits for a GPU: it needs CUDA (none here)")
-    from lr_tutorial import load_models
-
-    if a.backend == "toy":
-        bundle = load_models("toy", device="cuda")
-        prompts, ref = ["a sks star on the left in the snow", "a sks star at night"], None
-    else:
-        bundle = sd15_random(a.latent, "cuda", torch.float16)
-        prompts = ["a sks dog on the beach", "a photo of a sks dog"]
-        ref = (np.random.default_rng(0).random((1, a.latent * 8, a.latent * 8, 3)) * 255
-               ).astype(np.uint8)
-    prompts = [prompts[i % len(prompts)] for i in range(a.images)]
-    seeds = list(range(a.images))
+    bundle, prompts, seeds, ref = small_workload(a.backend, "cuda", torch.float16, a.latent,
+                                                 a.images)
     print(f"# {a.backend}: {a.images} images, {a.steps} steps, {bundle.dtype}; {machine()}")
     print(f"{'case':<46}{'waits':>8}{'per step':>10}")
     for name, fn in cases(bundle, prompts, seeds, ref, a.steps).items():
