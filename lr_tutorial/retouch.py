@@ -191,8 +191,8 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
             for obs in (ctl, store, *observers):
                 obs.on_step(k, int(t), guidance != 1.0)
             if kv is None:
-                zr = _on(reference.trajectory.latents[k], zt)  # (1, C, h, w)
-                zc = _on(layout.trajectory.latents[k], zt)
+                zr = sampling.to_device(reference.trajectory.latents[k], zt)  # (1, C, h, w)
+                zc = sampling.to_device(layout.trajectory.latents[k], zt)
                 z_in = torch.cat([zr, zc, zt])
             else:
                 z_in = zt
@@ -201,8 +201,8 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
             zt = out.prev_sample
             used.append(m.numpy().copy())
             if k < l3:
-                mm = _on(m[:, None], zt)
-                zt = mm * zt + (1 - mm) * _on(layout.trajectory.latents[k + 1], zt)
+                mm = sampling.to_device(m[:, None], zt)
+                zt = mm * zt + (1 - mm) * sampling.to_device(layout.trajectory.latents[k + 1], zt)
             if mask_cfg.adaptive and mask_cfg.source != "segmenter" and k in win:  # attention-based
                 # running mean over the window's steps seen so far (each step: mean over layers)
                 acc = acc + aggregate(store, target_rows, steps, mask_cfg, size, steps=[k])
@@ -222,11 +222,6 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
     used = np.stack(used) if used else np.zeros((0, *m_ctx.shape), np.float32)
     return zt, traj, used, store
 
-
-def _on(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """x (host) on like's device and dtype, without waiting for the GPU's queue: x is a stored
-    trajectory latent or a mask made this step, never written to again."""
-    return x.to(like.device, like.dtype, non_blocking=True)
 
 
 def reference_class_index(bundle, prompt: str) -> int:

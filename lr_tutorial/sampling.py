@@ -100,6 +100,13 @@ def to_host(x: torch.Tensor) -> torch.Tensor:
     return out.copy_(x, non_blocking=True)
 
 
+def to_device(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """x (on the host) on like's device and in its dtype, without waiting for the GPU's queue.
+    Only for tensors nobody writes to afterwards (a stored trajectory latent, a mask made for
+    this step): the copy may still be reading x when this returns."""
+    return x.to(like.device, like.dtype, non_blocking=True)
+
+
 def settle(x: torch.Tensor) -> None:
     """Wait until the work queued on x's device (its asynchronous host copies included) is done."""
     if x.is_cuda:
