@@ -8,6 +8,7 @@
 # `pip download --no-deps diffusers==0.42.1 -d .whl`) and carry it; it is installed into
 # /tmp/site.
 set -u
+export PYTHONUNBUFFERED=1
 out="${OUT:-outputs/gpu}"
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -24,5 +25,6 @@ step() {  # step NAME SECONDS COMMAND...: run, keep the output, print its tail
 step tests 150 "$py" -m pytest -q -p no:cacheprovider tests/test_pipeline.py tests/test_attention.py -k "gpu or cuda"
 step syncs 90 "$py" bench/syncs.py --backend sd15-random --steps 10 --images 2
 step pipeline 200 "$py" bench/pipeline.py --backend sd15-random --images 8 --reps 2
+step pipeline_kv 110 "$py" bench/pipeline.py --backend sd15-random --images 8 --reps 1 --no-memory --kv-store kv
 step attention 90 "$py" bench/attention.py --backend sd15
 step profile 120 "$py" bench/pipeline.py --backend sd15-random --images 8 --profile torch --profile-top 15
