@@ -64,8 +64,8 @@ class LRConfig:
     memory) or "auto" (default: "host") [ours; bench/README.md measures both].
     kv_store: what those caches hold: "kv" (the keys and values), "hidden" (each layer's input,
     projected with the layer's to_k / to_v when stage 2 reads it: half the bytes, two small
-    matrix products more per layer and step) or "auto" (default: "hidden" where the caches
-    cross between host and GPU, whose copies it halves, else "kv") [ours].
+    matrix products more per layer and step) or "auto" (default: "kv", the faster on an H200;
+    "hidden" where the caches cross between host and GPU and only it fits kv_budget_gb) [ours].
     kv_dtype: storage dtype of those caches, None (the model's) or "float16" / "bfloat16":
     half the memory of a float32 model's caches, at the cost of rounding the keys/values the
     target reads (the result then differs from the batched path by more than float rounding)."""
@@ -324,7 +324,7 @@ class LayoutAndRetouch:
         # for the cached stage 2, the context's self-attention keys/values)
         spec = attention.CaptureSpec(layers=mask_layers(bundle.unet, cfg.mask, size),
                                      kind="cross", tokens=[[i] for i in cls])
-        kv_store = self.cache_store()
+        kv_store = self.cache_store(len(prompts))
         ctx_kv = KVCache(layers, kv_steps, device=kv_device, dtype=kv_dtype, store=kv_store)
         with contextlib.ExitStack() as stack:
             rider = None
@@ -401,15 +401,16 @@ class LayoutAndRetouch:
         (ModelBundle.guidance); recorded in Result.config."""
         return replace(self.config, layout=self.config.layout.resolved(self.models))
 
-    def kv_bytes(self, batch: int) -> int:
+    def kv_bytes(self, batch: int, store: str | None = None) -> int:
         """Bytes of the key/value caches the cached stage 2 adds for `batch` prompts: the
-        context's (2 rows per prompt under CFG) and the reference's (once per reference)."""
+        context's (2 rows per prompt under CFG) and the reference's (once per reference), as
+        `store` holds them (None: what `cache_store(batch)` picks)."""
         cfg, bundle = self.config, self.models
         n = cfg.layout.steps
         layers, steps = kv_plan(bundle, cfg.swap, n, self.start_step())
         halves = 2 if resolve_guidance(bundle, cfg.layout.guidance) != 1.0 else 1
         return cache_bytes(bundle.unet, layers, steps, halves * (batch + 1), bundle.latent_size,
-                           self.cache_dtype(), self.cache_store())
+                           self.cache_dtype(), store or self.cache_store(batch))
 
     def cache_device(self):
         """Where the key/value caches are stored (LRConfig.kv_device): "cpu", or None (where
@@ -417,14 +418,19 @@ class LayoutAndRetouch:
         on_model = self.config.kv_device == "model" or self.models.device.type == "cpu"
         return None if on_model else "cpu"
 
-    def cache_store(self) -> str:
-        """What the key/value caches hold (LRConfig.kv_store): "kv" or "hidden"; "auto" takes
-        "hidden" where they cross between host and GPU (kv_device "host" on a GPU)."""
+    def cache_store(self, batch: int | None = None) -> str:
+        """What the key/value caches hold (LRConfig.kv_store): "kv" or "hidden". "auto" takes
+        "kv", the faster (on an H200 the re-projection cost stage 2 more than the halved copies
+        saved; bench/README.md, session 13), unless the caches cross between host and GPU
+        (kv_device "host" on a GPU) and, for `batch` prompts, only "hidden" fits kv_budget:
+        then the cached path still runs, on half the host memory."""
         store = self.config.kv_store
-        if store == "auto":
-            crossing = self.models.device.type != "cpu" and self.cache_device() == "cpu"
-            return "hidden" if crossing else "kv"
-        return store
+        if store != "auto":
+            return store
+        crossing = self.models.device.type != "cpu" and self.cache_device() == "cpu"
+        if not crossing or batch is None:
+            return "kv"
+        return "kv" if self.kv_bytes(batch, "kv") <= self.kv_budget() else "hidden"
 
     def cache_dtype(self):
         """The torch dtype the key/value caches are stored in (LRConfig.kv_dtype)."""
