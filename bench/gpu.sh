@@ -27,4 +27,5 @@ step syncs 90 "$py" bench/syncs.py --backend sd15-random --steps 10 --images 2
 step pipeline 200 "$py" bench/pipeline.py --backend sd15-random --images 8 --reps 2
 step pipeline_hidden 110 "$py" bench/pipeline.py --backend sd15-random --images 8 --reps 1 --no-memory --kv-store hidden
 step attention 90 "$py" bench/attention.py --backend sd15
-step profile 120 "$py" bench/pipeline.py --backend sd15-random --images 2 --steps 20 --profile torch --profile-top 15  # 8 x 50 outran 120 s
+# torch.profiler on the H200 outran 120 s at 8 images x 50 steps and 80 s at 2 x 20 (session 13)
+step profile 150 "$py" bench/pipeline.py --backend sd15-random --images 2 --steps 5 --profile torch --profile-top 15

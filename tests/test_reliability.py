@@ -456,7 +456,8 @@ def test_memory_estimate_of_stable_diffusion_15_is_plausible():
     assert len(layers) == 9
     assert cache_bytes(unet, layers, range(10, 50), 2, 64, torch.float16) == 2 * 2 * 40 * (
         3 * 64 ** 2 * 320 + 3 * 32 ** 2 * 640 + 3 * 16 ** 2 * 1280) * 2 == 2_202_009_600
-    # the layers' inputs instead (kv_store="hidden", the default on a GPU): half of that
+    # the layers' inputs instead (kv_store="hidden"; "auto" takes it
+    # where keys/values would not fit the host's budget): half of that
     assert cache_bytes(unet, layers, range(10, 50), 2, 64, torch.float16,
                        store="hidden") == 1_101_004_800
 
