@@ -244,16 +244,49 @@ def run_record(bundle, config: LRConfig, segmenter, reference_image: np.ndarray)
 
 class LayoutAndRetouch:
     """The method as one callable. `segmenter`: SAM's predictor interface (SamSegmenter on SD;
-    default on the toy backend: ShapeWorldSegmenter); None on SD means attention-only masks."""
+    default on the toy backend: ShapeWorldSegmenter); None on SD means attention-only masks.
 
-    def __init__(self, models, config: LRConfig | None = None, segmenter="auto"):
+    Kept between calls: each reference's inversion (small: its latent trajectory and masks)
+    and, for the cached stage 2, the reference's keys/values (2.2 GB at SD 1.5's 512 px in
+    fp16, pinned host memory on a GPU) for the `reference_kv_kept` (default 1) most recently
+    used references and settings; an older one is freed before a new one is made, so a
+    notebook that changes lambda2 or the reference call after call does not pile them up.
+    `clear_caches()` frees everything."""
+
+    def __init__(self, models, config: LRConfig | None = None, segmenter="auto",
+                 reference_kv_kept: int = 1):
+        if isinstance(reference_kv_kept, bool) or not isinstance(reference_kv_kept, int) \
+                or reference_kv_kept < 0:
+            raise ValueError(f"reference_kv_kept must be an int >= 0 (how many references' "
+                             f"key/value caches to keep between calls), got {reference_kv_kept!r}")
         self.models = models
         self.config = config or LRConfig()
         if segmenter == "auto":
             segmenter = masks.ShapeWorldSegmenter() if models.backend == "toy" else None
         self.segmenter = segmenter
+        self.reference_kv_kept = reference_kv_kept
         self._references: dict[str, ReferenceInversion] = {}
-        self._reference_kv: dict[tuple, KVCache] = {}
+        self._reference_kv: dict[tuple, KVCache] = {}  # least recently used first
+
+    def clear_caches(self) -> None:
+        """Forget every reference inversion and key/value cache. Their memory is freed; on a
+        GPU, torch's caching host allocator keeps the pinned part for the next call to reuse."""
+        self._references.clear()
+        self._reference_kv.clear()
+
+    def _reference_keys_values(self, key: tuple, make) -> KVCache:
+        """The reference's key/value cache under `key`, made by `make()` if absent: least
+        recently used ones beyond reference_kv_kept are dropped first, so their memory is
+        reused by the new one."""
+        if key in self._reference_kv:
+            self._reference_kv[key] = self._reference_kv.pop(key)  # now the most recent
+            return self._reference_kv[key]
+        while self._reference_kv and len(self._reference_kv) >= max(self.reference_kv_kept, 1):
+            del self._reference_kv[next(iter(self._reference_kv))]
+        cache = make()
+        if self.reference_kv_kept:
+            self._reference_kv[key] = cache
+        return cache
 
     # ------------------------------------------------------------------ references
     def default_references(self) -> np.ndarray:
@@ -352,11 +385,10 @@ class LayoutAndRetouch:
         if cached:
             key = (id(ref), tuple(layers), tuple(kv_steps), cfg.layout.guidance, str(kv_dtype),
                    kv_device, kv_store)
-            if key not in self._reference_kv:
-                self._reference_kv[key] = reference_kv(bundle, ref, layers, kv_steps, n,
-                                                       cfg.layout.guidance, device=kv_device,
-                                                       dtype=kv_dtype, store=kv_store)
-            kv = {"reference": self._reference_kv[key], "context": ctx_kv}
+            kv = {"reference": self._reference_keys_values(key, lambda: reference_kv(
+                      bundle, ref, layers, kv_steps, n, cfg.layout.guidance, device=kv_device,
+                      dtype=kv_dtype, store=kv_store)),
+                  "context": ctx_kv}
         with contextlib.ExitStack() as stack:
             user = (stack.enter_context(attention.capture(bundle.unets, capture)) if capture
                     else None)

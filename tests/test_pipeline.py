@@ -229,6 +229,31 @@ def test_reference_keys_values_are_cached_across_calls(bundle):
     assert len(lr._reference_kv) == 1
     (cache,) = lr._reference_kv.values()
     assert cache.complete() and cache.nbytes > 0
+    # a new reference (or new lambda2) replaces it instead of piling up 2.2 GB per reference
+    # at SD 1.5 scale: by default one is kept, the least recently used goes first
+    other = np.full((64, 64, 3), 255, np.uint8)
+    lr(["a sks dog", "a sks dog"], other, seed=[0, 1])  # two prompts: auto caches
+    (cache2,) = lr._reference_kv.values()
+    assert cache2 is not cache and len(lr._references) == 2  # the inversions are small: kept
+    cached = LRConfig(layout=LayoutConfig(steps=6), stage2="cached")
+    two = LayoutAndRetouch(bundle, cached, reference_kv_kept=2)
+    for image in (ref, other, ref, ref):
+        two("a sks dog", image, seed=0)
+    first, second = two._reference_kv.values()
+    assert len(two._reference_kv) == 2 and first is not second
+    two.config.swap.lambda2 = 5  # other steps: a new cache; `other`'s (least recent) goes
+    two("a sks dog", ref, seed=0)
+    assert list(two._reference_kv.values())[0] is second
+    # kept 0: made for each call, never kept; the result is the same
+    none = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=6), stage2="cached"),
+                            reference_kv_kept=0)
+    torch.testing.assert_close(none("a sks dog", ref, seed=0).target.latents[-1],
+                               lr("a sks dog", ref, seed=0).target.latents[-1], atol=0, rtol=0)
+    assert not none._reference_kv and none("a sks dog", ref, seed=0).config["stage2_used"] == "cached"
+    lr.clear_caches()
+    assert not lr._reference_kv and not lr._references
+    with pytest.raises(ValueError, match="reference_kv_kept"):
+        LayoutAndRetouch(bundle, reference_kv_kept=-1)
 
 
 def test_cli_generate_writes_the_image_panel_and_intermediates(tmp_path):
