@@ -152,7 +152,8 @@ def cmd_generate(a) -> int:
         bundle.set_fuse_lora(True)
     refs = load_images(a.reference, bundle.image_size) if a.reference else None
     cfg = LRConfig(layout=LayoutConfig(lambda1=_num(a.lambda1), steps=a.steps, guidance=a.guidance),
-                   swap=SwapConfig(lambda2=_num(a.lambda2)), mask=MaskConfig(lambda3=_num(a.lambda3)))
+                   swap=SwapConfig(lambda2=_num(a.lambda2)), mask=MaskConfig(lambda3=_num(a.lambda3)),
+                   stage2=one_call_stage2(a.stage2, bundle.device))
     seeds = list(a.seed)
     result = LayoutAndRetouch(bundle, cfg)([a.prompt] * len(seeds), refs, seed=seeds)
     result.save(out, overwrite=a.overwrite)  # final_00.png, layout_00.png, ... per image
@@ -169,6 +170,15 @@ def cmd_generate(a) -> int:
     print(f"wrote {len(seeds)} images (seeds {seeds}): {out}/final_NN.png and panel_NN.png, "
           f"NN = 00..{len(seeds) - 1:02d} (intermediates in {out})")
     return 0
+
+
+def one_call_stage2(choice: str, device) -> str:
+    """LRConfig.stage2 for a process that makes one call (`generate`). On a GPU the cached
+    stage 2 keeps its keys/values in pinned host memory, which the first call in a process
+    must pin: about 0.47 s per GB on an H200 machine, 2.2 GB per image and per reference at
+    512 px, against the 0.17 s per image the cached path saves over the batched one with a new
+    reference (bench/README.md, session 13). Only later calls, reusing that memory, gain."""
+    return "batched" if choice == "auto" and str(device).startswith("cuda") else choice
 
 
 def _num(s: str) -> float | int:
@@ -347,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge the LoRA into the weights while personalized (default: one toy "
                         "image in 4.8 s instead of 8.8 s, bench/README.md; outputs differ from "
                         "the unmerged LoRA's by float rounding)")
+    g.add_argument("--stage2", choices=("auto", "cached", "batched"), default="auto",
+                   help="LRConfig.stage2; auto: batched on a GPU (this command makes one call, "
+                        "so the cached path would pin host memory it never reuses), else the "
+                        "library's auto")
     g.add_argument("--overwrite", action="store_true")
     g.set_defaults(func=cmd_generate)
 

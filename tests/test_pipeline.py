@@ -291,6 +291,19 @@ def test_cli_generate_writes_the_image_panel_and_intermediates(tmp_path):
     assert not (two / "final.png").exists()
     same = np.asarray(Image.open(out / "final_00.png")).astype(int)
     assert np.abs(np.asarray(Image.open(two / "final_00.png")).astype(int) - same).max() <= 1
+    # --stage2: on a CPU auto caches (two seeds); batched gives the same images
+    assert json.loads((two / "result.json").read_text())["config"]["stage2_used"] == "cached"
+    assert cli.main(["generate", "--prompt", "a sks star on the left", "--seed", "3", "5",
+                     "--steps", "6", "--lambda1", "1", "--lambda2", "1", "--lambda3", "3",
+                     "--fuse-lora", "--stage2", "batched", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "result.json").read_text())["config"]["stage2_used"] == "batched"
+    for name in ("final_00.png", "final_01.png"):
+        assert np.abs(np.asarray(Image.open(tmp_path / "b" / name)).astype(int)
+                      - np.asarray(Image.open(two / name)).astype(int)).max() <= 1
+    # one call per process: on a GPU auto takes the batched path (no pinning to pay off)
+    assert cli.one_call_stage2("auto", torch.device("cuda", 0)) == "batched"
+    assert cli.one_call_stage2("auto", torch.device("cpu")) == "auto"
+    assert cli.one_call_stage2("cached", "cuda") == "cached"
 
 
 def test_kv_cache_files_the_rows_of_a_multi_step_call_under_their_steps():
