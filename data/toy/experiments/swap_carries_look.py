@@ -5,12 +5,17 @@ reading the reference photo's self-attention keys/values at every layer, and pri
 identity to the subject for each swap setting. In Stable Diffusion such a swap (MasaCtrl)
 copies the reference's textures and colours; on the toy it copies the backdrop but not the
 subject's colours, because the toy base model takes an object's colour from the caption alone.
-With --grid PATH it saves the images, one row per setting.
+With --grid PATH it saves the images, one row per setting. With --no-identifier the prompts
+drop `sks` ("a star", ...), so the caption names no colour at all and the base model draws a
+random one; the question is then whether the swap picks the reference's (session 13). Another
+base model: LR_TUTORIAL_DATA=FOLDER (holding toy/, e.g. a `train-toy --stage export --out`).
 
     python data/toy/experiments/swap_carries_look.py
+    python data/toy/experiments/swap_carries_look.py --no-identifier
 """
 import argparse
 import json
+from collections import Counter
 
 import numpy as np
 
@@ -22,10 +27,15 @@ from lr_tutorial.toy import oracle, subject
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("--seeds", type=int, default=4)
 ap.add_argument("--grid", default=None)
+ap.add_argument("--no-identifier", action="store_true",
+                help="prompts without `sks`: no word decides the colour")
 a = ap.parse_args()
 
 bundle = load_models("toy", personalized=None)
 prompts = ["a sks star", "a big sks star", "a sks star on the left", "a small sks star at the top"]
+if a.no_identifier:
+    bundle.identifier = None  # plain prompts pass the pipeline's checks
+    prompts = [p.replace("sks ", "") for p in prompts]
 seeds = list(range(a.seeds))
 every = {"swap.min_lambda2": 0, "swap.retouch_layers": "*attn1"}
 SETTINGS = {
@@ -42,7 +52,9 @@ for name, overrides in SETTINGS.items():
     images = np.concatenate([lr([p] * len(seeds), subject.reference_images(), seed=seeds).images
                              for p in prompts])
     ids = [oracle.identity_score(im) for im in images]
-    print(f"{name:40s} identity {np.mean(ids):.3f}  ({json.dumps(overrides)})", flush=True)
+    colours = Counter(oracle.analyze(im).colour for im in images).most_common()
+    print(f"{name:40s} identity {np.mean(ids):.3f}  colours {colours}  ({json.dumps(overrides)})",
+          flush=True)
     rows.append(np.concatenate(list(images), 1))
 if a.grid:
     from PIL import Image
