@@ -19,9 +19,10 @@ Stage 2 then runs the target rows alone (docs/method.md stage 2; bench/README.md
 
 `store="hidden"` keeps the layer's input instead, (rows, HW, C): half the bytes of K and V (for
 SD's self-attention C equals K's width), and `keys_values(attn, ...)` projects it with the
-layer's own to_k / to_v when it is read. Those projections cost two small matrix products per
-layer and step; where the caches cross between host and GPU, halving the bytes is worth more
-(LRConfig.kv_store).
+layer's own to_k / to_v when it is read. Those projections cost two matrix products per layer
+and step, more than halving the host copies saved on an H200 (stage 2: 3.76 s against 3.14 s
+for 8 images; bench/README.md, session 13), so it is for when keys and values do not fit the
+host's memory (LRConfig.kv_store).
 """
 from __future__ import annotations
 
