@@ -21,7 +21,7 @@ def cmd_train_toy(a) -> int:
         torch.set_num_threads(a.threads)
     cfg = train.ToyTrainConfig(ckpt_dir=a.ckpt_dir, seed=a.seed)
     for k in ("vae_steps", "unet_steps", "dataset_size", "pyramid_from", "boost_from",
-              "token_id_from", "looks_from", "look_share"):
+              "token_id_from", "looks_from", "look_share", "pairs_from", "pair_share"):
         if getattr(a, k) is not None:
             setattr(cfg, k, getattr(a, k))
     Path(cfg.ckpt_dir).mkdir(parents=True, exist_ok=True)
@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--looks-from", type=int,
                    help="UNet step from which free-look scenes (random colours/patterns) join")
     t.add_argument("--look-share", type=float, help="share of each batch with free looks")
+    t.add_argument("--pairs-from", type=int,
+                   help="UNet step from which look pairs (two copies of a free-look object) join")
+    t.add_argument("--pair-share", type=float, help="share of each batch with look pairs")
     t.add_argument("--threads", type=int, default=0)
     t.add_argument("--overwrite", action="store_true")
     t.add_argument("--from-export", default=None,

@@ -17,12 +17,14 @@ def tiny_cfg(tmp_path, **kw):
 
 
 def test_training_smoke_runs_checkpoints_and_exports(tmp_path):
-    cfg = tiny_cfg(tmp_path / "ck", look_share=0.5, look_dataset_size=6, looks_from=1)
+    cfg = tiny_cfg(tmp_path / "ck", look_share=0.25, look_dataset_size=6, looks_from=1,
+                   pair_share=0.25, pair_dataset_size=5, pairs_from=1)
     (tmp_path / "ck").mkdir()
     vae = train.train_vae(cfg)
-    latents, scaling, looks = train.unet_data(cfg, vae)
+    latents, scaling, looks, pairs = train.unet_data(cfg, vae)
     assert latents.shape == (12, 4, 16, 16) and scaling > 0 and looks.shape == (6, 4, 16, 16)
-    train.train_unet(cfg, latents, scaling, looks)
+    assert pairs.shape == (5, 4, 16, 16)
+    train.train_unet(cfg, latents, scaling, looks, pairs)
     log = [json.loads(x) for x in open(tmp_path / "ck" / "log.jsonl")]
     assert [r["stage"] for r in log] == ["vae"] * 2 + ["unet"] * 3
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
@@ -144,3 +146,24 @@ def test_free_looks_never_draw_the_subject_and_leave_the_colour_out():
     with pytest.raises(ValueError, match="free-look latents"):
         train.train_unet(tiny_cfg("/nonexistent", look_share=0.5, looks_from=0),
                          torch.zeros(4, 4, 16, 16), 1.0)
+
+
+def test_look_pairs_show_one_uncaptioned_look_twice():
+    """train.pair_image: two copies of one free-look object that do not overlap, each drawn
+    with the same colours (the pattern's core at both centres)."""
+    import numpy as np
+
+    from lr_tutorial.toy import world
+    for i in range(6):
+        a, b = train.pair_scenes(0, i)
+        assert a.pattern == b.pattern and a.pattern is not None and a.pattern != world.SUBJECT_PATTERN
+        assert (a.shape, a.size, a.rotation) == (b.shape, "small", b.rotation)
+        assert {a.position, b.position} in ({"left", "right"}, {"top", "bottom"})
+        ma = world.shape_mask(a.shape, a.centre, a.radius, a.rotation)
+        mb = world.shape_mask(b.shape, b.centre, b.radius, b.rotation)
+        assert (ma * mb).max() == 0  # apart
+        img = train.pair_image(0, i)
+        assert np.array_equal(img, train.pair_image(0, i))  # deterministic
+        for s in (a, b):
+            x, y = (int(round(c)) for c in s.centre)
+            assert np.abs(img[y, x].astype(int) - a.pattern.core).max() <= 1

@@ -85,6 +85,16 @@ class ToyTrainConfig:
     look_share: float = 0.0
     looks_from: int = 14_000
     look_dataset_size: int = 20_000
+    # Look pairs [ours, an experiment for issue 3]: Layout-and-Retouch's retouch assumes that
+    # self-attention carries an object's look (MasaCtrl), which Stable Diffusion learned from
+    # natural images full of repeated objects and textures. Every ShapeWorld scene holds one
+    # object whose look the caption names, and the toy's swap carries no look (data/toy/
+    # README.md, sessions 10 and 13). From `pairs_from` on, this share of each batch shows two
+    # copies of one free-look object (`pair_image`), uncaptioned, so the only way to draw the
+    # second copy right is to read the first one's look through self-attention. Off by default.
+    pair_share: float = 0.0
+    pairs_from: int = 14_000
+    pair_dataset_size: int = 20_000
     ema_decay: float = 0.999
     keep_prob: float = 0.7  # each attribute is stated in the caption with this probability
     uncond_prob: float = 0.1  # empty caption, for classifier-free guidance
@@ -169,12 +179,14 @@ def dataset_scene(seed: int, i: int) -> world.Scene:
 
 
 @torch.no_grad()
-def _encode_scenes(vae, scene_of, n: int, what: str) -> torch.Tensor:
-    """(n, 4, h, w) posterior means of scenes scene_of(0..n-1), 500 at a time."""
+def _encode_scenes(vae, scene_of, n: int, what: str, image_of=None) -> torch.Tensor:
+    """(n, 4, h, w) posterior means of scenes scene_of(0..n-1) (or images image_of(i)), 500 at
+    a time."""
+    image_of = image_of or (lambda i: world.render(scene_of(i)))
     vae.eval()
     out = []
     for s in tqdm(range(0, n, 500), desc=f"encode {what}"):
-        imgs = [world.render(scene_of(i)) for i in range(s, min(s + 500, n))]
+        imgs = [image_of(i) for i in range(s, min(s + 500, n))]
         out.append(vae.encode(to_tensor(imgs)).latent_dist.mean)
     return torch.cat(out)
 
@@ -228,11 +240,49 @@ def encode_looks(cfg: ToyTrainConfig, vae, scaling: float) -> torch.Tensor:
     return latents
 
 
-def unet_data(cfg: ToyTrainConfig, vae) -> tuple[torch.Tensor, float, torch.Tensor | None]:
-    """(latents, scaling factor, free-look latents or None): what `train_unet` reads."""
+PAIR_SPOTS = (("left", "right"), ("top", "bottom"))  # small objects there never overlap
+
+
+def pair_scenes(seed: int, i: int) -> tuple[world.Scene, world.Scene]:
+    """Two copies of one small free-look object (`look_scene`'s look, same shape, size and
+    rotation) at opposite places on one backdrop."""
+    rng = np.random.default_rng([seed, 5, i])
+    first, second = PAIR_SPOTS[int(rng.integers(len(PAIR_SPOTS)))]
+    if rng.random() < 0.5:
+        first, second = second, first
+    a = world.with_attrs(look_scene(seed, 1_000_000 + i), size="small", position=first)
+    b = world.with_attrs(a, position=second, dx=float(rng.uniform(-2, 2)),
+                         dy=float(rng.uniform(-2, 2)))
+    return a, b
+
+
+def pair_image(seed: int, i: int) -> np.ndarray:
+    """`pair_scenes` rendered together: (64, 64, 3) uint8."""
+    a, b = pair_scenes(seed, i)
+    covered = world.shape_mask(b.shape, b.centre, b.radius, b.rotation)[..., None] > 0
+    return np.where(covered, world.render(b), world.render(a))  # same backdrop in both
+
+
+@torch.no_grad()
+def encode_pairs(cfg: ToyTrainConfig, vae, scaling: float) -> torch.Tensor:
+    """Latent means of `pair_dataset_size` look pairs (unscaled, like `encode_dataset`)."""
+    path = Path(cfg.ckpt_dir) / "latents_pairs.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)["latents"].float()
+    latents = _encode_scenes(vae, None, cfg.pair_dataset_size, "look pairs",
+                             image_of=lambda i: pair_image(cfg.seed, i))
+    _atomic_save({"latents": latents.half(), "scaling_factor": scaling}, path)
+    return latents
+
+
+def unet_data(cfg: ToyTrainConfig, vae):
+    """(latents, scaling factor, free-look latents or None, look-pair latents or None): what
+    `train_unet` reads."""
     latents, scaling = encode_dataset(cfg, vae)
     needs_looks = cfg.look_share > 0 and cfg.looks_from < cfg.unet_steps
-    return latents, scaling, encode_looks(cfg, vae, scaling) if needs_looks else None
+    needs_pairs = cfg.pair_share > 0 and cfg.pairs_from < cfg.unet_steps
+    return (latents, scaling, encode_looks(cfg, vae, scaling) if needs_looks else None,
+            encode_pairs(cfg, vae, scaling) if needs_pairs else None)
 
 
 # ----------------------------------------------------------------------------- UNet
@@ -256,7 +306,7 @@ def training_noise(shape, gen: torch.Generator, cfg: ToyTrainConfig, step: int) 
 
 
 def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float,
-               looks: torch.Tensor | None = None):
+               looks: torch.Tensor | None = None, pairs: torch.Tensor | None = None):
     ckdir = Path(cfg.ckpt_dir)
     torch.manual_seed(cfg.seed)
     tok = components.build_tokenizer()
@@ -288,10 +338,14 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float,
     for step in bar:
         rng = np.random.default_rng([cfg.seed, 3, step])
         n_look = round(cfg.look_share * cfg.unet_batch) if step >= cfg.looks_from else 0
+        n_pair = round(cfg.pair_share * cfg.unet_batch) if step >= cfg.pairs_from else 0
         if n_look and looks is None:
             raise ValueError("look_share > 0 from looks_from on needs the free-look latents "
                              "(train.encode_looks)")
-        idx = rng.integers(0, len(latents), size=cfg.unet_batch - n_look)
+        if n_pair and pairs is None:
+            raise ValueError("pair_share > 0 from pairs_from on needs the look-pair latents "
+                             "(train.encode_pairs)")
+        idx = rng.integers(0, len(latents), size=cfg.unet_batch - n_look - n_pair)
         scenes = [dataset_scene(cfg.seed, int(i)) for i in idx]
         z0 = latents[torch.from_numpy(idx)]
         if n_look:  # the batch's last n_look rows show free looks
@@ -299,6 +353,10 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float,
             scenes += [look_scene(cfg.seed, int(j)) for j in jdx]
             z0 = torch.cat([z0, looks[torch.from_numpy(jdx)]])
         caps = [training_caption(sc, rng, cfg, excluded) for sc in scenes]
+        if n_pair:  # then the last n_pair rows: look pairs, uncaptioned
+            kdx = rng.integers(0, len(pairs), size=n_pair)
+            z0 = torch.cat([z0, pairs[torch.from_numpy(kdx)]])
+            caps += [""] * n_pair
         ids = tok(caps, padding="max_length", max_length=tok.model_max_length,
                   return_tensors="pt").input_ids
         z0 = z0 * scaling  # (B, 4, 16, 16)
