@@ -93,7 +93,8 @@ class ToyTrainConfig:
     # copies of one free-look object (`pair_image`), uncaptioned, so the only way to draw the
     # second copy right is to read the first one's look through self-attention. Off by default;
     # 4,500 steps at share 0.25 on the free-look export: the reference swap's identity 0.013 ->
-    # 0.059, the first toy base whose swap carries some look (data/toy/README.md, session 13).
+    # 0.059 (8 of 16 stars teal-bodied), the first toy base whose swap carries some look
+    # (data/toy/README.md, session 13).
     pair_share: float = 0.0
     pairs_from: int = 14_000
     pair_dataset_size: int = 20_000
