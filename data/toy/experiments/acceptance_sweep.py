@@ -35,8 +35,10 @@ flat = [p for p in prompts for _ in seeds]
 
 def line(name, s):
     f = " ".join(f"{k[:4]} {v:.2f}" for k, v in s["fidelity"].items())
-    print(f"{name:58s} fidelity {s['fidelity_mean']:.3f} identity {s['identity']:.3f} | {f}",
-          flush=True)
+    spread = (f" | positions {s['position_classes']} ({s['centroid_spread_px']:.1f} px)"
+              if s.get("centroid_spread_px") is not None else "")
+    print(f"{name:58s} fidelity {s['fidelity_mean']:.3f} identity {s['identity']:.3f} | {f}"
+          f"{spread}", flush=True)
     return s
 
 
@@ -56,6 +58,7 @@ for i, setting in enumerate(a.settings):
         if a.grid and i == 0 and m == "layout_and_retouch":
             import numpy as np
             from PIL import Image
-            n = len(seeds) * 8
-            Image.fromarray(np.concatenate([np.concatenate(list(imgs[j:j + n]), 1)
+            n = len(seeds) * 8  # images a row; the last row is padded with white
+            imgs = list(imgs) + [np.full_like(imgs[0], 255)] * (-len(imgs) % n)
+            Image.fromarray(np.concatenate([np.concatenate(imgs[j:j + n], 1)
                                             for j in range(0, len(imgs), n)], 0)).save(a.grid)
