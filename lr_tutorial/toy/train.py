@@ -92,9 +92,9 @@ class ToyTrainConfig:
     # README.md, sessions 10 and 13). From `pairs_from` on, this share of each batch shows two
     # copies of one free-look object (`pair_image`), uncaptioned, so the only way to draw the
     # second copy right is to read the first one's look through self-attention. Off by default;
-    # 4,500 steps at share 0.25 on the free-look export: the reference swap's identity 0.013 ->
-    # 0.059 (8 of 16 stars teal-bodied), the first toy base whose swap carries some look
-    # (data/toy/README.md, session 13).
+    # 8,750 steps at share 0.25 on the free-look export: the reference swap's identity 0.014 ->
+    # 0.123, the first toy base whose swap carries the look (data/toy/README.md, "Look pairs"
+    # and "Session 14").
     pair_share: float = 0.0
     pairs_from: int = 14_000
     pair_dataset_size: int = 20_000
@@ -182,10 +182,8 @@ def dataset_scene(seed: int, i: int) -> world.Scene:
 
 
 @torch.no_grad()
-def _encode_scenes(vae, scene_of, n: int, what: str, image_of=None) -> torch.Tensor:
-    """(n, 4, h, w) posterior means of scenes scene_of(0..n-1) (or images image_of(i)), 500 at
-    a time."""
-    image_of = image_of or (lambda i: world.render(scene_of(i)))
+def _encode_images(vae, image_of, n: int, what: str) -> torch.Tensor:
+    """(n, 4, h, w) posterior means of the images image_of(0..n-1), 500 at a time."""
     vae.eval()
     out = []
     for s in tqdm(range(0, n, 500), desc=f"encode {what}"):
@@ -201,7 +199,8 @@ def encode_dataset(cfg: ToyTrainConfig, vae) -> tuple[torch.Tensor, float]:
     if path.exists():
         state = torch.load(path, weights_only=True)
         return state["latents"].float(), state["scaling_factor"]
-    latents = _encode_scenes(vae, lambda i: dataset_scene(cfg.seed, i), cfg.dataset_size, "latents")
+    latents = _encode_images(vae, lambda i: world.render(dataset_scene(cfg.seed, i)),
+                             cfg.dataset_size, "latents")
     scaling = float(1.0 / latents.std())
     _atomic_save({"latents": latents.half(), "scaling_factor": scaling}, path)
     return latents, scaling
@@ -237,8 +236,8 @@ def encode_looks(cfg: ToyTrainConfig, vae, scaling: float) -> torch.Tensor:
     path = Path(cfg.ckpt_dir) / "latents_looks.pt"
     if path.exists():
         return torch.load(path, weights_only=True)["latents"].float()
-    latents = _encode_scenes(vae, lambda i: look_scene(cfg.seed, i), cfg.look_dataset_size,
-                             "free looks")
+    latents = _encode_images(vae, lambda i: world.render(look_scene(cfg.seed, i)),
+                             cfg.look_dataset_size, "free looks")
     _atomic_save({"latents": latents.half(), "scaling_factor": scaling}, path)
     return latents
 
@@ -272,8 +271,8 @@ def encode_pairs(cfg: ToyTrainConfig, vae, scaling: float) -> torch.Tensor:
     path = Path(cfg.ckpt_dir) / "latents_pairs.pt"
     if path.exists():
         return torch.load(path, weights_only=True)["latents"].float()
-    latents = _encode_scenes(vae, None, cfg.pair_dataset_size, "look pairs",
-                             image_of=lambda i: pair_image(cfg.seed, i))
+    latents = _encode_images(vae, lambda i: pair_image(cfg.seed, i), cfg.pair_dataset_size,
+                             "look pairs")
     _atomic_save({"latents": latents.half(), "scaling_factor": scaling}, path)
     return latents
 
