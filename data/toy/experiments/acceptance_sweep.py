@@ -25,6 +25,8 @@ ap.add_argument("--steps", type=int, default=25)
 ap.add_argument("--stage1", action="store_true", help="also score stage 1 of each setting")
 ap.add_argument("--lora", default="default", help="a LoRA folder (personalize-toy --out)")
 ap.add_argument("--grid", default=None, help="save the first setting's images here (PNG)")
+ap.add_argument("--by", action="store_true", help="also print each row's identity by the "
+                "background and size its prompts state")
 a = ap.parse_args()
 
 bundle = load_models("toy", personalized=a.lora)
@@ -33,20 +35,25 @@ seeds = list(range(a.seeds))
 flat = [p for p in prompts for _ in seeds]
 
 
-def line(name, s):
+def line(name, rows):
+    s = report.summarize(rows)
     f = " ".join(f"{k[:4]} {v:.2f}" for k, v in s["fidelity"].items())
     spread = (f" | positions {s['position_classes']} ({s['centroid_spread_px']:.1f} px)"
               if s.get("centroid_spread_px") is not None else "")
     print(f"{name:58s} fidelity {s['fidelity_mean']:.3f} identity {s['identity']:.3f} | {f}"
           f"{spread}", flush=True)
+    if a.by:
+        print("    identity by " + "; ".join(
+            f"{k}: " + ", ".join(f"{g} {v:.2f}" for g, v in groups.items())
+            for k, groups in report.identity_by(rows).items()))
     return s
 
 
-van = line("vanilla", report.summarize(report.score(report.generate(
+van = line("vanilla", report.score(report.generate(
     bundle, [heldout.strip_identifier(p) for p in prompts], seeds, "vanilla", steps=a.steps,
-    progress=False), [heldout.strip_identifier(p) for p in flat])))
-per = line("personalized", report.summarize(report.score(report.generate(
-    bundle, prompts, seeds, "personalized", steps=a.steps, progress=False), flat)))
+    progress=False), [heldout.strip_identifier(p) for p in flat]))
+per = line("personalized", report.score(report.generate(
+    bundle, prompts, seeds, "personalized", steps=a.steps, progress=False), flat))
 print(f"bars: fidelity >= {0.9 * van['fidelity_mean']:.3f}, identity >= {0.9 * per['identity']:.3f}")
 for i, setting in enumerate(a.settings):
     cfg = apply_overrides(LRConfig(), json.loads(setting))
@@ -54,7 +61,7 @@ for i, setting in enumerate(a.settings):
     for m in methods:
         imgs = report.generate_method(bundle, prompts, seeds, m, steps=a.steps, config=cfg,
                                       progress=False)
-        line(f"{m[:6]} {setting}", report.summarize(report.score(imgs, flat)))
+        line(f"{m[:6]} {setting}", report.score(imgs, flat))
         if a.grid and i == 0 and m == "layout_and_retouch":
             import numpy as np
             from PIL import Image
