@@ -66,6 +66,8 @@ def cmd_personalize_toy(a) -> int:
                                          "pyramid_noise", "background_weight", "background_augment",
                                          "layout_augment", "layout_shift",
                                          "augment_max_timestep", "num_class_images")}
+    if a.backdrops_every_timestep:
+        given["backdrops_every_timestep"] = True
     if a.layout_scale:
         given["layout_scale"] = tuple(a.layout_scale)
     if a.class_prompt:
@@ -315,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--augment-max-timestep", type=int, default=None,
                    help="train the augmented copies only at timesteps below this and only the "
                         "photos at and above it; a toy-construction knob, see DreamBoothConfig")
+    q.add_argument("--backdrops-every-timestep", action="store_true",
+                   help="with --augment-max-timestep: keep the --background-augment composites "
+                        "at every timestep; only the re-framed copies are held below it")
     q.add_argument("--targets", default=None,
                    help="comma-separated module names that get LoRA layers")
     q.add_argument("--seed", type=int, default=None)

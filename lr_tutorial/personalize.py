@@ -91,6 +91,10 @@ class DreamBoothConfig:
     # layout handed to it below that timestep (what step-blended denoising assumes of a
     # Stable Diffusion DreamBooth model; data/toy/README.md, "Issue 3", session 11).
     augment_max_timestep: int | None = None
+    # with augment_max_timestep: True keeps background_augment's composites (the subject in the
+    # photos' framing on other backdrops) at every timestep too, so only the re-framed copies are
+    # held below it; the LoRA then composes like the photos from noise on any backdrop.
+    backdrops_every_timestep: bool = False
     seed: int = 0
     adapter_name: str = "personal"
     extra: dict = field(default_factory=dict)
@@ -327,7 +331,8 @@ def _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, e
         noise = training_noise(z0.shape, g, cfg.offset_noise, cfg.pyramid_noise).to(z0)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(z0),), generator=g).to(z0.device)
         if cfg.augment_max_timestep is not None:  # at t >= max the instance rows are photos
-            idx = photos_above(idx, t[:len(idx)].cpu(), n_photos, cfg.augment_max_timestep)
+            kept = n_photos + (cfg.background_augment if cfg.backdrops_every_timestep else 0)
+            idx = photos_above(idx, t[:len(idx)].cpu(), kept, cfg.augment_max_timestep)
             z0 = torch.cat([z_inst[idx], z0[len(idx):]])
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
         pred = unet(sched.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample
@@ -348,7 +353,8 @@ def _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, e
 
 def photos_above(idx: torch.Tensor, t: torch.Tensor, n_photos: int, max_timestep: int) -> torch.Tensor:
     """The training rows' image indices (B,) with every row whose timestep t (B,) is at or above
-    `max_timestep` moved onto a photo (index mod `n_photos`; the photos are the first rows), so
+    `max_timestep` moved onto a photo (index mod `n_photos`; the photos are the first rows, and
+    with `backdrops_every_timestep` n_photos also counts the composites that follow them), so
     augmented copies are trained only below it and the photos alone above it
     (DreamBoothConfig.augment_max_timestep). Uniform over the photos when n_photos divides the
     number of images."""
@@ -450,6 +456,9 @@ def check_config(cfg: DreamBoothConfig) -> None:
     if cfg.augment_max_timestep is not None and cfg.augment_max_timestep < 1:
         raise ValueError(f"augment_max_timestep must be None or a timestep >= 1, got "
                          f"{cfg.augment_max_timestep}")
+    if cfg.backdrops_every_timestep and (cfg.augment_max_timestep is None or not cfg.background_augment):
+        raise ValueError("backdrops_every_timestep only changes a split LoRA with composites: set "
+                         "augment_max_timestep and background_augment > 0, or leave it False")
     if cfg.identifier_lr < 0 or cfg.lr <= 0 or cfg.steps < 1 or cfg.rank < 1:
         raise ValueError(f"need lr > 0, identifier_lr >= 0, steps >= 1, rank >= 1; got lr={cfg.lr}, "
                          f"identifier_lr={cfg.identifier_lr}, steps={cfg.steps}, rank={cfg.rank}")

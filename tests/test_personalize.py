@@ -175,9 +175,15 @@ def test_augment_max_timestep_trains_only_photos_above_it():
     with pytest.raises(ValueError, match="augment_max_timestep"):
         dreambooth_lora(load_models("toy", personalized=None), subject.reference_images(),
                         DreamBoothConfig(steps=1, augment_max_timestep=0), progress=False)
-    b = load_models("toy", personalized=None)  # one real step with the knob and both augments
+    with pytest.raises(ValueError, match="backdrops_every_timestep"):  # needs a split and composites
+        dreambooth_lora(load_models("toy", personalized=None), subject.reference_images(),
+                        DreamBoothConfig(steps=1, backdrops_every_timestep=True), progress=False)
+    # backdrops_every_timestep: the photos and the composites after them (5 + 20 rows) stay above
+    kept = photos_above(idx, t, n_photos=25, max_timestep=600)
+    assert torch.equal(kept[t < 600], idx[t < 600]) and kept[t >= 600].max() == 24
+    b = load_models("toy", personalized=None)  # one real step with the knobs and both augments
     cfg = DreamBoothConfig(steps=2, layout_augment=3, background_augment=2, layout_shift=0.2,
-                           augment_max_timestep=500)
+                           augment_max_timestep=500, backdrops_every_timestep=True)
     masks = np.stack([oracle_mask(r) for r in subject.reference_images()])
     dreambooth_lora(b, subject.reference_images(), cfg, progress=False, masks=masks)
     assert b.has_personal
