@@ -9,7 +9,7 @@ step where most seeds keep A's position is where the layout is committed. The co
 personalized model that takes over at lambda1 must recolour the vanilla star into the subject's
 look, which it can only do where the colour is not yet fixed.
 
-    python data/toy/experiments/layout_commit.py               # 25 steps, 8 seeds, ~2 min
+    python data/toy/experiments/layout_commit.py               # 25 steps, 8 seeds, ~4 min
     LR_TUTORIAL_DATA=FOLDER python data/toy/experiments/layout_commit.py   # other toy weights
 """
 import argparse
