@@ -151,6 +151,8 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
         _check_masks(images, masks, "background_augment", cfg.background_augment)
         images, masks = paste_on_backdrops(images, masks, cfg.background_augment, cfg.seed)
     n_photos = len(images) - cfg.background_augment  # the rows before are the photos themselves
+    # the first rows trained at and above augment_max_timestep: the photos (+ the composites)
+    n_above = n_photos + (cfg.background_augment if cfg.backdrops_every_timestep else 0)
     if cfg.layout_augment:
         if cfg.background_weight < 1:
             raise ValueError("layout_augment moves the subject, so the masks of the masked loss "
@@ -203,7 +205,7 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     unet.train()
     try:
         _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, encode_instance,
-               g, progress, n_photos)
+               g, progress, n_above)
     finally:
         unet.eval()
         for p in params:
@@ -312,7 +314,7 @@ def _loss_weights(bundle, images, masks, cfg) -> torch.Tensor | None:
 
 
 def _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, encode_instance, g,
-           progress, n_photos):
+           progress, n_above):
     """The DreamBooth loop (module docstring): LoRA (and identifier) steps on noised latents."""
     unet, sched = bundle.unet, bundle.scheduler
     bar = tqdm(range(cfg.steps), desc="dreambooth-lora", disable=not progress)
@@ -332,8 +334,7 @@ def _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, e
         noise = training_noise(z0.shape, g, cfg.offset_noise, cfg.pyramid_noise).to(z0)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(z0),), generator=g).to(z0.device)
         if cfg.augment_max_timestep is not None:  # at t >= max the instance rows are photos
-            kept = n_photos + (cfg.background_augment if cfg.backdrops_every_timestep else 0)
-            idx = photos_above(idx, t[:len(idx)].cpu(), kept, cfg.augment_max_timestep)
+            idx = photos_above(idx, t[:len(idx)].cpu(), n_above, cfg.augment_max_timestep)
             z0 = torch.cat([z_inst[idx], z0[len(idx):]])
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
         pred = unet(sched.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample
