@@ -68,6 +68,8 @@ def cmd_personalize_toy(a) -> int:
                                          "augment_max_timestep", "num_class_images")}
     if a.backdrops_every_timestep:
         given["backdrops_every_timestep"] = True
+    if a.init_lora:
+        given["init_lora"] = str(a.init_lora)
     if a.layout_scale:
         given["layout_scale"] = tuple(a.layout_scale)
     if a.class_prompt:
@@ -322,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "at every timestep; only the re-framed copies are held below it")
     q.add_argument("--targets", default=None,
                    help="comma-separated module names that get LoRA layers")
+    q.add_argument("--init-lora", default=None, metavar="DIR",
+                   help="start from this LoRA folder's weights (and learned identifier) instead "
+                        "of a fresh init; same --rank and --targets")
     q.add_argument("--seed", type=int, default=None)
     q.add_argument("--threads", type=int, default=0)
     q.add_argument("--overwrite", action="store_true")

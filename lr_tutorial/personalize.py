@@ -96,6 +96,12 @@ class DreamBoothConfig:
     # held below it. On the toy this cost identity (0.52 against 0.63 without it; the random
     # backdrops at high noise drift the subject's colours; data/toy/README.md, session 16).
     backdrops_every_timestep: bool = False
+    # a LoRA folder this function wrote: its LoRA matrices (and learned identifier embedding, if
+    # any) start the training instead of a fresh init, to go on training a LoRA or to refine
+    # one with other data (e.g. the shipped toy LoRA with re-framed copies below a timestep).
+    # Its rank and target modules must equal this config's; its dreambooth_config.json is
+    # checked for that when present. The folder is only read, never written.
+    init_lora: str | None = None
     seed: int = 0
     adapter_name: str = "personal"
     extra: dict = field(default_factory=dict)
@@ -185,12 +191,22 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
             z_class, _ = sampling.sample(bundle, prompts, seeds, steps=25)  # (n, 4, h, w)
             cond_class = sampling.encode_prompts(bundle, prompts)  # (n, L, D)
     cond_empty = sampling.encode_prompts(bundle, [""])
+    init = _read_init_lora(bundle, cfg) if cfg.init_lora else None  # (LoRA tensors, identifier row)
+    if init is not None and init[1] is not None and cfg.identifier_lr == 0:
+        # the identifier stays as the init LoRA learned it: personalized mode writes its row
+        bundle.set_identifier_embedding(bundle.tokenizer(bundle.identifier, add_special_tokens=False)
+                                        .input_ids[0], init[1])
     token = _identifier_row(bundle, cfg) if cfg.identifier_lr > 0 else None
     encode_instance = _instance_encoder(bundle, cfg, token)
 
     unet = bundle.unet
     unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
                                 target_modules=list(cfg.target_modules)), adapter_name=cfg.adapter_name)
+    if init is not None:
+        _load_init_lora(unet, init, cfg)
+        if token is not None and init[1] is not None:  # the identifier goes on from its learned row
+            with torch.no_grad():
+                token.weight[token.id] = init[1].to(token.weight)
     bundle.personalization, bundle.adapter_name = "lora", cfg.adapter_name
     bundle._lora_layers = None  # a new adapter: the next switch walks the UNet again
     bundle._apply("personalized")
@@ -219,6 +235,55 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
         _save_lora(bundle, Path(out_dir), cfg, overwrite)
     bundle.set_fuse_lora(fused)
     return bundle
+
+
+def _read_init_lora(bundle: ModelBundle, cfg: DreamBoothConfig):
+    """(LoRA tensors keyed like the UNet's peft state dict, identifier row (D,) or None) of
+    `cfg.init_lora`, after checking that it fits `cfg` and this base model (ValueError if not)."""
+    from .models import check_lora, load_state_dict
+
+    folder = Path(cfg.init_lora)
+    file = folder / "pytorch_lora_weights.safetensors" if folder.is_dir() else folder
+    if not file.is_file():
+        raise FileNotFoundError(f"init_lora={cfg.init_lora!r}: no LoRA weights at {file}; give a "
+                                "folder that personalize.dreambooth_lora wrote")
+    saved = file.parent / "dreambooth_config.json"
+    if saved.is_file():
+        old = json.loads(saved.read_text())
+        for knob in ("rank", "target_modules"):
+            mine = list(getattr(cfg, knob)) if knob == "target_modules" else getattr(cfg, knob)
+            if old.get(knob) is not None and old[knob] != mine:
+                raise ValueError(f"init_lora={cfg.init_lora!r} was trained with {knob}={old[knob]}, "
+                                 f"this config has {knob}={mine}; set the same {knob} to go on "
+                                 "from it")
+    check_lora(bundle.unet, file)
+    tensors = {k.removeprefix("unet."): v for k, v in load_state_dict(file).items()
+               if k.startswith("unet.")}
+    ident = file.parent / IDENTIFIER_FILE
+    row = None
+    if ident.is_file():
+        embeds = load_state_dict(ident)
+        if list(embeds) != [bundle.identifier]:
+            raise ValueError(f"{ident} holds an embedding for {list(embeds)}, but this bundle's "
+                             f"identifier is {bundle.identifier!r}")
+        row = embeds[bundle.identifier].reshape(-1)
+    return tensors, row
+
+
+def _load_init_lora(unet, init, cfg: DreamBoothConfig) -> None:
+    """Copy init_lora's matrices into the fresh adapter; every one must land on a LoRA layer."""
+    from peft import set_peft_model_state_dict
+
+    tensors, _ = init
+    result = set_peft_model_state_dict(unet, tensors, adapter_name=cfg.adapter_name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise ValueError(f"init_lora={cfg.init_lora!r} has LoRA layers this config does not "
+                         f"train, e.g. {unexpected[:2]}; use its target_modules")
+    loaded = {k for k, _ in unet.named_parameters() if cfg.adapter_name in k}
+    if len(tensors) != len(loaded):
+        raise ValueError(f"init_lora={cfg.init_lora!r} has {len(tensors)} LoRA matrices, this "
+                         f"config's adapter {len(loaded)}; use its rank and target_modules")
 
 
 def _check_masks(images: np.ndarray, masks, knob: str, value) -> None:
@@ -421,7 +486,18 @@ def _instance_encoder(bundle: ModelBundle, cfg: DreamBoothConfig, token):
     """() -> (1, L, D) instance-prompt embedding: fixed, or re-encoded each step (with grad)
     while the identifier's embedding learns."""
     if token is None:
-        fixed = sampling.encode_prompts(bundle, [cfg.instance_prompt])
+        emb = bundle.identifier_embedding  # (row, (D,)) kept from init_lora, else None
+        weight = bundle.text_encoder.get_input_embeddings().weight
+        saved = weight[emb[0]].detach().clone() if emb else None
+        try:
+            if emb:
+                with torch.no_grad():
+                    weight[emb[0]] = emb[1].to(weight)
+            fixed = sampling.encode_prompts(bundle, [cfg.instance_prompt])
+        finally:
+            if emb:
+                with torch.no_grad():
+                    weight[emb[0]] = saved
         return lambda: fixed
     ids = sampling.prompt_ids(bundle, [cfg.instance_prompt])
     return lambda: bundle.text_encoder(ids)[0].to(bundle.device, bundle.dtype)

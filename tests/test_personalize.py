@@ -69,6 +69,50 @@ def test_a_new_lora_drops_the_previous_identifier(trained, tmp_path):
         assert torch.equal(b2.text_encoder.get_input_embeddings().weight, before["emb"])
 
 
+def test_init_lora_starts_from_a_saved_lora(trained, tmp_path):
+    """init_lora copies a saved LoRA's matrices and learned identifier into the fresh adapter:
+    one step at a vanishing lr (1e-12) saves the init back unchanged, whether the identifier
+    goes on learning (identifier_lr > 0) or stays as the init learned it (identifier_lr = 0)."""
+    from lr_tutorial.models import load_state_dict
+    _, _, out = trained
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "conv1")  # the fixture's
+    for ident_lr in (1e-12, 0.0):
+        b = load_models("toy", personalized=None)
+        again = tmp_path / f"again_{ident_lr}"
+        cfg = DreamBoothConfig(steps=1, lr=1e-12, identifier_lr=ident_lr, target_modules=targets,
+                               init_lora=str(out))
+        dreambooth_lora(b, subject.reference_images(), cfg, out_dir=again, progress=False)
+        for name in ("pytorch_lora_weights.safetensors", IDENTIFIER_FILE):
+            want, got = load_state_dict(out / name), load_state_dict(again / name)
+            assert want.keys() == got.keys() and len(want) > 0
+            for k in want:
+                torch.testing.assert_close(got[k], want[k], atol=1e-8, rtol=0)
+    with pytest.raises(ValueError, match="rank=8"):
+        dreambooth_lora(load_models("toy", personalized=None), subject.reference_images(),
+                        DreamBoothConfig(steps=1, rank=4, target_modules=targets, init_lora=str(out)),
+                        progress=False)
+    with pytest.raises(FileNotFoundError, match="no LoRA weights"):
+        dreambooth_lora(load_models("toy", personalized=None), subject.reference_images(),
+                        DreamBoothConfig(steps=1, init_lora=str(tmp_path / "nowhere")), progress=False)
+
+
+def test_fixed_instance_prompt_reads_the_kept_identifier():
+    """With a learned identifier kept fixed (init_lora, identifier_lr = 0) the instance prompt
+    is encoded with the learned row, as the personalized model will read it; the text encoder
+    is left with the base row."""
+    from lr_tutorial.models import data_dir
+    from lr_tutorial.personalize import _instance_encoder
+    b = load_models("toy", personalized=data_dir() / "toy" / "lora")
+    assert b.identifier_embedding is not None and b.mode == "vanilla"
+    with b.using("personalized"):
+        want = sampling.encode_prompts(b, ["a sks star"])
+    base = sampling.encode_prompts(b, ["a sks star"])
+    got = _instance_encoder(b, DreamBoothConfig(), None)()
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, base)
+    torch.testing.assert_close(sampling.encode_prompts(b, ["a sks star"]), base)
+
+
 @pytest.mark.parametrize("kw, match", [
     ({"lr_schedule": "linear"}, "lr_schedule"),
     ({"uncond_prob": 1.0}, "uncond_prob"),
