@@ -65,7 +65,9 @@ def cmd_personalize_toy(a) -> int:
                                          "identifier_lr", "uncond_prob", "offset_noise",
                                          "pyramid_noise", "background_weight", "background_augment",
                                          "layout_augment", "layout_shift",
-                                         "augment_max_timestep", "num_class_images")}
+                                         "augment_max_timestep", "num_class_images",
+                                         "recolour_share", "recolour_min_timestep",
+                                         "recolour_variants")}
     if a.backdrops_every_timestep:
         given["backdrops_every_timestep"] = True
     if a.init_lora:
@@ -82,7 +84,8 @@ def cmd_personalize_toy(a) -> int:
     out = Path(a.out) if a.out else data_dir() / "toy" / "lora"
     refs = subject.reference_images()
     masks = None
-    if cfg.background_weight < 1 or cfg.background_augment:  # the toy's masks: from the oracle
+    if cfg.background_weight < 1 or cfg.background_augment or cfg.recolour_share:
+        # the toy's masks: from the oracle
         from .toy import oracle
         masks = np.stack([oracle.analyze(r).mask for r in refs])
     dreambooth_lora(bundle, refs, cfg, out_dir=out, overwrite=a.overwrite, masks=masks)
@@ -324,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "at every timestep; only the re-framed copies are held below it")
     q.add_argument("--targets", default=None,
                    help="comma-separated module names that get LoRA layers")
+    q.add_argument("--recolour-share", type=float, default=None,
+                   help="share of the rows below --augment-max-timestep noised from the subject "
+                        "painted one flat random colour, target the subject (DreamBoothConfig)")
+    q.add_argument("--recolour-min-timestep", type=int, default=None)
+    q.add_argument("--recolour-variants", type=int, default=None)
     q.add_argument("--init-lora", default=None, metavar="DIR",
                    help="start from this LoRA folder's weights (and learned identifier) instead "
                         "of a fresh init; same --rank and --targets")

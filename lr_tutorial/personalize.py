@@ -102,6 +102,17 @@ class DreamBoothConfig:
     # Its rank and target modules must equal this config's; its dreambooth_config.json is
     # checked for that when present. The folder is only read, never written.
     init_lora: str | None = None
+    # recolour pairs, a toy-construction knob like augment_max_timestep: this share of the
+    # instance rows drawn at timesteps in [recolour_min_timestep, augment_max_timestep) is noised
+    # from the same image with its subject painted one flat random colour (recolour_variants per
+    # image), while the target stays the subject (`recolour_target`). The model learns to paint
+    # the subject over a plain object of its shape, which is what stage 1's vanilla steps hand
+    # it on the toy, where an object's colour is committed with the layout (data/toy/README.md,
+    # session 16). Needs `masks`; re-framed copies carry theirs. Below ~200 the pull
+    # sqrt(a_t / (1 - a_t)) (z_from - z0) outgrows the noise, hence the lower bound.
+    recolour_share: float = 0.0
+    recolour_min_timestep: int = 200
+    recolour_variants: int = 4
     seed: int = 0
     adapter_name: str = "personal"
     extra: dict = field(default_factory=dict)
@@ -165,10 +176,20 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
                              "(background_weight < 1) would no longer fit; use background_weight=1 "
                              "with layout_augment")
         # after background_augment: the composites are re-framed too (on their own backdrops)
-        images = np.concatenate([images, reframe(images, cfg.layout_augment, cfg.layout_scale,
-                                                 cfg.seed, shift=cfg.layout_shift)])
-        masks = None
-    weights = _loss_weights(bundle, images, masks, cfg)  # (n, 1, h, w) or None
+        if cfg.recolour_share > 0:  # the recolour pairs need the copies' masks
+            _check_masks(images, masks, "recolour_share", cfg.recolour_share)
+            copies, copy_masks = reframe(images, cfg.layout_augment, cfg.layout_scale, cfg.seed,
+                                         shift=cfg.layout_shift, masks=masks)
+            masks = np.concatenate([masks, copy_masks])
+        else:
+            copies = reframe(images, cfg.layout_augment, cfg.layout_scale, cfg.seed,
+                             shift=cfg.layout_shift)
+            masks = None
+        images = np.concatenate([images, copies])
+    if cfg.recolour_share > 0:
+        _check_masks(images, masks, "recolour_share", cfg.recolour_share)
+        flats = flat_recolour(images, masks, cfg.recolour_variants, cfg.seed)  # (n, k, H, W, 3)
+    weights = _loss_weights(bundle, images, masks if not cfg.layout_augment else None, cfg)
     if out_dir is not None:  # fail before training, not after
         refuse_existing(out_dir, overwrite, what="LoRA")
     fused = bundle.fuse_lora
@@ -183,6 +204,10 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
 
     with bundle.using("vanilla") if bundle.has_personal else _nullctx():
         z_inst = sampling.encode(bundle, images)  # (n, 4, h, w)
+        z_flat = None
+        if cfg.recolour_share > 0:  # (n, k, 4, h, w)
+            z_flat = sampling.encode(bundle, flats.reshape(-1, *flats.shape[2:])).reshape(
+                len(images), cfg.recolour_variants, *z_inst.shape[1:])
         z_class, cond_class = None, None
         prompts = class_prompts(cfg)
         if prompts:  # prior preservation: class images from the frozen base model
@@ -221,7 +246,7 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     unet.train()
     try:
         _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, encode_instance,
-               g, progress, n_above)
+               g, progress, n_above, z_flat)
     finally:
         unet.eval()
         for p in params:
@@ -316,19 +341,20 @@ def paste_on_backdrops(images: np.ndarray, masks: np.ndarray, n: int,
 
 
 def reframe(images: np.ndarray, n: int, scale: tuple[float, float] = (0.5, 1.2),
-            seed: int = 0, shift: float | None = None) -> np.ndarray:
+            seed: int = 0, shift: float | None = None, masks: np.ndarray | None = None):
     """`n` re-framed copies (n, H, W, 3) uint8 of the photos (image i % len(images)): zoomed by
     a factor drawn uniformly from `scale` (< 1 shrinks the photo onto a canvas of its median
     border colour, > 1 crops it), placed at a random offset, mirrored with probability 1/2.
     The offset keeps the zoomed photo inside the frame (or covering it) when `shift` is None;
-    otherwise its centre moves by up to `shift` x the side in x and y (DreamBoothConfig)."""
+    otherwise its centre moves by up to `shift` x the side in x and y (DreamBoothConfig).
+    With `masks` ((n_images, H, W) bool) returns (copies, their masks), moved the same way."""
     from PIL import Image
 
     lo, hi = _check_scale(scale)
     _check_shift(shift)
     rng = np.random.default_rng(seed)
     size = images.shape[1]
-    out = []
+    out, out_masks = [], []
     for i in range(n):
         img = images[i % len(images)]
         s = rng.uniform(lo, hi)
@@ -346,10 +372,42 @@ def reframe(images: np.ndarray, n: int, scale: tuple[float, float] = (0.5, 1.2),
         ox, oy = (int(rng.integers(lo_off, hi_off + 1)) for _ in range(2))
         x0, y0 = max(ox, 0), max(oy, 0)
         x1, y1 = min(ox + side, size), min(oy + side, size)
+        mirror = rng.random() < 0.5
+        m_canvas = np.zeros(img.shape[:2], bool)
         if x1 > x0 and y1 > y0:
             canvas[y0:y1, x0:x1] = zoomed[y0 - oy:y1 - oy, x0 - ox:x1 - ox]
-        out.append(canvas[:, ::-1] if rng.random() < 0.5 else canvas)
-    return np.stack(out)
+            if masks is not None:
+                m = np.asarray(Image.fromarray(np.asarray(masks[i % len(images)], np.uint8) * 255)
+                               .resize((side, side), Image.NEAREST)) > 127
+                m_canvas[y0:y1, x0:x1] = m[y0 - oy:y1 - oy, x0 - ox:x1 - ox]
+        out.append(canvas[:, ::-1] if mirror else canvas)
+        out_masks.append(m_canvas[:, ::-1] if mirror else m_canvas)
+    return np.stack(out) if masks is None else (np.stack(out), np.stack(out_masks))
+
+
+def flat_recolour(images: np.ndarray, masks: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """(n, k, H, W, 3) uint8: each image k times with its subject's pixels (masks, (n, H, W))
+    painted one uniformly random RGB colour (drawn from `seed`): a plain object of the
+    subject's shape, as a base model draws it (DreamBoothConfig.recolour_share)."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, (len(images), k, 1, 1, 3)).astype(np.uint8)
+    m = np.asarray(masks, bool)[:, None, :, :, None]  # (n, 1, H, W, 1)
+    return np.where(m, colours, images[:, None])
+
+
+def recolour_target(sched, z_from: torch.Tensor, z0: torch.Tensor, noise: torch.Tensor,
+                    t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noisy latent, prediction target) that teach a denoiser to go from `z_from` noised to
+    timestep t to the clean latent `z0`: z_t = sqrt(a_t) z_from + sqrt(1 - a_t) noise and the
+    target is the noise that would make its x0 prediction z0,
+        eps' = (z_t - sqrt(a_t) z0) / sqrt(1 - a_t) = noise + sqrt(a_t / (1 - a_t)) (z_from - z0)
+    (as a velocity for v-prediction models). z_from = z0 gives plain denoising."""
+    noisy = sched.add_noise(z_from, noise, t)
+    a = sched.alphas_cumprod.to(z0.device, torch.float32)[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    eps = ((noisy.float() - a.sqrt() * z0.float()) / (1 - a).sqrt()).to(z0.dtype)
+    if sched.config.prediction_type == "epsilon":
+        return noisy, eps
+    return noisy, sched.get_velocity(z0, eps, t)
 
 
 def _check_shift(shift) -> None:
@@ -379,7 +437,7 @@ def _loss_weights(bundle, images, masks, cfg) -> torch.Tensor | None:
 
 
 def _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, encode_instance, g,
-           progress, n_above):
+           progress, n_above, z_flat=None):
     """The DreamBooth loop (module docstring): LoRA (and identifier) steps on noised latents."""
     unet, sched = bundle.unet, bundle.scheduler
     bar = tqdm(range(cfg.steps), desc="dreambooth-lora", disable=not progress)
@@ -401,8 +459,19 @@ def _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, e
         if cfg.augment_max_timestep is not None:  # at t >= max the instance rows are photos
             idx = photos_above(idx, t[:len(idx)].cpu(), n_above, cfg.augment_max_timestep)
             z0 = torch.cat([z_inst[idx], z0[len(idx):]])
-        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
-        pred = unet(sched.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample
+        if z_flat is None:
+            noisy = sched.add_noise(z0, noise, t)
+            target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
+        else:  # recolour pairs: some instance rows start from the flat-coloured subject
+            hi = cfg.augment_max_timestep or sched.config.num_train_timesteps
+            tt = t[:len(idx)].cpu()
+            pick = ((torch.rand(len(idx), generator=g) < cfg.recolour_share)
+                    & (tt >= cfg.recolour_min_timestep) & (tt < hi))  # (B,)
+            k = torch.randint(0, z_flat.shape[1], (len(idx),), generator=g)
+            z_from = torch.cat([torch.where(pick.view(-1, 1, 1, 1).to(z0.device), z_flat[idx, k],
+                                            z0[:len(idx)]), z0[len(idx):]])
+            noisy, target = recolour_target(sched, z_from, z0, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=cond).sample
         se = F.mse_loss(pred.float(), target.float(), reduction="none")  # (B', C, h, w)
         per = se.mean(dim=(1, 2, 3))
         if weights is not None:  # masked loss on the instance rows, normalized by the weights
@@ -537,6 +606,12 @@ def check_config(cfg: DreamBoothConfig) -> None:
     if cfg.backdrops_every_timestep and (cfg.augment_max_timestep is None or not cfg.background_augment):
         raise ValueError("backdrops_every_timestep only changes a split LoRA with composites: set "
                          "augment_max_timestep and background_augment > 0, or leave it False")
+    if not 0 <= cfg.recolour_share < 1:
+        raise ValueError(f"recolour_share is a share of the training rows in [0, 1), got "
+                         f"{cfg.recolour_share}")
+    if cfg.recolour_share and (cfg.recolour_variants < 1 or cfg.recolour_min_timestep < 0):
+        raise ValueError(f"recolour_share needs recolour_variants >= 1 and recolour_min_timestep "
+                         f">= 0, got {cfg.recolour_variants} and {cfg.recolour_min_timestep}")
     if cfg.identifier_lr < 0 or cfg.lr <= 0 or cfg.steps < 1 or cfg.rank < 1:
         raise ValueError(f"need lr > 0, identifier_lr >= 0, steps >= 1, rank >= 1; got lr={cfg.lr}, "
                          f"identifier_lr={cfg.identifier_lr}, steps={cfg.steps}, rank={cfg.rank}")

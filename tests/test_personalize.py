@@ -304,3 +304,69 @@ def test_layout_augment_refuses_masks_it_would_misalign():
     with pytest.raises(ValueError, match="layout_augment moves the subject.*background_weight=1"):
         dreambooth_lora(b, refs, DreamBoothConfig(steps=1, layout_augment=2, background_weight=0.5),
                         progress=False, masks=masks)
+
+
+def test_reframe_moves_the_masks_with_the_subject():
+    """With masks, reframe returns the same copies and masks that follow the subject: against
+    the oracle's mask of each copy, IoU >= 0.8 (measured on these 30 copies: min 0.84, mean
+    0.94; the bicubic zoom blurs the subject's rim, the nearest-neighbour mask does not)."""
+    from lr_tutorial.personalize import reframe
+    refs = subject.reference_images()
+    masks = np.stack([oracle_mask(r) for r in refs])
+    copies, moved = reframe(refs, 30, (0.75, 1.05), seed=0, shift=0.22, masks=masks)
+    assert np.array_equal(copies, reframe(refs, 30, (0.75, 1.05), seed=0, shift=0.22))
+    assert moved.shape == (30, 64, 64) and moved.dtype == bool
+    iou = [(oracle_mask(c) & m).sum() / (oracle_mask(c) | m).sum() for c, m in zip(copies, moved)]
+    assert min(iou) >= 0.8
+
+
+def test_flat_recolour_paints_the_subject_one_colour_and_nothing_else():
+    from lr_tutorial.personalize import flat_recolour
+    refs = subject.reference_images()[:2]
+    masks = np.stack([oracle_mask(r) for r in refs])
+    flats = flat_recolour(refs, masks, 3, seed=0)
+    assert flats.shape == (2, 3, 64, 64, 3) and flats.dtype == np.uint8
+    for i in range(2):
+        for k in range(3):
+            assert np.array_equal(flats[i, k][~masks[i]], refs[i][~masks[i]])
+            assert len(np.unique(flats[i, k][masks[i]], axis=0)) == 1  # one flat colour
+    assert not np.array_equal(flats[0, 0], flats[0, 1])  # the variants differ
+    assert np.array_equal(flats, flat_recolour(refs, masks, 3, seed=0))  # seeded
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_recolour_target_points_the_prediction_at_the_clean_latent(prediction_type):
+    """The x0 that the scheduler reads from (z_t, target) is z0, not the flat-coloured start;
+    with z_from = z0 the pair is plain DreamBooth denoising."""
+    from diffusers import DDIMScheduler
+
+    from lr_tutorial.personalize import recolour_target
+    sched = DDIMScheduler(prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(0)
+    z0, z_from, noise = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    t = torch.tensor([250, 500, 900])
+    noisy, target = recolour_target(sched, z_from, z0, noise, t)
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(noisy, sched.add_noise(z_from, noise, t))
+    if prediction_type == "epsilon":
+        x0 = (noisy - (1 - a).sqrt() * target) / a.sqrt()
+    else:
+        x0 = a.sqrt() * noisy - (1 - a).sqrt() * target
+    torch.testing.assert_close(x0, z0, atol=1e-4, rtol=0)
+    noisy, target = recolour_target(sched, z0, z0, noise, t)
+    want = noise if prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
+    torch.testing.assert_close(target, want, atol=1e-5, rtol=0)
+
+
+def test_recolour_pairs_train_and_are_refused_without_masks():
+    b = load_models("toy", personalized=None)
+    refs = subject.reference_images()
+    with pytest.raises(ValueError, match="recolour_share=0.5 needs the subject's masks"):
+        dreambooth_lora(b, refs, DreamBoothConfig(steps=1, recolour_share=0.5), progress=False)
+    with pytest.raises(ValueError, match="recolour_share is a share"):
+        dreambooth_lora(b, refs, DreamBoothConfig(steps=1, recolour_share=1.0), progress=False)
+    masks = np.stack([oracle_mask(r) for r in refs])
+    cfg = DreamBoothConfig(steps=2, recolour_share=0.9, recolour_min_timestep=0, layout_augment=3,
+                           layout_shift=0.2, augment_max_timestep=999)
+    dreambooth_lora(b, refs, cfg, progress=False, masks=masks)
+    assert b.has_personal
