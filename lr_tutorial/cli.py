@@ -67,7 +67,7 @@ def cmd_personalize_toy(a) -> int:
                                          "layout_augment", "layout_shift",
                                          "augment_max_timestep", "num_class_images",
                                          "recolour_share", "recolour_min_timestep",
-                                         "recolour_variants")}
+                                         "recolour_max_timestep", "recolour_variants")}
     if a.backdrops_every_timestep:
         given["backdrops_every_timestep"] = True
     if a.init_lora:
@@ -331,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the rows below --augment-max-timestep noised from the subject "
                         "painted one flat random colour, target the subject (DreamBoothConfig)")
     q.add_argument("--recolour-min-timestep", type=int, default=None)
+    q.add_argument("--recolour-max-timestep", type=int, default=None)
     q.add_argument("--recolour-variants", type=int, default=None)
     q.add_argument("--init-lora", default=None, metavar="DIR",
                    help="start from this LoRA folder's weights (and learned identifier) instead "

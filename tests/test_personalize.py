@@ -365,6 +365,9 @@ def test_recolour_pairs_train_and_are_refused_without_masks():
         dreambooth_lora(b, refs, DreamBoothConfig(steps=1, recolour_share=0.5), progress=False)
     with pytest.raises(ValueError, match="recolour_share is a share"):
         dreambooth_lora(b, refs, DreamBoothConfig(steps=1, recolour_share=1.0), progress=False)
+    with pytest.raises(ValueError, match="must be above recolour_min_timestep"):
+        dreambooth_lora(b, refs, DreamBoothConfig(steps=1, recolour_share=0.5, recolour_max_timestep=200),
+                        progress=False)
     masks = np.stack([oracle_mask(r) for r in refs])
     cfg = DreamBoothConfig(steps=2, recolour_share=0.9, recolour_min_timestep=0, layout_augment=3,
                            layout_shift=0.2, augment_max_timestep=999)
