@@ -158,6 +158,26 @@ def test_cli_trains_the_toy_recipe_with_flag_overrides(tmp_path):
     assert cfg["layout_augment"] == 0 and cfg["layout_scale"] == [0.6, 1.1]
 
 
+def test_cli_goes_on_from_a_lora_with_recolour_pairs(tmp_path):
+    import json
+
+    from lr_tutorial import cli
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert cli.main(["personalize-toy", "--out", str(first), "--steps", "1", "--rank", "4"]) == 0
+    assert cli.main(["personalize-toy", "--out", str(second), "--steps", "2", "--rank", "4",
+                     "--init-lora", str(first), "--recolour-share", "0.5", "--recolour-min-timestep",
+                     "100", "--recolour-max-timestep", "900", "--recolour-variants", "2",
+                     "--layout-augment", "2", "--layout-shift", "0.2",
+                     "--augment-max-timestep", "600"]) == 0
+    cfg = json.loads((second / "dreambooth_config.json").read_text())
+    assert cfg["init_lora"] == str(first) and cfg["recolour_share"] == 0.5
+    assert (cfg["recolour_min_timestep"], cfg["recolour_max_timestep"], cfg["recolour_variants"]) == (100, 900, 2)
+    with pytest.raises(ValueError, match="rank=4"):  # the recipe's rank 8 against the init's 4
+        cli.main(["personalize-toy", "--out", str(tmp_path / "third"), "--steps", "1",
+                  "--init-lora", str(first)])
+    assert not (tmp_path / "third").exists()
+
+
 def test_background_augment_pastes_the_subject_on_solid_backdrops():
     from lr_tutorial.personalize import paste_on_backdrops
     from lr_tutorial.toy import oracle
