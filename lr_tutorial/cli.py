@@ -67,7 +67,8 @@ def cmd_personalize_toy(a) -> int:
                                          "layout_augment", "layout_shift",
                                          "augment_max_timestep", "num_class_images",
                                          "recolour_share", "recolour_min_timestep",
-                                         "recolour_max_timestep", "recolour_variants")}
+                                         "recolour_max_timestep", "recolour_variants",
+                                         "above_weight")}
     if a.backdrops_every_timestep:
         given["backdrops_every_timestep"] = True
     if a.init_lora:
@@ -330,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recolour-share", type=float, default=None,
                    help="share of the rows below --augment-max-timestep noised from the subject "
                         "painted one flat random colour, target the subject (DreamBoothConfig)")
+    q.add_argument("--above-weight", type=float, default=None,
+                   help="with --augment-max-timestep: loss weight of the rows at and above it")
     q.add_argument("--recolour-min-timestep", type=int, default=None)
     q.add_argument("--recolour-max-timestep", type=int, default=None)
     q.add_argument("--recolour-variants", type=int, default=None)

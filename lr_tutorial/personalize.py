@@ -97,6 +97,10 @@ class DreamBoothConfig:
     # held below it. On the toy this cost identity (0.52 against 0.63 without it; the random
     # backdrops at high noise drift the subject's colours; data/toy/README.md, session 16).
     backdrops_every_timestep: bool = False
+    # with augment_max_timestep: the loss of the rows at and above it (the photos') is weighted
+    # by this, so that from noise the LoRA wins the layout and backdrop as the unsplit recipe
+    # does, although most of its rows teach it to paint into other layouts (a toy knob).
+    above_weight: float = 1.0
     # a LoRA folder this function wrote: its LoRA matrices (and learned identifier embedding, if
     # any) start the training instead of a fresh init, to go on training a LoRA or to refine
     # one with other data (e.g. the shipped toy LoRA with re-framed copies below a timestep).
@@ -401,6 +405,9 @@ def _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, e
             w = weights[idx]  # (B, 1, h, w)
             per = torch.cat([(se[:cfg.batch_size] * w).mean(dim=(1, 2, 3)) / w.mean(dim=(1, 2, 3)),
                              per[cfg.batch_size:]])
+        if cfg.above_weight != 1.0:  # the photos' rows at and above augment_max_timestep
+            per = torch.cat([per[:cfg.batch_size] * above_weights(t[:cfg.batch_size], cfg),
+                             per[cfg.batch_size:]])
         loss = per[:cfg.batch_size].mean()
         if z_class is not None:
             loss = loss + cfg.prior_weight * per[cfg.batch_size:].mean()
@@ -408,6 +415,13 @@ def _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, e
         loss.backward()
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
+
+
+def above_weights(t: torch.Tensor, cfg: DreamBoothConfig) -> torch.Tensor:
+    """(B,) loss weights of instance rows at timesteps t (B,): cfg.above_weight at and above
+    cfg.augment_max_timestep, 1 below (DreamBoothConfig.above_weight)."""
+    above = (t >= cfg.augment_max_timestep).float()
+    return 1 + (cfg.above_weight - 1) * above
 
 
 def photos_above(idx: torch.Tensor, t: torch.Tensor, n_photos: int, max_timestep: int) -> torch.Tensor:
@@ -538,6 +552,9 @@ def check_config(cfg: DreamBoothConfig) -> None:
     if cfg.recolour_max_timestep is not None and cfg.recolour_max_timestep <= cfg.recolour_min_timestep:
         raise ValueError(f"recolour_max_timestep={cfg.recolour_max_timestep} must be above "
                          f"recolour_min_timestep={cfg.recolour_min_timestep} (or None)")
+    if cfg.above_weight <= 0 or (cfg.above_weight != 1.0 and cfg.augment_max_timestep is None):
+        raise ValueError(f"above_weight={cfg.above_weight} weights the rows at and above "
+                         "augment_max_timestep: it must be > 0 and needs augment_max_timestep")
     if cfg.identifier_lr < 0 or cfg.lr <= 0 or cfg.steps < 1 or cfg.rank < 1:
         raise ValueError(f"need lr > 0, identifier_lr >= 0, steps >= 1, rank >= 1; got lr={cfg.lr}, "
                          f"identifier_lr={cfg.identifier_lr}, steps={cfg.steps}, rank={cfg.rank}")

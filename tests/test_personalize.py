@@ -123,6 +123,8 @@ def test_fixed_instance_prompt_reads_the_kept_identifier():
     ({"background_augment": 4}, "background_augment=4 needs the subject's masks"),
     ({"background_augment": -1}, "background_augment"),
     ({"layout_augment": -1}, "layout_augment"),
+    ({"above_weight": 2.0}, "needs augment_max_timestep"),
+    ({"above_weight": 0.0, "augment_max_timestep": 500}, "above_weight=0.0"),
     ({"layout_augment": 2, "layout_scale": (0.0, 1.0)}, "layout_scale"),
     ({"layout_augment": 2, "layout_shift": 0.7}, "layout_shift"),
     ({"class_prompt": ("a star", ""), "num_class_images": 4}, "class_prompt"),
@@ -393,3 +395,10 @@ def test_recolour_pairs_train_and_are_refused_without_masks():
                            layout_shift=0.2, augment_max_timestep=999)
     dreambooth_lora(b, refs, cfg, progress=False, masks=masks)
     assert b.has_personal
+
+
+def test_above_weights_weight_only_the_rows_at_and_above_the_split():
+    from lr_tutorial.personalize import above_weights
+    cfg = DreamBoothConfig(augment_max_timestep=600, above_weight=3.0)
+    got = above_weights(torch.tensor([0, 599, 600, 999]), cfg)
+    torch.testing.assert_close(got, torch.tensor([1.0, 1.0, 3.0, 3.0]))
