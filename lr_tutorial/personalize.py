@@ -16,6 +16,12 @@ guidance does not push the subject's colours away from it. The result is saved i
 LoRA format (pytorch_lora_weights.safetensors, plus identifier_embedding.safetensors when the
 identifier was trained), which `load_models(..., personalized=DIR)` reads; any diffusers
 pipeline's `load_lora_weights` reads the LoRA file.
+
+Toy-construction knobs (data/toy/README.md, sessions 11-17) change which rows are trained where:
+`augment_max_timestep` keeps the augmented copies (`augment.py`) below a timestep,
+`above_weight` weights the photos' rows above it, and `recolour_share` noises some rows from the
+subject painted one flat colour with the subject as target (`recolour_target`). `init_lora` goes
+on from a saved LoRA.
 """
 from __future__ import annotations
 
@@ -30,8 +36,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import sampling
-from .files import atomic_folder, refuse_existing
 from .augment import _check_scale, _check_shift, flat_recolour, paste_on_backdrops, reframe
+from .files import atomic_folder, refuse_existing
 from .models import IDENTIFIER_FILE, ModelBundle
 
 
@@ -330,9 +336,6 @@ def _check_masks(images: np.ndarray, masks, knob: str, value) -> None:
                          f"{np.asarray(masks).shape}")
 
 
-
-
-
 def recolour_target(sched, z_from: torch.Tensor, z0: torch.Tensor, noise: torch.Tensor,
                     t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(noisy latent, prediction target) that teach a denoiser to go from `z_from` noised to
@@ -346,8 +349,6 @@ def recolour_target(sched, z_from: torch.Tensor, z0: torch.Tensor, noise: torch.
     if sched.config.prediction_type == "epsilon":
         return noisy, eps
     return noisy, sched.get_velocity(z0, eps, t)
-
-
 
 
 def _loss_weights(bundle, images, masks, cfg) -> torch.Tensor | None:
