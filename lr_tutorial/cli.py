@@ -68,11 +68,9 @@ def cmd_personalize_toy(a) -> int:
                                          "augment_max_timestep", "num_class_images",
                                          "recolour_share", "recolour_min_timestep",
                                          "recolour_max_timestep", "recolour_variants",
-                                         "above_weight")}
+                                         "above_weight", "init_lora")}
     if a.backdrops_every_timestep:
         given["backdrops_every_timestep"] = True
-    if a.init_lora:
-        given["init_lora"] = str(a.init_lora)
     if a.layout_scale:
         given["layout_scale"] = tuple(a.layout_scale)
     if a.class_prompt:

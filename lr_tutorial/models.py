@@ -238,15 +238,7 @@ def attach_lora(bundle: ModelBundle, path: str | Path, adapter_name: str = "pers
         raise FileNotFoundError(f"no LoRA weights at {path}; give the folder or file that "
                                 "personalize.dreambooth_lora (or diffusers' training script) wrote")
     check_lora(bundle.unet, path)
-    ident = path.parent / IDENTIFIER_FILE
-    if ident.is_file():
-        embeds = load_state_dict(ident)
-        if list(embeds) != [bundle.identifier]:
-            raise ValueError(f"{ident} holds an embedding for {list(embeds)}, but this bundle's "
-                             f"identifier is {bundle.identifier!r}; load it with identifier=...")
-        ids = bundle.tokenizer(bundle.identifier, add_special_tokens=False).input_ids
-        if len(ids) != 1:
-            raise ValueError(f"{ident}: the identifier {bundle.identifier!r} is not one token here")
+    learned = read_identifier_embedding(bundle, path.parent)
     try:
         bundle.unet.load_lora_adapter(str(path), prefix="unet", adapter_name=adapter_name)
     except (ValueError, RuntimeError, KeyError) as err:
@@ -254,10 +246,26 @@ def attach_lora(bundle: ModelBundle, path: str | Path, adapter_name: str = "pers
     bundle.personalization, bundle.adapter_name = "lora", adapter_name
     bundle._lora_layers = None  # the adapters changed: the next switch walks the UNet again
     bundle.set_identifier_embedding(None)
-    if ident.is_file():
-        bundle.set_identifier_embedding(ids[0], embeds[bundle.identifier])
+    if learned is not None:
+        bundle.set_identifier_embedding(*learned)
     bundle._apply(bundle.mode)
     return bundle
+
+
+def read_identifier_embedding(bundle: ModelBundle, folder: Path) -> tuple[int, torch.Tensor] | None:
+    """(token row, learned embedding (D,)) from a LoRA folder's IDENTIFIER_FILE, None if it has
+    none; ValueError if it was learned for another identifier or the identifier is not one token."""
+    ident = Path(folder) / IDENTIFIER_FILE
+    if not ident.is_file():
+        return None
+    embeds = load_state_dict(ident)
+    if list(embeds) != [bundle.identifier]:
+        raise ValueError(f"{ident} holds an embedding for {list(embeds)}, but this bundle's "
+                         f"identifier is {bundle.identifier!r}; load it with identifier=...")
+    ids = bundle.tokenizer(bundle.identifier, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"{ident}: the identifier {bundle.identifier!r} is not one token here")
+    return ids[0], embeds[bundle.identifier].reshape(-1)
 
 
 # ----------------------------------------------------------------------------- compatibility

@@ -181,6 +181,8 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     if cfg.background_augment:
         _check_masks(images, masks, "background_augment", cfg.background_augment)
         images, masks = paste_on_backdrops(images, masks, cfg.background_augment, cfg.seed)
+    if cfg.recolour_share > 0:
+        _check_masks(images, masks, "recolour_share", cfg.recolour_share)
     n_photos = len(images) - cfg.background_augment  # the rows before are the photos themselves
     # the first rows trained at and above augment_max_timestep: the photos (+ the composites)
     n_above = n_photos + (cfg.background_augment if cfg.backdrops_every_timestep else 0)
@@ -191,7 +193,6 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
                              "with layout_augment")
         # after background_augment: the composites are re-framed too (on their own backdrops)
         if cfg.recolour_share > 0:  # the recolour pairs need the copies' masks
-            _check_masks(images, masks, "recolour_share", cfg.recolour_share)
             copies, copy_masks = reframe(images, cfg.layout_augment, cfg.layout_scale, cfg.seed,
                                          shift=cfg.layout_shift, masks=masks)
             masks = np.concatenate([masks, copy_masks])
@@ -201,7 +202,6 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
             masks = None
         images = np.concatenate([images, copies])
     if cfg.recolour_share > 0:
-        _check_masks(images, masks, "recolour_share", cfg.recolour_share)
         flats = flat_recolour(images, masks, cfg.recolour_variants, cfg.seed)  # (n, k, H, W, 3)
     weights = _loss_weights(bundle, images, masks if not cfg.layout_augment else None, cfg)
     if out_dir is not None:  # fail before training, not after
@@ -233,8 +233,7 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     init = _read_init_lora(bundle, cfg) if cfg.init_lora else None  # (LoRA tensors, identifier row)
     if init is not None and init[1] is not None and cfg.identifier_lr == 0:
         # the identifier stays as the init LoRA learned it: personalized mode writes its row
-        bundle.set_identifier_embedding(bundle.tokenizer(bundle.identifier, add_special_tokens=False)
-                                        .input_ids[0], init[1])
+        bundle.set_identifier_embedding(*init[1])
     token = _identifier_row(bundle, cfg) if cfg.identifier_lr > 0 else None
     encode_instance = _instance_encoder(bundle, cfg, token)
 
@@ -245,7 +244,7 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
         _load_init_lora(unet, init, cfg)
         if token is not None and init[1] is not None:  # the identifier goes on from its learned row
             with torch.no_grad():
-                token.weight[token.id] = init[1].to(token.weight)
+                token.weight[token.id] = init[1][1].to(token.weight)
     bundle.personalization, bundle.adapter_name = "lora", cfg.adapter_name
     bundle._lora_layers = None  # a new adapter: the next switch walks the UNet again
     bundle._apply("personalized")
@@ -277,9 +276,9 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
 
 
 def _read_init_lora(bundle: ModelBundle, cfg: DreamBoothConfig):
-    """(LoRA tensors keyed like the UNet's peft state dict, identifier row (D,) or None) of
+    """(LoRA tensors keyed like the UNet's peft state dict, (token row, learned (D,)) or None) of
     `cfg.init_lora`, after checking that it fits `cfg` and this base model (ValueError if not)."""
-    from .models import check_lora, load_state_dict
+    from .models import check_lora, load_state_dict, read_identifier_embedding
 
     folder = Path(cfg.init_lora)
     file = folder / "pytorch_lora_weights.safetensors" if folder.is_dir() else folder
@@ -298,15 +297,8 @@ def _read_init_lora(bundle: ModelBundle, cfg: DreamBoothConfig):
     check_lora(bundle.unet, file)
     tensors = {k.removeprefix("unet."): v for k, v in load_state_dict(file).items()
                if k.startswith("unet.")}
-    ident = file.parent / IDENTIFIER_FILE
-    row = None
-    if ident.is_file():
-        embeds = load_state_dict(ident)
-        if list(embeds) != [bundle.identifier]:
-            raise ValueError(f"{ident} holds an embedding for {list(embeds)}, but this bundle's "
-                             f"identifier is {bundle.identifier!r}")
-        row = embeds[bundle.identifier].reshape(-1)
-    return tensors, row
+    learned = read_identifier_embedding(bundle, file.parent)  # (row, (D,)) or None
+    return tensors, learned
 
 
 def _load_init_lora(unet, init, cfg: DreamBoothConfig) -> None:
