@@ -6,7 +6,7 @@
 # its own timeout, so one that hangs leaves the others' results. Output: one file per step in
 # $OUT (or outputs/gpu). A machine without diffusers: put its wheel in .whl/ (in .gitignore;
 # `pip download --no-deps diffusers==0.42.1 -d .whl`) and carry it; it is installed into
-# /tmp/site.
+# /tmp/site. Arguments: the steps to run (default all), e.g. `bash bench/gpu.sh stage1 profile`.
 set -u
 export PYTHONUNBUFFERED=1
 out="${OUT:-outputs/gpu}"
@@ -17,15 +17,18 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 py=$(command -v python3 || command -v python)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+only=" $* "
 step() {  # step NAME SECONDS COMMAND...: run, keep the output, print its tail
   local name=$1 secs=$2; shift 2
+  [ "$only" = "  " ] || [[ "$only" == *" $name "* ]] || return 0
   timeout "$secs" "$@" >"$out/$name.txt" 2>&1
   echo "## $name: exit $?"; grep -v '^\[transformers\]\|^There are modules' "$out/$name.txt" | tail -30
 }
 step tests 150 "$py" -m pytest -q -p no:cacheprovider tests/test_pipeline.py tests/test_attention.py -k "gpu or cuda"
 step syncs 90 "$py" bench/syncs.py --backend sd15-random --steps 10 --images 2
+step stage1 170 "$py" bench/stage1.py --backend sd15-random --images 8 --reps 3
 step pipeline 200 "$py" bench/pipeline.py --backend sd15-random --images 8 --reps 2
 step pipeline_hidden 110 "$py" bench/pipeline.py --backend sd15-random --images 8 --reps 1 --no-memory --kv-store hidden
 step attention 90 "$py" bench/attention.py --backend sd15
 # torch.profiler on the H200 outran 120 s at 8 images x 50 steps and 80 s at 2 x 20 (session 13)
-step profile 150 "$py" bench/pipeline.py --backend sd15-random --images 2 --steps 5 --profile torch --profile-top 15
+step profile 120 "$py" bench/pipeline.py --backend sd15-random --images 2 --steps 5 --profile torch --profile-top 15

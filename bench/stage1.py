@@ -1,0 +1,167 @@
+"""Where stage 1's extra time goes inside the full method, from one run.
+
+    python bench/stage1.py --backend sd15-random          # on a GPU: fp16, 512 px, 50 steps, 8 images
+    python bench/stage1.py --backend toy                  # toy models, CPU
+    python bench/stage1.py --backend sd15-random --latent 8 --steps 4 --images 2   # CPU smoke run
+
+Inside LayoutAndRetouch stage 1 (the step-blended layout, layout.step_blended) carries three
+extras that plain stage 1 does not (bench/README.md, session 13: 4.17 s against 2.90 s for 8
+images on an H200). This times stage 1 (denoising + decode of x^c) with each extra alone and with
+all of them, interleaved (the order rotates every repetition), as a median ratio to bare stage 1:
+
+- capture:  the class token's cross-attention at the mask layers (attention.capture), which the
+            context masks are made from;
+- kv-host:  recording the context's self-attention keys/values at the retouch layers for the
+            cached stage 2 (kv.record_kv) into host memory (on a GPU: pinned, side stream);
+- kv-model: the same recording kept where it is computed (no copies; LRConfig(kv_device="model"));
+- rider:    the reference inversion's row riding the personalized steps' UNet calls
+            (sampling.Inversion; its first lambda1 steps run alone before the timer starts);
+- all:      capture + kv-host + rider, as LayoutAndRetouch runs stage 1 with a new reference.
+
+Also prints (a) plain personalized sampling + decode, the unit of bench/pipeline.py, and the
+reference inversion's steps that run alone (riding_inversion's setup: encode + lambda1 steps).
+UNet rows per case are exact.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import UNetCounter, machine, median, sd15_random, sync  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+VARIANTS = ("bare", "capture", "kv-host", "kv-model", "rider", "all", "plain")
+
+
+def setup(a):
+    from lr_tutorial import load_models
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.backend == "toy":
+        bundle, ref = load_models("toy", device=device), None
+        prompts = ["a sks star on the left in the snow", "a sks star at the top at night"]
+    else:
+        latent = a.latent or (64 if device == "cuda" else 16)
+        bundle = sd15_random(latent, device, torch.float16 if device == "cuda" else torch.float32)
+        prompts = ["a sks dog on the beach", "a photo of a sks dog"]
+        ref = (np.random.default_rng(0).random((1, latent * 8, latent * 8, 3)) * 255
+               ).astype(np.uint8)
+    prompts = [prompts[i % len(prompts)] for i in range(a.images)]
+    return bundle, prompts, list(range(a.images)), ref, device
+
+
+def make_variants(a, bundle, prompts, seeds, ref):
+    """name -> fn() returning the seconds of its timed part (stage 1, or plain sampling)."""
+    from lr_tutorial import attention, sampling
+    from lr_tutorial.kv import KVCache, record_kv
+    from lr_tutorial.layout import LayoutConfig, resolve_steps, step_blended
+    from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
+    from lr_tutorial.prompts import check_prompts, token_index
+    from lr_tutorial.retouch import kv_plan, mask_layers, riding_inversion
+
+    cfg = LRConfig(layout=LayoutConfig(steps=a.steps, guidance=a.guidance))
+    lr = LayoutAndRetouch(bundle, cfg)
+    cfg = lr.resolved_config()
+    n, size = cfg.layout.steps, bundle.latent_size
+    lambda1 = resolve_steps(cfg.layout.lambda1, n, "lambda1")
+    layers, kv_steps = kv_plan(bundle, cfg.swap, n, lr.start_step())
+    cls = check_prompts(bundle, prompts)
+    spec = attention.CaptureSpec(layers=mask_layers(bundle.unet, cfg.mask, size), kind="cross",
+                                 tokens=[[i] for i in cls])
+    _, ref_image, ref_prompt = lr._reference_key(ref)
+    ref_idx = token_index(bundle.tokenizer, ref_prompt, bundle.class_noun)
+    alone = []  # seconds of the inversion's steps that run alone, per rider run
+
+    def stage1(extras):
+        def run():
+            observers = []
+            with contextlib.ExitStack() as stack:
+                rider = None
+                if "rider" in extras:
+                    sync()
+                    t0 = time.perf_counter()
+                    rider, _ = stack.enter_context(riding_inversion(
+                        bundle, ref_image, ref_prompt, ref_idx, steps=n, mask_cfg=cfg.mask,
+                        ride_steps=n - lambda1))
+                    sync()
+                    alone.append(time.perf_counter() - t0)
+                if "capture" in extras:
+                    observers.append(stack.enter_context(attention.capture(bundle.unets, spec)))
+                for where in ("host", "model"):
+                    if f"kv-{where}" in extras:
+                        cache = KVCache(layers, kv_steps, store="kv",
+                                        device=None if where == "model" else "cpu")
+                        observers.append(stack.enter_context(record_kv(bundle.unets, cache)))
+                sync()
+                t0 = time.perf_counter()
+                step_blended(bundle, prompts, seeds, cfg.layout, observers=tuple(observers),
+                             checked=True, rider=rider)
+                sync()
+                return time.perf_counter() - t0
+        return run
+
+    def plain():
+        sync()
+        t0 = time.perf_counter()
+        with bundle.using(bundle.personal_mode):
+            z, _ = sampling.sample(bundle, prompts, seeds, steps=n, guidance=cfg.layout.guidance)
+            sampling.decode(bundle, z)
+        sync()
+        return time.perf_counter() - t0
+
+    all_ = ("capture", "kv-host", "rider")
+    out = {"bare": stage1(()), "plain": plain, "all": stage1(all_)}
+    for name in ("capture", "kv-host", "kv-model", "rider"):
+        out[name] = stage1((name,))
+    return {v: out[v] for v in VARIANTS}, alone, len(layers), len(kv_steps)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backend", choices=("toy", "sd15-random"), default="toy")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--latent", type=int, default=None,
+                    help="sd15-random: latent side (default 64 = 512 px on a GPU, 16 on a CPU)")
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
+    a = ap.parse_args()
+
+    header = machine()
+    bundle, prompts, seeds, ref, device = setup(a)
+    counter = UNetCounter(bundle._vanilla_unet, bundle.personal_unet)
+    variants, alone, n_layers, n_kv = make_variants(a, bundle, prompts, seeds, ref)
+    first = {}
+    for name, fn in variants.items():  # warm-up: lazy inits, and (kv-host) pinning host memory
+        first[name] = fn()
+    times = {v: [] for v in VARIANTS}
+    rows = {}
+    for r in range(a.reps):
+        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
+        for v in order:
+            counter.reset()
+            times[v].append(variants[v]())
+            rows[v] = counter.rows
+    bare = times["bare"]
+    print(f"# {a.backend}: stage 1 of {a.images} images, {a.steps} DDIM steps, CFG {a.guidance}, "
+          f"{device}, {bundle.dtype}, latent {bundle.latent_size}; K/V of {n_layers} layers x "
+          f"{n_kv} steps")
+    print(f"# {header}")
+    print(f"# {a.reps} interleaved repetitions; s = median; ratio = median of per-repetition "
+          "ratios to bare stage 1")
+    print(f"{'variant':<12}{'s':>9}{'x bare':>9}{'rows':>8}{'first run s':>13}")
+    for v in VARIANTS:
+        ratio = median([t / b for t, b in zip(times[v], bare)])
+        print(f"{v:<12}{median(times[v]):>9.3f}{ratio:>9.3f}{rows[v]:>8}{first[v]:>13.3f}")
+    print(f"reference inversion, steps alone (encode + first lambda1 steps): "
+          f"{median(alone[1:] or alone):.3f} s (first {alone[0]:.3f} s)")
+
+
+if __name__ == "__main__":
+    main()
