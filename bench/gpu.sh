@@ -27,6 +27,7 @@ step() {  # step NAME SECONDS COMMAND...: run, keep the output, print its tail
 step tests 150 "$py" -m pytest -q -p no:cacheprovider tests/test_pipeline.py tests/test_attention.py -k "gpu or cuda"
 step syncs 90 "$py" bench/syncs.py --backend sd15-random --steps 10 --images 2
 step stage1 170 "$py" bench/stage1.py --backend sd15-random --images 8 --reps 3
+step stage2 170 "$py" bench/stage2.py --backend sd15-random --images 8 --reps 3
 step pipeline 200 "$py" bench/pipeline.py --backend sd15-random --images 8 --reps 2
 step pipeline_hidden 110 "$py" bench/pipeline.py --backend sd15-random --images 8 --reps 1 --no-memory --kv-store hidden
 step attention 90 "$py" bench/attention.py --backend sd15
