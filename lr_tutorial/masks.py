@@ -232,6 +232,49 @@ def feather(binary: np.ndarray, width: float) -> np.ndarray:
     return np.clip(0.5 + sd / (2 * width), 0.0, 1.0).astype(np.float32)
 
 
+# ------------------------------------------------- the same, on the maps' device (stage 2's loop)
+def normalize_maps(a: torch.Tensor) -> torch.Tensor:
+    """`normalize` of (B, h, w) maps, in torch on their device, float32: the same numbers."""
+    a = a.float()
+    flat = a.reshape(a.shape[0], -1)  # (B, hw)
+    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    return ((flat - lo) / (hi - lo).clamp_min(1e-8)).reshape(a.shape)
+
+
+def _distance_to(feature: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance (float64) from each pixel of (B, h, w) to the nearest True pixel of
+    `feature` (0 on them; inf where a map has none): exact, as the separable minimum of squared
+    distances, first along rows then along columns:
+
+        g[b, i', j] = min_j' (j - j')^2 + f[b, i', j']      f = 0 on feature, inf off it
+        d[b, i, j]  = min_i' (i - i')^2 + g[b, i', j]
+    """
+    b, h, w = feature.shape
+    f = torch.zeros(feature.shape, dtype=torch.float64, device=feature.device)
+    f = f.masked_fill(~feature, float("inf"))
+    jj = torch.arange(w, device=feature.device, dtype=torch.float64)
+    ii = torch.arange(h, device=feature.device, dtype=torch.float64)
+    g = (f[:, :, None, :] + (jj[:, None] - jj[None]) ** 2).amin(-1)  # (B, h, w[j]) over j'
+    d = (g[:, None] + ((ii[:, None] - ii[None]) ** 2)[None, :, :, None]).amin(2)  # over i'
+    return d.sqrt()
+
+
+def feather_maps(binary: torch.Tensor, width: float) -> torch.Tensor:
+    """`feather` of (B, h, w) boolean maps, in torch on their device: the same float32 numbers
+    (tested against scipy's distance transform), without a round trip through the host, so
+    stage 2's adaptive mask does not make the CPU wait for the GPU at every step."""
+    binary = binary.bool()
+    if width <= 0:
+        return binary.float()
+    # scipy's edt(B): distance of each pixel to the nearest pixel outside B (0 outside)
+    sd = _distance_to(~binary) - _distance_to(binary)
+    sd = torch.where(binary, sd - 0.5, sd + 0.5)
+    soft = (0.5 + sd / (2 * width)).clamp(0.0, 1.0).float()
+    flat = binary.flatten(1)
+    trivial = (~flat.any(1) | flat.all(1))[:, None, None]  # an empty or full map stays binary
+    return torch.where(trivial, binary.float(), soft)
+
+
 @dataclass
 class FusedMask:
     """Every stage of the recipe, at latent resolution (h, w): attention A (normalized),

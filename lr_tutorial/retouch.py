@@ -50,10 +50,16 @@ def window(cfg: masks.MaskConfig, n: int) -> list[int]:
 def aggregate(store, rows: slice, n_steps: int, cfg: masks.MaskConfig, size: int,
               steps: list[int] | None = None) -> np.ndarray:
     """Mean class-token map (rows of the store's batch) over the window's steps: (B, size, size)."""
+    # .cpu(): while a capture with offload="end" runs, its maps are still on the GPU
+    return class_maps(store, rows, n_steps, cfg, size, steps).cpu().numpy()
+
+
+def class_maps(store, rows: slice, n_steps: int, cfg: masks.MaskConfig, size: int,
+               steps: list[int] | None = None) -> torch.Tensor:
+    """`aggregate`, left where the maps are (on a GPU: no wait for it): (B, size, size) float32."""
     steps = steps if steps is not None else window(cfg, n_steps)
     present = [s for s in steps if s in set(store.steps())]
-    # .cpu(): while a capture with offload="end" runs, its maps are still on the GPU
-    return store.cross_map(0, size, steps=present)[rows].cpu().numpy()
+    return store.cross_map(0, size, steps=present)[rows]
 
 
 @torch.no_grad()
@@ -165,7 +171,7 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
     with bundle.using(personal):  # y^p with the identifier's learned embedding, if there is one
         cond_p = sampling.encode_prompts(bundle, layout.prompt)
         cond_r = sampling.encode_prompts(bundle, [reference.prompt])
-    m_ctx = torch.as_tensor(context_masks, dtype=torch.float32)  # (B, h, w)
+    m_ctx = torch.as_tensor(context_masks, dtype=torch.float32).to(bundle.device)  # (B, h, w)
     ctl = swap.SwapController(bundle.unet, swap_cfg, steps, size)
     ctl.set_masks(target=m_ctx, reference=torch.as_tensor(reference.mask.mask)[None])
     mask_layers_ = mask_layers(bundle.unet, mask_cfg, size)
@@ -199,27 +205,30 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
             eps = sampling.guided_eps(bundle.unet, z_in, t, cond, uncond, guidance)[target_rows]
             out = sched.step(eps, t, zt)
             zt = out.prev_sample
-            used.append(m.numpy().copy())
+            m_used = m  # replaced below, never written in place
+            used.append(sampling.to_host(m_used))
             if k < l3:
-                mm = sampling.to_device(m[:, None], zt)
+                mm = m[:, None].to(zt.dtype)
                 zt = mm * zt + (1 - mm) * sampling.to_device(layout.trajectory.latents[k + 1], zt)
             if mask_cfg.adaptive and mask_cfg.source != "segmenter" and k in win:  # attention-based
-                # running mean over the window's steps seen so far (each step: mean over layers)
-                acc = acc + aggregate(store, target_rows, steps, mask_cfg, size, steps=[k])
+                # running mean over the window's steps seen so far (each step: mean over layers),
+                # kept on the model's device: no wait for the GPU here (bench/README.md, session 18)
+                acc = acc + class_maps(store, target_rows, steps, mask_cfg, size, steps=[k])
                 n_seen += 1
                 a = acc / n_seen
-                own = np.stack([masks.feather(masks.normalize(ai) >= mask_cfg.tau_lo,
-                                              mask_cfg.feather) for ai in a])
-                m = torch.maximum(m_ctx, torch.as_tensor(own))
+                own = masks.feather_maps(masks.normalize_maps(a) >= mask_cfg.tau_lo,
+                                         mask_cfg.feather)
+                m = torch.maximum(m_ctx, own)
                 ctl.set_masks(target=m)
             traj.timesteps.append(int(t))
             traj.x0.append(sampling.to_host(out.pred_original_sample))
             traj.latents.append(sampling.to_host(zt))
             if callback is not None:
                 callback({"step": k, "timestep": int(t), "latent": zt,
-                          "x0": out.pred_original_sample, "mask": used[-1]})
-    sampling.settle(zt)  # the trajectory's host copies have landed
-    used = np.stack(used) if used else np.zeros((0, *m_ctx.shape), np.float32)
+                          "x0": out.pred_original_sample, "mask": m_used.cpu().numpy().copy()})
+    sampling.settle(zt)  # the trajectory's (and masks') host copies have landed
+    used = (torch.stack(used).numpy() if used
+            else np.zeros((0, *m_ctx.shape), np.float32))
     return zt, traj, used, store
 
 
