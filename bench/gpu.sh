@@ -24,11 +24,12 @@ step() {  # step NAME SECONDS COMMAND...: run, keep the output, print its tail
   timeout "$secs" "$@" >"$out/$name.txt" 2>&1
   echo "## $name: exit $?"; grep -v '^\[transformers\]\|^There are modules' "$out/$name.txt" | tail -30
 }
-step tests 150 "$py" -m pytest -q -p no:cacheprovider tests/test_pipeline.py tests/test_attention.py -k "gpu or cuda"
+step tests 100 "$py" -m pytest -q -p no:cacheprovider tests/test_pipeline.py tests/test_attention.py -k "gpu or cuda"
 step syncs 90 "$py" bench/syncs.py --backend sd15-random --steps 10 --images 2
 step stage1 170 "$py" bench/stage1.py --backend sd15-random --images 8 --reps 3
-step stage2 170 "$py" bench/stage2.py --backend sd15-random --images 8 --reps 3
+step stage2 170 "$py" bench/stage2.py --backend sd15-random --images 8 --reps 2 --profile-steps 10
 step pipeline 200 "$py" bench/pipeline.py --backend sd15-random --images 8 --reps 2
+step pipeline_quick 100 "$py" bench/pipeline.py --backend sd15-random --images 8 --reps 1 --no-memory
 step pipeline_hidden 110 "$py" bench/pipeline.py --backend sd15-random --images 8 --reps 1 --no-memory --kv-store hidden
 step attention 90 "$py" bench/attention.py --backend sd15
 # torch.profiler on the H200 outran 120 s at 8 images x 50 steps and 80 s at 2 x 20 (session 13)

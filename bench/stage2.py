@@ -19,10 +19,16 @@ switched off one at a time:
 
 The last three change the method's work or result: they say what each part costs, not a
 setting to use. Cases are interleaved (the order rotates every repetition); UNet rows are exact.
+
+Then, whether the steps wait on the GPU or on Python: plain sampling's time per step at 1, 2, 4
+and 8 images (if it hardly grows with the rows, the CPU's work per step sets the pace), and with
+`--profile-steps K`, torch.profiler over K-step runs of plain sampling and of stage 2 (default
+variant): the GPU's busy time per step (sum of kernel times) against the CPU's.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from dataclasses import replace
@@ -46,6 +52,8 @@ def main() -> None:
                     help="sd15-random: latent side (default 64 = 512 px on a GPU, 16 on a CPU)")
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="also profile plain sampling and stage 2 over runs of this many steps")
     a = ap.parse_args()
 
     from lr_tutorial import pipeline, sampling
@@ -70,17 +78,23 @@ def main() -> None:
         sync()
         t0, r0 = time.perf_counter(), counter.rows
         try:
+            if "profile" in spent:  # --profile-steps: this call under torch.profiler
+                with profiled() as prof:
+                    out = inner(*args, **kwargs)
+                spent["profile"] = prof
+                return out
             return inner(*args, **kwargs)
         finally:
             sync()
             spent["s"], spent["rows"] = time.perf_counter() - t0, counter.rows - r0
     pipeline.retouch = timed_retouch
 
-    def plain():
+    def plain(n_images=a.images, steps=a.steps):
         sync()
         t0 = time.perf_counter()
         with bundle.using(bundle.personal_mode):
-            sampling.sample(bundle, prompts, seeds, steps=a.steps, guidance=a.guidance)
+            sampling.sample(bundle, prompts[:n_images], seeds[:n_images], steps=steps,
+                            guidance=a.guidance)
         sync()
         return time.perf_counter() - t0
 
@@ -109,6 +123,48 @@ def main() -> None:
         per = median(times[v]) / steps2[v]
         print(f"{v:<14}{median(times[v]):>10.3f}{steps2[v]:>7}{per * 1000:>9.1f}"
               f"{per / plain_step:>14.2f}{rows[v] / steps2[v]:>11.1f}")
+
+    sizes = [b for b in (1, 2, 4, 8, 16) if b <= a.images]
+    probe = 10
+    for b in sizes:  # warm-up at each batch size
+        plain(b, probe)
+    ms = {b: median([plain(b, probe) for _ in range(2)]) / probe * 1000 for b in sizes}
+    print("# plain sampling, ms per step by images per call (rows = 2 x images under CFG): "
+          + ", ".join(f"{b}: {ms[b]:.1f}" for b in sizes))
+
+    if a.profile_steps:
+        k = a.profile_steps
+        short = LayoutAndRetouch(bundle, replace(base, layout=LayoutConfig(
+            steps=k, guidance=a.guidance)))
+        short(prompts, ref, seed=seeds)  # warm-up: reference work, shapes
+        with profiled() as prof:
+            plain(a.images, k)
+        report("plain sampling", prof, k)
+        spent["profile"] = None
+        res = short(prompts, ref, seed=seeds)
+        report("stage 2 (cached, default)", spent.pop("profile"), len(res.target.timesteps))
+
+
+@contextlib.contextmanager
+def profiled():
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        yield prof
+        sync()
+
+
+def report(what, prof, steps):
+    """Busy time per step: the CPU's (self time of every op, profiler overhead included) and
+    the GPU's (sum of kernel times); the top 8 ops by each."""
+    ev = prof.key_averages()
+    cpu = sum(e.self_cpu_time_total for e in ev) / 1000 / steps
+    gpu = sum(getattr(e, "self_device_time_total", 0) for e in ev) / 1000 / steps
+    print(f"# profile of {what}, {steps} steps: CPU {cpu:.1f} ms/step (profiled), GPU busy "
+          f"{gpu:.1f} ms/step")
+    for key in ("self_cpu_time_total",) + (("self_device_time_total",)
+                                            if torch.cuda.is_available() else ()):
+        print(ev.table(sort_by=key, row_limit=8, max_name_column_width=50))
 
 
 if __name__ == "__main__":
