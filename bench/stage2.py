@@ -157,9 +157,13 @@ def profiled():
 def report(what, prof, steps):
     """Busy time per step: the CPU's (self time of every op, profiler overhead included) and
     the GPU's (sum of kernel times); the top 8 ops by each."""
+    from torch.autograd import DeviceType
     ev = prof.key_averages()
     cpu = sum(e.self_cpu_time_total for e in ev) / 1000 / steps
-    gpu = sum(getattr(e, "self_device_time_total", 0) for e in ev) / 1000 / steps
+    # the device's own events only (kernels, copies), as the table's "Self CUDA time total":
+    # the aten ops that launched them carry the same time again
+    gpu = sum(e.self_device_time_total for e in ev if e.device_type == DeviceType.CUDA
+              ) / 1000 / steps
     print(f"# profile of {what}, {steps} steps: CPU {cpu:.1f} ms/step (profiled), GPU busy "
           f"{gpu:.1f} ms/step")
     for key in ("self_cpu_time_total",) + (("self_device_time_total",)
