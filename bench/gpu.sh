@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Issue 6's GPU checks as one prepared call of a lent GPU machine (about 7 min on an H200):
+# Issue 6's GPU checks as one prepared call of a lent GPU machine (the default steps: about 8 min on an H200):
 # the GPU-only tests, the waits for the GPU per case (bench/syncs.py), the pipeline and capture
-# benchmarks (bench/README.md), and a torch.profiler
+# benchmarks, the per-stage breakdowns (bench/stage1.py, bench/stage2.py; bench/README.md), and a torch.profiler
 # run of the batched and cached full method (top entries by CPU and by GPU time). Each step has
 # its own timeout, so one that hangs leaves the others' results. Output: one file per step in
 # $OUT (or outputs/gpu). A machine without diffusers: put its wheel in .whl/ (in .gitignore;
 # `pip download --no-deps diffusers==0.42.1 -d .whl`) and carry it; it is installed into
-# /tmp/site. Arguments: the steps to run (default all), e.g. `bash bench/gpu.sh stage1 profile`.
+# /tmp/site. Arguments: the steps to run, e.g. `bash bench/gpu.sh stage1 profile`; default: the
+# ones that fit one call's 600 s together (tests syncs stage1 stage2 pipeline_quick attention).
 set -u
 export PYTHONUNBUFFERED=1
 out="${OUT:-outputs/gpu}"
@@ -17,10 +18,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 py=$(command -v python3 || command -v python)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-only=" $* "
+only=" ${*:-tests syncs stage1 stage2 pipeline_quick attention} "
 step() {  # step NAME SECONDS COMMAND...: run, keep the output, print its tail
   local name=$1 secs=$2; shift 2
-  [ "$only" = "  " ] || [[ "$only" == *" $name "* ]] || return 0
+  [[ "$only" == *" $name "* ]] || return 0
   timeout "$secs" "$@" >"$out/$name.txt" 2>&1
   echo "## $name: exit $?"; grep -v '^\[transformers\]\|^There are modules' "$out/$name.txt" | tail -30
 }
