@@ -86,11 +86,11 @@ class MaskConfig:
 
 
 def normalize(a: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Min-max normalize each map of a (B, h, w) or (h, w) array to [0, 1]."""
+    """Min-max normalize each map of a (B, h, w) or (h, w) array to [0, 1] (normalize_maps,
+    on the host)."""
     a = np.asarray(a, dtype=np.float32)
-    flat = a.reshape(-1, a.shape[-2] * a.shape[-1]) if a.ndim == 3 else a.reshape(1, -1)
-    lo, hi = flat.min(1, keepdims=True), flat.max(1, keepdims=True)
-    return ((flat - lo) / np.maximum(hi - lo, 1e-8)).reshape(a.shape)
+    flat = a.reshape(a.shape[0] if a.ndim == 3 else 1, -1)
+    return normalize_maps(torch.from_numpy(np.ascontiguousarray(flat))).numpy().reshape(a.shape)
 
 
 def resize(mask: np.ndarray, size: int) -> np.ndarray:
@@ -221,20 +221,19 @@ def segment(segmenter: Segmenter, image: np.ndarray, attn: np.ndarray, cfg: Mask
 
 # ----------------------------------------------------------------------------- fusion
 def feather(binary: np.ndarray, width: float) -> np.ndarray:
-    """Soft mask from the signed Euclidean distance to the boundary: 1/2 + sd / (2 width),
-    clipped to [0, 1]; sd > 0 inside. width 0 returns the binary mask."""
+    """Soft mask (h, w) float32 from the signed Euclidean distance to the boundary:
+    1/2 + sd / (2 width), clipped to [0, 1]; sd > 0 inside. width 0, an empty or a full mask
+    return the binary mask. (feather_maps, on the host.)"""
     binary = np.asarray(binary, bool)
-    if width <= 0 or not binary.any() or binary.all():
-        return binary.astype(np.float32)
-    sd = ndimage.distance_transform_edt(binary) - ndimage.distance_transform_edt(~binary)
-    # edt gives the distance to the nearest pixel of the other set: shift by 1/2 to the boundary
-    sd = np.where(binary, sd - 0.5, sd + 0.5)
-    return np.clip(0.5 + sd / (2 * width), 0.0, 1.0).astype(np.float32)
+    if binary.ndim != 2:
+        raise ValueError(f"feather takes one (h, w) mask, got shape {binary.shape}; for a batch "
+                         "of masks use feather_maps on a (B, h, w) tensor")
+    return feather_maps(torch.from_numpy(binary)[None], width)[0].numpy()
 
 
-# ------------------------------------------------- the same, on the maps' device (stage 2's loop)
+# ------------------------------------------- on the maps' device (stage 2's loop stays on the GPU)
 def normalize_maps(a: torch.Tensor) -> torch.Tensor:
-    """`normalize` of (B, h, w) maps, in torch on their device, float32: the same numbers."""
+    """Min-max normalize each of (B, ...) maps to [0, 1], float32, where they are."""
     a = a.float()
     flat = a.reshape(a.shape[0], -1)  # (B, hw)
     lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
@@ -260,9 +259,14 @@ def _distance_to(feature: torch.Tensor) -> torch.Tensor:
 
 
 def feather_maps(binary: torch.Tensor, width: float) -> torch.Tensor:
-    """`feather` of (B, h, w) boolean maps, in torch on their device: the same float32 numbers
-    (tested against scipy's distance transform), without a round trip through the host, so
-    stage 2's adaptive mask does not make the CPU wait for the GPU at every step."""
+    """`feather` of (B, h, w) boolean maps, where they are: on a GPU without a round trip
+    through the host, so stage 2's adaptive mask does not make the CPU wait for the GPU at every
+    step (bench/README.md, session 18). The signed distance is exact: a test checks every
+    number against scipy.ndimage.distance_transform_edt.
+
+        sd = edt(B) - edt(~B), shifted by 1/2 to the boundary     edt: distance to the other set
+        M  = clip(1/2 + sd / (2 width), 0, 1)
+    """
     binary = binary.bool()
     if width <= 0:
         return binary.float()

@@ -197,32 +197,52 @@ def test_feather_is_one_half_at_the_boundary(width):
     assert (row[9] + row[10]) / 2 == pytest.approx(0.5)
 
 
-def test_torch_twins_of_normalize_and_feather_give_the_same_numbers():
-    """Stage 2's adaptive mask runs normalize_maps / feather_maps on the maps' device (no wait
-    for the GPU per step); they must reproduce normalize / feather (scipy's distance
-    transform) exactly, edge cases included: a constant map, an empty and a full mask, width 0,
-    non-square maps."""
+def _scipy_normalize(a):
+    flat = a.reshape(-1, a.shape[-2] * a.shape[-1]) if a.ndim == 3 else a.reshape(1, -1)
+    lo, hi = flat.min(1, keepdims=True), flat.max(1, keepdims=True)
+    return ((flat - lo) / np.maximum(hi - lo, 1e-8)).reshape(a.shape)
+
+
+def _scipy_feather(binary, width):
+    """The recipe with scipy's exact Euclidean distance transform: the reference numbers."""
+    from scipy import ndimage
+    if width <= 0 or not binary.any() or binary.all():
+        return binary.astype(np.float32)
+    sd = ndimage.distance_transform_edt(binary) - ndimage.distance_transform_edt(~binary)
+    sd = np.where(binary, sd - 0.5, sd + 0.5)
+    return np.clip(0.5 + sd / (2 * width), 0.0, 1.0).astype(np.float32)
+
+
+def test_normalize_and_feather_match_numpy_and_scipy_exactly():
+    """normalize_maps / feather_maps (torch, on the maps' device: stage 2's adaptive mask runs
+    them on the GPU) and their host wrappers normalize / feather must give numpy's min-max and
+    scipy's distance-transform numbers exactly, edge cases included: a constant map, an empty
+    and a full mask, width 0, non-square maps."""
     from lr_tutorial.masks import feather_maps, normalize_maps
     rng = np.random.default_rng(0)
     for trial in range(40):
         h, w = (int(x) for x in rng.integers(1, 24, 2))
         a = (rng.random((3, h, w)) ** 3).astype(np.float32)
-        a[1] = 0.25 if trial % 5 == 0 else a[1]  # constant: normalize's 1e-8 floor
+        a[1] = 0.25 if trial % 5 == 0 else a[1]  # constant: the 1e-8 floor
+        want_n = _scipy_normalize(a)
         n = normalize_maps(torch.as_tensor(a))
-        assert n.dtype == torch.float32 and np.array_equal(n.numpy(), normalize(a))
+        assert n.dtype == torch.float32 and np.array_equal(n.numpy(), want_n)
+        assert np.array_equal(normalize(a), want_n) and np.array_equal(normalize(a[0]), want_n[0])
         for tau in (0.1, 0.3, 0.7):
-            b = normalize(a) >= tau
+            b = want_n >= tau
             if trial % 4 == 0:
                 b[0], b[2] = True, False  # full and empty maps stay binary
             for width in (0.0, 0.5, 1.0, 2.5):
-                want = np.stack([feather(x, width) for x in b])
+                want = np.stack([_scipy_feather(x, width) for x in b])
                 got = feather_maps(torch.as_tensor(b), width)
                 assert got.dtype == torch.float32 and np.array_equal(got.numpy(), want), \
                     (trial, tau, width)
-    disc = torch.as_tensor(_disc())[None]  # a real feathered edge, not only 0/1 pixels
-    soft = feather_maps(disc, 2.0)
-    assert ((soft > 0) & (soft < 1)).sum() > 100 and np.array_equal(soft[0].numpy(),
-                                                                    feather(_disc(), 2.0))
+                assert np.array_equal(feather(b[1], width), want[1])
+    soft = feather(_disc(), 2.0)  # a real feathered edge, not only 0/1 pixels
+    assert ((soft > 0) & (soft < 1)).sum() > 100
+    assert np.array_equal(soft, _scipy_feather(_disc(), 2.0))
+    with pytest.raises(ValueError, match="feather_maps"):
+        feather(np.zeros((2, 4, 4), bool), 1.0)
 
 
 def test_feather_width_zero_returns_the_binary_mask():
