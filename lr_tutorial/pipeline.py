@@ -49,7 +49,9 @@ class LRConfig:
     targets: 2B + 1 rows); "auto" (default) takes "cached" when its key/value caches fit in
     `kv_budget_gb` and the target starts after lambda1, else "batched" (also for one prompt
     with a new reference, where the reference's key/value replay does not pay off; on an
-    H200, SD 1.5 at 512 px, 8 images: cached 2.8x a plain run, batched 3.2x; bench/README.md).
+    H200, SD 1.5 at 512 px, 8 images: cached 2.85x a plain run, batched 3.43x; bench/README.md,
+    session 18; a one-call script of 8 images is faster batched, since the first cached call
+    pins its host memory).
     Same result (tested),
     the cached path at about half the UNet work of stage 2; a `capture=` of stage 2 uses
     "batched" since it records every branch.
