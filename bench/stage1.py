@@ -122,8 +122,9 @@ def make_variants(a, bundle, prompts, seeds, ref):
     return {v: out[v] for v in VARIANTS}, alone, len(layers), len(kv_steps)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The workload's arguments, shared with bench/stage2.py (which uses `setup` too)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--backend", choices=("toy", "sd15-random"), default="toy")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--images", type=int, default=8)
@@ -131,7 +132,11 @@ def main() -> None:
                     help="sd15-random: latent side (default 64 = 512 px on a GPU, 16 on a CPU)")
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
-    a = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    a = parser(__doc__).parse_args()
 
     header = machine()
     bundle, prompts, seeds, ref, device = setup(a)

@@ -27,7 +27,6 @@ variant): the GPU's busy time per step (sum of kernel times) against the CPU's.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import UNetCounter, machine, median, sync  # noqa: E402
-from stage1 import setup  # noqa: E402
+from stage1 import parser, setup  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -44,14 +43,7 @@ VARIANTS = ("default", "no-adaptive", "kv-model", "context-only")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backend", choices=("toy", "sd15-random"), default="toy")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--latent", type=int, default=None,
-                    help="sd15-random: latent side (default 64 = 512 px on a GPU, 16 on a CPU)")
-    ap.add_argument("--guidance", type=float, default=7.5)
-    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
+    ap = parser(__doc__)
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="also profile plain sampling and stage 2 over runs of this many steps")
     a = ap.parse_args()
