@@ -10,15 +10,16 @@ times stage 2 (retouch.retouch, inside LayoutAndRetouch with the reference alrea
 step, as a ratio to a plain personalized step (same rows), with the settings that add work
 switched off one at a time:
 
-- default:      LRConfig() as shipped (stage2="cached");
-- no-adaptive:  MaskConfig(adaptive=False): the target mask is not recomputed from the target's
-                cross-attention at every step (no read of the maps on the host per step);
+- default:      LRConfig() as shipped (stage2="cached"; since session 19 a fixed mask);
+- adaptive:     MaskConfig(adaptive=True): the target mask is recomputed from the target's
+                cross-attention at every step, on the maps' device (the default until session
+                18, whose numbers in bench/README.md have it in every row but "no adaptive");
 - kv-model:     LRConfig(kv_device="model"): the caches stay on the GPU (no host copies);
 - context-only: SwapConfig(mode="context"): one attention per swapped layer (the context's)
                 instead of the masked reference's and the context's.
 
-The last three change the method's work or result: they say what each part costs, not a
-setting to use. Cases are interleaved (the order rotates every repetition); UNet rows are exact.
+The other three change the method's work or result: they say what each part costs, not a
+setting to use (adaptive: the option's cost). Cases are interleaved (the order rotates every repetition); UNet rows are exact.
 
 Then, whether the steps wait on the GPU or on Python: plain sampling's time per step at 1, 2, 4
 and 8 images (if it hardly grows with the rows, the CPU's work per step sets the pace), and with
@@ -39,7 +40,7 @@ from stage1 import parser, setup  # noqa: E402
 
 import torch  # noqa: E402
 
-VARIANTS = ("default", "no-adaptive", "kv-model", "context-only")
+VARIANTS = ("default", "adaptive", "kv-model", "context-only")
 
 
 def main() -> None:
@@ -59,7 +60,7 @@ def main() -> None:
     counter = UNetCounter(bundle._vanilla_unet, bundle.personal_unet)
     base = LRConfig(layout=LayoutConfig(steps=a.steps, guidance=a.guidance), stage2="cached")
     configs = {"default": base,
-               "no-adaptive": replace(base, mask=MaskConfig(adaptive=False)),
+               "adaptive": replace(base, mask=MaskConfig(adaptive=True)),
                "kv-model": replace(base, kv_device="model"),
                "context-only": replace(base, swap=SwapConfig(mode="context"))}
     runners = {v: LayoutAndRetouch(bundle, c) for v, c in configs.items()}

@@ -11,6 +11,7 @@
 | attention_mask     | mask from cross-attention only             | mask.source = "attention"            |
 | segmenter_mask     | mask from the segmenter only               | mask.source = "segmenter"            |
 | no_blending        | no latent blending                         | mask.lambda3 = 0                     |
+| adaptive_mask      | mask re-grown each step from the target    | mask.adaptive = True                 |
 
 vanilla / personalized go through stage 1 with lambda1 = N / 0, which is bit-for-bit plain
 sampling with either model (tests/test_pipeline.py), so every method shares one code path.
@@ -46,6 +47,8 @@ METHODS = {m.name: m for m in (
     Method("attention_mask", "lr", "mask from cross-attention only", (("mask.source", "attention"),)),
     Method("segmenter_mask", "lr", "mask from the segmenter only", (("mask.source", "segmenter"),)),
     Method("no_blending", "lr", "no latent blending", (("mask.lambda3", 0),)),
+    Method("adaptive_mask", "lr", "mask re-grown each step from the target's attention",
+           (("mask.adaptive", True),)),
 )}
 SWEEPABLE = ("stage1", "layout_and_retouch")
 

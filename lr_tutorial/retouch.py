@@ -11,7 +11,8 @@ other two branches' keys/values cached from stage 1 and from a replay of the ref
 
     z^t_{k+1} = DDIM(z^t_k, CFG(eps*, [z^r_k, z^c_k, z^t_k], t_k))[target]
     z^t_{k+1} = M_k z^t_{k+1} + (1 - M_k) z^c_{k+1}        for k < lambda3
-    M_{k+1}   = max(M^c, feather(norm(mean_{j<=k} A^t_j) >= tau_lo))   (adaptive)
+    M_{k+1}   = max(M^c, feather(norm(mean_{j<=k} A^t_j) >= tau_lo  &  near))   (adaptive)
+    near      = distance to {M^c >= 1/2} <= adaptive_reach * h       (everywhere if None)
 """
 from __future__ import annotations
 
@@ -187,6 +188,7 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
     spec = attention.CaptureSpec(layers=mask_layers_, kind="cross", tokens=tokens)
     win = set(window(mask_cfg, steps))
     m = m_ctx.clone()
+    near = reach_region(m_ctx, mask_cfg.adaptive_reach)  # (B, h, w) bool, or None: anywhere
     zt = layout.trajectory.latents[start_step].to(bundle.device, bundle.dtype)
     traj = sampling.Trajectory(latents=[sampling.to_host(zt)])
     used, acc, n_seen = [], 0.0, 0
@@ -216,8 +218,10 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
                 acc = acc + class_maps(store, target_rows, steps, mask_cfg, size, steps=[k])
                 n_seen += 1
                 a = acc / n_seen
-                own = masks.feather_maps(masks.normalize_maps(a) >= mask_cfg.tau_lo,
-                                         mask_cfg.feather)
+                support = masks.normalize_maps(a) >= mask_cfg.tau_lo  # (B, h, w)
+                if near is not None:
+                    support = support & near
+                own = masks.feather_maps(support, mask_cfg.feather)
                 m = torch.maximum(m_ctx, own)
                 ctl.set_masks(target=m)
             traj.timesteps.append(int(t))
@@ -231,6 +235,15 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
             else np.zeros((0, *m_ctx.shape), np.float32))
     return zt, traj, used, store
 
+
+
+def reach_region(m_ctx: torch.Tensor, reach: float | None) -> torch.Tensor | None:
+    """Where the adaptive mask may grow: pixels within reach * h (Euclidean) of the context's
+    object {M^c >= 1/2}, (B, h, w) bool on M^c's device; None when unbounded."""
+    if reach is None:
+        return None
+    dist = masks.distance_to(m_ctx >= 0.5)  # (B, h, w), inf where a context mask is empty
+    return dist <= reach * m_ctx.shape[-1]
 
 
 def reference_class_index(bundle, prompt: str) -> int:

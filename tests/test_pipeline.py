@@ -6,6 +6,7 @@ import torch
 
 from lr_tutorial import attention, sampling
 from lr_tutorial.layout import LayoutConfig, resolve_steps, step_blended
+from lr_tutorial.masks import MaskConfig
 from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
 from lr_tutorial.sd import load_sd
 
@@ -94,6 +95,37 @@ def test_full_pipeline_runs_and_keeps_every_intermediate(bundle, tmp_path):
     res.save(tmp_path / "run", overwrite=True)
 
 
+def test_adaptive_reach_bounds_how_far_the_target_mask_grows(bundle):
+    """mask.adaptive_reach: the per-step mask may differ from the context's only within
+    reach * h (+ the feather ramp) of the context's object; unbounded it grows further on these
+    random weights, so the check can fail."""
+    import copy
+
+    from scipy import ndimage
+
+    n = 8
+    cfg = LRConfig(layout=LayoutConfig(steps=n))
+    cfg.swap.lambda2, cfg.mask.lambda3, cfg.mask.adaptive = 4, 1.0, True
+    ref = (np.random.default_rng(0).random((1, 64, 64, 3)) * 255).astype(np.uint8)
+
+    def beyond(reach):  # how much of each per-step mask lies outside reach (+ feather) of M^c
+        c = copy.deepcopy(cfg)
+        c.mask.adaptive_reach = reach
+        res = LayoutAndRetouch(bundle, c)(PROMPTS, ref, seed=SEEDS)
+        ctx = np.stack([m.mask for m in res.masks.context])  # (B, h, w)
+        h = ctx.shape[-1]
+        far = np.stack([ndimage.distance_transform_edt(m < 0.5) for m in ctx])  # to {M^c >= 1/2}
+        outside = far > (reach or 0) * h + c.mask.feather + 0.5  # (B, h, w)
+        per = res.masks.per_step  # (steps, B, h, w); step 0 is M^c itself
+        assert np.array_equal(per[0], ctx)
+        return float(np.abs(per - ctx)[:, outside].max(initial=0.0))
+
+    assert beyond(0.0) == 0.0 and beyond(0.125) == 0.0
+    # measured: 6 (sd15) / 18 (sd2) of the 128 pixels lie beyond reach 0; unbounded, the mask
+    # moved there by 1.0 (sd15) / 0.75 (sd2)
+    assert beyond(None) > 0.2
+
+
 def test_prompt_without_identifier_is_rejected(bundle):
     lr = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=2)))
     with pytest.raises(ValueError, match="identifier 'sks'"):
@@ -109,7 +141,7 @@ def test_cached_stage2_equals_the_batched_three_branch_stage2(bundle, mode):
     out = {}
     for stage2 in ("batched", "cached"):
         cfg = LRConfig(layout=LayoutConfig(steps=n), swap=attention.SwapConfig(mode=mode),
-                       stage2=stage2)
+                       mask=MaskConfig(adaptive=True), stage2=stage2)  # the per-step masks too
         lr = LayoutAndRetouch(bundle, cfg)
         out[stage2] = lr(PROMPTS, ref, seed=SEEDS)
     a, b = out["batched"], out["cached"]
@@ -425,7 +457,8 @@ def test_cached_stage2_on_a_gpu_with_host_caches_equals_the_batched_stage2(tmp_p
     ref = (np.random.default_rng(0).random((1, 64, 64, 3)) * 255).astype(np.uint8)
     out = {}
     for stage2 in ("batched", "cached"):
-        lr = LayoutAndRetouch(gpu, LRConfig(layout=LayoutConfig(steps=8), stage2=stage2))
+        lr = LayoutAndRetouch(gpu, LRConfig(layout=LayoutConfig(steps=8), stage2=stage2,
+                                            mask=MaskConfig(adaptive=True)))
         out[stage2] = lr(PROMPTS, ref, seed=SEEDS)
         out[stage2 + "2"] = lr(PROMPTS, ref, seed=SEEDS)  # cached: the reference's K/V reused
     assert out["cached"].config["stage2_used"] == "cached"
