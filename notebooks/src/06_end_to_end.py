@@ -156,7 +156,7 @@ plt.show()
 #   references that 0.2 N vanilla steps barely move the layout (fidelity 0.53); more vanilla
 #   steps raise fidelity (0.56 at 0.4 N, 0.67 at 0.8 N) and cost identity (0.68, 0.37);
 # - **the retouch does not give identity back here**: Layout-and-Retouch sits below stage 1 at
-#   every lambda1 (0.04-0.07 identity). "no_swap" equals stage 1 exactly (without the swap the
+#   every lambda1 below N (0.01-0.04 identity). "no_swap" equals stage 1 exactly (without the swap the
 #   target re-runs the context's own steps), so the attention swap is what costs identity in
 #   this toy. Its self-attention carries backdrops, not an object's look: with the vanilla
 #   model, reading the reference photo's keys and values at every layer leaves identity at
@@ -164,9 +164,11 @@ plt.show()
 #   (`python data/toy/experiments/swap_carries_look.py`). On Stable Diffusion, where
 #   appearance does live in self-attention, run the same comparison with
 #   `evaluate --benchmark vico`;
-# - **the single-source swap keeps the most identity**: the reference-only swap (0.81) beats
-#   the multi-source one (0.73), so here the context's keys and values outside the subject
-#   mask are what cost identity.
+# - **the single-source swap keeps the most identity**: the reference-only swap (0.80) beats
+#   the multi-source one (0.76), so here the context's keys and values outside the subject
+#   mask are what cost identity;
+# - **a fixed mask beats one re-grown every step**: `adaptive_mask` (our per-step update, the
+#   default until session 19) keeps less identity (0.73) and fidelity (0.51 against 0.52).
 #
 # The README has the full discussion.
 #
@@ -201,7 +203,7 @@ if toy_only(bundle, "the second toy LoRA") and have_references(refs, "the second
 # `--personalized data/toy/lora_reframed`) has harder prompts, and there this pair meets the
 # method issue's bars. Vanilla
 # scores fidelity 0.880. The personalized model scores fidelity 0.749 and identity 0.492.
-# Layout-and-Retouch scores fidelity 0.797 (at least 90% of vanilla's) and identity 0.504 (at
+# Layout-and-Retouch scores fidelity 0.803 (at least 90% of vanilla's) and identity 0.511 (at
 # least 90% of the personalized model's). But that personalized model shows only a mild form
 # of the paper's problem and keeps half the subject, so it is not the default. What the two
 # LoRAs show together is the method's precondition, not a tuning result.
