@@ -47,8 +47,9 @@ class MaskConfig:
       maps and SAM masks"), which M^c already is. The per-step update is our addition, and on
       the toy it cost identity and fidelity on most LoRAs measured (76 held-out prompts x 4
       seeds, shipped model: 0.534 / 0.727 with it, 0.540 / 0.757 without) and added 0.02-0.03
-      identity on two that follow a handed layout (data/toy/README.md, session 19). The target's attention there is diffuse and, unlike the context's, no
-      segmenter gates it, so the mask opens the backdrop to the personalized model.
+      identity on two that follow a handed layout (data/toy/README.md, session 19). The
+      target's attention there is diffuse and, unlike the context's, no segmenter gates it,
+      so the mask opens the backdrop to the personalized model.
     adaptive_reach: with `adaptive`, how far (a fraction of the latent side) the mask may grow
       beyond the context's object {M^c >= 1/2}: the target's support counts only within this
       Euclidean distance of it. None: anywhere (unbounded).

@@ -188,7 +188,8 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
     spec = attention.CaptureSpec(layers=mask_layers_, kind="cross", tokens=tokens)
     win = set(window(mask_cfg, steps))
     m = m_ctx.clone()
-    near = reach_region(m_ctx, mask_cfg.adaptive_reach)  # (B, h, w) bool, or None: anywhere
+    near = (reach_region(m_ctx, mask_cfg.adaptive_reach)  # (B, h, w) bool, or None: anywhere
+            if mask_cfg.adaptive else None)
     zt = layout.trajectory.latents[start_step].to(bundle.device, bundle.dtype)
     traj = sampling.Trajectory(latents=[sampling.to_host(zt)])
     used, acc, n_seen = [], 0.0, 0
