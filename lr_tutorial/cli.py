@@ -110,16 +110,36 @@ def cmd_toy_report(a) -> int:
     if a.limit:
         prompts = prompts[:a.limit]
     methods = tuple(m for m in a.methods.split(",") if m)
+    overrides = _overrides(a.set)
+    if overrides is None:
+        return 2
+    config = None
+    if overrides:
+        from .methods import apply_overrides
+        from .pipeline import LRConfig
+        if not methods:
+            print("error: --set changes the method rows only; add --methods "
+                  "stage1,layout_and_retouch", file=sys.stderr)
+            return 2
+        try:
+            config = apply_overrides(LRConfig(), overrides)
+        except (TypeError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     res = report.toy_report(bundle, prompts, list(range(a.seeds)), steps=a.steps,
-                            guidance=a.guidance, progress=not a.json, methods=methods)
+                            guidance=a.guidance, progress=not a.json, methods=methods,
+                            config=config)
     res["prompt_file"] = str(a.prompts)
+    if overrides:
+        res["config_overrides"] = overrides
     print(json.dumps(res, indent=1) if a.json else _pretty(res))
     return 0
 
 
 def _pretty(res: dict) -> str:
     lines = [f"{res['prompts']} prompts x {len(res['seeds'])} seeds, {res['steps']} steps, "
-             f"guidance {res['guidance']}"]
+             f"guidance {res['guidance']}"
+             + (f", method rows with {res['config_overrides']}" if res.get("config_overrides") else "")]
     for k in ("vanilla", "vanilla_same_prompts", "personalized", "stage1", "layout_and_retouch"):
         if k in res:
             r = res[k]
@@ -187,6 +207,23 @@ def one_call_stage2(choice: str, device) -> str:
     return "batched" if choice == "auto" and str(device).startswith("cuda") else choice
 
 
+def _overrides(pairs) -> dict | None:
+    """--set KEY=VALUE pairs -> {dotted LRConfig field: value}; None (after printing why) when
+    one is not KEY=VALUE. Numbers, lists and true/false are read as JSON; anything else is a
+    string (e.g. none)."""
+    out = {}
+    for kv in pairs or ():
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            print(f"error: --set {kv!r} is not KEY=VALUE, e.g. --set mask.tau_lo=0.4", file=sys.stderr)
+            return None
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def _num(s: str) -> float | int:
     """'10' -> 10 steps; '0.2' -> fraction 0.2 of the steps."""
     return float(s) if any(c in s for c in ".eE") else int(s)
@@ -226,15 +263,10 @@ def cmd_evaluate(a) -> int:
         spec.methods = [m for m in a.methods.split(",") if m]
     if a.lambda1_sweep:
         spec.lambda1_sweep = [float(x) for x in a.lambda1_sweep.split(",") if x]
-    for kv in a.set or ():
-        key, sep, value = kv.partition("=")
-        if not sep:
-            print(f"error: --set {kv!r} is not KEY=VALUE, e.g. --set mask.tau_lo=0.4", file=sys.stderr)
-            return 2
-        try:  # numbers, lists, true/false as JSON; anything else is a string (e.g. none)
-            spec.config[key] = json.loads(value)
-        except json.JSONDecodeError:
-            spec.config[key] = value
+    overrides = _overrides(a.set)
+    if overrides is None:
+        return 2
+    spec.config.update(overrides)
     spec = benchmarks.Benchmark(**spec.to_dict())  # validate the edited spec
     spec = spec.limit(prompts=a.prompts or None, seeds=a.seeds or None,
                       subjects=a.subjects.split(",") if a.subjects else None)
@@ -350,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance (default: the backend's, 3.0 on the toy)")
     s.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
     s.add_argument("--methods", default="", help="extra rows: stage1,layout_and_retouch")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="LRConfig override for the method rows, e.g. --set layout.lambda1=0.4")
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--personalized", default=None,
                    help="a LoRA folder to measure instead of data/toy/lora (personalize-toy --out)")

@@ -224,10 +224,13 @@ def test_killed_run_resumes_to_the_uninterrupted_result(done, tmp_path):
     equal the uninterrupted run's (the `done` fixture: same spec, same batch)."""
     import signal
     import time
+
+    import torch
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "lr_tutorial", "evaluate", "--out", str(out), "--prompts", "2",
             "--seeds", "2", "--steps", "3", "--methods", ",".join(FOUR), "--batch", "3",
-            "--quiet", "--threads", "1"]
+            "--quiet", "--threads", str(torch.get_num_threads())]  # the `done` run's: CPU float
+    # sums depend on the thread count (`make test` runs one; a bare `pytest` may run more)
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while len(list(out.glob("samples/**/*.json"))) < 3 and proc.poll() is None \

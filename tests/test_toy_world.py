@@ -161,3 +161,26 @@ def test_toy_report_cli_prints_identity_by_background(tmp_path, capsys):
     assert res["personalized"]["identity_by"]["size"].keys() == {"small", "none"}
     assert cli.main(["toy-report", "--prompts", str(prompts), "--seeds", "1", "--steps", "2"]) == 0
     assert "identity by {'background'" in capsys.readouterr().out
+
+
+def test_toy_report_cli_set_overrides_the_method_rows(tmp_path, capsys):
+    """--set takes the method rows' LRConfig fields, as evaluate's does. With lambda1 = N the
+    stage-1 row is the vanilla model's images (all steps vanilla on y^-p, the same seeds), so
+    its scores equal the vanilla row's: the override reached the run."""
+    from lr_tutorial import cli
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a sks star at night\na small sks star on the left\n")
+    base = ["toy-report", "--prompts", str(prompts), "--seeds", "1", "--steps", "2", "--json"]
+    assert cli.main(base + ["--methods", "stage1", "--set", "layout.lambda1=1.0"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["config_overrides"] == {"layout.lambda1": 1.0}
+    for key in ("identity", "fidelity"):
+        assert res["stage1"][key] == res["vanilla"][key]
+    assert cli.main(base + ["--methods", "stage1"]) == 0  # the default 0.2 N differs
+    assert json.loads(capsys.readouterr().out)["stage1"]["identity"] != res["vanilla"]["identity"]
+    for bad, says in ((["--set", "layout.lambda1=0.4"], "--methods"),
+                      (["--methods", "stage1", "--set", "layout.lambda1"], "KEY=VALUE"),
+                      (["--methods", "stage1", "--set", "layout.lambda1=2.0"], "lambda1"),
+                      (["--methods", "stage1", "--set", "layout.lambda9=0.4"], "no field")):
+        assert cli.main(base + bad) == 2
+        assert says in capsys.readouterr().err
