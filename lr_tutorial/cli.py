@@ -98,17 +98,7 @@ def cmd_toy_report(a) -> int:
     from .models import load_models
     from .toy import report
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if a.ckpt_dir:  # watch a training run: the newest checkpoint's EMA weights, vanilla rows only
-        from .toy import train
-        bundle, step = train.checkpoint_bundle(train.ToyTrainConfig(ckpt_dir=a.ckpt_dir))
-        print(f"training checkpoint {a.ckpt_dir}, UNet step {step}", file=sys.stderr)
-    else:
-        bundle = load_models("toy", **({"personalized": a.personalized} if a.personalized else {}))
-    prompts = report.read_prompts(a.prompts)
-    if a.limit:
-        prompts = prompts[:a.limit]
+    # the method rows' config first: a bad --set fails before the models load
     methods = tuple(m for m in a.methods.split(",") if m)
     overrides = _overrides(a.set)
     if overrides is None:
@@ -126,6 +116,17 @@ def cmd_toy_report(a) -> int:
         except (TypeError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.ckpt_dir:  # watch a training run: the newest checkpoint's EMA weights, vanilla rows only
+        from .toy import train
+        bundle, step = train.checkpoint_bundle(train.ToyTrainConfig(ckpt_dir=a.ckpt_dir))
+        print(f"training checkpoint {a.ckpt_dir}, UNet step {step}", file=sys.stderr)
+    else:
+        bundle = load_models("toy", **({"personalized": a.personalized} if a.personalized else {}))
+    prompts = report.read_prompts(a.prompts)
+    if a.limit:
+        prompts = prompts[:a.limit]
     res = report.toy_report(bundle, prompts, list(range(a.seeds)), steps=a.steps,
                             guidance=a.guidance, progress=not a.json, methods=methods,
                             config=config)

@@ -237,7 +237,6 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
     return zt, traj, used, store
 
 
-
 def reach_region(m_ctx: torch.Tensor, reach: float | None) -> torch.Tensor | None:
     """Where the adaptive mask may grow: pixels within reach * h (Euclidean) of the context's
     object {M^c >= 1/2}, (B, h, w) bool on M^c's device; None when unbounded."""
