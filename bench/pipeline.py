@@ -13,11 +13,12 @@ For `--images` prompts x seeds sharing one reference, with the same steps and gu
 (c) the full method with the cached stage 2 (LRConfig.stage2="cached", the default),
 (d) the full method with the three-branch batched stage 2 (one reference row for all targets),
 (c') the cached full method with a LayoutAndRetouch kept across runs, so its reference work
-(inversion and key/value replay) is already done, and reports (e) stage 2 alone (retouch +
+(inversion and keys/values) is already done, and reports (e) stage 2 alone (retouch +
 final decode, timed inside (c) and (d)). Each run of (c) and (d) starts from a fresh
 LayoutAndRetouch, so it pays the reference work once for its images: the reference's DDIM
-inversion (its first lambda1 steps alone, the others riding stage 1's UNet calls) and, cached,
-the reference's key/value replay. The per-image cost amortized over 8 images is
+inversion (its first lambda1 steps alone, the others riding stage 1's UNet calls), which in
+the cached path also records the reference's keys/values (no replay since session 21; the
+"reference K/V" phase then shows only where a known reference's keys/values are replayed). The per-image cost amortized over 8 images is
 (c') + ((c) - (c')) x images / 8, all measured.
 
 Timing: the cases are interleaved (the order rotates every repetition) and each ratio to (a) is

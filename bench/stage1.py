@@ -15,7 +15,9 @@ all of them, interleaved (the order rotates every repetition), as a median ratio
             cached stage 2 (kv.record_kv) into host memory (on a GPU: pinned, side stream);
 - kv-model: the same recording kept where it is computed (no copies; LRConfig(kv_device="model"));
 - rider:    the reference inversion's row riding the personalized steps' UNet calls
-            (sampling.Inversion; its first lambda1 steps run alone before the timer starts);
+            (sampling.Inversion; its first lambda1 steps run alone before the timer starts),
+            recording the reference's keys/values for the cached stage 2 into host memory as it
+            goes (retouch.riding_inversion(kv=...));
 - all:      capture + kv-host + rider, as LayoutAndRetouch runs stage 1 with a new reference.
 
 Also prints (a) plain personalized sampling + decode, the unit of bench/pipeline.py, and the
@@ -63,7 +65,7 @@ def make_variants(a, bundle, prompts, seeds, ref):
     from lr_tutorial.layout import LayoutConfig, resolve_steps, step_blended
     from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
     from lr_tutorial.prompts import check_prompts, token_index
-    from lr_tutorial.retouch import kv_plan, mask_layers, riding_inversion
+    from lr_tutorial.retouch import kv_plan, mask_layers, reference_plan, riding_inversion
 
     cfg = LRConfig(layout=LayoutConfig(steps=a.steps, guidance=a.guidance))
     lr = LayoutAndRetouch(bundle, cfg)
@@ -71,6 +73,7 @@ def make_variants(a, bundle, prompts, seeds, ref):
     n, size = cfg.layout.steps, bundle.latent_size
     lambda1 = resolve_steps(cfg.layout.lambda1, n, "lambda1")
     layers, kv_steps = kv_plan(bundle, cfg.swap, n, lr.start_step())
+    ref_layers, ref_steps = reference_plan(bundle, cfg.swap, n, lr.start_step())
     cls = check_prompts(bundle, prompts)
     spec = attention.CaptureSpec(layers=mask_layers(bundle.unet, cfg.mask, size), kind="cross",
                                  tokens=[[i] for i in cls])
@@ -80,24 +83,29 @@ def make_variants(a, bundle, prompts, seeds, ref):
 
     def stage1(extras):
         def run():
-            observers = []
+            observers, caches = [], []
             with contextlib.ExitStack() as stack:
                 rider = None
                 if "rider" in extras:
+                    ref_kv = KVCache(ref_layers, ref_steps, store="kv", device="cpu")
                     sync()
                     t0 = time.perf_counter()
                     rider, _ = stack.enter_context(riding_inversion(
                         bundle, ref_image, ref_prompt, ref_idx, steps=n, mask_cfg=cfg.mask,
-                        ride_steps=n - lambda1))
+                        ride_steps=n - lambda1, kv=ref_kv))
                     sync()
                     alone.append(time.perf_counter() - t0)
+                    caches.append(ref_kv)  # the inversion's observer: records its row only
                 if "capture" in extras:
                     observers.append(stack.enter_context(attention.capture(bundle.unets, spec)))
                 for where in ("host", "model"):
                     if f"kv-{where}" in extras:
                         cache = KVCache(layers, kv_steps, store="kv",
                                         device=None if where == "model" else "cpu")
-                        observers.append(stack.enter_context(record_kv(bundle.unets, cache)))
+                        observers.append(cache)
+                        caches.insert(0, cache)
+                if caches:
+                    stack.enter_context(record_kv(bundle.unets, *caches))
                 sync()
                 t0 = time.perf_counter()
                 step_blended(bundle, prompts, seeds, cfg.layout, observers=tuple(observers),

@@ -82,7 +82,7 @@ def main() -> None:
     print(f"# {a.backend}: {a.images} images, {a.steps} steps, {bundle.dtype}; {machine()}")
     print(f"{'case':<46}{'waits':>8}{'per step':>10}")
     for name, fn in cases(bundle, prompts, seeds, ref, a.steps).items():
-        fn()  # one-time work first (the reference's inversion and key/value replay, caches)
+        fn()  # one-time work first (the reference's inversion and keys/values, caches)
         sites = count(fn)
         total = sum(sites.values())
         print(f"{name:<46}{total:>8}{total / a.steps:>10.1f}")

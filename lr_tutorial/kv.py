@@ -7,8 +7,9 @@ running those branches through the UNet next to the target: three branches, 3x t
 
 - the context branch at step k >= lambda1 is exactly what stage 1 ran (the personalized model,
   prompt y^p, latent z^c_k): record K^c, V^c there;
-- the reference branch replays a fixed trajectory, the same for every prompt and seed: record
-  K^r, V^r once per reference (retouch.reference_kv) and reuse them.
+- the reference branch at step k is the reference inversion's own UNet call at t_k (one row,
+  prompt y^r, latent z^r_{k+1}; retouch.py), the same for every prompt and seed: record K^r,
+  V^r while inverting (retouch.riding_inversion(kv=...)), once per reference, and reuse them.
 
 Stage 2 then runs the target rows alone (docs/method.md stage 2; bench/README.md for the cost).
 
@@ -230,51 +231,59 @@ def cache_bytes(unet, layers: Sequence[str], steps: Sequence[int], rows: int,
 
 class KVRecordProcessor:
     """Computes self-attention as usual (SDPA) and records its keys/values (or its input, with
-    store="hidden") when the cache wants this layer at this step; otherwise the layer's
-    original processor runs."""
+    store="hidden") into each cache that wants this layer at this step (each takes its own
+    rows); when none does, the layer's original processor runs."""
 
-    def __init__(self, cache: KVCache, path: str, original):
-        self.cache, self.path, self.original = cache, path, original
+    def __init__(self, caches: Sequence[KVCache], path: str, original):
+        self.caches, self.path, self.original = tuple(caches), path, original
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
-        if not self.cache.wants(self.path):
+        wanting = [c for c in self.caches if c.wants(self.path)]
+        if not wanting:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
                                  temb, *args, **kwargs)
         if attention_mask is not None or encoder_hidden_states is not None:
             raise NotImplementedError("key/value recording is for self-attention without a mask")
         q, k, v = attention.project_qkv(attn, hidden_states)  # (B, heads, HW, d)
-        if self.cache.store == "hidden":  # what to_k / to_v read: (B, HW, C)
-            self.cache.put(self.path, attention.attention_input(attn, hidden_states))
-        else:
-            self.cache.put(self.path, k, v)
+        for cache in wanting:
+            if cache.store == "hidden":  # what to_k / to_v read: (B, HW, C)
+                cache.put(self.path, attention.attention_input(attn, hidden_states))
+            else:
+                cache.put(self.path, k, v)
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scale)
         return attention.output(attn, o, hidden_states)
 
 
 @contextlib.contextmanager
-def record_kv(unet, cache: KVCache):
-    """`with record_kv(unet, cache):` records keys/values of `cache.layers` (self-attention
-    paths); `unet` may be a list of UNets (`bundle.unets`), all recording into `cache`. Raises if
-    a layer is not a self-attention layer or is already being captured or swapped (the
-    recording would bypass that processor)."""
+def record_kv(unet, *caches: KVCache):
+    """`with record_kv(unet, cache, ...):` records keys/values of each cache's `layers`
+    (self-attention paths) into it; `unet` may be a list of UNets (`bundle.unets`), all
+    recording into the caches. Several caches may share a layer: each records the rows and
+    steps it is told (`rows`, `on_step`), e.g. stage 1's context and the reference inversion
+    riding its calls. Yields the first cache. Raises if a layer is not a self-attention layer
+    or is already being captured or swapped (the recording would bypass that processor)."""
+    if not caches:
+        raise ValueError("record_kv needs at least one KVCache")
     with contextlib.ExitStack() as stack:
         for u in attention.unets_of(unet):
-            stack.enter_context(attention.processors(u, _record_processors(u, cache)))
-        yield cache
+            stack.enter_context(attention.processors(u, _record_processors(u, caches)))
+        yield caches[0]
 
 
-def _record_processors(unet, cache: KVCache) -> dict:
+def _record_processors(unet, caches: Sequence[KVCache]) -> dict:
     current = attention.current_processors(unet)
-    bad = [p for p in cache.layers if not p.endswith("attn1") or p + ".processor" not in current]
+    layers = sorted(set().union(*(c.layers for c in caches)))
+    bad = [p for p in layers if not p.endswith("attn1") or p + ".processor" not in current]
     if bad:
         raise ValueError(f"{bad[0]} is not a self-attention layer of this UNet; pick paths from "
                          "attention.select_layers(unet, pattern, 'self')")
-    busy = [p for p in cache.layers if not _plain(current[p + ".processor"])]
+    busy = [p for p in layers if not _plain(current[p + ".processor"])]
     if busy:
         raise ValueError(f"{busy[0]} already runs {type(current[busy[0] + '.processor']).__name__};"
                          " record keys/values on layers that are not captured or swapped")
-    return {p: KVRecordProcessor(cache, p, current[p + ".processor"]) for p in cache.layers}
+    return {p: KVRecordProcessor([c for c in caches if p in c.layers], p,
+                                 current[p + ".processor"]) for p in layers}
 
 
 def _plain(proc) -> bool:

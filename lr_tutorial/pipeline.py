@@ -30,7 +30,7 @@ from .swap import SwapConfig, SwapController
 from .kv import KVCache, cache_bytes, record_kv
 from .prompts import check_prompts, token_index
 from .retouch import (ReferenceInversion, aggregate, invert_reference, kv_plan, mask_layers,
-                      reference_from, reference_kv, retouch, riding_inversion)
+                      reference_from, reference_kv, reference_plan, retouch, riding_inversion)
 
 
 @dataclass
@@ -44,7 +44,8 @@ class LRConfig:
     early step"], or at lambda1 when that is later, since the context is the vanilla model's
     before it; 0: from z_0, with the structure phase's attention swap).
     stage2: "cached" runs the target alone, reading the context's keys/values recorded in
-    stage 1 and the reference's from a replay cached per reference (needs start >= lambda1);
+    stage 1 and the reference's recorded by its inversion's own UNet calls, cached per
+    reference (needs start >= lambda1);
     "batched" runs the three branches in one UNet call per step (one reference row for all
     targets: 2B + 1 rows); "auto" (default) takes "cached" when its key/value caches fit in
     `kv_budget_gb` and the target starts after lambda1, else "batched" (also for one prompt
@@ -56,7 +57,8 @@ class LRConfig:
     the cached path at about half the UNet work of stage 2; a `capture=` of stage 2 uses
     "batched" since it records every branch.
     kv_budget_gb: memory the cached path may hold in keys/values (kv.cache_bytes: about 2.2 GB
-    per image at Stable Diffusion 1.5's 512 px, fp16, 50 steps, 1.1 GB with kv_store "hidden";
+    per image and 1.1 GB per reference at Stable Diffusion 1.5's 512 px, fp16, 50 steps; half
+    with kv_store "hidden";
     16 MiB on the toy); None: half
     the memory available where the caches live when the run starts (the host's RAM: on a
     GPU the caches are kept on the CPU).
@@ -249,7 +251,7 @@ class LayoutAndRetouch:
     default on the toy backend: ShapeWorldSegmenter); None on SD means attention-only masks.
 
     Kept between calls: each reference's inversion (small: its latent trajectory and masks)
-    and, for the cached stage 2, the reference's keys/values (2.2 GB at SD 1.5's 512 px in
+    and, for the cached stage 2, the reference's keys/values (1.1 GB at SD 1.5's 512 px in
     fp16, pinned host memory on a GPU) for the `reference_kv_kept` (default 1) most recently
     used references and settings; an older one is freed before a new one is made, so a
     notebook that changes lambda2 or the reference call after call does not pile them up.
@@ -352,6 +354,7 @@ class LayoutAndRetouch:
         start = self.start_step()
         cached = stage2 == "cached"
         layers, kv_steps = kv_plan(bundle, cfg.swap, n, start) if cached else ([], [])
+        ref_layers, ref_steps = reference_plan(bundle, cfg.swap, n, start) if cached else ([], [])
         kv_device = self.cache_device()
         kv_dtype = self.cache_dtype()
 
@@ -361,16 +364,21 @@ class LayoutAndRetouch:
                                      kind="cross", tokens=[[i] for i in cls])
         kv_store = self.cache_store(len(prompts))
         ctx_kv = KVCache(layers, kv_steps, device=kv_device, dtype=kv_dtype, store=kv_store)
+        ref_kv = None  # the reference's, recorded from its inversion's own UNet calls
         with contextlib.ExitStack() as stack:
             rider = None
             if ref_key not in self._references:  # the reference inversion rides stage 1
                 lambda1 = resolve_steps(cfg.layout.lambda1, n, "lambda1")
+                if cached:
+                    ref_kv = KVCache(ref_layers, ref_steps, device=kv_device, dtype=kv_dtype,
+                                     store=kv_store)
                 rider, ref_store = stack.enter_context(riding_inversion(
                     bundle, ref_image, ref_prompt,
                     token_index(bundle.tokenizer, ref_prompt, bundle.class_noun), steps=n,
-                    mask_cfg=cfg.mask, ride_steps=n - lambda1))
+                    mask_cfg=cfg.mask, ride_steps=n - lambda1, kv=ref_kv))
             store = stack.enter_context(attention.capture(bundle.unets, spec))
-            stack.enter_context(record_kv(bundle.unets, ctx_kv))
+            stack.enter_context(record_kv(bundle.unets, ctx_kv,
+                                          *([ref_kv] if ref_kv is not None else [])))
             layout = step_blended(bundle, prompts, seeds, cfg.layout, observers=(store, ctx_kv),
                                   checked=True, rider=rider)
         if rider is not None:
@@ -385,11 +393,15 @@ class LayoutAndRetouch:
         # stage 2
         kv = None
         if cached:
-            key = (id(ref), tuple(layers), tuple(kv_steps), cfg.layout.guidance, str(kv_dtype),
-                   kv_device, kv_store)
-            kv = {"reference": self._reference_keys_values(key, lambda: reference_kv(
-                      bundle, ref, layers, kv_steps, n, cfg.layout.guidance, device=kv_device,
-                      dtype=kv_dtype, store=kv_store)),
+            key = (id(ref), tuple(ref_layers), tuple(ref_steps), str(kv_dtype), kv_device,
+                   kv_store)
+
+            def reference_cache():  # recorded by the inversion that rode stage 1, or replayed
+                if ref_kv is not None:
+                    return ref_kv
+                return reference_kv(bundle, ref, ref_layers, ref_steps, n, device=kv_device,
+                                    dtype=kv_dtype, store=kv_store)
+            kv = {"reference": self._reference_keys_values(key, reference_cache),
                   "context": ctx_kv}
         with contextlib.ExitStack() as stack:
             user = (stack.enter_context(attention.capture(bundle.unets, capture)) if capture
@@ -437,14 +449,19 @@ class LayoutAndRetouch:
 
     def kv_bytes(self, batch: int, store: str | None = None) -> int:
         """Bytes of the key/value caches the cached stage 2 adds for `batch` prompts: the
-        context's (2 rows per prompt under CFG) and the reference's (once per reference), as
+        context's (2 rows per prompt under CFG) and the reference's (one row, once per
+        reference: its inversion's own UNet call, retouch.reference_plan's layers and steps), as
         `store` holds them (None: what `cache_store(batch)` picks)."""
         cfg, bundle = self.config, self.models
         n = cfg.layout.steps
-        layers, steps = kv_plan(bundle, cfg.swap, n, self.start_step())
+        start, dtype, store = self.start_step(), self.cache_dtype(), store or self.cache_store(batch)
+        layers, steps = kv_plan(bundle, cfg.swap, n, start)
+        ref_layers, ref_steps = reference_plan(bundle, cfg.swap, n, start)
         halves = 2 if resolve_guidance(bundle, cfg.layout.guidance) != 1.0 else 1
-        return cache_bytes(bundle.unet, layers, steps, halves * (batch + 1), bundle.latent_size,
-                           self.cache_dtype(), store or self.cache_store(batch))
+        return (cache_bytes(bundle.unet, layers, steps, halves * batch, bundle.latent_size, dtype,
+                            store)
+                + cache_bytes(bundle.unet, ref_layers, ref_steps, 1, bundle.latent_size, dtype,
+                              store))
 
     def cache_device(self):
         """Where the key/value caches are stored (LRConfig.kv_device): "cpu", or None (where

@@ -1,15 +1,17 @@
 """Stage 2: retouch by multi-source attention swap, with adaptive mask blending.
 
 Three branches share one UNet call per step (x2 for classifier-free guidance), batch order
-[reference (one row for all targets); context; target] (docs/method.md stage 2); or, faster, the target alone reads the
-other two branches' keys/values cached from stage 1 and from a replay of the reference
-(`kv=`, lr_tutorial.kv):
-- reference r: the DDIM inversion of x^r, replayed: z^r_k is read from its trajectory;
+[reference (one row for all targets); context; target] (docs/method.md stage 2); or, faster, the
+target alone reads the other two branches' keys/values, cached from stage 1 and from the
+reference's inversion (`kv=`, lr_tutorial.kv):
+- reference r: the DDIM inversion of x^r: at step k the reference row is the very UNet
+               evaluation the inversion made at t_k, eps*(z^r_{k+1}, t_k, y^r), in both CFG
+               halves [ours: so its keys/values are recorded while inverting, no replay];
 - context c:   the stage-1 trajectory, replayed: z^c_k is read, never recomputed;
 - target t:    starts from z^c at `start_step` and is denoised by eps* with y^p, its
                self-attention reading from the other two (swap.SwapProcessor).
 
-    z^t_{k+1} = DDIM(z^t_k, CFG(eps*, [z^r_k, z^c_k, z^t_k], t_k))[target]
+    z^t_{k+1} = DDIM(z^t_k, CFG(eps*, [z^r_{k+1}, z^c_k, z^t_k], t_k))[target]
     z^t_{k+1} = M_k z^t_{k+1} + (1 - M_k) z^c_{k+1}        for k < lambda3
     M_{k+1}   = max(M^c, feather(norm(mean_{j<=k} A^t_j) >= tau_lo  &  near))   (adaptive)
     near      = distance to {M^c >= 1/2} <= adaptive_reach * h       (everywhere if None)
@@ -76,20 +78,32 @@ def invert_reference(bundle, image: np.ndarray, prompt: str, class_index: int, *
 
 @contextlib.contextmanager
 def riding_inversion(bundle, image: np.ndarray, prompt: str, class_index: int, *, steps: int,
-                     mask_cfg: masks.MaskConfig, ride_steps: int, guidance: float = 1.0):
+                     mask_cfg: masks.MaskConfig, ride_steps: int, guidance: float = 1.0,
+                     kv: KVCache | None = None):
     """`with riding_inversion(...) as (inv, store):` the reference inversion of invert_reference,
     started so that its last `ride_steps` steps can ride another loop's UNet calls
     (`sampling.denoise(..., rider=inv)`: stage 1's personalized steps, in the pipeline). Runs
     the first `steps - ride_steps` steps alone, with the personalized model, and keeps the
-    class token's capture open for the riding steps. Then `reference_from(...)`."""
+    class token's capture open for the riding steps. Then `reference_from(...)`.
+
+    kv: a KVCache (reference_plan's layers and steps) that records the reference branch's
+    keys/values from the inversion's own UNet calls: here for the steps that run alone, and,
+    with `record_kv(..., kv)` around the other loop, for the riding ones (it is one of the
+    inversion's observers, so it records the inversion's row only)."""
+    if kv is not None and guidance != 1.0:
+        raise ValueError("the reference's keys/values are recorded from an inversion without "
+                         "classifier-free guidance (guidance=1.0, the inversion's usual "
+                         f"setting), got guidance={guidance}")
     z = sampling.encode(bundle, image[None])
     spec = attention.CaptureSpec(layers=mask_layers(bundle.unet, mask_cfg, bundle.latent_size),
                                  kind="cross", tokens=[class_index])
     with attention.capture(bundle.unets, spec) as store:
-        with bundle.using(bundle.personal_mode):
+        observers = (store,) if kv is None else (store, kv)
+        with bundle.using(bundle.personal_mode), \
+                (record_kv(bundle.unets, kv) if kv is not None else contextlib.nullcontext()):
             # the prompt is encoded here: a learned identifier embedding exists in this mode only
             inv = sampling.Inversion(bundle, z, prompt, steps=steps, guidance=guidance,
-                                     observers=(store,))
+                                     observers=observers)
             for _ in range(steps - ride_steps):
                 inv.step_alone()
         yield inv, store
@@ -107,9 +121,9 @@ def reference_from(bundle, inv: sampling.Inversion, store, image: np.ndarray,
 
 def kv_plan(bundle, swap_cfg: swap.SwapConfig, steps: int, start_step: int
             ) -> tuple[list[str], list[int]]:
-    """(self-attention layers, steps) whose context/reference keys and values the target reads
-    when it runs from `start_step`: the retouch layers from lambda2 on, and the structure
-    layers before it."""
+    """(self-attention layers, steps) whose context keys and values the target reads when it
+    runs from `start_step`: the retouch layers from lambda2 on, and the structure layers before
+    it (the reference's: reference_plan)."""
     ctl = swap.SwapController(bundle.unet, swap_cfg, steps, bundle.latent_size)
     if swap_cfg.mode == "none":
         return [], []
@@ -117,34 +131,48 @@ def kv_plan(bundle, swap_cfg: swap.SwapConfig, steps: int, start_step: int
     return sorted(layers), list(range(start_step, steps))
 
 
+def reference_plan(bundle, swap_cfg: swap.SwapConfig, steps: int, start_step: int
+                   ) -> tuple[list[str], list[int]]:
+    """(self-attention layers, steps) whose reference keys/values the target reads when it runs
+    from `start_step`: the retouch layers from max(start_step, lambda2) on, in modes "multi"
+    and "reference"; none in "context" and "none" (the structure phase reads the context)."""
+    ctl = swap.SwapController(bundle.unet, swap_cfg, steps, bundle.latent_size)
+    if swap_cfg.mode not in ("multi", "reference"):
+        return [], []
+    return sorted(ctl.retouch), list(range(max(start_step, ctl.lambda2), steps))
+
+
 @torch.no_grad()
 def reference_kv(bundle, reference: ReferenceInversion, layers: list[str], steps: list[int],
-                 n_steps: int, guidance: float, device=None, steps_per_call: int = 8,
-                 dtype=None, store: str = "kv") -> KVCache:
-    """Keys/values of the reference branch: the personalized UNet on the replayed inversion
-    latents z^r_k, [uncond; cond] as in the batched stage 2. Once per reference.
+                 n_steps: int, device=None, steps_per_call: int = 8, dtype=None,
+                 store: str = "kv") -> KVCache:
+    """Keys/values of the reference branch, for a reference inverted without them being
+    recorded (LayoutAndRetouch.reference, or caches dropped): the inversion's own UNet
+    evaluations again, the personalized UNet on z^r_{k+1} at t_k with y^r, one row per step.
+    (A reference inverted by the cached pipeline records them while inverting:
+    riding_inversion(kv=...).)
 
-    The replay's UNet calls do not depend on each other (every z^r_k is read from the
-    inversion), so `steps_per_call` steps share one call, each row with its own timestep:
-    5 calls instead of 40 at 50 steps (a toy UNet call costs about the same at 2 rows or 16)."""
+    The calls do not depend on each other (every z^r_{k+1} is read from the inversion), so
+    `steps_per_call` steps share one call, each row with its own timestep: 5 calls instead of
+    40 at 50 steps (a toy UNet call costs about the same at 1 row or 8)."""
     if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
         raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}")
     sched = sampling.make_scheduler(bundle, n_steps)
     cache = KVCache(layers, steps, device=device, dtype=dtype, store=store)
     steps = list(steps)
+    if not steps or not layers:  # the swap never reads the reference (reference_plan)
+        return cache
     with bundle.using(bundle.personal_mode), \
-            record_kv(bundle.unet, cache):
+            record_kv(bundle.unets, cache):
         cond = sampling.encode_prompts(bundle, [reference.prompt])  # in this mode: a learned
-        uncond = sampling.encode_prompts(bundle, [""])  # identifier embedding applies
-        for i in range(0, len(steps), steps_per_call):
+        for i in range(0, len(steps), steps_per_call):           # identifier embedding applies
             group = steps[i:i + steps_per_call]
             n = len(group)
-            cache.on_steps(group, guidance != 1.0)
-            z = torch.cat([reference.trajectory.latents[k] for k in group]).to(bundle.device,
-                                                                               bundle.dtype)
+            cache.on_steps(group)
+            z = torch.cat([reference.trajectory.latents[k + 1] for k in group]).to(
+                bundle.device, bundle.dtype)  # (n, C, h, w): the inversion's input at t_k
             t = torch.stack([sched.timesteps[k] for k in group]).to(bundle.device)  # (n,)
-            sampling.guided_eps(bundle.unet, z, t, cond.expand(n, -1, -1),
-                                uncond.expand(n, -1, -1), guidance)
+            bundle.unet(z, t, encoder_hidden_states=cond.expand(n, -1, -1))
     return cache
 
 
@@ -185,6 +213,8 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
         ctl.sources = kv
         cond, tokens, target_rows = cond_p, [[i] for i in class_indices], slice(0, b)
     uncond = sampling.encode_prompts(bundle, [""] * len(cond))
+    if kv is None:  # the reference row is the inversion's evaluation (y^r) in both halves
+        uncond = torch.cat([cond_r, uncond[1:]])
     spec = attention.CaptureSpec(layers=mask_layers_, kind="cross", tokens=tokens)
     win = set(window(mask_cfg, steps))
     m = m_ctx.clone()
@@ -199,8 +229,8 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
             t = sched.timesteps[k]
             for obs in (ctl, store, *observers):
                 obs.on_step(k, int(t), guidance != 1.0)
-            if kv is None:
-                zr = sampling.to_device(reference.trajectory.latents[k], zt)  # (1, C, h, w)
+            if kv is None:  # the reference row: the inversion's input at t_k, z^r_{k+1}
+                zr = sampling.to_device(reference.trajectory.latents[k + 1], zt)  # (1, C, h, w)
                 zc = sampling.to_device(layout.trajectory.latents[k], zt)
                 z_in = torch.cat([zr, zc, zt])
             else:

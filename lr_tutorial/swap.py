@@ -200,8 +200,9 @@ class SwapProcessor:
             def src(which):
                 ks, vs = self.ctl.sources[which].keys_values(attn, self.path, self.ctl.step,
                                                              q.device, q.dtype)
-                rows = ks.shape[0] // halves  # 1 (a shared reference) or B
-                return tuple(x.view(halves, rows, h, hw, d) for x in (ks, vs))
+                if ks.shape[0] == 1:  # the reference: one row for both halves and every target
+                    return tuple(x.view(1, 1, h, hw, d) for x in (ks, vs))
+                return tuple(x.view(halves, b, h, hw, d) for x in (ks, vs))  # the context
             o = self.target_output(act, q.view(halves, b, h, hw, d), src, attn.scale)
         return output(attn, o.reshape(n, h, hw, d), hidden_states)
 

@@ -135,7 +135,7 @@ def test_prompt_without_identifier_is_rejected(bundle):
 @pytest.mark.parametrize("mode", ["multi", "reference", "context"])
 def test_cached_stage2_equals_the_batched_three_branch_stage2(bundle, mode):
     """The fast path (target rows alone, K/V of the context from stage 1 and of the reference
-    from its replay) computes the same thing as the three-branch batch."""
+    from its inversion's calls) computes the same thing as the three-branch batch."""
     n = 8
     ref = (np.random.default_rng(0).random((1, 64, 64, 3)) * 255).astype(np.uint8)
     out = {}
@@ -189,13 +189,14 @@ def test_cached_stage2_needs_the_target_to_start_after_lambda1(bundle):
 def test_auto_stage2_caches_keys_and_values_only_within_the_budget(bundle, monkeypatch):
     ref = (np.random.default_rng(0).random((1, 64, 64, 3)) * 255).astype(np.uint8)
     lr = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=6)))
-    need = lr.kv_bytes(batch=2)  # context: 2 prompts x 2 CFG rows; reference: 2 rows
+    need = lr.kv_bytes(batch=2)  # context: 2 prompts x 2 CFG rows; reference: 1 row
     assert need > 0 and lr.kv_bytes(batch=4) - need == 2 * (lr.kv_bytes(batch=3) - need)
     assert lr.kv_budget() > need  # default: half the available memory
     res = lr(PROMPTS, ref, seed=SEEDS)
     assert res.config["stage2_used"] == "cached"
-    # what was really cached: the context's caches of this call plus the reference's
-    assert lr.kv_bytes(batch=2) == sum(c.nbytes for c in lr._reference_kv.values()) * 3
+    # what was really cached: the context's caches of this call plus the reference's, one row
+    # a step (its inversion's own UNet call, recorded while it rode stage 1)
+    assert lr.kv_bytes(batch=2) == sum(c.nbytes for c in lr._reference_kv.values()) * (2 * 2 + 1)
     lr.config.kv_budget_gb = (need - 1) / 1024 ** 3  # one byte short: the batched path
     assert lr.stage2_path(2) == "batched" and lr.stage2_path(1) == "cached"
     small = lr(PROMPTS, ref, seed=SEEDS)
@@ -261,8 +262,8 @@ def test_reference_keys_values_are_cached_across_calls(bundle):
     assert len(lr._reference_kv) == 1
     (cache,) = lr._reference_kv.values()
     assert cache.complete() and cache.nbytes > 0
-    # a new reference (or new lambda2) replaces it instead of piling up 2.2 GB per reference
-    # at SD 1.5 scale: by default one is kept, the least recently used goes first
+    # a new reference (or new lambda2) replaces it instead of piling up 1.1 GB per reference
+    # at SD 1.5 scale (512 px): by default one is kept, the least recently used goes first
     other = np.full((64, 64, 3), 255, np.uint8)
     lr(["a sks dog", "a sks dog"], other, seed=[0, 1])  # two prompts: auto caches
     (cache2,) = lr._reference_kv.values()
@@ -343,8 +344,9 @@ def test_cli_generate_writes_the_image_panel_and_intermediates(tmp_path):
 
 
 def test_kv_cache_files_the_rows_of_a_multi_step_call_under_their_steps():
-    """reference_kv runs several replay steps per UNet call; the batch is [uncond rows of the
-    steps; cond rows of the steps], and each step must get its own (uncond, cond) pair."""
+    """Several steps in one UNet call (reference_kv's replay of the inversion's calls: one row a
+    step); under CFG the batch is [uncond rows of the steps; cond rows of the steps], and each
+    step must get its own (uncond, cond) pair."""
     from lr_tutorial.kv import KVCache
     cache = KVCache(["a.attn1"], steps=[4, 5, 6])
     k = torch.arange(6.0).view(6, 1, 1, 1)  # rows: u4 u5 u6 c4 c5 c6
@@ -364,8 +366,9 @@ def test_kv_cache_files_the_rows_of_a_multi_step_call_under_their_steps():
 
 def test_reference_inversion_rides_stage_1_with_the_same_result(bundle):
     """The first call with a new reference runs its DDIM inversion inside stage 1's personalized
-    UNet calls (one more row each, its own timestep): n - lambda1 fewer UNet calls, the same
-    inversion, mask and layout as computing them apart (up to float rounding)."""
+    UNet calls (one more row each, its own timestep), recording the reference's keys/values
+    as it goes: n - lambda1 fewer UNet calls and no replay, the same inversion, mask, layout,
+    reference keys/values and result as computing them apart (up to float rounding)."""
     n = 8
     ref = (np.random.default_rng(1).random((1, 64, 64, 3)) * 255).astype(np.uint8)
     calls = []
@@ -383,7 +386,14 @@ def test_reference_inversion_rides_stage_1_with_the_same_result(bundle):
     finally:
         hook.remove()
     lambda1 = res.layout.lambda1
-    assert lambda1 == 2 and n_apart - n_riding == n - lambda1
+    # riding: n - lambda1 fewer calls, and none for the reference's keys/values, which the
+    # inversion's own calls recorded (apart: replayed, n - start = 4 steps in one call)
+    assert lambda1 == 2 and n_apart - n_riding == n - lambda1 + 1
+    (rec,), (rep,) = riding._reference_kv.values(), apart._reference_kv.values()
+    assert rec.kv.keys() == rep.kv.keys() and len(rec.kv) == 4 * len(rec.layers) > 0
+    for key, (k, v) in rec.kv.items():
+        assert k.shape[0] == 1  # one row a step: the inversion's evaluation, both CFG halves
+        torch.testing.assert_close((k, v), rep.kv[key], atol=1e-4, rtol=1e-4)  # measured: 1.1e-5
     assert res2.reference is alone
     for a, b in zip(res.reference.trajectory.latents, alone.trajectory.latents):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -41,12 +41,13 @@ refs = reference_images(bundle)  # toy: the star's five photos; SD: the photos i
 # ## Three branches, one call
 # Every step stacks the three latents, twice for classifier-free guidance:
 # `[ref, ctx, tgt]_uncond + [ref, ctx, tgt]_cond` (with B prompts: one reference row, B context
-# rows, B target rows). The reference latent $z^r_k$ is read from the DDIM inversion of the
-# photo, the context latent $z^c_k$ from the stage-1 trajectory; only the target is actually
-# denoised. (The default, faster path runs the target rows alone and reads the other two
-# branches' keys and values, recorded in stage 1 and in a replay of the reference:
-# `lr_tutorial/kv.py`.) First, the reference inversion (computed once per photo and reused for
-# every prompt and seed):
+# rows, B target rows). The context latent $z^c_k$ is read from the stage-1 trajectory. The
+# reference row repeats the UNet call the DDIM inversion of the photo made at $t_k$: latent
+# $z^r_{k+1}$, the reference prompt, in both halves (our choice: the same call, so its keys and
+# values can be recorded while inverting). Only the target is actually denoised. (The default,
+# faster path runs the target rows alone and reads the other two branches' keys and values,
+# recorded in stage 1 and by the inversion: `lr_tutorial/kv.py`.) First, the reference
+# inversion (computed once per photo and reused for every prompt and seed):
 
 # %%
 from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
