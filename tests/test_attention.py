@@ -305,6 +305,39 @@ def test_kv_recording_leaves_the_output_unchanged_and_records_what_was_asked(une
             pass
 
 
+def test_kv_recording_into_several_caches_gives_each_its_own_rows_and_layers(unet):
+    """Stage 1 records the context's keys/values and, in the same UNet calls, the riding
+    reference inversion's: one processor per layer, each cache its own rows, layers and steps."""
+    from lr_tutorial.attention import NO_ROWS
+    from lr_tutorial.kv import KVCache, KVRecordProcessor, record_kv
+    layers = attention.select_layers(unet, "up_blocks.*attn1", "self")
+    z, t, ctx = _inputs(batch=3)
+    alone = KVCache(layers, steps=[2])
+    with torch.no_grad(), record_kv(unet, alone):
+        alone.on_step(2)
+        unet(z, t, ctx)
+    first = KVCache(layers, steps=[2])  # rows 0-1 of each call
+    second = KVCache(layers[:1], steps=[2, 5])  # row 2, one layer
+    first.rows, second.rows = slice(0, 2), slice(2, 3)
+    with torch.no_grad(), record_kv(unet, first, second) as got:
+        assert got is first
+        first.on_step(2)
+        second.on_step(2)
+        unet(z, t, ctx)
+        second.on_step(5)  # first sits this call out
+        first.rows = NO_ROWS
+        unet(z, t, ctx)
+    assert first.complete() and second.complete() and len(second.kv) == 2
+    for path in layers:
+        torch.testing.assert_close(first.get(path, 2), tuple(x[:2] for x in alone.get(path, 2)))
+    torch.testing.assert_close(second.get(layers[0], 2),
+                               tuple(x[2:] for x in alone.get(layers[0], 2)))
+    assert not any(isinstance(p, KVRecordProcessor) for p in unet.attn_processors.values())
+    with pytest.raises(ValueError, match="at least one"):
+        with record_kv(unet):
+            pass
+
+
 def test_kv_cache_bytes_are_known_before_recording(unet):
     from lr_tutorial.kv import KVCache, cache_bytes, record_kv
     layers = attention.select_layers(unet, "up_blocks.*attn1", "self")

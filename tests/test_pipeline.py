@@ -406,6 +406,12 @@ def test_reference_inversion_rides_stage_1_with_the_same_result(bundle):
     # the stage-1 attention store and key/value cache kept their own rows only
     assert next(iter(res.layout.store.maps.values())).shape[0] == len(PROMPTS)
     assert riding.reference(ref) is res.reference  # cached for the next call
+    from lr_tutorial.kv import KVCache
+    from lr_tutorial.retouch import riding_inversion
+    with pytest.raises(ValueError, match="guidance=1.0"):  # the recorded row is y^r's alone
+        with riding_inversion(bundle, ref[0], PROMPTS[0], 2, steps=n, mask_cfg=MaskConfig(),
+                              ride_steps=0, guidance=3.0, kv=KVCache([], [])):
+            pass
 
 
 def test_half_precision_key_value_caches_halve_their_memory(bundle):
