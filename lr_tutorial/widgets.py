@@ -50,7 +50,9 @@ class ScrubData:
         n = len(result.layout.trajectory.x0)
         start = n - len(result.target.x0)
         ref, ctx, tgt = result.reference.trajectory, result.layout.trajectory, result.target
-        lat = {"reference": torch.cat([z[:1] for z in ref.latents[:n]]),
+        # the reference's UNet call at step k reads z^r_{k+1}, the inversion's input at t_k
+        # (lr_tutorial.retouch), whose predicted x0 is the inversion's x0[k]
+        lat = {"reference": torch.cat([z[:1] for z in ref.latents[1:n + 1]]),
                "context": torch.cat([z[index:index + 1] for z in ctx.latents[:n]]),
                "target": torch.cat([z[index:index + 1] for z in
                                     ctx.latents[:start] + tgt.latents[:n - start]])}
