@@ -156,7 +156,7 @@ plt.show()
 #   references that 0.2 N vanilla steps barely move the layout (fidelity 0.53); more vanilla
 #   steps raise fidelity (0.56 at 0.4 N, 0.67 at 0.8 N) and cost identity (0.68, 0.37);
 # - **the retouch does not give identity back here**: Layout-and-Retouch sits below stage 1 at
-#   every lambda1 below N (0.01-0.04 identity). "no_swap" equals stage 1 exactly (without the swap the
+#   every lambda1 below N (0.01-0.03 identity). "no_swap" equals stage 1 exactly (without the swap the
 #   target re-runs the context's own steps), so the attention swap is what costs identity in
 #   this toy. Its self-attention carries backdrops, not an object's look: with the vanilla
 #   model, reading the reference photo's keys and values at every layer leaves identity at
