@@ -208,7 +208,7 @@ if toy_only(bundle, "the other toy LoRA") and have_references(refs, "the other L
 # --limit 76 --seeds 4 --lora data/toy/lora_identifier`) this pair meets the method issue's
 # three bars. Vanilla scores fidelity 0.880 and spreads its position-free images over 4 places
 # (11.4 px). The personalized model scores fidelity 0.769 and identity 0.571, in 3 places
-# (3.9 px). Layout-and-Retouch scores fidelity 0.809 (92% of vanilla's), identity 0.531 (93% of
+# (3.9 px). Layout-and-Retouch scores fidelity 0.811 (92% of vanilla's), identity 0.524 (92% of
 # the personalized model's), in 5 places (9.6 px). Stage 1 alone keeps 0.458 of the subject
 # there, under the identity bar (0.514): the retouch adds what meets it. With the default LoRA
 # no lambda1 does
