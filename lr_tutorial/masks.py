@@ -46,7 +46,7 @@ class MaskConfig:
       attention and SAM masks above (the project's seed summary: "combining cross-attention
       maps and SAM masks"), which M^c already is. The per-step update is our addition, and on
       the toy it cost identity and fidelity on most LoRAs measured (76 held-out prompts x 4
-      seeds, shipped model: 0.534 / 0.727 with it, 0.540 / 0.757 without) and added 0.02-0.03
+      seeds, shipped model, session 21: 0.533 / 0.725 with it, 0.538 / 0.756 without) and added 0.02-0.03
       identity on two that follow a handed layout (data/toy/README.md, session 19). The
       target's attention there is diffuse and, unlike the context's, no segmenter gates it,
       so the mask opens the backdrop to the personalized model.
