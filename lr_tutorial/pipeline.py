@@ -8,7 +8,8 @@
 Stage 1 (layout.py) -> masks of the context (masks.py) -> stage 2 (retouch.py). The reference
 inversion is computed once per reference image and reused across prompts and seeds; the first
 call with a new reference runs it inside stage 1: its first lambda1 steps alone, the others as
-one more row of stage 1's personalized UNet calls (sampling.Inversion, retouch.riding_inversion).
+one more row of stage 1's personalized UNet calls (sampling.Inversion, retouch.riding_inversion),
+recording the reference's keys/values for the cached stage 2 as it goes.
 """
 from __future__ import annotations
 
@@ -48,11 +49,11 @@ class LRConfig:
     reference (needs start >= lambda1);
     "batched" runs the three branches in one UNet call per step (one reference row for all
     targets: 2B + 1 rows); "auto" (default) takes "cached" when its key/value caches fit in
-    `kv_budget_gb` and the target starts after lambda1, else "batched" (also for one prompt
-    with a new reference, where the reference's key/value replay does not pay off; on an
-    H200, SD 1.5 at 512 px, 8 images: cached 2.85x a plain run, batched 3.43x; bench/README.md,
-    session 18; a one-call script of 8 images is faster batched, since the first cached call
-    pins its host memory).
+    `kv_budget_gb` and the target starts after lambda1, else "batched" (also, on a GPU with
+    host caches, for one prompt with a new reference: `stage2_path`; on an H200, SD 1.5 at
+    512 px, 8 images: cached 2.85x a plain run, batched 3.43x; bench/README.md, session 18; a
+    one-call script of 8 images is faster batched, since the first cached call pins its host
+    memory).
     Same result (tested),
     the cached path at about half the UNet work of stage 2; a `capture=` of stage 2 uses
     "batched" since it records every branch.
@@ -418,16 +419,19 @@ class LayoutAndRetouch:
 
     def stage2_path(self, batch: int, capture=None, new_reference: bool = False) -> str:
         """"cached" or "batched": the stage-2 path a call on `batch` prompts takes (LRConfig.stage2).
-        "auto" takes "batched" when the key/value caches would not fit kv_budget_gb, and for one
-        prompt with a reference not seen before (`new_reference`): the reference's key/value
-        replay pays off from the second image on (bench/README.md, one image: batched 4.93 s,
-        cached 5.62 s; with the reference cached, 4.06 s). Raises for "cached" when the target
-        starts before lambda1."""
+        "auto" takes "batched" when the key/value caches would not fit kv_budget_gb, and, where
+        the caches live in pinned host memory on a GPU, for one prompt with a reference not seen
+        before (`new_reference`; an H200 in session 9: batched 7.67 s, cached 9.80 s). On a CPU
+        a new reference costs the cached path nothing since its keys/values are recorded while
+        it is inverted (toy, one image, LoRA merged: cached 3.67 s, batched 3.79 s;
+        bench/README.md, session 21). Raises for "cached" when the target starts before
+        lambda1."""
         cfg = self.config
         n = cfg.layout.steps
         if capture is not None or cfg.stage2 == "batched":
             return "batched"
-        if cfg.stage2 == "auto" and batch == 1 and new_reference:
+        pinned = self.models.device.type != "cpu" and self.cache_device() == "cpu"
+        if cfg.stage2 == "auto" and batch == 1 and new_reference and pinned:
             return "batched"
         start, lambda1 = self.start_step(), resolve_steps(cfg.layout.lambda1, n, "lambda1")
         if start < lambda1:

@@ -206,17 +206,21 @@ def test_auto_stage2_caches_keys_and_values_only_within_the_budget(bundle, monke
                                rtol=1e-4)
     with pytest.raises(ValueError, match="kv_budget_gb"):
         LRConfig(kv_budget_gb=-1)
-    # one prompt with a new reference: batched (the reference's replay would serve one image);
-    # the next call, with the reference known, caches
+    # one prompt with a new reference: cached on a CPU (its keys/values are recorded while it
+    # is inverted: nothing extra to pay), and again with the reference known
     one = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=6)))
-    assert one(PROMPTS[0], ref, seed=0).config["stage2_used"] == "batched"
+    assert one(PROMPTS[0], ref, seed=0).config["stage2_used"] == "cached"
     assert one(PROMPTS[1], ref, seed=0).config["stage2_used"] == "cached"
+    assert one.stage2_path(1, new_reference=True) == "cached"
     # on a GPU the caches live in host memory (pinned, copied on a side stream) and the budget
     # is the host's; with kv_device="model" they live on the GPU and the budget is its free
     # memory (H200, SD 1.5, 512 px, 8 images: cached 3.1x a plain run, batched 3.5x)
     assert one.stage2_path(2) == "cached"
     monkeypatch.setattr(type(bundle), "device", property(lambda self: torch.device("cuda")))
     assert one.cache_device() == "cpu" and one.stage2_path(2) == "cached"
+    # there the first cached call pins host memory: one image with a new reference is batched
+    assert one.stage2_path(1, new_reference=True) == "batched"
+    assert one.stage2_path(1, new_reference=False) == "cached"
     monkeypatch.setattr("lr_tutorial.memory.free_memory", lambda device: 0)
     assert one.stage2_path(2) == "cached"  # the host's budget
     on_gpu = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=6), kv_device="model"))
