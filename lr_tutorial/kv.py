@@ -246,11 +246,10 @@ class KVRecordProcessor:
         if attention_mask is not None or encoder_hidden_states is not None:
             raise NotImplementedError("key/value recording is for self-attention without a mask")
         q, k, v = attention.project_qkv(attn, hidden_states)  # (B, heads, HW, d)
+        h = (attention.attention_input(attn, hidden_states)  # what to_k / to_v read: (B, HW, C)
+             if any(c.store == "hidden" for c in wanting) else None)
         for cache in wanting:
-            if cache.store == "hidden":  # what to_k / to_v read: (B, HW, C)
-                cache.put(self.path, attention.attention_input(attn, hidden_states))
-            else:
-                cache.put(self.path, k, v)
+            cache.put(self.path, *((h,) if cache.store == "hidden" else (k, v)))
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scale)
         return attention.output(attn, o, hidden_states)
 

@@ -378,8 +378,8 @@ class LayoutAndRetouch:
                     token_index(bundle.tokenizer, ref_prompt, bundle.class_noun), steps=n,
                     mask_cfg=cfg.mask, ride_steps=n - lambda1, kv=ref_kv))
             store = stack.enter_context(attention.capture(bundle.unets, spec))
-            stack.enter_context(record_kv(bundle.unets, ctx_kv,
-                                          *([ref_kv] if ref_kv is not None else [])))
+            stack.enter_context(record_kv(bundle.unets,
+                                          *(c for c in (ctx_kv, ref_kv) if c is not None)))
             layout = step_blended(bundle, prompts, seeds, cfg.layout, observers=(store, ctx_kv),
                                   checked=True, rider=rider)
         if rider is not None:
