@@ -13,10 +13,13 @@ For `--images` prompts x seeds sharing one reference, with the same steps and gu
 (c) the full method with the cached stage 2 (LRConfig.stage2="cached", the default),
 (d) the full method with the three-branch batched stage 2 (one reference row for all targets),
 (c') the cached full method with a LayoutAndRetouch kept across runs, so its reference work
-(inversion and keys/values) is already done, and reports (e) stage 2 alone (retouch +
+(inversion and keys/values) is already done, (c*) (c) with LRConfig(reference_inversion=
+"start"): the reference inverted only to the target's first step, so none of its UNet calls
+runs alone (an option: it narrows M^r), and reports (e) stage 2 alone (retouch +
 final decode, timed inside (c) and (d)). Each run of (c) and (d) starts from a fresh
 LayoutAndRetouch, so it pays the reference work once for its images: the reference's DDIM
-inversion (its first lambda1 steps alone, the others riding stage 1's UNet calls), which in
+inversion (down to the target's first step, every call riding stage 1's UNet calls with the
+defaults; a target started before lambda1 needs the steps in between alone), which in
 the cached path also records the reference's keys/values (no replay since session 21; the
 "reference K/V" phase then shows only where a known reference's keys/values are replayed). The per-image cost amortized over 8 images is
 (c') + ((c) - (c')) x images / 8, all measured.
@@ -48,10 +51,11 @@ from common import (Phases, UNetCounter, exact_malloc_env, machine, median,  # n
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-CASES = ("plain", "stage1", "cached", "batched", "warm")
+CASES = ("plain", "stage1", "cached", "batched", "warm", "start")
 LABELS = {"plain": "(a) plain personalized", "stage1": "(b) stage 1 only",
           "cached": "(c) L&R, cached stage 2", "batched": "(d) L&R, batched stage 2",
-          "warm": "(c') L&R, cached, reference already cached"}
+          "warm": "(c') L&R, cached, reference already cached",
+          "start": "(c*) (c), inversion stopped at the start"}
 PHASES = ("reference inversion", "reference K/V", "stage 1", "masks", "stage 2", "final decode")
 
 
@@ -96,11 +100,12 @@ def make_cases(a, bundle, prompts, seeds, ref):
         for p, s in chunks:
             step_blended(bundle, p, s, layout)
 
-    def full(stage2):
+    def full(stage2, inversion="full"):
         def run():
             # fresh: pays the reference work
             lr = LayoutAndRetouch(bundle, LRConfig(layout=layout, stage2=stage2,
-                                                   kv_device=a.kv_device, kv_store=a.kv_store))
+                                                   kv_device=a.kv_device, kv_store=a.kv_store,
+                                                   reference_inversion=inversion))
             for p, s in chunks:
                 lr(p, ref, seed=s)
         return run
@@ -116,7 +121,7 @@ def make_cases(a, bundle, prompts, seeds, ref):
             held["lr"](p, ref, seed=s)
 
     return {"plain": plain, "stage1": stage1, "cached": full("cached"), "batched": full("batched"),
-            "warm": warm}
+            "warm": warm, "start": full("cached", "start")}
 
 
 def instrument(counter):
@@ -292,7 +297,7 @@ def main() -> None:
           "time ratio = median of per-repetition ratios to (a)")
     print(f"{'case':<50}{'s/image':>9}{'rows/image':>12}{'time x(a)':>10}{'rows x(a)':>10}")
     for c in CASES:
-        line(LABELS[c] + (f", over {n}" if c in ("cached", "batched") else ""),
+        line(LABELS[c] + (f", over {n}" if c in ("cached", "batched", "start") else ""),
              per[c], rows[c] / n, ratio[c])
     print(f"{'    first cached run in this process (warm-up)':<50}{first_s / n:>9.3f}"
           f"{'':>12}{first_s / median(times['plain']):>10.2f}   (its host caches allocated"
@@ -306,9 +311,11 @@ def main() -> None:
         line(f"(e) stage 2 alone ({c}: retouch + decode)",
              median(s2) / n, (pr.get("stage 2", 0) + pr.get("final decode", 0)) / n, s2_ratio)
         if c == "cached":  # the one-time reference work = (c) - (c'), measured, spread over 8
-            ref_s, ref_r = per[c] - per["warm"], (rows[c] - rows["warm"]) / n  # per image of n
-            line("    cached: amortized over 8 images", per["warm"] + ref_s * n / 8,
-                 rows["warm"] / n + ref_r * n / 8, ratio["warm"] + (ratio[c] - ratio["warm"]) * n / 8)
+            for cc, what in (("cached", ""), ("start", ", (c*)")):
+                ref_s, ref_r = per[cc] - per["warm"], (rows[cc] - rows["warm"]) / n  # per image
+                line(f"    cached{what}: amortized over 8 images", per["warm"] + ref_s * n / 8,
+                     rows["warm"] / n + ref_r * n / 8,
+                     ratio["warm"] + (ratio[cc] - ratio["warm"]) * n / 8)
         print(f"    {c} phases (s per run of {n} images / UNet rows / share of plain's time):")
         for k in PHASES:
             if k in pt:

@@ -15,13 +15,16 @@ all of them, interleaved (the order rotates every repetition), as a median ratio
             cached stage 2 (kv.record_kv) into host memory (on a GPU: pinned, side stream);
 - kv-model: the same recording kept where it is computed (no copies; LRConfig(kv_device="model"));
 - rider:    the reference inversion's row riding the personalized steps' UNet calls
-            (sampling.Inversion; its first lambda1 steps run alone before the timer starts),
+            (sampling.Inversion, down to the target's first step, retouch.reference_stop; the
+            steps that do not fit there run alone before the timer starts: none with the
+            defaults since session 22, lambda1 before),
             recording the reference's keys/values for the cached stage 2 into host memory as it
             goes (retouch.riding_inversion(kv=...));
 - all:      capture + kv-host + rider, as LayoutAndRetouch runs stage 1 with a new reference.
 
 Also prints (a) plain personalized sampling + decode, the unit of bench/pipeline.py, and the
-reference inversion's steps that run alone (riding_inversion's setup: encode + lambda1 steps).
+reference inversion's steps that run alone (riding_inversion's setup: the encode, and the steps
+beyond stage 1's personalized ones: none with the defaults).
 UNet rows per case are exact.
 """
 from __future__ import annotations
@@ -92,7 +95,7 @@ def make_variants(a, bundle, prompts, seeds, ref):
                     t0 = time.perf_counter()
                     rider, _ = stack.enter_context(riding_inversion(
                         bundle, ref_image, ref_prompt, ref_idx, steps=n, mask_cfg=cfg.mask,
-                        ride_steps=n - lambda1, kv=ref_kv))
+                        ride_steps=n - lambda1, kv=ref_kv, stop=lr.reference_stop()))
                     sync()
                     alone.append(time.perf_counter() - t0)
                     caches.append(ref_kv)  # the inversion's observer: records its row only
@@ -172,7 +175,7 @@ def main() -> None:
     for v in VARIANTS:
         ratio = median([t / b for t, b in zip(times[v], bare)])
         print(f"{v:<12}{median(times[v]):>9.3f}{ratio:>9.3f}{rows[v]:>8}{first[v]:>13.3f}")
-    print(f"reference inversion, steps alone (encode + first lambda1 steps): "
+    print(f"reference inversion, steps alone (encode + steps beyond stage 1's personalized ones): "
           f"{median(alone[1:] or alone):.3f} s (first {alone[0]:.3f} s)")
 
 

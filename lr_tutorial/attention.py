@@ -271,11 +271,11 @@ class AttentionStore:
         self.step, self.cfg = k, cfg
 
     def wants(self) -> bool:
+        if self.rows == NO_ROWS:  # not this store's call (it need not know the step)
+            return False
         if self.step is None:
             raise RuntimeError("the attention store does not know the step: pass it to the "
                                "sampler (observers=[store]) or call store.on_step(k) yourself")
-        if self.rows == NO_ROWS:  # not this store's call
-            return False
         return self.spec.steps is None or self.step in self.spec.steps
 
     def add(self, layer: str, probs: torch.Tensor) -> None:

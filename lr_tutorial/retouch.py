@@ -7,6 +7,8 @@ reference's inversion (`kv=`, lr_tutorial.kv):
 - reference r: the DDIM inversion of x^r: at step k the reference row is the very UNet
                evaluation the inversion made at t_k, eps*(z^r_{k+1}, t_k, y^r), in both CFG
                halves [ours: so its keys/values are recorded while inverting, no replay];
+               z^r_N .. z^r_start is all stage 2 reads, so the inversion may stop at the
+               target's first step (`reference_stop`, LRConfig.reference_inversion="start");
 - context c:   the stage-1 trajectory, replayed: z^c_k is read, never recomputed;
 - target t:    starts from z^c at `start_step` and is denoised by eps* with y^p, its
                self-attention reading from the other two (swap.SwapProcessor).
@@ -31,8 +33,10 @@ from .layout import resolve_steps
 
 @dataclass
 class ReferenceInversion:
-    """x^r, its inversion trajectory (denoising order), the class-token attention map seen
-    while inverting, and its fused subject mask M^r. Reusable across prompts and seeds."""
+    """x^r, its inversion trajectory (denoising order, z^r_start .. z^r_N: Trajectory.start is
+    where it stopped, `reference_stop`), the class-token attention map seen while inverting
+    (the mask window's steps it ran), and its fused subject mask M^r. Reusable across prompts
+    and seeds."""
     image: np.ndarray
     prompt: str
     trajectory: sampling.Trajectory
@@ -43,6 +47,17 @@ class ReferenceInversion:
 def mask_layers(unet, cfg: masks.MaskConfig, latent_size: int) -> list[str]:
     sizes = sorted({max(1, int(round(f * latent_size))) for f in cfg.attention_fractions})
     return attention.select_layers(unet, "*", "cross", resolutions=sizes, latent_size=latent_size)
+
+
+def reference_stop(cfg: masks.MaskConfig, n: int, start: int) -> int:
+    """The last step the reference is inverted to: the target's first step `start` (stage 2
+    reads the reference row at steps k >= start, the inversion's call at t_k; the steps before
+    it would only walk the photo on to full noise), or the mask window's last step if the window
+    ends before `start`, so that M^r sees at least one of its steps [ours]. At 50 steps with
+    the defaults (start = lambda1 = lambda2 = 10): 40 of the 50 inversion calls, each riding
+    one of stage 1's 40 personalized calls, none alone, where the full inversion runs 10 alone
+    (LRConfig.reference_inversion; bench/README.md, session 22)."""
+    return min(start, window(cfg, n)[-1])
 
 
 def window(cfg: masks.MaskConfig, n: int) -> list[int]:
@@ -68,10 +83,11 @@ def class_maps(store, rows: slice, n_steps: int, cfg: masks.MaskConfig, size: in
 @torch.no_grad()
 def invert_reference(bundle, image: np.ndarray, prompt: str, class_index: int, *, steps: int,
                      mask_cfg: masks.MaskConfig, segmenter=None, guidance: float = 1.0,
-                     ) -> ReferenceInversion:
-    """DDIM-invert x^r with the personalized model and build its subject mask M^r."""
+                     stop: int = 0) -> ReferenceInversion:
+    """DDIM-invert x^r with the personalized model, from z^r_N down to z^r_stop (0: to full
+    noise; the pipeline passes `reference_stop`), and build its subject mask M^r."""
     with riding_inversion(bundle, image, prompt, class_index, steps=steps, mask_cfg=mask_cfg,
-                          ride_steps=0, guidance=guidance) as (inv, store):
+                          ride_steps=0, guidance=guidance, stop=stop) as (inv, store):
         pass
     return reference_from(bundle, inv, store, image, mask_cfg, segmenter)
 
@@ -79,12 +95,13 @@ def invert_reference(bundle, image: np.ndarray, prompt: str, class_index: int, *
 @contextlib.contextmanager
 def riding_inversion(bundle, image: np.ndarray, prompt: str, class_index: int, *, steps: int,
                      mask_cfg: masks.MaskConfig, ride_steps: int, guidance: float = 1.0,
-                     kv: KVCache | None = None):
-    """`with riding_inversion(...) as (inv, store):` the reference inversion of invert_reference,
-    started so that its last `ride_steps` steps can ride another loop's UNet calls
-    (`sampling.denoise(..., rider=inv)`: stage 1's personalized steps, in the pipeline). Runs
-    the first `steps - ride_steps` steps alone, with the personalized model, and keeps the
-    class token's capture open for the riding steps. Then `reference_from(...)`.
+                     kv: KVCache | None = None, stop: int = 0):
+    """`with riding_inversion(...) as (inv, store):` the reference inversion of invert_reference
+    (steps N-1 .. stop: `steps - stop` UNet calls), started so that its last calls ride the
+    `ride_steps` UNet calls of another loop (`sampling.denoise(..., rider=inv)`: stage 1's
+    personalized steps, in the pipeline). Runs the calls that do not fit there alone first,
+    `max(0, steps - stop - ride_steps)`, with the personalized model, and keeps the class
+    token's capture open for the riding steps. Then `reference_from(...)`.
 
     kv: a KVCache (reference_plan's layers and steps) that records the reference branch's
     keys/values from the inversion's own UNet calls: here for the steps that run alone, and,
@@ -103,8 +120,8 @@ def riding_inversion(bundle, image: np.ndarray, prompt: str, class_index: int, *
                 (record_kv(bundle.unets, kv) if kv is not None else contextlib.nullcontext()):
             # the prompt is encoded here: a learned identifier embedding exists in this mode only
             inv = sampling.Inversion(bundle, z, prompt, steps=steps, guidance=guidance,
-                                     observers=observers)
-            for _ in range(steps - ride_steps):
+                                     observers=observers, stop=stop)
+            for _ in range(max(0, steps - stop - ride_steps)):
                 inv.step_alone()
         yield inv, store
 
@@ -114,7 +131,8 @@ def reference_from(bundle, inv: sampling.Inversion, store, image: np.ndarray,
     """The ReferenceInversion of a finished inversion: its trajectory, the class token's mean
     attention over the window, and the fused subject mask M^r."""
     traj = inv.trajectory()  # raises while steps are left
-    attn = aggregate(store, slice(0, 1), len(traj), mask_cfg, bundle.latent_size)[0]
+    n = len(inv.sched.timesteps)  # the window is a fraction of all N steps, of which it ran
+    attn = aggregate(store, slice(0, 1), n, mask_cfg, bundle.latent_size)[0]  # k >= stop
     fused = masks.subject_mask(image, attn, segmenter, mask_cfg)
     return ReferenceInversion(image, inv.prompt, traj, attn, fused)
 
@@ -169,7 +187,7 @@ def reference_kv(bundle, reference: ReferenceInversion, layers: list[str], steps
             group = steps[i:i + steps_per_call]
             n = len(group)
             cache.on_steps(group)
-            z = torch.cat([reference.trajectory.latents[k + 1] for k in group]).to(
+            z = torch.cat([reference.trajectory.latent(k + 1) for k in group]).to(
                 bundle.device, bundle.dtype)  # (n, C, h, w): the inversion's input at t_k
             t = torch.stack([sched.timesteps[k] for k in group]).to(bundle.device)  # (n,)
             bundle.unet(z, t, encoder_hidden_states=cond.expand(n, -1, -1))
@@ -193,6 +211,10 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
     the UNet work (the context cache comes from stage 1, lr_tutorial.kv)."""
     b = len(layout.prompt)
     size = bundle.latent_size
+    if reference.trajectory.start > start_step:
+        raise ValueError(f"the reference was inverted down to step {reference.trajectory.start}, "
+                         f"but the target starts at step {start_step} and reads it from there: "
+                         f"invert it with stop <= {start_step} (retouch.reference_stop)")
     sched = sampling.make_scheduler(bundle, steps)
     l3 = resolve_steps(mask_cfg.lambda3, steps, "lambda3")
     ref_class = reference_class_index(bundle, reference.prompt)
@@ -230,7 +252,7 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
             for obs in (ctl, store, *observers):
                 obs.on_step(k, int(t), guidance != 1.0)
             if kv is None:  # the reference row: the inversion's input at t_k, z^r_{k+1}
-                zr = sampling.to_device(reference.trajectory.latents[k + 1], zt)  # (1, C, h, w)
+                zr = sampling.to_device(reference.trajectory.latent(k + 1), zt)  # (1, C, h, w)
                 zc = sampling.to_device(layout.trajectory.latents[k], zt)
                 z_in = torch.cat([zr, zc, zt])
             else:

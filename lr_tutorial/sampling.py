@@ -27,13 +27,24 @@ StepCallback = Callable[[dict], None]  # receives {"step", "timestep", "latent",
 @dataclass
 class Trajectory:
     """A denoising run: `latents[k]` is z_k (k = 0..N, z_N the result), `x0[k]` the x0
-    predicted at step k, `timesteps[k]` = t_k. Tensors live on the CPU."""
+    predicted at step k, `timesteps[k]` = t_k. Tensors live on the CPU. A run that covers only
+    steps `start`..N-1 (an inversion stopped where it is no longer read) holds z_start..z_N:
+    then `latents[k - start]` is z_k; `latent(k)` indexes by step either way."""
     timesteps: list[int] = field(default_factory=list)
     latents: list[torch.Tensor] = field(default_factory=list)
     x0: list[torch.Tensor] = field(default_factory=list)
+    start: int = 0
 
     def __len__(self) -> int:
         return len(self.timesteps)
+
+    def latent(self, k: int) -> torch.Tensor:
+        """z_k, for k = start..start + len(latents) - 1; raises outside the run."""
+        i = k - self.start
+        if not 0 <= i < len(self.latents):
+            raise IndexError(f"this trajectory holds z_k for k = {self.start}.."
+                             f"{self.start + len(self.latents) - 1}, not k = {k}")
+        return self.latents[i]
 
     @property
     def final(self) -> torch.Tensor:
@@ -255,11 +266,18 @@ class Inversion:
     the inversion's usual setting).
 
     Its observers record only in its own calls: between its steps their `rows` is NO_ROWS, so
-    an attention store left installed does not record the other loop's calls."""
+    an attention store left installed does not record the other loop's calls.
+
+    stop: the last step inverted (k = N-1 .. stop), so the trajectory holds z_stop..z_N
+    (Trajectory.start = stop): Layout-and-Retouch reads the reference only from the step its
+    target starts at, so it may stop there (LRConfig.reference_inversion="start")."""
 
     def __init__(self, bundle, z_clean: torch.Tensor, prompt: str | list[str] = "", *,
                  steps: int = 50, guidance: float = 1.0, observers: tuple = (),
-                 callback: StepCallback | None = None):
+                 callback: StepCallback | None = None, stop: int = 0):
+        if isinstance(stop, bool) or not isinstance(stop, int) or not 0 <= stop < steps:
+            raise ValueError(f"stop must be a step in [0, {steps - 1}] (the last step inverted; "
+                             f"0: all the way to noise), got {stop!r}")
         self.bundle, self.guidance, self.prompt = bundle, guidance, prompt
         self.observers, self.callback = tuple(observers), callback
         self.sched = make_scheduler(bundle, steps)
@@ -270,7 +288,10 @@ class Inversion:
         self.uncond = encode_prompts(bundle, [""] * b) if guidance != 1.0 else None
         self.z = z_clean.to(bundle.device, bundle.dtype)
         self.lat, self.x0s = [to_host(self.z)], []
-        self.todo = list(reversed(range(steps)))  # k = N-1 .. 0
+        for obs in self.observers:  # they sit out every call until this inversion's first
+            obs.rows = NO_ROWS
+        self.stop = stop
+        self.todo = list(reversed(range(stop, steps)))  # k = N-1 .. stop
 
     @property
     def done(self) -> bool:
@@ -324,5 +345,5 @@ class Inversion:
             raise RuntimeError(f"the inversion still has {len(self.todo)} steps to go")
         settle(self.z)  # its host copies have landed
         ts = self.sched.timesteps
-        return Trajectory(timesteps=[int(t) for t in ts], latents=self.lat[::-1],
-                          x0=self.x0s[::-1])
+        return Trajectory(timesteps=[int(t) for t in ts[self.stop:]], latents=self.lat[::-1],
+                          x0=self.x0s[::-1], start=self.stop)

@@ -51,8 +51,12 @@ class ScrubData:
         start = n - len(result.target.x0)
         ref, ctx, tgt = result.reference.trajectory, result.layout.trajectory, result.target
         # the reference's UNet call at step k reads z^r_{k+1}, the inversion's input at t_k
-        # (lr_tutorial.retouch), whose predicted x0 is the inversion's x0[k]
-        lat = {"reference": torch.cat([z[:1] for z in ref.latents[1:n + 1]]),
+        # (lr_tutorial.retouch), whose predicted x0 is the inversion's x0 at step k; it was
+        # inverted down to step ref.start (0; with LRConfig(reference_inversion="start") the
+        # target's first step): before it, grey frames
+        rs = ref.start
+        blank = torch.zeros_like(ref.latents[0][:1])
+        lat = {"reference": torch.cat([blank] * rs + [ref.latent(k + 1)[:1] for k in range(rs, n)]),
                "context": torch.cat([z[index:index + 1] for z in ctx.latents[:n]]),
                "target": torch.cat([z[index:index + 1] for z in
                                     ctx.latents[:start] + tgt.latents[:n - start]])}
@@ -65,6 +69,9 @@ class ScrubData:
             x0 = {k: sampling.decode(bundle, v) for k, v in x0s.items()}
         else:
             x0 = {k: linear_preview(bundle, v, fit, upscale=8) for k, v in x0s.items()}
+        if rs:  # the steps the reference was not inverted to: a grey frame
+            x0["reference"] = np.concatenate([np.full((rs, *x0["reference"].shape[1:]), 128,
+                                                      np.uint8), x0["reference"]])
         linear_preview(bundle, fit[:1], fit)  # make sure the latent preview map is fitted
         # the caller's full capture (all tokens, maybe heads) when present, else the class token
         store = result.capture if result.capture is not None else result.attention
@@ -96,10 +103,11 @@ class ScrubData:
         else:
             tokens, default = [bundle.class_noun], 0
         layers = [ly for ly in store.layers() if ly.endswith("attn2")]
-        return cls(n, lat, x0, att, masks, layers, start, tokens, default)
+        return cls(n, lat, x0, att, masks, layers, start, tokens, default, rs)
 
     tokens: list[str] = None
     default_token: int = 0
+    reference_start: int = 0  # the reference branch's first step (its inversion's stop)
 
     @property
     def heads(self) -> int:
@@ -139,6 +147,8 @@ class TimestepScrubber:
     def frame(self, branch: str, kind: str, step: int, layer: str = "mean", token: int | None = None,
               head: str | int = "mean") -> np.ndarray:
         d = self.data
+        if branch == "reference" and step < d.reference_start:  # not inverted this far
+            return d.x0[branch][step]  # the grey frame
         if kind == "latent":
             img = linear_preview(self.bundle, d.latents[branch][step:step + 1],
                                  upscale=d.x0[branch].shape[1] // d.latents[branch].shape[-1])[0]

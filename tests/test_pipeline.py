@@ -1,5 +1,7 @@
 """The method on tiny random-weight Stable Diffusion components (SD 1.5 block structure, and an
 SD 2 style v-prediction / linear-projection variant): invariants that must hold for any weights."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -83,7 +85,7 @@ def test_full_pipeline_runs_and_keeps_every_intermediate(bundle, tmp_path):
     assert res.layout.images.shape == (2, 64, 64, 3)
     k0 = lr.start_step()  # the target starts from the context at lambda2 (4 of 6 steps here)
     assert k0 == 4 and len(res.target) == n - k0 and res.masks.per_step.shape == (n - k0, 2, 8, 8)
-    assert len(res.reference.trajectory.latents) == n + 1
+    assert res.reference.trajectory.start == 0 and len(res.reference.trajectory.latents) == n + 1
     assert res.config["layout"]["steps"] == n and "diffusers" in res.versions
     # the reference inversion is computed once and reused across prompts and seeds
     again = lr(PROMPTS[:1], ref, seed=5)
@@ -418,6 +420,60 @@ def test_reference_inversion_rides_stage_1_with_the_same_result(bundle):
             pass
 
 
+def test_the_reference_inverted_only_as_far_as_stage_2_reads_it(bundle):
+    """LRConfig(reference_inversion="start"): the inversion stops at the target's first step
+    (retouch.reference_stop), its trajectory exactly the full inversion's from that step on,
+    and every one of its calls rides stage 1 (no call of its own); a target started earlier
+    gets the steps in between, a mask window that ends before the start keeps one of its
+    steps, and a reference that stops after the target's start is refused."""
+    from lr_tutorial.retouch import reference_stop, retouch
+    n = 8
+    ref = (np.random.default_rng(2).random((1, 64, 64, 3)) * 255).astype(np.uint8)
+    z = sampling.encode(bundle, ref)
+    with bundle.using("personalized"):
+        full = sampling.ddim_invert(bundle, z, "a sks dog", steps=n)
+        inv = sampling.Inversion(bundle, z, "a sks dog", steps=n, stop=5)
+        while not inv.done:
+            inv.step_alone()
+    part = inv.trajectory()
+    assert part.start == 5 and len(part) == 3 and len(part.latents) == 4
+    assert part.timesteps == full.timesteps[5:]
+    for k in range(5, n + 1):  # the same calls in the same order: equal bit for bit
+        assert torch.equal(part.latent(k), full.latent(k))
+    with pytest.raises(IndexError, match="k = 5..8, not k = 4"):
+        part.latent(4)
+    with pytest.raises(ValueError, match="stop must be a step"):
+        sampling.Inversion(bundle, z, steps=n, stop=n)
+
+    assert reference_stop(MaskConfig(), n, 4) == 4
+    assert reference_stop(MaskConfig(attention_window=(0.0, 0.25)), n, 4) == 1  # window: 0, 1
+    cfg = LRConfig(layout=LayoutConfig(steps=n), reference_inversion="start")
+    early = LayoutAndRetouch(bundle, replace(cfg, start_step=0))
+    res = early(PROMPTS[:1], ref, seed=0)  # batched (the target starts before lambda1)
+    assert res.reference.trajectory.start == 0 and len(res.target) == n
+    late = LayoutAndRetouch(bundle, cfg)
+    calls = []
+    hook = bundle.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        res = late(PROMPTS[:1], ref, seed=0)
+    finally:
+        hook.remove()
+    k0 = late.start_step()
+    assert res.reference.trajectory.start == k0 == 4
+    assert len(calls) == n + (n - k0)  # stage 1's calls and stage 2's: the inversion rode
+    full = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=n)))(PROMPTS[:1], ref,
+                                                                           seed=0)
+    for k in range(k0, n + 1):  # the same inversion from there on (riding: float rounding)
+        torch.testing.assert_close(res.reference.trajectory.latent(k),
+                                   full.reference.trajectory.latent(k), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="reference_inversion must be"):
+        LRConfig(reference_inversion="half")
+    with pytest.raises(ValueError, match="inverted down to step 4, but the target starts at step 2"):
+        retouch(bundle, res.layout, res.reference, np.ones((1, 8, 8), np.float32), [2],
+                swap_cfg=late.config.swap, mask_cfg=late.config.mask, steps=n, guidance=7.5,
+                start_step=2)
+
+
 def test_half_precision_key_value_caches_halve_their_memory(bundle):
     """LRConfig(kv_dtype="float16") on a float32 model: the caches take half the bytes, and the
     result stays close to the float32 caches' (the target reads rounded keys/values)."""
@@ -499,6 +555,15 @@ def test_cached_stage2_on_a_gpu_with_host_caches_equals_the_batched_stage2(tmp_p
         for za, zb in zip(out["batched"].target.latents, out[name].target.latents):
             print(name, (za - zb).abs().max().item())
             torch.testing.assert_close(za, zb, atol=2e-4, rtol=1e-3)
+    # the reference inverted to the target's first step only, every call riding stage 1 and
+    # recording into pinned host memory: the same result on both paths
+    start = {s: LayoutAndRetouch(gpu, LRConfig(layout=LayoutConfig(steps=8), stage2=s,
+                                               reference_inversion="start"))(PROMPTS, ref, seed=SEEDS)
+             for s in ("batched", "cached")}
+    assert start["cached"].reference.trajectory.start == 4
+    assert start["cached"].config["stage2_used"] == "cached"
+    for za, zb in zip(start["batched"].target.latents, start["cached"].target.latents):
+        torch.testing.assert_close(za, zb, atol=2e-4, rtol=1e-3)
 
 
 def test_the_host_budget_counts_pinned_memory_cached_from_an_earlier_call(monkeypatch):

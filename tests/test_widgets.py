@@ -29,6 +29,7 @@ def test_scrubber_frames_and_slider(result_and_bundle):
         f0, f4 = sc.frame("target", kind, 0), sc.frame("target", kind, 4)
         assert f0.dtype == np.uint8 and f0.shape == f4.shape and f0.shape[-1] == 3
     assert not np.array_equal(sc.frame("target", "x0", 0), sc.frame("target", "x0", 4))
+    assert sc.data.reference_start == 0 and not (sc.frame("reference", "x0", 0) == 128).all()
     box = sc.widget()
     img = sc._controls["images"][("target", "x0")]
     before = img.value
@@ -37,6 +38,20 @@ def test_scrubber_frames_and_slider(result_and_bundle):
     fig = sc.to_figure()
     assert len(fig.axes) == 3 * len(KINDS) * 6
     assert box is not None
+
+
+def test_scrubber_greys_the_reference_before_its_inversion_stopped(result_and_bundle):
+    _, b = result_and_bundle
+    ref = (np.random.default_rng(0).random((1, 64, 64, 3)) * 255).astype(np.uint8)
+    res = LayoutAndRetouch(b, LRConfig(layout=LayoutConfig(steps=5), reference_inversion="start"))(
+        ["a sks dog"], ref, seed=0)
+    sc = TimestepScrubber(res, b)
+    # inverted only down to the target's first step (4 of 5): a grey frame before it
+    assert sc.data.reference_start == res.reference.trajectory.start == 4
+    for kind in KINDS:
+        assert (sc.frame("reference", kind, 3) == 128).all()
+        assert not (sc.frame("reference", kind, 4) == 128).all()
+    assert len(sc.to_figure().axes) == 3 * len(KINDS) * 6
 
 
 def test_scrubber_with_a_full_capture_scrubs_tokens_and_heads(result_and_bundle):

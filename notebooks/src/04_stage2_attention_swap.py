@@ -47,7 +47,10 @@ refs = reference_images(bundle)  # toy: the star's five photos; SD: the photos i
 # values can be recorded while inverting). Only the target is actually denoised. (The default,
 # faster path runs the target rows alone and reads the other two branches' keys and values,
 # recorded in stage 1 and by the inversion: `lr_tutorial/kv.py`.) First, the reference
-# inversion (computed once per photo and reused for every prompt and seed):
+# inversion (computed once per photo and reused for every prompt and seed). Stage 2 reads it
+# only from the target's first step on; `LRConfig(reference_inversion="start")` stops it there,
+# which saves the noisiest steps' UNet calls but narrows the mask $M^r$ a little (its docstring
+# has the measured cost):
 
 # %%
 from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
