@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 6's GPU checks as one prepared call of a lent GPU machine (the default steps: about 8 min on an H200):
-# the GPU-only tests, the waits for the GPU per case (bench/syncs.py), the pipeline and capture
+# the GPU-only tests, the full pipeline benchmark, a UNet call's cost by its rows (bench/rows.py),
+# the waits for the GPU per case (bench/syncs.py), the pipeline and capture
 # benchmarks, the per-stage breakdowns (bench/stage1.py, bench/stage2.py; bench/README.md), and a torch.profiler
 # run of the batched and cached full method (top entries by CPU and by GPU time). Each step has
 # its own timeout, so one that hangs leaves the others' results. Output: one file per step in
@@ -8,6 +9,7 @@
 # `pip download --no-deps diffusers==0.42.1 -d .whl`) and carry it; it is installed into
 # /tmp/site. Arguments: the steps to run, e.g. `bash bench/gpu.sh stage1 profile`; default: the
 # ones that fit one call's 600 s together (tests syncs stage1 stage2 pipeline_quick attention).
+# Next call (session 22's plan, about 570 s): `bash bench/gpu.sh tests pipeline rows stage2`.
 set -u
 export PYTHONUNBUFFERED=1
 out="${OUT:-outputs/gpu}"
@@ -26,10 +28,11 @@ step() {  # step NAME SECONDS COMMAND...: run, keep the output, print its tail
   echo "## $name: exit $?"; grep -v '^\[transformers\]\|^There are modules' "$out/$name.txt" | tail -30
 }
 step tests 100 "$py" -m pytest -q -p no:cacheprovider tests/test_pipeline.py tests/test_attention.py -k "gpu or cuda"
+step pipeline 240 "$py" bench/pipeline.py --backend sd15-random --images 8 --reps 2
+step rows 60 "$py" bench/rows.py
 step syncs 90 "$py" bench/syncs.py --backend sd15-random --steps 10 --images 2
 step stage1 170 "$py" bench/stage1.py --backend sd15-random --images 8 --reps 3
 step stage2 170 "$py" bench/stage2.py --backend sd15-random --images 8 --reps 2 --profile-steps 10
-step pipeline 200 "$py" bench/pipeline.py --backend sd15-random --images 8 --reps 2
 step pipeline_quick 100 "$py" bench/pipeline.py --backend sd15-random --images 8 --reps 1 --no-memory
 step pipeline_hidden 110 "$py" bench/pipeline.py --backend sd15-random --images 8 --reps 1 --no-memory --kv-store hidden
 step attention 90 "$py" bench/attention.py --backend sd15
