@@ -1,0 +1,70 @@
+"""Why stage 1 runs slower inside bench/pipeline.py's (c) than on its own, on a CPU.
+
+    python bench/allocator.py            # one LayoutAndRetouch kept across runs
+    python bench/allocator.py --fresh    # a fresh one per run, as bench/pipeline.py's (c) makes
+    MALLOC_TRIM_THRESHOLD_=8589934592 MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TOP_PAD_=268435456 \
+        python bench/allocator.py --fresh   # glibc told not to hand memory back to the OS
+
+Toy backend, 8 images, 50 steps, the cached stage 2. Interleaves bare stage 1
+(layout.step_blended, no extras) with the full method and prints, per repetition, bare stage
+1's seconds, the full method's stage 1 (its step_blended call, timed by common.Phases) and the
+full method's total. With a fresh LayoutAndRetouch per run each call records its key/value
+caches anew and frees the last call's (about 180 MiB of tensors); if bare stage 1 then slows
+down too, what costs is the allocator's state, not the method's work (bench/README.md,
+session 22).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Phases, UNetCounter, machine, median  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--fresh", action="store_true", help="a fresh LayoutAndRetouch per run")
+    ap.add_argument("--reps", type=int, default=4)
+    a = ap.parse_args()
+    from lr_tutorial import load_models, pipeline
+    from lr_tutorial.layout import LayoutConfig, step_blended
+    from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
+
+    header = machine()
+    bundle = load_models("toy")
+    prompts = ["a sks star on the left in the snow", "a sks star at the top at night",
+               "a small sks star on the right on the beach", "a sks star at the bottom"] * 2
+    seeds = [0] * 4 + [1] * 4
+    layout = LayoutConfig(steps=50, guidance=7.5)
+    phases = Phases(UNetCounter(bundle._vanilla_unet, bundle.personal_unet))
+    phases.wrap(pipeline, "step_blended", "stage 1")
+
+    def make():
+        return LayoutAndRetouch(bundle, LRConfig(layout=layout, stage2="cached"))
+
+    kept = make()
+    kept(prompts, seed=seeds)  # warm-up: caches, lazy inits
+    out = {"bare stage 1": [], "stage 1 in the method": [], "the method": []}
+    for _ in range(a.reps):
+        t0 = time.perf_counter()
+        step_blended(bundle, prompts, seeds, layout)
+        out["bare stage 1"].append(time.perf_counter() - t0)
+        lr = make() if a.fresh else kept
+        phases.reset()
+        t0 = time.perf_counter()
+        lr(prompts, seed=seeds)
+        out["the method"].append(time.perf_counter() - t0)
+        out["stage 1 in the method"].append(phases.time["stage 1"])
+        del lr
+    print(f"# toy, 8 images, 50 steps; {'a fresh' if a.fresh else 'one kept'} LayoutAndRetouch; "
+          f"{a.reps} interleaved repetitions, seconds")
+    print(f"# {header}")
+    for k, v in out.items():
+        print(f"{k:<24}" + "".join(f"{x:>7.2f}" for x in v) + f"   median {median(v):.2f}")
+
+
+if __name__ == "__main__":
+    main()
