@@ -243,7 +243,7 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
     near = (reach_region(m_ctx, mask_cfg.adaptive_reach)  # (B, h, w) bool, or None: anywhere
             if mask_cfg.adaptive else None)
     zt = layout.trajectory.latents[start_step].to(bundle.device, bundle.dtype)
-    traj = sampling.Trajectory(latents=[sampling.to_host(zt)])
+    traj = sampling.Trajectory(latents=[sampling.to_host(zt)], start=start_step)  # z^t_start..
     used, acc, n_seen = [], 0.0, 0
     with bundle.using(personal), \
             swap.swap(bundle.unet, ctl), attention.capture(bundle.unet, spec) as store:

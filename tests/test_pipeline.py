@@ -86,6 +86,7 @@ def test_full_pipeline_runs_and_keeps_every_intermediate(bundle, tmp_path):
     k0 = lr.start_step()  # the target starts from the context at lambda2 (4 of 6 steps here)
     assert k0 == 4 and len(res.target) == n - k0 and res.masks.per_step.shape == (n - k0, 2, 8, 8)
     assert res.reference.trajectory.start == 0 and len(res.reference.trajectory.latents) == n + 1
+    assert res.target.start == k0 and torch.equal(res.target.latent(n), res.target.latents[-1])
     assert res.config["layout"]["steps"] == n and "diffusers" in res.versions
     # the reference inversion is computed once and reused across prompts and seeds
     again = lr(PROMPTS[:1], ref, seed=5)
