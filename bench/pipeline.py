@@ -18,8 +18,8 @@ For `--images` prompts x seeds sharing one reference, with the same steps and gu
 runs alone (an option: it narrows M^r), and reports (e) stage 2 alone (retouch +
 final decode, timed inside (c) and (d)). Each run of (c) and (d) starts from a fresh
 LayoutAndRetouch, so it pays the reference work once for its images: the reference's DDIM
-inversion (down to the target's first step, every call riding stage 1's UNet calls with the
-defaults; a target started before lambda1 needs the steps in between alone), which in
+inversion (its first lambda1 steps alone, the others riding stage 1's UNet calls; in (c*) none
+alone, since it stops at the target's first step), which in
 the cached path also records the reference's keys/values (no replay since session 21; the
 "reference K/V" phase then shows only where a known reference's keys/values are replayed). The per-image cost amortized over 8 images is
 (c') + ((c) - (c')) x images / 8, all measured.

@@ -15,16 +15,16 @@ all of them, interleaved (the order rotates every repetition), as a median ratio
             cached stage 2 (kv.record_kv) into host memory (on a GPU: pinned, side stream);
 - kv-model: the same recording kept where it is computed (no copies; LRConfig(kv_device="model"));
 - rider:    the reference inversion's row riding the personalized steps' UNet calls
-            (sampling.Inversion, down to the target's first step, retouch.reference_stop; the
-            steps that do not fit there run alone before the timer starts: none with the
-            defaults since session 22, lambda1 before),
+            (sampling.Inversion; the steps that do not fit there run alone before the timer
+            starts: the first lambda1 with the default full inversion, none with
+            LRConfig(reference_inversion="start")),
             recording the reference's keys/values for the cached stage 2 into host memory as it
             goes (retouch.riding_inversion(kv=...));
 - all:      capture + kv-host + rider, as LayoutAndRetouch runs stage 1 with a new reference.
 
 Also prints (a) plain personalized sampling + decode, the unit of bench/pipeline.py, and the
 reference inversion's steps that run alone (riding_inversion's setup: the encode, and the steps
-beyond stage 1's personalized ones: none with the defaults).
+beyond stage 1's personalized ones: lambda1 with the default full inversion).
 UNet rows per case are exact.
 """
 from __future__ import annotations
