@@ -14,15 +14,16 @@ For `--images` prompts x seeds sharing one reference, with the same steps and gu
 (d) the full method with the three-branch batched stage 2 (one reference row for all targets),
 (c') the cached full method with a LayoutAndRetouch kept across runs, so its reference work
 (inversion and keys/values) is already done, (c*) (c) with LRConfig(reference_inversion=
-"start"): the reference inverted only to the target's first step, so none of its UNet calls
-runs alone (an option: it narrows M^r), and reports (e) stage 2 alone (retouch +
-final decode, timed inside (c) and (d)). Each run of (c) and (d) starts from a fresh
+"start"): the reference inverted only to the target's first step (N - lambda1 rows in stage
+1's personalized calls instead of N; an option: it narrows M^r), and reports (e) stage 2 alone
+(retouch + final decode, timed inside (c) and (d)). Each run of (c) and (d) starts from a fresh
 LayoutAndRetouch, so it pays the reference work once for its images: the reference's DDIM
-inversion (its first lambda1 steps alone, the others riding stage 1's UNet calls; in (c*) none
-alone, since it stops at the target's first step), which in
-the cached path also records the reference's keys/values (no replay since session 21; the
-"reference K/V" phase then shows only where a known reference's keys/values are replayed). The per-image cost amortized over 8 images is
-(c') + ((c) - (c')) x images / 8, all measured.
+inversion, one more row in stage 1's UNet calls (with a LoRA all of them since session 23, the
+vanilla ones through peft's per-row adapters, so none of its calls runs alone; before, and with
+a full DreamBooth UNet, its first lambda1 steps ran alone: the "reference inversion" phase),
+which in the cached path also records the reference's keys/values (no replay since session 21;
+the "reference K/V" phase then shows only where a known reference's keys/values are replayed).
+The per-image cost amortized over 8 images is (c') + ((c) - (c')) x images / 8, all measured.
 
 Timing: the cases are interleaved (the order rotates every repetition) and each ratio to (a) is
 the median of the per-repetition ratios, so a load that drifts during the run (another job on
@@ -128,7 +129,7 @@ def instrument(counter):
     """Time the phases of LayoutAndRetouch.__call__ by wrapping the functions it calls."""
     from lr_tutorial import masks, pipeline, sampling
     ph = Phases(counter)
-    # the reference inversion's steps that run alone (the others ride stage 1's UNet calls)
+    # the reference inversion's steps that run alone (none with a LoRA: they all ride stage 1)
     ph.wrap(sampling.Inversion, "step_alone", "reference inversion")
     ph.wrap(pipeline, "reference_kv", "reference K/V")
     ph.wrap(pipeline, "step_blended", "stage 1")  # includes the x^c decode

@@ -14,17 +14,18 @@ all of them, interleaved (the order rotates every repetition), as a median ratio
 - kv-host:  recording the context's self-attention keys/values at the retouch layers for the
             cached stage 2 (kv.record_kv) into host memory (on a GPU: pinned, side stream);
 - kv-model: the same recording kept where it is computed (no copies; LRConfig(kv_device="model"));
-- rider:    the reference inversion's row riding the personalized steps' UNet calls
-            (sampling.Inversion; the steps that do not fit there run alone before the timer
-            starts: the first lambda1 with the default full inversion, none with
-            LRConfig(reference_inversion="start")),
-            recording the reference's keys/values for the cached stage 2 into host memory as it
-            goes (retouch.riding_inversion(kv=...));
+- rider:    the reference inversion's row riding stage 1's UNet calls as the method runs it
+            (sampling.Inversion, retouch.rideable_steps): with a LoRA every call, the vanilla
+            ones through peft's per-row adapters (ModelBundle.personal_rows), so none of its
+            steps runs alone; recording the reference's keys/values for the cached stage 2
+            into host memory as it goes (retouch.riding_inversion(kv=...));
+- rider-p:  the same, riding the personalized steps' calls only, as before session 23: its first
+            lambda1 steps run alone before the timer starts ("alone" column);
 - all:      capture + kv-host + rider, as LayoutAndRetouch runs stage 1 with a new reference.
 
-Also prints (a) plain personalized sampling + decode, the unit of bench/pipeline.py, and the
-reference inversion's steps that run alone (riding_inversion's setup: the encode, and the steps
-beyond stage 1's personalized ones: lambda1 with the default full inversion).
+Also prints (a) plain personalized sampling + decode, the unit of bench/pipeline.py, and, for
+the rider variants, what riding_inversion's setup took before the timer (the encode, and the
+steps that run alone) and the two together as a ratio to bare stage 1 ("+ alone").
 UNet rows per case are exact.
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ from common import UNetCounter, machine, median, sd15_random, sync  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-VARIANTS = ("bare", "capture", "kv-host", "kv-model", "rider", "all", "plain")
+VARIANTS = ("bare", "capture", "kv-host", "kv-model", "rider", "rider-p", "all", "plain")
 
 
 def setup(a):
@@ -68,7 +69,8 @@ def make_variants(a, bundle, prompts, seeds, ref):
     from lr_tutorial.layout import LayoutConfig, resolve_steps, step_blended
     from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
     from lr_tutorial.prompts import check_prompts, token_index
-    from lr_tutorial.retouch import kv_plan, mask_layers, reference_plan, riding_inversion
+    from lr_tutorial.retouch import (kv_plan, mask_layers, reference_plan, rideable_steps,
+                                     riding_inversion)
 
     cfg = LRConfig(layout=LayoutConfig(steps=a.steps, guidance=a.guidance))
     lr = LayoutAndRetouch(bundle, cfg)
@@ -82,22 +84,24 @@ def make_variants(a, bundle, prompts, seeds, ref):
                                  tokens=[[i] for i in cls])
     _, ref_image, ref_prompt = lr._reference_key(ref)
     ref_idx = token_index(bundle.tokenizer, ref_prompt, bundle.class_noun)
-    alone = []  # seconds of the inversion's steps that run alone, per rider run
+    alone = {"rider": [], "rider-p": [], "all": []}  # seconds of the setup, per rider run
 
-    def stage1(extras):
+    def stage1(extras, name):
         def run():
             observers, caches = [], []
             with contextlib.ExitStack() as stack:
                 rider = None
-                if "rider" in extras:
+                if "rider" in extras or "rider-p" in extras:
                     ref_kv = KVCache(ref_layers, ref_steps, store="kv", device="cpu")
+                    ride = n - lambda1 if "rider-p" in extras else rideable_steps(bundle, n,
+                                                                                  lambda1)
                     sync()
                     t0 = time.perf_counter()
                     rider, _ = stack.enter_context(riding_inversion(
                         bundle, ref_image, ref_prompt, ref_idx, steps=n, mask_cfg=cfg.mask,
-                        ride_steps=n - lambda1, kv=ref_kv, stop=lr.reference_stop()))
+                        ride_steps=ride, kv=ref_kv, stop=lr.reference_stop()))
                     sync()
-                    alone.append(time.perf_counter() - t0)
+                    alone[name].append(time.perf_counter() - t0)
                     caches.append(ref_kv)  # the inversion's observer: records its row only
                 if "capture" in extras:
                     observers.append(stack.enter_context(attention.capture(bundle.unets, spec)))
@@ -127,9 +131,9 @@ def make_variants(a, bundle, prompts, seeds, ref):
         return time.perf_counter() - t0
 
     all_ = ("capture", "kv-host", "rider")
-    out = {"bare": stage1(()), "plain": plain, "all": stage1(all_)}
-    for name in ("capture", "kv-host", "kv-model", "rider"):
-        out[name] = stage1((name,))
+    out = {"bare": stage1((), "bare"), "plain": plain, "all": stage1(all_, "all")}
+    for name in ("capture", "kv-host", "kv-model", "rider", "rider-p"):
+        out[name] = stage1((name,), name)
     return {v: out[v] for v in VARIANTS}, alone, len(layers), len(kv_steps)
 
 
@@ -171,12 +175,18 @@ def main() -> None:
     print(f"# {header}")
     print(f"# {a.reps} interleaved repetitions; s = median; ratio = median of per-repetition "
           "ratios to bare stage 1")
-    print(f"{'variant':<12}{'s':>9}{'x bare':>9}{'rows':>8}{'first run s':>13}")
+    print(f"{'variant':<12}{'s':>9}{'x bare':>9}{'rows':>8}{'first run s':>13}"
+          f"{'alone s':>9}{'+ alone':>9}")
     for v in VARIANTS:
         ratio = median([t / b for t, b in zip(times[v], bare)])
-        print(f"{v:<12}{median(times[v]):>9.3f}{ratio:>9.3f}{rows[v]:>8}{first[v]:>13.3f}")
-    print(f"reference inversion, steps alone (encode + steps beyond stage 1's personalized ones): "
-          f"{median(alone[1:] or alone):.3f} s (first {alone[0]:.3f} s)")
+        line = f"{v:<12}{median(times[v]):>9.3f}{ratio:>9.3f}{rows[v]:>8}{first[v]:>13.3f}"
+        if v in alone:  # the setup's runs: the warm-up's first, then one per repetition
+            setup_s = alone[v][1:]
+            with_alone = median([(t + s) / b for t, s, b in zip(times[v], setup_s, bare)])
+            line += f"{median(setup_s):>9.3f}{with_alone:>9.3f}"
+        print(line)
+    print("alone: riding_inversion's setup before the timer (the encode, and the inversion's "
+          "steps that run alone: none for rider with a LoRA, lambda1 for rider-p)")
 
 
 if __name__ == "__main__":

@@ -106,8 +106,11 @@ def step_blended(bundle, prompts: list[str], seeds: list[int], config: LayoutCon
                  checked: bool = False, rider=None) -> LayoutResult:
     """Denoise with the vanilla model for k < lambda1 on y^-p, then the personalized one on y^p.
     `checked`: the caller already ran prompts.check_prompts on these prompts. `rider`: a
-    sampling.Inversion that shares the personalized steps' UNet calls (the reference
-    inversion, lr_tutorial.pipeline); it needs the personalized model too."""
+    sampling.Inversion made with the personalized model (the reference inversion,
+    lr_tutorial.pipeline) that shares the last of these UNet calls, one per step it has left:
+    the personalized steps', and, where it has more steps than those, the last vanilla steps'
+    too, which needs a bundle that mixes personalized and vanilla rows in one call
+    (ModelBundle.mixes_rows: a LoRA, textual inversion)."""
     cfg = config or LayoutConfig()
     cfg.validate()
     cfg = cfg.resolved(bundle)
@@ -125,10 +128,20 @@ def step_blended(bundle, prompts: list[str], seeds: list[int], config: LayoutCon
     uncond = sampling.encode_prompts(bundle, [""] * len(prompts))
     common = dict(sched=sched, guidance=cfg.guidance, traj=traj, callback=callback,
                   observers=observers)
+    # the rider rides the last of stage 1's calls: the personalized ones, and the last `early`
+    # vanilla ones where its steps outnumber those (one call then mixes the two models' rows)
+    early = 0 if rider is None else max(0, rider.remaining - (n - l1))
+    if early and not bundle.mixes_rows:
+        raise ValueError(f"the rider has {rider.remaining} steps left, more than stage 1's "
+                         f"{n - l1} personalized calls, and a {bundle.personalization} bundle "
+                         "cannot mix its row into the vanilla calls: run the others alone first "
+                         "(retouch.riding_inversion(ride_steps=retouch.rideable_steps(...)))")
     if l1 > 0:
         with bundle.using("vanilla"):
             cond = sampling.encode_prompts(bundle, vanilla_prompts)
-            z = sampling.denoise(bundle, z, cond, uncond, k_range=range(0, l1), **common)
+            for ks, r in ((range(0, l1 - early), None), (range(l1 - early, l1), rider)):
+                if len(ks):
+                    z = sampling.denoise(bundle, z, cond, uncond, k_range=ks, rider=r, **common)
     if l1 < n:
         with bundle.using(bundle.personal_mode):
             cond = sampling.encode_prompts(bundle, list(prompts))

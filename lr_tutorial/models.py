@@ -32,6 +32,15 @@ def data_dir() -> Path:
     return path
 
 
+def plain_lora(layer, adapter: str) -> bool:
+    """Whether a peft layer applies `adapter` as plain LoRA, W x + B A x * scaling (or not at
+    all): no variant (DoRA and the like), an A and a B module (Linear and Conv layers)."""
+    if adapter not in getattr(layer, "lora_A", {}):
+        return not hasattr(layer, "lora_embedding_A") or adapter not in layer.lora_embedding_A
+    variants = getattr(layer, "lora_variant", {}) or {}
+    return adapter not in variants and not getattr(layer, "use_dora", {}).get(adapter, False)
+
+
 @dataclass
 class ModelBundle:
     """tokenizer, text_encoder, vae, unet, scheduler, and how to switch eps <-> eps*.
@@ -99,6 +108,17 @@ class ModelBundle:
         (`attention.capture(bundle.unets, ...)`): `bundle.unet` is only the current mode's."""
         return [self._vanilla_unet] + ([self.personal_unet] if self.personal_unet is not None
                                        else [])
+
+    @property
+    def mixes_rows(self) -> bool:
+        """Whether one UNet call can run its last rows with the personalized model while the
+        bundle is vanilla (`personal_rows`): with a plain LoRA, textual inversion or none (one
+        UNet: the modes differ in the prompt's embedding only); not with a full DreamBooth
+        fine-tune, whose personalized model is another module, nor with a LoRA variant such as
+        DoRA, whose update is not B A x."""
+        if self.personalization == "lora":
+            return all(plain_lora(layer, self.adapter_name) for layer in self._peft_layers())
+        return self.personalization in ("textual_inversion", "none")
 
     @property
     def personal_mode(self) -> str:
@@ -198,6 +218,57 @@ class ModelBundle:
         self._base_identifier_row = weight[row].detach().clone()
         self.identifier_embedding = (int(row), learned.detach().clone().cpu())
         self._apply(self.mode)
+
+    @contextlib.contextmanager
+    def personal_rows(self, start: int):
+        """`with bundle.personal_rows(n):` in vanilla mode, the UNet calls in the block run the
+        personalized model on their rows from `start` on and the vanilla one on the others (the
+        reference inversion riding stage 1's vanilla steps, sampling.denoise).
+
+        LoRA: a forward hook on every LoRA layer adds the adapter's update to those rows,
+        out[start:] += B(A(x[start:])) * scaling, the formula of peft's own LoRA forward, while
+        the adapter stays off for the others (the base weights are never merged in vanilla
+        mode, fuse_lora or not). peft's mixed-batch inference (`adapter_names`) does the same
+        with a row index per layer: 38 ms per call more on the toy's 17-row calls, where this
+        adds 4 operations on a slice per layer (bench/README.md, session 23). Textual inversion
+        and none: nothing to do (the rows' prompt embeddings already differ). The hooks are
+        removed on exit, also after an exception."""
+        if self.mode != "vanilla":
+            raise RuntimeError(f"personal_rows mixes personalized rows into vanilla UNet calls, "
+                               f"but the bundle is {self.mode}: enter it inside "
+                               "bundle.using('vanilla')")
+        if not self.mixes_rows:
+            raise ValueError(f"this {self.personalization} bundle cannot run personalized and "
+                             "vanilla rows in one UNet call (its personalized model is another "
+                             "UNet, or a LoRA variant): run the personalized rows in calls of "
+                             "their own")
+        if self.personalization != "lora":
+            yield self
+            return
+        name = self.adapter_name
+
+        def add_lora(layer, args, kwargs, out):  # (rows, ...) -> the last rows get + B A x
+            if name not in layer.lora_A:
+                return out
+            x = (args[0] if args else kwargs["x"])[start:]
+            a = layer.lora_A[name]
+            x = layer.lora_dropout[name](x.to(a.weight.dtype))
+            out[start:] += (layer.lora_B[name](a(x)) * layer.scaling[name]).to(out.dtype)
+            return out
+        handles = []
+        try:
+            for layer in self._peft_layers():
+                handles.append(layer.register_forward_hook(add_lora, with_kwargs=True))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _peft_layers(self) -> list:
+        """The UNet's peft layers (cached by _lora_switch)."""
+        if self._lora_layers is None or self._lora_layers[0] != (id(self.unet), self.adapter_name):
+            self._lora_switch(self.mode == "personalized")  # (re)collects them
+        return self._lora_layers[1]
 
     @contextlib.contextmanager
     def using(self, mode: str):

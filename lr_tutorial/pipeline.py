@@ -7,11 +7,12 @@
 
 Stage 1 (layout.py) -> masks of the context (masks.py) -> stage 2 (retouch.py). The reference
 inversion is computed once per reference image and reused across prompts and seeds; the first
-call with a new reference runs it inside stage 1: its first lambda1 steps alone, the others as
-one more row of stage 1's personalized UNet calls (sampling.Inversion, retouch.riding_inversion),
-recording the reference's keys/values for the cached stage 2 as it goes. With
-LRConfig(reference_inversion="start") it inverts only as far as stage 2 reads it, to the
-target's first step (retouch.reference_stop), and every one of its calls rides stage 1.
+call with a new reference runs it inside stage 1, as one more row of stage 1's UNet calls
+(sampling.Inversion, retouch.riding_inversion; in the vanilla steps only that row runs the
+personalized model, ModelBundle.personal_rows; a full DreamBooth UNet runs those lambda1
+inversion steps alone instead), recording the reference's keys/values for the cached stage 2
+as it goes. With LRConfig(reference_inversion="start") it inverts only as far as stage 2 reads
+it, to the target's first step (retouch.reference_stop): fewer rows, a narrower M^r.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from .kv import KVCache, cache_bytes, record_kv
 from .prompts import check_prompts, token_index
 from .retouch import (ReferenceInversion, aggregate, invert_reference, kv_plan, mask_layers,
                       reference_from, reference_kv, reference_plan, reference_stop, retouch,
-                      riding_inversion)
+                      rideable_steps, riding_inversion)
 
 
 @dataclass
@@ -45,11 +46,12 @@ class LRConfig:
     "a <identifier> <class noun>" [ours]); reference_index: which reference image is inverted;
     reference_inversion: how far: "full" (default) walks the photo to pure noise, z^r_0, and M^r
     averages the class token's attention over the whole mask window; "start" stops at the
-    target's first step (retouch.reference_stop), all stage 2 reads of it, so none of its UNet
-    calls runs alone (with the defaults, 10 one-row calls fewer per new reference at 50 steps;
-    toy: 0.33 s per 8 images, 0.06x a plain run), but M^r loses the noisiest steps' wider
-    attention (toy, lora_identifier at lambda1 = 0.4 N: 28 px over 0.5 instead of 37, identity
-    0.513 instead of 0.524; the default LoRA 0.755 instead of 0.756; bench/README.md,
+    target's first step (retouch.reference_stop), all stage 2 reads of it: with the defaults
+    10 inversion steps fewer per new reference at 50 steps (with a LoRA, 10 rows fewer in
+    stage 1's vanilla calls, which the full inversion rides since session 23; with a full
+    DreamBooth UNet, 10 one-row calls of its own fewer), but M^r loses the noisiest steps'
+    wider attention (toy, lora_identifier at lambda1 = 0.4 N: 28 px over 0.5 instead of 37,
+    identity 0.513 instead of 0.524; the default LoRA 0.755 instead of 0.756; bench/README.md,
     session 22) [ours].
     start_step: the step at which the target branch leaves the context trajectory (None: at
     lambda2, so the structure phase is the context itself [ours; method.md allows "z^c at an
@@ -401,7 +403,7 @@ class LayoutAndRetouch:
                 rider, ref_store = stack.enter_context(riding_inversion(
                     bundle, ref_image, ref_prompt,
                     token_index(bundle.tokenizer, ref_prompt, bundle.class_noun), steps=n,
-                    mask_cfg=cfg.mask, ride_steps=n - lambda1, kv=ref_kv,
+                    mask_cfg=cfg.mask, ride_steps=rideable_steps(bundle, n, lambda1), kv=ref_kv,
                     stop=self.reference_stop()))
             store = stack.enter_context(attention.capture(bundle.unets, spec))
             stack.enter_context(record_kv(bundle.unets,

@@ -49,14 +49,22 @@ def mask_layers(unet, cfg: masks.MaskConfig, latent_size: int) -> list[str]:
     return attention.select_layers(unet, "*", "cross", resolutions=sizes, latent_size=latent_size)
 
 
+def rideable_steps(bundle, n: int, lambda1: int) -> int:
+    """How many of stage 1's n UNet calls the reference inversion (personalized model) can
+    ride: all n where one call can mix vanilla and personalized rows (ModelBundle.mixes_rows:
+    a LoRA through peft's per-row adapters, textual inversion), so no inversion call runs
+    alone; else (a full DreamBooth UNet) the n - lambda1 personalized ones [ours]."""
+    return n if bundle.mixes_rows else n - lambda1
+
+
 def reference_stop(cfg: masks.MaskConfig, n: int, start: int) -> int:
     """The last step the reference is inverted to: the target's first step `start` (stage 2
     reads the reference row at steps k >= start, the inversion's call at t_k; the steps before
     it would only walk the photo on to full noise), or the mask window's last step if the window
     ends before `start`, so that M^r sees at least one of its steps [ours]. At 50 steps with
-    the defaults (start = lambda1 = lambda2 = 10): 40 of the 50 inversion calls, each riding
-    one of stage 1's 40 personalized calls, none alone, where the full inversion runs 10 alone
-    (LRConfig.reference_inversion; bench/README.md, session 22)."""
+    the defaults (start = lambda1 = lambda2 = 10): 40 of the 50 inversion calls, 40 rows in
+    stage 1's calls instead of 50 (LRConfig.reference_inversion; bench/README.md, sessions 22
+    and 23; with a full DreamBooth UNet the full inversion's 10 extra calls run alone)."""
     return min(start, window(cfg, n)[-1])
 
 
@@ -99,7 +107,7 @@ def riding_inversion(bundle, image: np.ndarray, prompt: str, class_index: int, *
     """`with riding_inversion(...) as (inv, store):` the reference inversion of invert_reference
     (steps N-1 .. stop: `steps - stop` UNet calls), started so that its last calls ride the
     `ride_steps` UNet calls of another loop (`sampling.denoise(..., rider=inv)`: stage 1's
-    personalized steps, in the pipeline). Runs the calls that do not fit there alone first,
+    calls, `rideable_steps`, in the pipeline). Runs the calls that do not fit there alone first,
     `max(0, steps - stop - ride_steps)`, with the personalized model, and keeps the class
     token's capture open for the riding steps. Then `reference_from(...)`.
 

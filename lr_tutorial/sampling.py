@@ -138,33 +138,41 @@ def denoise(bundle, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | 
     theirs (`rows`), so each records its own."""
     cfg = uncond is not None and guidance != 1.0
     n = z.shape[0] * (2 if cfg else 1)  # this loop's rows
-    for k in k_range:
-        t = sched.timesteps[k]
-        for obs in observers:
-            obs.on_step(k, int(t), cfg)
-        if rider is not None and not rider.done:  # batch [uncond; cond] (or [cond]) + rider
-            zr, tr, cr = rider.begin()
-            z_in, c_in = (torch.cat([z, z]), torch.cat([uncond, cond])) if cfg else (z, cond)
-            t_in = t.reshape(1).expand(n).to(tr.device, tr.dtype, non_blocking=True)
-            with _rows(observers, slice(0, n)), _rows(rider.observers, slice(n, None)):
-                out = bundle.unet(torch.cat([z_in, zr]), torch.cat([t_in, tr]),
-                                  encoder_hidden_states=torch.cat([c_in, cr])).sample
-            rider.finish(out[n:])
-            eps = out[:n]
-            if cfg:
-                eps_u, eps_c = eps.chunk(2)
-                eps = eps_u + guidance * (eps_c - eps_u)
-        else:
-            eps = guided_eps(bundle.unet, z, t, cond, uncond, guidance)
-        out = sched.step(eps, t, z)
-        if traj is not None:
-            traj.timesteps.append(int(t))
-            traj.x0.append(to_host(out.pred_original_sample))
-            traj.latents.append(to_host(out.prev_sample))
-        if callback is not None:
-            callback({"step": k, "timestep": int(t), "latent": out.prev_sample,
-                      "x0": out.pred_original_sample})
-        z = out.prev_sample
+    # a personalized rider in a vanilla loop: its rows alone run the personalized model, so it
+    # must ride every call of the range (stage 1 hands it the last vanilla steps only)
+    mixed = rider is not None and not rider.done and rider.mode != bundle.mode
+    if mixed and rider.remaining < len(k_range):
+        raise ValueError(f"a {rider.mode} rider in a {bundle.mode} loop must ride all of its "
+                         f"{len(k_range)} calls, but has {rider.remaining} steps left: hand it "
+                         "the last calls of the loop only")
+    with bundle.personal_rows(n) if mixed else contextlib.nullcontext():
+        for k in k_range:
+            t = sched.timesteps[k]
+            for obs in observers:
+                obs.on_step(k, int(t), cfg)
+            if rider is not None and not rider.done:  # batch [uncond; cond] (or [cond]) + rider
+                zr, tr, cr = rider.begin()
+                z_in, c_in = (torch.cat([z, z]), torch.cat([uncond, cond])) if cfg else (z, cond)
+                t_in = t.reshape(1).expand(n).to(tr.device, tr.dtype, non_blocking=True)
+                with _rows(observers, slice(0, n)), _rows(rider.observers, slice(n, None)):
+                    out = bundle.unet(torch.cat([z_in, zr]), torch.cat([t_in, tr]),
+                                      encoder_hidden_states=torch.cat([c_in, cr])).sample
+                rider.finish(out[n:])
+                eps = out[:n]
+                if cfg:
+                    eps_u, eps_c = eps.chunk(2)
+                    eps = eps_u + guidance * (eps_c - eps_u)
+            else:
+                eps = guided_eps(bundle.unet, z, t, cond, uncond, guidance)
+            out = sched.step(eps, t, z)
+            if traj is not None:
+                traj.timesteps.append(int(t))
+                traj.x0.append(to_host(out.pred_original_sample))
+                traj.latents.append(to_host(out.prev_sample))
+            if callback is not None:
+                callback({"step": k, "timestep": int(t), "latent": out.prev_sample,
+                          "x0": out.pred_original_sample})
+            z = out.prev_sample
     settle(z)  # the trajectory's host copies have landed
     return z
 
@@ -279,6 +287,7 @@ class Inversion:
             raise ValueError(f"stop must be a step in [0, {steps - 1}] (the last step inverted; "
                              f"0: all the way to noise), got {stop!r}")
         self.bundle, self.guidance, self.prompt = bundle, guidance, prompt
+        self.mode = bundle.mode  # the model it inverts with (a loop in another mode mixes rows)
         self.observers, self.callback = tuple(observers), callback
         self.sched = make_scheduler(bundle, steps)
         self.ptype = self.sched.config.prediction_type
@@ -296,6 +305,11 @@ class Inversion:
     @property
     def done(self) -> bool:
         return not self.todo
+
+    @property
+    def remaining(self) -> int:
+        """Steps (UNet calls) left."""
+        return len(self.todo)
 
     def begin(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The next step's UNet inputs (z, t per row, text embeddings); tells the observers the

@@ -49,8 +49,10 @@ refs = reference_images(bundle)  # toy: the star's five photos; SD: the photos i
 # recorded in stage 1 and by the inversion: `lr_tutorial/kv.py`.) First, the reference
 # inversion (computed once per photo and reused for every prompt and seed). Stage 2 reads it
 # only from the target's first step on; `LRConfig(reference_inversion="start")` stops it there,
-# which saves the noisiest steps' UNet calls but narrows the mask $M^r$ a little (its docstring
-# has the measured cost):
+# which saves the noisiest steps' inversion work but narrows the mask $M^r$ a little (its
+# docstring has the measured cost). In a full call with a new reference, the inversion costs
+# no UNet call of its own: its row rides stage 1's calls, the vanilla steps' included, where
+# that row alone runs the LoRA (`ModelBundle.personal_rows`):
 
 # %%
 from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
