@@ -16,7 +16,7 @@ all of them, interleaved (the order rotates every repetition), as a median ratio
 - kv-model: the same recording kept where it is computed (no copies; LRConfig(kv_device="model"));
 - rider:    the reference inversion's row riding stage 1's UNet calls as the method runs it
             (sampling.Inversion, retouch.rideable_steps): with a LoRA every call, the vanilla
-            ones through peft's per-row adapters (ModelBundle.personal_rows), so none of its
+            ones through ModelBundle.personal_rows (a hook per LoRA layer), so none of its
             steps runs alone; recording the reference's keys/values for the cached stage 2
             into host memory as it goes (retouch.riding_inversion(kv=...));
 - rider-p:  the same, riding the personalized steps' calls only, as before session 23: its first

@@ -52,7 +52,7 @@ def mask_layers(unet, cfg: masks.MaskConfig, latent_size: int) -> list[str]:
 def rideable_steps(bundle, n: int, lambda1: int) -> int:
     """How many of stage 1's n UNet calls the reference inversion (personalized model) can
     ride: all n where one call can mix vanilla and personalized rows (ModelBundle.mixes_rows:
-    a LoRA through peft's per-row adapters, textual inversion), so no inversion call runs
+    a LoRA, through ModelBundle.personal_rows; textual inversion), so no inversion call runs
     alone; else (a full DreamBooth UNet) the n - lambda1 personalized ones [ours]."""
     return n if bundle.mixes_rows else n - lambda1
 
