@@ -229,8 +229,9 @@ class ModelBundle:
         out[start:] += B(A(x[start:])) * scaling, the formula of peft's own LoRA forward, while
         the adapter stays off for the others (the base weights are never merged in vanilla
         mode, fuse_lora or not). peft's mixed-batch inference (`adapter_names`) does the same
-        with a row index per layer: 38 ms per call more on the toy's 17-row calls, where this
-        adds 4 operations on a slice per layer (bench/README.md, session 23). Textual inversion
+        with a row index per layer: 277.3 against 249.9 ms per 17-row toy call, where this adds
+        4 operations on a slice per layer (`python bench/mixed_rows.py --backend toy --reps 7`,
+        bench/README.md, session 23). Textual inversion
         and none: nothing to do (the rows' prompt embeddings already differ). The hooks are
         removed on exit, also after an exception."""
         if self.mode != "vanilla":
