@@ -3,9 +3,10 @@
 Layers are addressed by module path, exactly as `unet.attn_processors` names them minus the
 ".processor" suffix, e.g. `up_blocks.1.attentions.0.transformer_blocks.0.attn1` (self-attention)
 or `...attn2` (cross-attention). Selections are glob patterns over those paths plus optional
-latent resolutions; a selection that matches nothing raises. Processors are installed with
-`unet.set_attn_processor({path + ".processor": proc})` and always restored on exit, also after an
-exception. Layers that are not selected keep their original (fused SDPA) processor.
+latent resolutions; a selection that matches nothing raises. Processors are installed per path
+(`Attention.set_processor`, what `unet.set_attn_processor({path + ".processor": proc})` does for
+each layer) and always restored on exit, also after an exception. Layers that are not selected
+keep their original (fused SDPA) processor.
 
 The denoising loop tells every processor which step it is in through observers:
 `observer.on_step(k, t, cfg)` before the UNet call of step k (see sampling.denoise), where cfg
@@ -101,19 +102,25 @@ def select_layers(unet, patterns: str | Sequence[str] = "*", kind: str = "both",
 
 @contextlib.contextmanager
 def processors(unet, replacements: dict[str, object]):
-    """Install processors for some layer paths; restore every original processor on exit."""
+    """Install processors for some layer paths; restore every original processor on exit.
+
+    Each goes in through its module's own `Attention.set_processor`, the call that
+    `unet.set_attn_processor({path + ".processor": proc})` makes per layer after walking every
+    module of the UNet: 0.58 against 14.5 ms for the toy UNet's 20 layers, and a
+    Layout-and-Retouch call installs and restores six sets (bench/README.md, session 24)."""
     original = current_processors(unet)
     missing = [p for p in replacements if p + ".processor" not in original]
     if missing:
         raise ValueError(f"unknown attention layers {missing[:3]}; see attention_layers(unet)")
-    new = dict(original)
-    for path, proc in replacements.items():
-        new[path + ".processor"] = proc
-    unet.set_attn_processor(new)
+    done = []
     try:
+        for path, proc in replacements.items():
+            unet.get_submodule(path).set_processor(proc)
+            done.append(path)
         yield
     finally:
-        unet.set_attn_processor(original)
+        for path in done:
+            unet.get_submodule(path).set_processor(original[path + ".processor"])
 
 
 # ----------------------------------------------------------------------------- explicit attention

@@ -41,6 +41,41 @@ def plain_lora(layer, adapter: str) -> bool:
     return adapter not in variants and not getattr(layer, "use_dora", {}).get(adapter, False)
 
 
+class _Fused:
+    """One peft layer's base weight W and its merge W + s B A (peft's `merge`, run once), with
+    the tensor version counters they were made from, so a later change to the LoRA's weights,
+    its scaling, or W itself (training, a reload) is noticed and the merge redone."""
+
+    def __init__(self, layer, weight, saved, merged, adapter):
+        self.layer, self.weight, self.saved, self.merged = layer, weight, saved, merged
+        self.adapter = adapter
+        self.params = [p for name, p in layer.named_parameters()  # the adapter's A, B, ...
+                       if f".{adapter}." in f".{name}."]
+        self.stamp = self._stamp()
+        self.version = weight._version  # W's version right after a restore
+
+    @classmethod
+    def of(cls, layer, weight, adapter: str) -> "_Fused":
+        saved = weight.detach().clone()
+        layer.merge(adapter_names=[adapter])  # peft: W += s B A (any LoRA variant)
+        merged = weight.detach().clone()
+        layer.unmerge()
+        weight.copy_(saved)  # unmerge leaves float rounding: W back bit for bit
+        return cls(layer, weight, saved, merged, adapter)
+
+    def _stamp(self) -> tuple:
+        return (repr(self.layer.scaling.get(self.adapter)),  # autograd's version counters:
+                tuple((p.data_ptr(), p._version) for p in self.params))  # bumped by writes
+
+    def current(self, layer, weight, adapter: str) -> bool:
+        return layer is self.layer and weight is self.weight and adapter == self.adapter \
+            and weight._version == self.version and self._stamp() == self.stamp
+
+    def restore(self) -> None:
+        self.weight.copy_(self.saved)
+        self.version = self.weight._version
+
+
 @dataclass
 class ModelBundle:
     """tokenizer, text_encoder, vae, unet, scheduler, and how to switch eps <-> eps*.
@@ -72,7 +107,8 @@ class ModelBundle:
         self._vanilla_unet = self.unet
         self._base_identifier_row = None
         self._lora_layers = None  # (key, peft layers) cached by _lora_switch
-        self._base_weights: dict = {}  # id(layer) -> (layer, base weight before merging)
+        self._fused: dict = {}  # id(layer) -> _Fused: its W and W + s B A (fuse_lora)
+        self._holds_merged = False  # whether the base weights hold W + s B A now
         self.fuse_lora = False  # set_fuse_lora
         if self.personal_unet is not None:
             check_same_architecture(self.unet.config, self.personal_unet.config, "personal_unet")
@@ -151,16 +187,15 @@ class ModelBundle:
     def _lora_switch(self, on: bool) -> None:
         """Turn the LoRA adapter on or off. The first switch per (UNet, adapter) goes through
         diffusers' `enable_adapters` + `set_adapters` / `disable_adapters`, which walk every
-        module (about 28 ms each on the toy UNet; a Layout-and-Retouch call switches four
+        module (about 28 ms each on the toy UNet; a Layout-and-Retouch call switches eight
         times). It keeps the peft layers they touched; later switches call each layer's own
-        `enable_adapters(on)`, which is what diffusers does per layer, minus the walk. Code
-        that adds or removes adapters sets `_lora_layers = None` (attach_lora, personalize)."""
+        `enable_adapters(on)`, which is what diffusers does per layer, minus the walk, and only
+        where the layer is not in that state already. Code that adds or removes adapters sets
+        `_lora_layers = None` (attach_lora, personalize). With fuse_lora the adapter stays off
+        in both modes and personalized mode writes the merged weights in (_merge)."""
         key = (id(self.unet), self.adapter_name)
         self._unmerge()
-        if self._lora_layers is not None and self._lora_layers[0] == key:
-            for layer in self._lora_layers[1]:
-                layer.enable_adapters(on)
-        else:
+        if self._lora_layers is None or self._lora_layers[0] != key:
             if on:
                 self.unet.enable_adapters()
                 self.unet.set_adapters([self.adapter_name])
@@ -169,25 +204,36 @@ class ModelBundle:
             from peft.tuners.tuners_utils import BaseTunerLayer
             self._lora_layers = (key, [m for m in self.unet.modules()
                                        if isinstance(m, BaseTunerLayer)])
+            self._fused.clear()  # new layers or adapters: merge afresh
+        adapter_on = on and not self.fuse_lora
+        for layer in self._lora_layers[1]:
+            if layer.disable_adapters == adapter_on:  # peft's flag: "off" now
+                layer.enable_adapters(adapter_on)
         if on and self.fuse_lora:
             self._merge()
 
-    # LoRA merged into the weights while personalized (fuse_lora): W <- W + s B A, then
-    # W copied back bit for bit when switching off, so vanilla outputs never drift.
+    # LoRA merged into the weights while personalized (fuse_lora): the base layer's weight
+    # holds W + s B A with the adapter off; switching to vanilla copies W back bit for bit, so
+    # vanilla outputs never drift. Both are computed once per layer (peft's own merge) and
+    # kept, so a switch is one copy per layer: recomputing B A each time took 66 ms per
+    # vanilla -> personalized -> vanilla round trip on the toy UNet, eight of them per
+    # Layout-and-Retouch call, against 5 ms (bench/README.md, session 24).
     @torch.no_grad()
     def _merge(self) -> None:
         for layer in self._lora_layers[1]:
             weight = layer.get_base_layer().weight
-            self._base_weights.setdefault(id(layer), (layer, weight.detach().clone()))
-            layer.merge(adapter_names=[self.adapter_name])
+            fused = self._fused.get(id(layer))
+            if fused is None or not fused.current(layer, weight, self.adapter_name):
+                self._fused[id(layer)] = fused = _Fused.of(layer, weight, self.adapter_name)
+            weight.copy_(fused.merged)
+        self._holds_merged = True
 
     @torch.no_grad()
     def _unmerge(self) -> None:
-        for layer, saved in self._base_weights.values():
-            if layer.merged:
-                layer.unmerge()
-            layer.get_base_layer().weight.copy_(saved)
-        self._base_weights.clear()
+        if self._holds_merged:
+            for fused in self._fused.values():
+                fused.restore()
+            self._holds_merged = False
 
     def set_fuse_lora(self, fuse: bool) -> None:
         """Merge the LoRA into the UNet's weights whenever the bundle is personalized (off by
@@ -195,11 +241,16 @@ class ModelBundle:
         merged one runs one, which is most of the cost of a personalized step on the toy UNet
         (bench/pipeline.py --fuse-lora). Switching to vanilla copies the saved base weights
         back exactly, so the vanilla model is bit-for-bit unchanged; personalized outputs
-        differ from the unmerged LoRA's by float rounding only. Memory: a copy of every
-        adapted base weight while merged. personalize.dreambooth_lora turns it off to train."""
+        differ from the unmerged LoRA's by float rounding only. Memory: two copies of every
+        adapted base weight (W, and W + s B A) while fuse_lora is on; a change to the LoRA's
+        or the base's weights is noticed at the next switch and merged afresh.
+        personalize.dreambooth_lora turns it off to train."""
         self.fuse_lora = bool(fuse)
         if self.personalization == "lora" and self.mode == "personalized":
             self._lora_switch(True)
+        if not self.fuse_lora:
+            self._unmerge()
+            self._fused.clear()
 
     def set_identifier_embedding(self, row: int | None, learned: torch.Tensor | None = None) -> None:
         """Give the personalized model a learned input embedding (D,) for token `row` (the

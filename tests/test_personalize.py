@@ -60,8 +60,8 @@ def test_a_new_lora_drops_the_previous_identifier(trained, tmp_path):
     b2.set_fuse_lora(True)  # merged while personalized: training must unmerge, then merge again
     dreambooth_lora(b2, subject.reference_images(), DreamBoothConfig(steps=1), progress=False)
     assert b2.identifier_embedding is None and b2.fuse_lora
-    with b2.using("personalized"):
-        assert all(layer.merged for layer in b2._lora_layers[1])
+    with b2.using("personalized"):  # W + s B A in the base weights, the adapters off
+        assert b2._holds_merged and all(layer.disable_adapters for layer in b2._lora_layers[1])
     with b2.using("vanilla"):
         base = {k: v for k, v in b2.unet.state_dict().items() if "lora" not in k}
         assert all(torch.equal(v, before["unet"][k.replace(".base_layer", "")]) for k, v in base.items())

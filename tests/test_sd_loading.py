@@ -163,14 +163,49 @@ def test_fused_lora_matches_unfused_and_vanilla_stays_bit_exact(sd1, lora_dir):
     bundle.set_fuse_lora(True)
     with bundle.using("personalized"):
         fused = unet_out(bundle.unet, emb)
-        merged = [layer for layer in bundle._lora_layers[1] if layer.merged]
-        assert merged and len(merged) == len(bundle._lora_layers[1])
+        layers = bundle._lora_layers[1]
+        # W + s B A in the base layers' weights, the adapters off (no B A x on top of it)
+        assert layers and all(layer.disable_adapters for layer in layers)
+        changed = {n for n, p in bundle.unet.named_parameters() if not torch.equal(weights[n], p)}
+        assert changed and all(".base_layer." in n for n in changed)
     scale = unfused.abs().max()
     assert 0 < (fused - unfused).abs().max() / scale < 1e-4 or torch.equal(fused, unfused)
     with bundle.using("vanilla"):
         assert torch.equal(unet_out(bundle.unet, emb), vanilla)
     assert all(torch.equal(weights[n], p) for n, p in bundle.unet.named_parameters())
+    with bundle.using("personalized"):  # the kept merge: the same weights, bit for bit
+        assert torch.equal(unet_out(bundle.unet, emb), fused)
     bundle.set_fuse_lora(False)
     with bundle.using("personalized"):
         assert torch.equal(unet_out(bundle.unet, emb), unfused)
-        assert not any(layer.merged for layer in bundle._lora_layers[1])
+        assert not any(layer.merged or layer.disable_adapters for layer in bundle._lora_layers[1])
+    assert all(torch.equal(weights[n], p) for n, p in bundle.unet.named_parameters())
+
+
+def test_fused_lora_notices_a_changed_lora_or_base_weight(sd1, lora_dir):
+    """The merged weights are computed once and kept (ModelBundle._merge); a write to the LoRA's
+    weights, its scaling or a base weight afterwards is noticed at the next switch and merged
+    afresh, so the fused model always equals the unfused one (to float rounding)."""
+    bundle = load_models("sd", base=str(sd1), personalized=str(lora_dir), local_files_only=True)
+    emb = encode_prompts(bundle, ["a sks dog"])
+    bundle.set_fuse_lora(True)
+    with bundle.using("personalized"):  # the first merge: the entries are kept from here on
+        unet_out(bundle.unet, emb)
+    layer = bundle._lora_layers[1][0]
+    name = bundle.adapter_name
+    for what, change in (
+            ("lora_B written in place", lambda: layer.lora_B[name].weight.mul_(3.0)),
+            ("scaling changed", lambda: layer.scaling.__setitem__(name, layer.scaling[name] * 2)),
+            ("base weight written", lambda: layer.get_base_layer().weight.mul_(-2.0))):
+        with bundle.using("personalized"):
+            before = unet_out(bundle.unet, emb)  # the merge as it stands
+        with torch.no_grad(), bundle.using("vanilla"):
+            change()
+        with bundle.using("personalized"):
+            got = unet_out(bundle.unet, emb)
+        bundle.set_fuse_lora(False)
+        with bundle.using("personalized"):
+            want = unet_out(bundle.unet, emb)
+        bundle.set_fuse_lora(True)
+        assert (want - before).abs().max() > 1e-4, what  # the change matters: can fail
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=what)
