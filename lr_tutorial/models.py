@@ -187,8 +187,8 @@ class ModelBundle:
     def _lora_switch(self, on: bool) -> None:
         """Turn the LoRA adapter on or off. The first switch per (UNet, adapter) goes through
         diffusers' `enable_adapters` + `set_adapters` / `disable_adapters`, which walk every
-        module (about 28 ms each on the toy UNet; a Layout-and-Retouch call switches eight
-        times). It keeps the peft layers they touched; later switches call each layer's own
+        module (about 28 ms each on the toy UNet; a Layout-and-Retouch call switches ten
+        times, five `using` blocks). It keeps the peft layers they touched; later switches call each layer's own
         `enable_adapters(on)`, which is what diffusers does per layer, minus the walk, and only
         where the layer is not in that state already. Code that adds or removes adapters sets
         `_lora_layers = None` (attach_lora, personalize). With fuse_lora the adapter stays off
@@ -215,9 +215,9 @@ class ModelBundle:
     # LoRA merged into the weights while personalized (fuse_lora): the base layer's weight
     # holds W + s B A with the adapter off; switching to vanilla copies W back bit for bit, so
     # vanilla outputs never drift. Both are computed once per layer (peft's own merge) and
-    # kept, so a switch is one copy per layer: recomputing B A each time took 66 ms per
-    # vanilla -> personalized -> vanilla round trip on the toy UNet, eight of them per
-    # Layout-and-Retouch call, against 5 ms (bench/README.md, session 24).
+    # kept, so a switch is one copy per layer: a vanilla -> personalized -> vanilla round trip
+    # takes 7.7 ms on the toy UNet where recomputing the merge took 80.8 ms, and a
+    # Layout-and-Retouch call makes four (`python bench/switch.py`, bench/README.md, session 24).
     @torch.no_grad()
     def _merge(self) -> None:
         for layer in self._lora_layers[1]:
