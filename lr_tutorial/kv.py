@@ -49,7 +49,13 @@ class KVCache:
     the device-to-host copy behind the layer that computed them, `get` reads the entry asked for
     and queues the host-to-device copies of the next `prefetch` entries (default: one step's
     layers) while the UNet computes (bench/README.md: session 12). Pinned memory is taken in
-    `SLAB`-byte slabs through torch's caching host allocator, so a later call reuses it."""
+    `SLAB`-byte slabs through torch's caching host allocator, so a later call reuses it.
+
+    Computed and stored on a CPU, each entry is copied into a slab too (unpinned), rather than
+    kept as a view of the UNet's own tensor: a run's caches are then a few large allocations
+    instead of hundreds of tensors left among the freed activations, and glibc stops handing
+    memory back and faulting it in again (toy, 8 images, fresh caches per run: about 35,000
+    minor page faults per run against about a million; bench/allocator.py --slabs, session 24)."""
 
     SLAB = 1 << 28  # 256 MiB: a power of two, which the host allocator does not round up
 
@@ -139,10 +145,13 @@ class KVCache:
 
     # ------------------------------------------------------------ the pinned host path
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
-        """x, detached, in this cache's dtype and on its device."""
+        """x, detached, in this cache's dtype and on its device: a copy in a slab where both
+        are the CPU (the class docstring), a pinned host copy on a side stream from a GPU."""
         x = x.detach()
         dtype = self.dtype or x.dtype
         target = torch.device(self.device) if self.device is not None else x.device
+        if x.device.type == "cpu" and target.type == "cpu":  # copied into a slab (_pinned)
+            return self._pinned(x.shape, dtype, pin=False).copy_(x)
         if not (x.is_cuda and target.type == "cpu"):
             return x.to(target, dtype)
         x = x.to(dtype).contiguous()  # on the GPU, in the UNet's stream
@@ -156,21 +165,24 @@ class KVCache:
         x.record_stream(self._stream)  # the allocator keeps x until the copy is done
         return out
 
-    def _pinned(self, shape, dtype) -> torch.Tensor:
-        """An uninitialised pinned host tensor, cut from the current slab (512-byte aligned).
-        Where the OS refuses to pin (a memlock limit, some WSL setups), ordinary host memory,
-        with a warning: the same result, at synchronising copies' speed."""
+    def _pinned(self, shape, dtype, pin: bool = True) -> torch.Tensor:
+        """An uninitialised host tensor cut from the current slab (512-byte aligned), pinned
+        (page-locked) or not (`pin=False`: a CPU run's caches). Where the OS refuses to pin (a
+        memlock limit, some WSL setups), ordinary host memory, with a warning: the same
+        result, at synchronising copies' speed."""
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         size = -(-nbytes // 512) * 512
-        if not self._pin:
+        if pin and not self._pin:
             return torch.empty(shape, dtype=dtype)
         try:
             if size > self.SLAB:
-                return torch.empty(shape, dtype=dtype, pin_memory=True)
+                return torch.empty(shape, dtype=dtype, pin_memory=pin)
             if self._slab is None or self._used + size > self.SLAB:
                 self._slab, self._used = torch.empty(self.SLAB, dtype=torch.uint8,
-                                                     pin_memory=True), 0
+                                                     pin_memory=pin), 0
         except RuntimeError as err:
+            if not pin:
+                raise
             self._pin = False
             warnings.warn(f"could not pin host memory for the key/value cache ({err}); using "
                           "ordinary host memory, whose copies are slower. Raise the memlock "

@@ -332,6 +332,13 @@ def test_kv_recording_into_several_caches_gives_each_its_own_rows_and_layers(une
         torch.testing.assert_close(first.get(path, 2), tuple(x[:2] for x in alone.get(path, 2)))
     torch.testing.assert_close(second.get(layers[0], 2),
                                tuple(x[2:] for x in alone.get(layers[0], 2)))
+    # on a CPU each entry is a compact copy cut from its cache's slab, not a view that keeps
+    # the UNet's whole (rows, heads, HW, d) tensor alive among the freed activations
+    for cache in (first, second):
+        kept = [x for kv in cache.kv.values() for x in kv]
+        assert {x.untyped_storage().data_ptr() for x in kept} == {
+            cache._slab.untyped_storage().data_ptr()}
+        assert all(x.is_contiguous() for x in kept)
     assert not any(isinstance(p, KVRecordProcessor) for p in unet.attn_processors.values())
     with pytest.raises(ValueError, match="at least one"):
         with record_kv(unet):
