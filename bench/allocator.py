@@ -6,7 +6,7 @@
     MALLOC_TRIM_THRESHOLD_=8589934592 MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TOP_PAD_=268435456 \
         python bench/allocator.py --fresh   # glibc told not to hand memory back to the OS
 
-Toy backend, 8 images, 50 steps, the cached stage 2. Interleaves bare stage 1
+Toy backend, 8 images (`--images`), 50 steps, the cached stage 2. Interleaves bare stage 1
 (layout.step_blended, no extras) with the full method and prints, per repetition, bare stage
 1's seconds, the full method's stage 1 (its step_blended call, timed by common.Phases) and the
 full method's total. With a fresh LayoutAndRetouch per run each call records its key/value
@@ -37,6 +37,10 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="a fresh LayoutAndRetouch per run")
     ap.add_argument("--slabs", action="store_true",
                     help="fresh runs, the caches in slabs against views (before session 24)")
+    ap.add_argument("--images", type=int, default=8, choices=range(1, 9), metavar="1..8",
+                    help="prompts x seeds per call (default 8)")
+    ap.add_argument("--fuse-lora", action="store_true",
+                    help="the LoRA merged while personalized, as `generate` runs it")
     ap.add_argument("--reps", type=int, default=4)
     a = ap.parse_args()
     from lr_tutorial import load_models, pipeline
@@ -48,6 +52,8 @@ def main() -> None:
     prompts = ["a sks star on the left in the snow", "a sks star at the top at night",
                "a small sks star on the right on the beach", "a sks star at the bottom"] * 2
     seeds = [0] * 4 + [1] * 4
+    prompts, seeds = prompts[:a.images], seeds[:a.images]
+    bundle.set_fuse_lora(a.fuse_lora)
     layout = LayoutConfig(steps=50, guidance=7.5)
     phases = Phases(UNetCounter(bundle._vanilla_unet, bundle.personal_unet))
     phases.wrap(pipeline, "step_blended", "stage 1")
@@ -71,7 +77,8 @@ def main() -> None:
         out["the method"].append(time.perf_counter() - t0)
         out["stage 1 in the method"].append(phases.time["stage 1"])
         del lr
-    print(f"# toy, 8 images, 50 steps; {'a fresh' if a.fresh else 'one kept'} LayoutAndRetouch; "
+    print(f"# toy, {a.images} images, 50 steps{', LoRA merged' if a.fuse_lora else ''}; "
+          f"{'a fresh' if a.fresh else 'one kept'} LayoutAndRetouch; "
           f"{a.reps} interleaved repetitions, seconds")
     print(f"# {header}")
     for k, v in out.items():
@@ -104,7 +111,8 @@ def compare_slabs(a, header, make, phases, prompts, seeds) -> None:
                 del lr
     finally:
         kv.KVCache._keep = keeps["slabs"]
-    print(f"# toy, 8 images, 50 steps; a fresh LayoutAndRetouch per run; the CPU caches in "
+    print(f"# toy, {a.images} images, 50 steps{', LoRA merged' if a.fuse_lora else ''}; "
+          "a fresh LayoutAndRetouch per run; the CPU caches in "
           f"slabs (now) or views (before session 24); {a.reps} interleaved pairs")
     print(f"# {header}")
     print(f"{'caches':<8}{'stage 1 s':>11}{'total s':>10}{'minor faults':>14}")

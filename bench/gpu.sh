@@ -9,9 +9,10 @@
 # `pip download --no-deps diffusers==0.42.1 -d .whl`) and carry it; it is installed into
 # /tmp/site. Arguments: the steps to run, e.g. `bash bench/gpu.sh stage1 profile`; default: the
 # ones that fit one call's 600 s together (tests syncs stage1 stage2 pipeline_quick attention).
-# Next call (session 23's plan, about 570 s): `bash bench/gpu.sh tests pipeline mixed_rows stage2`
+# Next call (session 24's plan, about 490 s): `bash bench/gpu.sh tests pipeline mixed_rows switch`
 # (mixed_rows: the inversion's row riding a vanilla call against its call of its own, and 16
-# against 17 rows, which rows.py also measures).
+# against 17 rows, which rows.py also measures; switch: what a call spends switching modes and
+# attention processors, now against before session 24).
 set -u
 export PYTHONUNBUFFERED=1
 out="${OUT:-outputs/gpu}"
@@ -33,6 +34,7 @@ step tests 100 "$py" -m pytest -q -p no:cacheprovider tests/test_pipeline.py tes
 step pipeline 240 "$py" bench/pipeline.py --backend sd15-random --images 8 --reps 2
 step rows 60 "$py" bench/rows.py
 step mixed_rows 60 "$py" bench/mixed_rows.py --backend sd15-random
+step switch 90 "$py" bench/switch.py --backend sd15-random
 step syncs 90 "$py" bench/syncs.py --backend sd15-random --steps 10 --images 2
 step stage1 170 "$py" bench/stage1.py --backend sd15-random --images 8 --reps 3
 step stage2 170 "$py" bench/stage2.py --backend sd15-random --images 8 --reps 2 --profile-steps 10
