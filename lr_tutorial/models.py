@@ -53,6 +53,7 @@ class _Fused:
                        if f".{adapter}." in f".{name}."]
         self.stamp = self._stamp()
         self.version = weight._version  # W's version right after a restore
+        self.where = (weight.data_ptr(), weight.dtype, weight.device)
 
     @classmethod
     def of(cls, layer, weight, adapter: str) -> "_Fused":
@@ -69,11 +70,13 @@ class _Fused:
 
     def current(self, layer, weight, adapter: str) -> bool:
         return layer is self.layer and weight is self.weight and adapter == self.adapter \
-            and weight._version == self.version and self._stamp() == self.stamp
+            and weight._version == self.version and self._stamp() == self.stamp \
+            and (weight.data_ptr(), weight.dtype, weight.device) == self.where
 
     def restore(self) -> None:
         self.weight.copy_(self.saved)
         self.version = self.weight._version
+        self.where = (self.weight.data_ptr(), self.weight.dtype, self.weight.device)
 
 
 @dataclass
@@ -334,9 +337,14 @@ class ModelBundle:
 
     def to(self, device=None, dtype=None) -> "ModelBundle":
         kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        merged = self._holds_merged  # the kept merge is made again where the weights go
+        self._unmerge()
+        self._fused.clear()
         for m in (self.text_encoder, self.vae, self._vanilla_unet, self.personal_unet):
             if m is not None and kw:
                 m.to(**kw)
+        if merged:
+            self._merge()
         return self
 
     def pipeline(self):

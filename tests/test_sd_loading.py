@@ -209,3 +209,18 @@ def test_fused_lora_notices_a_changed_lora_or_base_weight(sd1, lora_dir):
         bundle.set_fuse_lora(True)
         assert (want - before).abs().max() > 1e-4, what  # the change matters: can fail
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=what)
+    # moved while merged: the merge is made again in the new dtype, vanilla is W's cast
+    with bundle.using("personalized"):
+        before = unet_out(bundle.unet, emb)
+        bundle.to(dtype=torch.float64)
+        z = torch.randn(1, 4, LATENT_SIZE, LATENT_SIZE, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():  # unet_out's noise, in float64
+            moved = bundle.unet(z.double(), 500, encoder_hidden_states=emb.double()).sample
+    assert moved.dtype == torch.float64 and all(
+        f.merged.dtype == torch.float64 for f in bundle._fused.values())
+    torch.testing.assert_close(moved.float(), before, atol=1e-5, rtol=1e-4)
+    with bundle.using("vanilla"):
+        weights = {n: p.detach().clone() for n, p in bundle.unet.named_parameters()}
+    bundle.set_fuse_lora(False)
+    with bundle.using("vanilla"):
+        assert all(torch.equal(weights[n], p) for n, p in bundle.unet.named_parameters())
