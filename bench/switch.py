@@ -12,7 +12,8 @@ both in one call, then times one of each, interleaved (the order rotates every r
 the way the library does it now and the way it did before session 24:
 
 - mode now:     `with bundle.using("personalized"): pass` from vanilla: the merged weights
-                W + s B A, computed once and kept, copied in, and W copied back (ModelBundle._merge);
+                W + s B A, computed once and kept, copied in, and W copied back
+                (ModelBundle._merge);
 - mode before:  the same round trip with the merge recomputed every time, as _merge/_unmerge did:
                 each LoRA layer's W cloned, peft's `merge` (W += s B A), then `unmerge` and the
                 clone copied back;
@@ -173,8 +174,8 @@ def main() -> None:
           f"{len(originals)} attention layers, the swap's {len(paths)}")
     print(f"# {header}")
     print(f"# one Layout-and-Retouch call: {wall:.3f} s wall, {n_mode} mode switches "
-          f"(bundle.using blocks), {n_procs} processor installs; {a.reps} interleaved repetitions of "
-          f"{a.iters}, ms = median")
+          f"(bundle.using blocks), {n_procs} processor installs; {a.reps} interleaved "
+          f"repetitions of {a.iters}, ms = median")
     print(f"{'case':<14}{'ms each':>10}{'x per call':>12}{'ms per call':>13}{'share of call':>15}")
     for c in CASES:
         n = n_mode if c.startswith("mode") else n_procs

@@ -191,11 +191,12 @@ class ModelBundle:
         """Turn the LoRA adapter on or off. The first switch per (UNet, adapter) goes through
         diffusers' `enable_adapters` + `set_adapters` / `disable_adapters`, which walk every
         module (about 28 ms each on the toy UNet; a Layout-and-Retouch call switches ten
-        times, five `using` blocks). It keeps the peft layers they touched; later switches call each layer's own
-        `enable_adapters(on)`, which is what diffusers does per layer, minus the walk, and only
-        where the layer is not in that state already. Code that adds or removes adapters sets
-        `_lora_layers = None` (attach_lora, personalize). With fuse_lora the adapter stays off
-        in both modes and personalized mode writes the merged weights in (_merge)."""
+        times, in five `using` blocks). It keeps the peft layers they touched; later switches
+        call each layer's own `enable_adapters(on)`, which is what diffusers does per layer,
+        minus the walk, and only where the layer is not in that state already. Code that adds
+        or removes adapters sets `_lora_layers = None` (attach_lora, personalize). With
+        fuse_lora the adapter stays off in both modes and personalized mode writes the merged
+        weights in (_merge)."""
         key = (id(self.unet), self.adapter_name)
         self._unmerge()
         if self._lora_layers is None or self._lora_layers[0] != key:
