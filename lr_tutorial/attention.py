@@ -113,15 +113,16 @@ def processors(unet, replacements: dict[str, object]):
     missing = [p for p in replacements if p + ".processor" not in original]
     if missing:
         raise ValueError(f"unknown attention layers {missing[:3]}; see attention_layers(unet)")
-    done = []
+    done = []  # (module, its original processor)
     try:
         for path, proc in replacements.items():
-            unet.get_submodule(path).set_processor(proc)
-            done.append(path)
+            module = unet.get_submodule(path)
+            module.set_processor(proc)
+            done.append((module, original[path + ".processor"]))
         yield
     finally:
-        for path in done:
-            unet.get_submodule(path).set_processor(original[path + ".processor"])
+        for module, proc in done:
+            module.set_processor(proc)
 
 
 # ----------------------------------------------------------------------------- explicit attention

@@ -54,8 +54,8 @@ class KVCache:
     Computed and stored on a CPU, each entry is copied into a slab too (unpinned), rather than
     kept as a view of the UNet's own tensor: a run's caches are then a few large allocations
     instead of hundreds of tensors left among the freed activations, and glibc stops handing
-    memory back and faulting it in again (toy, 8 images, fresh caches per run: about 35,000
-    minor page faults per run against about a million; bench/allocator.py --slabs, session 24)."""
+    memory back and faulting it in again (toy, 8 images, fresh caches per run: a median of
+    39,548 minor page faults per run against 822,804; bench/allocator.py --slabs, session 24)."""
 
     SLAB = 1 << 28  # 256 MiB: a power of two, which the host allocator does not round up
 
@@ -74,7 +74,7 @@ class KVCache:
         self.rows: slice | None = None  # this cache's rows of the batch (None: all; sampling.denoise's rider)
         self.prefetch = len(self.layers) if prefetch is None else int(prefetch)
         self._stream = None  # the side CUDA stream of the host copies (pinned path only)
-        self._slab, self._used = None, 0  # the pinned slab being filled, bytes used of it
+        self._slab, self._used = None, 0  # the slab being filled, bytes used of it
         self._pin = True  # False once pinning failed (then ordinary host memory)
         self._order: list[tuple[str, int]] | None = None  # get's expected order, for prefetch
         self._ahead: dict[tuple[str, int], tuple] = {}  # (path, step) -> ((K, V), event) on the GPU
@@ -143,34 +143,34 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for kv in self.kv.values() for t in kv)
 
-    # ------------------------------------------------------------ the pinned host path
+    # ------------------------------------------------------------ slabs, pinned host copies
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
         """x, detached, in this cache's dtype and on its device: a copy in a slab where both
         are the CPU (the class docstring), a pinned host copy on a side stream from a GPU."""
         x = x.detach()
         dtype = self.dtype or x.dtype
         target = torch.device(self.device) if self.device is not None else x.device
-        if x.device.type == "cpu" and target.type == "cpu":  # copied into a slab (_pinned)
-            return self._pinned(x.shape, dtype, pin=False).copy_(x)
+        if x.device.type == "cpu" and target.type == "cpu":  # copied into a slab
+            return self._slab_tensor(x.shape, dtype, pin=False).copy_(x)
         if not (x.is_cuda and target.type == "cpu"):
             return x.to(target, dtype)
         x = x.to(dtype).contiguous()  # on the GPU, in the UNet's stream
         main = torch.cuda.current_stream(x.device)
         if self._stream is None:
             self._stream = torch.cuda.Stream(x.device)
-        out = self._pinned(x.shape, dtype)
+        out = self._slab_tensor(x.shape, dtype)
         self._stream.wait_stream(main)  # after the layer that computed x
         with torch.cuda.stream(self._stream):
             out.copy_(x, non_blocking=True)
         x.record_stream(self._stream)  # the allocator keeps x until the copy is done
         return out
 
-    def _pinned(self, shape, dtype, pin: bool = True) -> torch.Tensor:
+    def _slab_tensor(self, shape, dtype, pin: bool = True) -> torch.Tensor:
         """An uninitialised host tensor cut from the current slab (512-byte aligned), pinned
         (page-locked) or not (`pin=False`: a CPU run's caches). Where the OS refuses to pin (a
         memlock limit, some WSL setups), ordinary host memory, with a warning: the same
         result, at synchronising copies' speed."""
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         size = -(-nbytes // 512) * 512
         if pin and not self._pin:
             return torch.empty(shape, dtype=dtype)

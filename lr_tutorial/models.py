@@ -51,9 +51,7 @@ class _Fused:
         self.adapter = adapter
         self.params = [p for name, p in layer.named_parameters()  # the adapter's A, B, ...
                        if f".{adapter}." in f".{name}."]
-        self.stamp = self._stamp()
-        self.version = weight._version  # W's version right after a restore
-        self.where = (weight.data_ptr(), weight.dtype, weight.device)
+        self.state = self._state()  # as of W's last restore
 
     @classmethod
     def of(cls, layer, weight, adapter: str) -> "_Fused":
@@ -64,19 +62,21 @@ class _Fused:
         weight.copy_(saved)  # unmerge leaves float rounding: W back bit for bit
         return cls(layer, weight, saved, merged, adapter)
 
-    def _stamp(self) -> tuple:
-        return (repr(self.layer.scaling.get(self.adapter)),  # autograd's version counters:
-                tuple((p.data_ptr(), p._version) for p in self.params))  # bumped by writes
+    def _state(self) -> tuple:
+        """What W and the LoRA are now: autograd's version counters (bumped by every write),
+        storage, dtype and device, and the scaling."""
+        w = self.weight
+        return (w._version, w.data_ptr(), w.dtype, w.device,
+                repr(self.layer.scaling.get(self.adapter)),
+                tuple((p.data_ptr(), p._version) for p in self.params))
 
     def current(self, layer, weight, adapter: str) -> bool:
         return layer is self.layer and weight is self.weight and adapter == self.adapter \
-            and weight._version == self.version and self._stamp() == self.stamp \
-            and (weight.data_ptr(), weight.dtype, weight.device) == self.where
+            and self._state() == self.state
 
     def restore(self) -> None:
         self.weight.copy_(self.saved)
-        self.version = self.weight._version
-        self.where = (self.weight.data_ptr(), self.weight.dtype, self.weight.device)
+        self.state = self._state()
 
 
 @dataclass
@@ -253,8 +253,12 @@ class ModelBundle:
         if self.personalization == "lora" and self.mode == "personalized":
             self._lora_switch(True)
         if not self.fuse_lora:
-            self._unmerge()
-            self._fused.clear()
+            self._forget_merge()
+
+    def _forget_merge(self) -> None:
+        """W back in the weights, and the kept merges dropped."""
+        self._unmerge()
+        self._fused.clear()
 
     def set_identifier_embedding(self, row: int | None, learned: torch.Tensor | None = None) -> None:
         """Give the personalized model a learned input embedding (D,) for token `row` (the
@@ -339,8 +343,7 @@ class ModelBundle:
     def to(self, device=None, dtype=None) -> "ModelBundle":
         kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         merged = self._holds_merged  # the kept merge is made again where the weights go
-        self._unmerge()
-        self._fused.clear()
+        self._forget_merge()
         for m in (self.text_encoder, self.vae, self._vanilla_unet, self.personal_unet):
             if m is not None and kw:
                 m.to(**kw)

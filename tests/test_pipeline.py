@@ -639,11 +639,11 @@ def test_kv_cache_falls_back_to_ordinary_host_memory_when_pinning_fails():
     from lr_tutorial.kv import KVCache
     cache = KVCache(["a.attn1"], steps=[0], device="cpu")
     with pytest.warns(RuntimeWarning, match="could not pin host memory"):
-        x = cache._pinned((2, 3, 5), torch.float16)
+        x = cache._slab_tensor((2, 3, 5), torch.float16)
     assert x.shape == (2, 3, 5) and x.dtype == torch.float16 and not x.is_pinned()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
-        assert cache._pinned((4,), torch.float32).shape == (4,)
+        assert cache._slab_tensor((4,), torch.float32).shape == (4,)
 
 
 def test_full_dreambooth_unet_runs_the_whole_method(tmp_path):
