@@ -79,6 +79,19 @@ class _Fused:
         self.state = self._state()
 
 
+_ONEDNN_SAVED: list = []  # (module, its caller's torch.backends.mkldnn.enabled), innermost last
+
+
+def _onednn_off(module, args) -> None:  # forward pre-hook (ModelBundle.set_unet_onednn)
+    _ONEDNN_SAVED.append((module, torch.backends.mkldnn.enabled))
+    torch.backends.mkldnn.enabled = False
+
+
+def _onednn_restore(module, args, out) -> None:  # forward hook, run after an exception too
+    if _ONEDNN_SAVED and _ONEDNN_SAVED[-1][0] is module:  # not if another pre-hook failed first
+        torch.backends.mkldnn.enabled = _ONEDNN_SAVED.pop()[1]
+
+
 @dataclass
 class ModelBundle:
     """tokenizer, text_encoder, vae, unet, scheduler, and how to switch eps <-> eps*.
@@ -105,6 +118,9 @@ class ModelBundle:
     # the backend's classifier-free guidance weight, used wherever a guidance is left None:
     # Stable Diffusion's usual 7.5; the toy's TOY_GUIDANCE
     guidance: float = 7.5
+    # whether the UNets' convolutions on a CPU go through oneDNN (torch.backends.mkldnn, torch's
+    # default); set_unet_onednn. The toy loader turns it off: its layers are too small for it
+    unet_onednn: bool = True
 
     def __post_init__(self):
         self._vanilla_unet = self.unet
@@ -113,9 +129,11 @@ class ModelBundle:
         self._fused: dict = {}  # id(layer) -> _Fused: its W and W + s B A (fuse_lora)
         self._holds_merged = False  # whether the base weights hold W + s B A now
         self.fuse_lora = False  # set_fuse_lora
+        self._onednn_hooks: list = []  # set_unet_onednn's hook handles
         if self.personal_unet is not None:
             check_same_architecture(self.unet.config, self.personal_unet.config, "personal_unet")
         self._apply(self.mode)
+        self.set_unet_onednn(self.unet_onednn)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -254,6 +272,34 @@ class ModelBundle:
             self._lora_switch(True)
         if not self.fuse_lora:
             self._forget_merge()
+
+    def set_unet_onednn(self, enabled: bool) -> None:
+        """Whether the UNets' convolutions on a CPU use oneDNN (torch.backends.mkldnn.enabled,
+        on by default in torch). Off: each UNet forward (of `bundle.unets` as of this call)
+        turns the flag off on entry and puts it back on exit, also after an exception (two
+        module hooks); everything else, the VAE included, keeps the process's setting. GPU
+        convolutions never use oneDNN, so this changes CPU runs only.
+
+        The toy loader turns it off. oneDNN reorders a convolution's weights into its own
+        layout on every call, a fixed cost that only large convolutions pay back: the toy
+        UNet's smallest convolution takes 0.16-0.20 ms with it and 0.04 ms without, its forward
+        runs in 0.74-0.90x the time without it, and a whole toy image in 0.72-0.90x; the toy
+        VAE (64 x 64 images) is 1.5-2.1x slower without it, and so is Stable Diffusion's UNet
+        at 512 px (1.11x; at 128 px it is faster without, 0.60x): `python bench/onednn.py
+        [--sd-latent 64]`, bench/README.md, session 25. Results differ from oneDNN's by float
+        rounding only.
+        Not thread-safe: the flag is the process's, so do not run another CPU model in a
+        second thread during a UNet forward.
+        """
+        for handle in self._onednn_hooks:
+            handle.remove()
+        self._onednn_hooks = []
+        self.unet_onednn = bool(enabled)
+        if not self.unet_onednn:
+            for unet in self.unets:
+                self._onednn_hooks += [
+                    unet.register_forward_pre_hook(_onednn_off),
+                    unet.register_forward_hook(_onednn_restore, always_call=True)]
 
     def _forget_merge(self) -> None:
         """W back in the weights, and the kept merges dropped."""
@@ -489,7 +535,7 @@ def load_toy(personalized: str | Path | None = "default", device: str = "cpu") -
         unet=UNet2DConditionModel.from_pretrained(root / "unet").eval(),
         scheduler=DDIMScheduler.from_pretrained(root / "scheduler"),
         backend="toy", identifier=world.SUBJECT_IDENTIFIER, class_noun=world.SUBJECT_CLASS,
-        source={"base": str(root)}, guidance=TOY_GUIDANCE,
+        source={"base": str(root)}, guidance=TOY_GUIDANCE, unet_onednn=False,
     )
     for m in (bundle.text_encoder, bundle.vae, bundle.unet):
         m.requires_grad_(False)

@@ -492,6 +492,6 @@ def checkpoint_bundle(cfg: ToyTrainConfig):
     scaling = torch.load(Path(cfg.ckpt_dir) / "latents.pt", weights_only=True)["scaling_factor"]
     tok, te, unet, step = ema_models(cfg)
     bundle = ModelBundle(tokenizer=tok, text_encoder=te, vae=trained_vae(cfg, scaling), unet=unet,
-                         scheduler=components.build_scheduler(), backend="toy",
+                         scheduler=components.build_scheduler(), backend="toy", unet_onednn=False,
                          identifier=world.SUBJECT_IDENTIFIER, class_noun=world.SUBJECT_CLASS)
     return bundle, step
