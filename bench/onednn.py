@@ -18,7 +18,9 @@ repetition; each number is the median over repetitions):
    `bundle.set_unet_onednn(True)` (torch's default) and `False` (the toy's default since
    session 25).
 
-Prints ms per item and the ratio off / on (below 1: faster without oneDNN).
+Prints ms per item and the ratio off / on (below 1: faster without oneDNN). `--profile N`:
+instead, the top N aten operations by self CPU time of 20 toy UNet forwards (batch 3: the CFG
+rows and the riding reference row) under torch.profiler, with the flag on and then off.
 """
 from __future__ import annotations
 
@@ -85,6 +87,8 @@ def main() -> None:
     ap.add_argument("--call-reps", type=int, default=4, help="repetitions of the whole calls")
     ap.add_argument("--sd-latent", type=int, default=0, help="also SD 1.5 at this latent size")
     ap.add_argument("--no-calls", action="store_true", help="skip the whole calls (part 3)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="only profile the toy UNet forward, top N operations, flag on and off")
     a = ap.parse_args()
     from lr_tutorial import load_models, sampling
     from lr_tutorial.pipeline import LayoutAndRetouch
@@ -97,6 +101,11 @@ def main() -> None:
     x = torch.randn(2, 4, 16, 16, generator=g)
     ctx = bundle_context(bundle, 2)
     t = torch.tensor(500)
+    if a.profile:
+        x3 = torch.randn(3, 4, 16, 16, generator=g)
+        for on in (True, False):
+            profile_unet(unet, x3, t, bundle_context(bundle, 3), on, a.profile)
+        return
     convs = conv_inputs(unet, x, t, encoder_hidden_states=ctx)
 
     def all_convs():
@@ -150,6 +159,22 @@ def main() -> None:
     bundle.set_unet_onednn(False)
     report("3. whole calls on the toy bundle, LoRA merged (ms per image; "
            "set_unet_onednn: on = torch's default, off = the toy's)", res)
+
+
+def profile_unet(unet, x, t, ctx, on: bool, top: int) -> None:
+    """The top aten operations by self CPU time of 20 forwards, after 5 unprofiled ones."""
+    from torch.profiler import ProfilerActivity, profile
+    set_global(on)
+    with torch.no_grad():
+        for _ in range(5):
+            unet(x, t, encoder_hidden_states=ctx)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(20):
+                unet(x, t, encoder_hidden_states=ctx)
+    set_global(True)
+    print(f"\ntoy UNet forward, batch {len(x)}, 20 calls, oneDNN {'on' if on else 'off'}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top,
+                                    max_name_column_width=48))
 
 
 def bundle_context(bundle, n: int) -> torch.Tensor:
