@@ -18,7 +18,7 @@ def test_load_models_toy_is_complete(toy):
     b = load_models("toy")  # its speed (< 2 s) is measured by bench/load.py, not here
     assert b.backend == "toy" and b.identifier == "sks" and b.class_noun == "star"
     assert b.latent_size == 16 and b.image_size == 64 and b.personalization == "lora"
-    # its UNet runs without oneDNN (bench/onednn.py: 0.74-0.76x the forward's time here)
+    # its UNet runs without oneDNN (bench/onednn.py: 0.74-0.90x the forward's time here)
     assert not b.unet_onednn and len(b._onednn_hooks) == 2
     from diffusers import StableDiffusionPipeline
     assert isinstance(b.pipeline(), StableDiffusionPipeline)
