@@ -413,8 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance (default: the backend's: toy 3.0, sd 7.5)")
     g.add_argument("--fuse-lora", action=argparse.BooleanOptionalAction, default=True,
                    help="merge the LoRA into the weights while personalized (default: one toy "
-                        "image in 4.8 s instead of 8.8 s, bench/README.md; outputs differ from "
-                        "the unmerged LoRA's by float rounding)")
+                        "image in 4.3-4.6 s instead of 5.6 s on 2 cores, bench/README.md, "
+                        "session 25; outputs differ from the unmerged LoRA's by float rounding)")
     g.add_argument("--stage2", choices=("auto", "cached", "batched"), default="auto",
                    help="LRConfig.stage2; auto: batched on a GPU (this command makes one call, "
                         "so the cached path would pin host memory it never reuses), else the "
