@@ -98,14 +98,14 @@ def main() -> None:
     bundle = load_models("toy")
     unet, vae = bundle._vanilla_unet, bundle.vae
     bundle.set_unet_onednn(True)  # part 1 and 2 set the flag themselves
-    x = torch.randn(2, 4, 16, 16, generator=g)
-    ctx = bundle_context(bundle, 2)
     t = torch.tensor(500)
     if a.profile:
         x3 = torch.randn(3, 4, 16, 16, generator=g)
         for on in (True, False):
             profile_unet(unet, x3, t, bundle_context(bundle, 3), on, a.profile)
         return
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    ctx = bundle_context(bundle, 2)
     convs = conv_inputs(unet, x, t, encoder_hidden_states=ctx)
 
     def all_convs():
