@@ -1,6 +1,7 @@
 """What the reference inversion's row costs in one of stage 1's vanilla UNet calls, from one run.
 
     python bench/mixed_rows.py --backend toy                 # toy models, CPU
+    python bench/mixed_rows.py --backend toy --fuse-lora     # the LoRA merged, as `generate`
     python bench/mixed_rows.py --backend sd15-random          # on a GPU: SD 1.5, fp16, 512 px
     python bench/mixed_rows.py --backend sd15-random --latent 8 --iters 2   # CPU smoke run
 
@@ -12,7 +13,10 @@ order rotates every repetition; mode switches happen outside the timer, once per
 the method):
 
 - vanilla:        the 2B vanilla rows alone (stage 1 without the inversion);
-- mixed:          2B + 1 rows, the last one personalized through personal_rows (the method now);
+- mixed:          2B + 1 rows, the last one personalized through personal_rows (the method now:
+                  with --fuse-lora, that row recomputed with each layer's merged weight);
+- mixed-BAx:      with --fuse-lora only: the same call through the B A x update instead
+                  (`personal_rows(n, merged=False)`, what fuse_lora took before session 26);
 - apart:          vanilla, plus the inversion's step in a call of its own (1 personalized row),
                   timed in the same repetition (the method before session 23);
 - vanilla+1:      2B + 1 rows, all vanilla: what the extra row costs without the LoRA;
@@ -36,7 +40,7 @@ from common import machine, median, sd15_random, sync  # noqa: E402
 
 import torch  # noqa: E402
 
-CASES = ("vanilla", "mixed", "apart", "vanilla+1", "peft-mixed")
+CASES = ("vanilla", "mixed", "mixed-BAx", "apart", "vanilla+1", "peft-mixed")
 
 
 @contextlib.contextmanager
@@ -66,6 +70,8 @@ def main() -> None:
                     "16 on a CPU")
     ap.add_argument("--iters", type=int, default=5, help="calls per timing")
     ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions")
+    ap.add_argument("--fuse-lora", action="store_true",
+                    help="merge the LoRA while personalized (ModelBundle.set_fuse_lora)")
     a = ap.parse_args()
     from lr_tutorial import load_models, sampling
 
@@ -78,6 +84,8 @@ def main() -> None:
                              torch.float16 if device == "cuda" else torch.float32)
     if bundle.personalization != "lora":
         raise SystemExit(f"needs a LoRA bundle, got {bundle.personalization}")
+    bundle.set_fuse_lora(a.fuse_lora)
+    cases = CASES if a.fuse_lora else tuple(c for c in CASES if c != "mixed-BAx")
     n, size = 2 * a.images, bundle.latent_size
     c_in = bundle.unet.config.in_channels
     g = torch.Generator().manual_seed(0)
@@ -103,23 +111,26 @@ def main() -> None:
     runs = {
         "vanilla": lambda: timed("vanilla", vanilla_rows),
         "mixed": lambda: timed("vanilla", all_rows, lambda: bundle.personal_rows(n)),
+        "mixed-BAx": lambda: timed("vanilla", all_rows,
+                                   lambda: bundle.personal_rows(n, merged=False)),
         "apart": lambda: timed("vanilla", vanilla_rows) + timed("personalized", own),
         "vanilla+1": lambda: timed("vanilla", all_rows),
         "peft-mixed": lambda: timed("vanilla", all_rows, lambda: peft_mixed(
             bundle, ["__base__"] * n + [bundle.adapter_name])),
     }
-    for fn in runs.values():  # warm-up: kernels and attention graphs for each shape
-        fn()
-    times = {c: [] for c in CASES}
+    for c in cases:  # warm-up: kernels and attention graphs for each shape
+        runs[c]()
+    times = {c: [] for c in cases}
     for rep in range(a.reps):
-        k = rep % len(CASES)
-        for c in CASES[k:] + CASES[:k]:
+        k = rep % len(cases)
+        for c in cases[k:] + cases[:k]:
             times[c].append(runs[c]())
     print(f"# {a.backend}: {n} vanilla rows (+1 for the inversion), latent {size}, {device}, "
-          f"{bundle.dtype}; {a.iters} calls per timing, {a.reps} interleaved repetitions, median")
+          f"{bundle.dtype}, LoRA {'merged' if a.fuse_lora else 'not merged'}; {a.iters} calls per "
+          f"timing, {a.reps} interleaved repetitions, median")
     print(f"# {header}")
     print(f"{'case':<12}{'ms/call':>10}{'x vanilla':>11}")
-    for c in CASES:
+    for c in cases:
         ratio = median([x / v for x, v in zip(times[c], times["vanilla"])])
         print(f"{c:<12}{median(times[c]):>10.2f}{ratio:>11.3f}")
     saved = median([p - m for p, m in zip(times["apart"], times["mixed"])])

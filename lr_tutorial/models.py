@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 MODES = ("vanilla", "personalized")
 
@@ -325,20 +326,25 @@ class ModelBundle:
         self._apply(self.mode)
 
     @contextlib.contextmanager
-    def personal_rows(self, start: int):
+    def personal_rows(self, start: int, merged: bool | None = None):
         """`with bundle.personal_rows(n):` in vanilla mode, the UNet calls in the block run the
         personalized model on their rows from `start` on and the vanilla one on the others (the
         reference inversion riding stage 1's vanilla steps, sampling.denoise).
 
-        LoRA: a forward hook on every LoRA layer adds the adapter's update to those rows,
-        out[start:] += B(A(x[start:])) * scaling, the formula of peft's own LoRA forward, while
-        the adapter stays off for the others (the base weights are never merged in vanilla
-        mode, fuse_lora or not). peft's mixed-batch inference (`adapter_names`) does the same
-        with a row index per layer: 277.3 against 249.9 ms per 17-row toy call, where this adds
-        4 operations on a slice per layer (`python bench/mixed_rows.py --backend toy --reps 7`,
-        bench/README.md, session 23). Textual inversion
-        and none: nothing to do (the rows' prompt embeddings already differ). The hooks are
-        removed on exit, also after an exception."""
+        LoRA: a forward hook on every LoRA layer gives those rows the personalized output while
+        the adapter stays off for the others (the base weights are never merged in vanilla mode).
+        `merged` (None: when fuse_lora is on): the hook recomputes the rows with the layer's
+        merged weight W + s B A, out[start:] = W' x[start:] + b, the op the merged personalized
+        model runs (the same bits), from the merges fuse_lora keeps anyway; else it adds the
+        adapter's update, out[start:] += B(A(x[start:])) * scaling, the formula of peft's own
+        LoRA forward. On the toy UNet (148 LoRA layers, 48 of them Conv2d) the merged hook is one
+        op per layer where the update is two modules and a scale: a vanilla call of one image
+        (2 rows) with the riding row took 78.4 ms instead of 88.3 ms, of 8 images (17 rows)
+        291.1 ms instead of 298.6 ms (`python bench/mixed_rows.py --fuse-lora [--images 1]`,
+        bench/README.md, session 26). peft's mixed-batch inference (`adapter_names`) does the update with a row index per
+        layer: 277.3 against 249.9 ms per 17-row toy call (session 23). Textual inversion and
+        none: nothing to do (the rows' prompt embeddings already differ). The hooks are removed
+        on exit, also after an exception."""
         if self.mode != "vanilla":
             raise RuntimeError(f"personal_rows mixes personalized rows into vanilla UNet calls, "
                                f"but the bundle is {self.mode}: enter it inside "
@@ -352,11 +358,19 @@ class ModelBundle:
             yield self
             return
         name = self.adapter_name
+        weights = self._merged_weights() if (self.fuse_lora if merged is None else merged) else {}
 
         def add_lora(layer, args, kwargs, out):  # (rows, ...) -> the last rows get + B A x
             if name not in layer.lora_A:
                 return out
             x = (args[0] if args else kwargs["x"])[start:]
+            w = weights.get(id(layer))
+            if w is not None:  # the merged layer's op on those rows: W' x + b
+                base = layer.get_base_layer()
+                out[start:] = (F.linear(x, w, base.bias) if isinstance(base, torch.nn.Linear)
+                               else F.conv2d(x, w, base.bias, base.stride, base.padding,
+                                             base.dilation, base.groups))
+                return out
             a = layer.lora_A[name]
             x = layer.lora_dropout[name](x.to(a.weight.dtype))
             out[start:] += (layer.lora_B[name](a(x)) * layer.scaling[name]).to(out.dtype)
@@ -369,6 +383,27 @@ class ModelBundle:
         finally:
             for handle in handles:
                 handle.remove()
+            if not self.fuse_lora:  # merged=True without fuse_lora: keep no merges after
+                self._fused.clear()
+
+    @torch.no_grad()
+    def _merged_weights(self) -> dict:
+        """{id(layer): W + s B A} of every plain Linear / zero-padded Conv2d LoRA layer, the
+        merges fuse_lora keeps (_Fused: computed here where missing or out of date); other
+        layers (LoRA variants, other kinds) are left out and take the B A x update."""
+        out = {}
+        for layer in self._peft_layers():
+            base = layer.get_base_layer()
+            if not (type(base) is torch.nn.Linear or (type(base) is torch.nn.Conv2d
+                                                       and base.padding_mode == "zeros")) \
+                    or not plain_lora(layer, self.adapter_name) \
+                    or self.adapter_name not in layer.lora_A:
+                continue
+            fused = self._fused.get(id(layer))
+            if fused is None or not fused.current(layer, base.weight, self.adapter_name):
+                self._fused[id(layer)] = fused = _Fused.of(layer, base.weight, self.adapter_name)
+            out[id(layer)] = fused.merged
+        return out
 
     def _peft_layers(self) -> list:
         """The UNet's peft layers (cached by _lora_switch)."""

@@ -449,7 +449,7 @@ def test_personal_rows_run_the_lora_on_the_marked_rows_only(bundle):
         try:
             with bundle.using("vanilla"):
                 want_v = bundle.unet(z, t, encoder_hidden_states=cond).sample
-                with bundle.personal_rows(2):
+                with bundle.personal_rows(2):  # fuse_lora: the merged weights' op on row 2
                     got = bundle.unet(z, t, encoder_hidden_states=cond).sample
                 with pytest.raises(KeyError):  # an error inside the block undoes it all the same
                     with bundle.personal_rows(0):

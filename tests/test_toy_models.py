@@ -67,24 +67,41 @@ def test_vanilla_personalized_switch_changes_the_output_and_restores(toy):
 def test_personal_rows_cover_the_toy_loras_conv_and_linear_layers(toy):
     """The toy LoRA adapts 48 Conv2d layers as well as 100 Linear ones: in a vanilla call the
     rows personal_rows marks get peft's personalized output on both kinds (the tiny SD test in
-    test_pipeline covers Linear layers only), the others the vanilla output."""
+    test_pipeline covers Linear layers only), the others the vanilla output; through the B A x
+    update (merged=False) and through the merged weights (merged=True, what fuse_lora takes),
+    which gives the merged personalized model's output bit for bit."""
     from peft.tuners.lora.layer import Conv2d, Linear
     kinds = {type(m) for m in toy.unet.modules()}
     assert Conv2d in kinds and Linear in kinds and toy.mixes_rows
     z = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([900, 500, 100])
+    assert not toy.fuse_lora
     with torch.no_grad():
         with toy.using("personalized"):
             cond = sampling.encode_prompts(toy, ["a sks star at night"] * 3)
             want_p = toy.unet(z, t, encoder_hidden_states=cond).sample
+        toy.set_fuse_lora(True)
+        try:
+            with toy.using("personalized"):
+                want_merged = toy.unet(z, t, encoder_hidden_states=cond).sample
+        finally:
+            toy.set_fuse_lora(False)
         with toy.using("vanilla"):
             want_v = toy.unet(z, t, encoder_hidden_states=cond).sample
-            with toy.personal_rows(1):
-                got = toy.unet(z, t, encoder_hidden_states=cond).sample
+            got = {}
+            for merged in (False, True):
+                with toy.personal_rows(1, merged=merged):
+                    got[merged] = toy.unet(z, t, encoder_hidden_states=cond).sample
+            assert not toy._fused  # merged=True without fuse_lora keeps no merges after
+            after = toy.unet(z, t, encoder_hidden_states=cond).sample
     assert (want_p - want_v).abs().max() > 1e-2  # the LoRA matters: the test can fail
-    # measured: equal bit for bit on both row sets (the update computed on two rows, not three)
-    torch.testing.assert_close(got[:1], want_v[:1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got[1:], want_p[1:], atol=1e-5, rtol=1e-5)
+    assert torch.equal(after, want_v)  # hooks gone
+    for merged, out in got.items():
+        # measured: the vanilla rows equal bit for bit; the update path's rows equal too (the
+        # update computed on two rows, not three); merged: 2.0e-6 from the unmerged LoRA
+        torch.testing.assert_close(out[:1], want_v[:1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[1:], want_p[1:], atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[True][1:], want_merged[1:])  # the merged model's op: the same bits
 
 
 def test_autoencoder_keeps_the_subject_identity(toy):
