@@ -341,10 +341,10 @@ class ModelBundle:
         op per layer where the update is two modules and a scale: a vanilla call of one image
         (2 rows) with the riding row took 78.4 ms instead of 88.3 ms, of 8 images (17 rows)
         291.1 ms instead of 298.6 ms (`python bench/mixed_rows.py --fuse-lora [--images 1]`,
-        bench/README.md, session 26). peft's mixed-batch inference (`adapter_names`) does the update with a row index per
-        layer: 277.3 against 249.9 ms per 17-row toy call (session 23). Textual inversion and
-        none: nothing to do (the rows' prompt embeddings already differ). The hooks are removed
-        on exit, also after an exception."""
+        bench/README.md, session 26). peft's mixed-batch inference (`adapter_names`) does the
+        update with a row index per layer: 277.3 against 249.9 ms per 17-row toy call (session
+        23). Textual inversion and none: nothing to do (the rows' prompt embeddings already
+        differ). The hooks are removed on exit, also after an exception."""
         if self.mode != "vanilla":
             raise RuntimeError(f"personal_rows mixes personalized rows into vanilla UNet calls, "
                                f"but the bundle is {self.mode}: enter it inside "
