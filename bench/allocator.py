@@ -11,7 +11,7 @@ Toy backend, 8 images (`--images`), 50 steps, the cached stage 2. Interleaves ba
 1's seconds, the full method's stage 1 (its step_blended call, timed by common.Phases) and the
 full method's total. With a fresh LayoutAndRetouch per run each call records its key/value
 caches anew and frees the last call's (about 180 MiB of tensors); if bare stage 1 then slows
-down too, what costs is the allocator's state, not the method's work (bench/README.md,
+down too, what costs is the allocator's state, not the method's work (bench/HISTORY.md,
 session 22).
 
 --slabs (session 24): fresh runs only, alternating (the order flips every repetition) between

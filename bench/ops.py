@@ -6,7 +6,7 @@
 Every aten operation the dispatcher runs is counted (torch's TorchDispatchMode), views included.
 On a GPU each non-view operation is at least one kernel launch, and each one costs Python and
 dispatcher time on the CPU. So where a GPU is fast enough to wait on Python, as an H200 is for
-SD 1.5 (bench/README.md, session 12), a step's operation count bounds its speed as surely as
+SD 1.5 (bench/HISTORY.md, session 12), a step's operation count bounds its speed as surely as
 its UNet rows do. The count does not depend on the machine or the latent size, only on the
 architecture and the code path.
 

@@ -6,7 +6,7 @@ in stage 1, 16 -> 17 rows at 8 images with CFG) worth its share of the rows, or 
 
 Times SD 1.5's UNet (random weights, the LoRA adapter on, as in personalized sampling) at each
 row count, interleaved (the order rotates every repetition), median ms per call, and each as a
-ratio to the first row count and to its rows' share of it. bench/README.md, session 22.
+ratio to the first row count and to its rows' share of it. bench/HISTORY.md, session 22.
 """
 from __future__ import annotations
 

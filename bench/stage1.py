@@ -5,7 +5,7 @@
     python bench/stage1.py --backend sd15-random --latent 8 --steps 4 --images 2   # CPU smoke run
 
 Inside LayoutAndRetouch stage 1 (the step-blended layout, layout.step_blended) carries three
-extras that plain stage 1 does not (bench/README.md, session 13: 4.17 s against 2.90 s for 8
+extras that plain stage 1 does not (bench/HISTORY.md, session 13: 4.17 s against 2.90 s for 8
 images on an H200). This times stage 1 (denoising + decode of x^c) with each extra alone and with
 all of them, interleaved (the order rotates every repetition), as a median ratio to bare stage 1:
 

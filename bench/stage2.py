@@ -5,15 +5,15 @@
     python bench/stage2.py --backend sd15-random --latent 8 --steps 8 --images 2   # CPU smoke run
 
 The cached stage 2 runs as many rows per UNet call as plain sampling (the B target rows, x2
-under CFG), yet on an H200 its steps cost more than plain sampling's (bench/README.md). This
-times stage 2 (retouch.retouch, inside LayoutAndRetouch with the reference already cached) per
+under CFG), yet on an H200 its steps cost more than plain sampling's (bench/HISTORY.md, session
+18). This times stage 2 (retouch.retouch, inside LayoutAndRetouch with the reference already cached) per
 step, as a ratio to a plain personalized step (same rows), with the settings that add work
 switched off one at a time:
 
 - default:      LRConfig() as shipped (stage2="cached"; since session 19 a fixed mask);
 - adaptive:     MaskConfig(adaptive=True): the target mask is recomputed from the target's
                 cross-attention at every step, on the maps' device (the default until session
-                18, whose numbers in bench/README.md have it in every row but "no adaptive");
+                18, whose numbers in bench/HISTORY.md have it in every row but "no adaptive");
 - kv-model:     LRConfig(kv_device="model"): the caches stay on the GPU (no host copies);
 - context-only: SwapConfig(mode="context"): one attention per swapped layer (the context's)
                 instead of the masked reference's and the context's.

@@ -4,7 +4,7 @@
     python bench/syncs.py --backend sd15-random    # SD 1.5's architecture (random weights)
 
 On a GPU as fast as an H200 a step's Python work takes about as long as its kernels, so every
-wait leaves the GPU idle until Python catches up (bench/README.md, session 12). This counts the
+wait leaves the GPU idle until Python catches up (bench/HISTORY.md, session 12). This counts the
 synchronising operations torch reports under `torch.cuda.set_sync_debug_mode("warn")` (blocking
 copies between host and GPU, `.item()`, `nonzero`, ...), per case and per denoising step, and
 lists the lines of code they come from. The count is exact and the same on any GPU, like the

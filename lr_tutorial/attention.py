@@ -108,7 +108,7 @@ def processors(unet, replacements: dict[str, object]):
     `unet.set_attn_processor({path + ".processor": proc})` makes per layer after walking every
     module of the UNet twice: in and out, 1.7 against 47.3 ms for the swap's 10 layers of the
     toy UNet, and a Layout-and-Retouch call installs six sets (`python bench/switch.py`,
-    bench/README.md, session 24)."""
+    bench/HISTORY.md, session 24)."""
     original = current_processors(unet)
     missing = [p for p in replacements if p + ".processor" not in original]
     if missing:
@@ -186,7 +186,7 @@ class CaptureSpec:
     each map moves as soon as it is recorded (the GPU holds none of the store, at one
     synchronising copy per layer and step). On the CPU both are the same. Measured on an H200,
     SD 1.5 at 512 px, scrubber capture with "step": 1.38x the plain run's time
-    (bench/README.md)."""
+    (bench/HISTORY.md, session 9)."""
     layers: str | Sequence[str] = "*"
     kind: str = "cross"
     resolutions: Sequence[int] | None = None

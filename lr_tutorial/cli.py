@@ -204,7 +204,7 @@ def one_call_stage2(choice: str, device) -> str:
     stage 2 keeps its keys/values in pinned host memory, which the first call in a process
     must pin: about 0.47 s per GB on an H200 machine, 2.2 GB per image and 1.1 GB per
     reference at 512 px, against the 0.17 s per image the cached path saves over the batched one with a new
-    reference (bench/README.md, session 13). Only later calls, reusing that memory, gain."""
+    reference (bench/HISTORY.md, session 13). Only later calls, reusing that memory, gain."""
     return "batched" if choice == "auto" and str(device).startswith("cuda") else choice
 
 

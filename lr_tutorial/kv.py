@@ -22,7 +22,7 @@ Stage 2 then runs the target rows alone (docs/method.md stage 2; bench/README.md
 SD's self-attention C equals K's width), and `keys_values(attn, ...)` projects it with the
 layer's own to_k / to_v when it is read. Those projections cost two matrix products per layer
 and step, more than halving the host copies saved on an H200 (stage 2: 3.76 s against 3.14 s
-for 8 images; bench/README.md, session 13), so it is for when keys and values do not fit the
+for 8 images; bench/HISTORY.md, session 13), so it is for when keys and values do not fit the
 host's memory (LRConfig.kv_store).
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ class KVCache:
     memory on a side CUDA stream, so neither direction stalls the UNet's kernels: `put` queues
     the device-to-host copy behind the layer that computed them, `get` reads the entry asked for
     and queues the host-to-device copies of the next `prefetch` entries (default: one step's
-    layers) while the UNet computes (bench/README.md: session 12). Pinned memory is taken in
+    layers) while the UNet computes (bench/HISTORY.md: session 12). Pinned memory is taken in
     `SLAB`-byte slabs through torch's caching host allocator, so a later call reuses it.
 
     Computed and stored on a CPU, each entry is copied into a slab too (unpinned), rather than

@@ -276,7 +276,7 @@ def distance_to(feature: torch.Tensor) -> torch.Tensor:
 def feather_maps(binary: torch.Tensor, width: float) -> torch.Tensor:
     """`feather` of (B, h, w) boolean maps, where they are: on a GPU without a round trip
     through the host, so stage 2's adaptive mask does not make the CPU wait for the GPU at every
-    step (bench/README.md, session 18). The signed distance is exact: a test checks every
+    step (bench/HISTORY.md, session 18). The signed distance is exact: a test checks every
     number against scipy.ndimage.distance_transform_edt.
 
         sd = edt(B) - edt(~B), shifted by 1/2 to the boundary     edt: distance to the other set

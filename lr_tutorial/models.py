@@ -240,7 +240,7 @@ class ModelBundle:
     # vanilla outputs never drift. Both are computed once per layer (peft's own merge) and
     # kept, so a switch is one copy per layer: a vanilla -> personalized -> vanilla round trip
     # takes 7.7 ms on the toy UNet where recomputing the merge took 80.8 ms, and a
-    # Layout-and-Retouch call makes four (`python bench/switch.py`, bench/README.md, session 24).
+    # Layout-and-Retouch call makes four (`python bench/switch.py`, bench/HISTORY.md, session 24).
     @torch.no_grad()
     def _merge(self) -> None:
         for layer in self._lora_layers[1]:

@@ -51,7 +51,7 @@ class LRConfig:
     stage 1's vanilla calls, which the full inversion rides since session 23; with a full
     DreamBooth UNet, 10 one-row calls of its own fewer), but M^r loses the noisiest steps'
     wider attention (toy, lora_identifier at lambda1 = 0.4 N: 28 px over 0.5 instead of 37,
-    identity 0.513 instead of 0.524; the default LoRA 0.755 instead of 0.756; bench/README.md,
+    identity 0.513 instead of 0.524; the default LoRA 0.755 instead of 0.756; bench/HISTORY.md,
     session 22) [ours].
     start_step: the step at which the target branch leaves the context trajectory (None: at
     lambda2, so the structure phase is the context itself [ours; method.md allows "z^c at an
@@ -64,7 +64,7 @@ class LRConfig:
     targets: 2B + 1 rows); "auto" (default) takes "cached" when its key/value caches fit in
     `kv_budget_gb` and the target starts after lambda1, else "batched" (also, on a GPU with
     host caches, for one prompt with a new reference: `stage2_path`; on an H200, SD 1.5 at
-    512 px, 8 images: cached 2.85x a plain run, batched 3.43x; bench/README.md, session 18; a
+    512 px, 8 images: cached 2.85x a plain run, batched 3.43x; bench/HISTORY.md, session 18; a
     one-call script of 8 images is faster batched, since the first cached call pins its host
     memory).
     Same result (tested),
@@ -452,7 +452,7 @@ class LayoutAndRetouch:
         before (`new_reference`; an H200 in session 9: batched 7.67 s, cached 9.80 s). On a CPU
         a new reference costs the cached path nothing since its keys/values are recorded while
         it is inverted (toy, one image, LoRA merged: cached 3.67 s, batched 3.79 s;
-        bench/README.md, session 21). Raises for "cached" when the target starts before
+        bench/HISTORY.md, session 21). Raises for "cached" when the target starts before
         lambda1."""
         cfg = self.config
         n = cfg.layout.steps
@@ -504,7 +504,7 @@ class LayoutAndRetouch:
     def cache_store(self, batch: int | None = None) -> str:
         """What the key/value caches hold (LRConfig.kv_store): "kv" or "hidden". "auto" takes
         "kv", the faster (on an H200 the re-projection cost stage 2 more than the halved copies
-        saved; bench/README.md, session 13), unless the caches cross between host and GPU
+        saved; bench/HISTORY.md, session 13), unless the caches cross between host and GPU
         (kv_device "host" on a GPU) and, for `batch` prompts, only "hidden" fits kv_budget:
         then the cached path still runs, on half the host memory."""
         store = self.config.kv_store

@@ -247,7 +247,7 @@ def test_auto_stage2_caches_keys_and_values_only_within_the_budget(bundle, monke
     with pytest.raises(ValueError, match="kv_store"):
         LRConfig(kv_store="keys")
     # auto store: keys/values (on an H200 re-projecting the layers' inputs cost stage 2 more
-    # than the halved copies saved: 3.76 against 3.14 s, bench/README.md session 13), unless
+    # than the halved copies saved: 3.76 against 3.14 s, bench/HISTORY.md session 13), unless
     # the caches cross host <-> GPU and only the inputs (half the bytes) fit the budget
     assert one.cache_store(2) == "kv" and on_gpu.cache_store(2) == "kv"
     kv, hidden = one.kv_bytes(2, "kv"), one.kv_bytes(2, "hidden")
