@@ -11,8 +11,9 @@
 # ones that fit one call's 600 s together (tests syncs stage1 stage2 pipeline_quick attention).
 # Next call (session 24's plan, about 490 s): `bash bench/gpu.sh tests pipeline mixed_rows switch`
 # (mixed_rows: the inversion's row riding a vanilla call against its call of its own, and 16
-# against 17 rows, which rows.py also measures; switch: what a call spends switching modes and
-# attention processors, now against before session 24).
+# against 17 rows, which rows.py also measures; with the LoRA merged, as `generate` runs it, also
+# the riding row through the merged weights against the B A x update (session 26); switch: what a
+# call spends switching modes and attention processors, now against before session 24).
 set -u
 export PYTHONUNBUFFERED=1
 out="${OUT:-outputs/gpu}"
@@ -33,7 +34,7 @@ step() {  # step NAME SECONDS COMMAND...: run, keep the output, print its tail
 step tests 100 "$py" -m pytest -q -p no:cacheprovider tests/test_pipeline.py tests/test_attention.py -k "gpu or cuda"
 step pipeline 240 "$py" bench/pipeline.py --backend sd15-random --images 8 --reps 2
 step rows 60 "$py" bench/rows.py
-step mixed_rows 60 "$py" bench/mixed_rows.py --backend sd15-random
+step mixed_rows 75 "$py" bench/mixed_rows.py --backend sd15-random --fuse-lora
 step switch 90 "$py" bench/switch.py --backend sd15-random
 step syncs 90 "$py" bench/syncs.py --backend sd15-random --steps 10 --images 2
 step stage1 170 "$py" bench/stage1.py --backend sd15-random --images 8 --reps 3
