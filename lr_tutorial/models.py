@@ -360,7 +360,7 @@ class ModelBundle:
         name = self.adapter_name
         weights = self._merged_weights() if (self.fuse_lora if merged is None else merged) else {}
 
-        def add_lora(layer, args, kwargs, out):  # (rows, ...) -> the last rows get + B A x
+        def add_lora(layer, args, kwargs, out):  # (rows, ...): rows start.. get the LoRA
             if name not in layer.lora_A:
                 return out
             x = (args[0] if args else kwargs["x"])[start:]
