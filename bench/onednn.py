@@ -2,6 +2,8 @@
 
     python bench/onednn.py                         # the toy models: convolutions, modules, calls
     python bench/onednn.py --sd-latent 16          # also SD 1.5's UNet and VAE (random weights)
+    python bench/onednn.py --rows 2,3,4,6,8,17 --no-calls   # the toy UNet forward by its rows
+    python bench/onednn.py --call-images 8         # whole calls of 8 images (16-17 rows a call)
 
 On a CPU, torch runs a float32 convolution through oneDNN (torch.backends.mkldnn.enabled, on by
 default) or, with the flag off, through its own im2col + GEMM kernels. oneDNN reorders the
@@ -13,10 +15,13 @@ repetition; each number is the median over repetitions):
    alone on the input it gets in that forward, summed, and the same for the smallest one;
 2. whole modules: the toy UNet's forward (batch 2), the toy VAE's decode and encode (batch 2),
    and with --sd-latent, SD 1.5's UNet (batch 2) and VAE decode (batch 1) at that latent size;
-3. whole calls on the toy bundle, through the library's switch: one plain personalized image
-   and one full Layout-and-Retouch image (50 steps, the LoRA merged, a fresh reference), with
-   `bundle.set_unet_onednn(True)` (torch's default) and `False` (the toy's default since
-   session 25).
+   with --rows, the toy UNet's forward at each of those batch sizes (the LoRA merged): where
+   oneDNN starts to pay, the toy's TOY_ONEDNN_MIN_ROWS;
+3. whole calls on the toy bundle, through the library's switch: plain personalized sampling
+   and the full Layout-and-Retouch (50 steps, the LoRA merged, a fresh reference) of
+   `--call-images` images in one call (default 1), with `bundle.set_unet_onednn(True)`
+   (torch's default) and `False`; the toy's default (since session 26) is False for its
+   calls of fewer than TOY_ONEDNN_MIN_ROWS rows and True for the others.
 
 Prints ms per item and the ratio off / on (below 1: faster without oneDNN). `--profile N`:
 instead, the top N aten operations by self CPU time of 20 toy UNet forwards (batch 3: the CFG
@@ -87,10 +92,14 @@ def main() -> None:
     ap.add_argument("--call-reps", type=int, default=4, help="repetitions of the whole calls")
     ap.add_argument("--sd-latent", type=int, default=0, help="also SD 1.5 at this latent size")
     ap.add_argument("--no-calls", action="store_true", help="skip the whole calls (part 3)")
+    ap.add_argument("--rows", default="", help="also the toy UNet forward (LoRA merged) at these "
+                    "batch sizes, e.g. 2,3,4,6,8,17")
+    ap.add_argument("--call-images", type=int, default=1, help="images per whole call (part 3)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="only profile the toy UNet forward, top N operations, flag on and off")
     a = ap.parse_args()
     from lr_tutorial import load_models, sampling
+    from lr_tutorial.models import TOY_ONEDNN_MIN_ROWS
     from lr_tutorial.pipeline import LayoutAndRetouch
 
     print(f"# {machine()}")
@@ -140,25 +149,40 @@ def main() -> None:
         items[f"SD 1.5 VAE decode, batch 1, latent {s}"] = (lambda: sd_vae.decode(zs), 1)
     with torch.no_grad():
         report("2. whole modules (ms per call)", compare(items, a.reps, set_global))
+    if a.rows:
+        bundle.set_fuse_lora(True)
+        by_rows = {}
+        for n in (int(r) for r in a.rows.split(",")):
+            xn = torch.randn(n, 4, bundle.latent_size, bundle.latent_size, generator=g)
+            cn = bundle_context(bundle, n)
+            by_rows[f"toy UNet forward, {n} rows"] = (
+                lambda xn=xn, cn=cn: unet(xn, t, encoder_hidden_states=cn), max(3, 40 // n))
+        with torch.no_grad(), bundle.using("personalized"):
+            report("2b. the toy UNet forward by its rows, LoRA merged (ms per call; the toy's "
+                   f"default: oneDNN from {TOY_ONEDNN_MIN_ROWS} rows)",
+                   compare(by_rows, a.reps, set_global))
 
     if a.no_calls:
         return
     ref = None  # the toy subject's reference photos
+    n = a.call_images
+    prompts = ["a sks star on the left in the snow", "a sks star at the top at night"] * n
+    prompts, seeds = prompts[:n], list(range(n))
 
     def plain():
         with bundle.using("personalized"):
-            zz, _ = sampling.sample(bundle, ["a sks star on the left in the snow"], [0], steps=50)
+            zz, _ = sampling.sample(bundle, prompts, seeds, steps=50)
             sampling.decode(bundle, zz)
 
     def full():  # a fresh LayoutAndRetouch: it pays the reference work
-        LayoutAndRetouch(bundle)(["a sks star on the left in the snow"], ref, seed=[0])
+        LayoutAndRetouch(bundle)(prompts, ref, seed=seeds)
     bundle.set_fuse_lora(True)
-    res = compare({"plain personalized image (50 steps)": (plain, 1),
-                   "Layout-and-Retouch image, new reference": (full, 1)},
+    res = compare({f"plain personalized sampling, {n} images (50 steps)": (plain, 1),
+                   f"Layout-and-Retouch, {n} images, new reference": (full, 1)},
                   a.call_reps, bundle.set_unet_onednn)
-    bundle.set_unet_onednn(False)
-    report("3. whole calls on the toy bundle, LoRA merged (ms per image; "
-           "set_unet_onednn: on = torch's default, off = the toy's)", res)
+    bundle.set_unet_onednn(True, TOY_ONEDNN_MIN_ROWS)
+    report(f"3. whole calls on the toy bundle, LoRA merged (ms per call of {n} images; "
+           "set_unet_onednn: on = torch's default, off = never)", res)
 
 
 def profile_unet(unet, x, t, ctx, on: bool, top: int) -> None:

@@ -83,9 +83,15 @@ class _Fused:
 _ONEDNN_SAVED: list = []  # (module, its caller's torch.backends.mkldnn.enabled), innermost last
 
 
-def _onednn_off(module, args) -> None:  # forward pre-hook (ModelBundle.set_unet_onednn)
-    _ONEDNN_SAVED.append((module, torch.backends.mkldnn.enabled))
-    torch.backends.mkldnn.enabled = False
+def _onednn_pre_hook(min_rows: int | None):
+    """ModelBundle.set_unet_onednn's forward pre-hook: oneDNN off for a UNet call of fewer than
+    `min_rows` rows (None: every call), the caller's setting saved for _onednn_restore."""
+    def hook(module, args, kwargs) -> None:
+        _ONEDNN_SAVED.append((module, torch.backends.mkldnn.enabled))
+        sample = args[0] if args else kwargs.get("sample")
+        if min_rows is None or not torch.is_tensor(sample) or sample.shape[0] < min_rows:
+            torch.backends.mkldnn.enabled = False
+    return hook
 
 
 def _onednn_restore(module, args, out) -> None:  # forward hook, run after an exception too
@@ -120,8 +126,11 @@ class ModelBundle:
     # Stable Diffusion's usual 7.5; the toy's TOY_GUIDANCE
     guidance: float = 7.5
     # whether the UNets' convolutions on a CPU go through oneDNN (torch.backends.mkldnn, torch's
-    # default); set_unet_onednn. The toy loader turns it off: its layers are too small for it
+    # default), and in UNet calls of at least how many rows; set_unet_onednn. The toy loader
+    # keeps it for calls of TOY_ONEDNN_MIN_ROWS rows or more: its layers are too small for it
+    # in smaller calls
     unet_onednn: bool = True
+    unet_onednn_min_rows: int = 1
 
     def __post_init__(self):
         self._vanilla_unet = self.unet
@@ -134,7 +143,7 @@ class ModelBundle:
         if self.personal_unet is not None:
             check_same_architecture(self.unet.config, self.personal_unet.config, "personal_unet")
         self._apply(self.mode)
-        self.set_unet_onednn(self.unet_onednn)
+        self.set_unet_onednn(self.unet_onednn, self.unet_onednn_min_rows)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -274,32 +283,39 @@ class ModelBundle:
         if not self.fuse_lora:
             self._forget_merge()
 
-    def set_unet_onednn(self, enabled: bool) -> None:
+    def set_unet_onednn(self, enabled: bool, min_rows: int = 1) -> None:
         """Whether the UNets' convolutions on a CPU use oneDNN (torch.backends.mkldnn.enabled,
-        on by default in torch). Off: each UNet forward (of `bundle.unets` as of this call)
-        turns the flag off on entry and puts it back on exit, also after an exception (two
-        module hooks); everything else, the VAE included, keeps the process's setting. GPU
-        convolutions never use oneDNN, so this changes CPU runs only.
+        on by default in torch): never (enabled False), or in UNet calls of at least `min_rows`
+        rows (the batch of `sample`; 1: every call, torch's default). Where it is off for a
+        call, each UNet forward (of `bundle.unets` as of this call) turns the flag off on entry
+        and puts it back on exit, also after an exception (two module hooks); everything else,
+        the VAE included, keeps the process's setting. GPU convolutions never use oneDNN, so
+        this changes CPU runs only.
 
-        The toy loader turns it off. oneDNN reorders a convolution's weights into its own
-        layout on every call, a fixed cost that only large convolutions pay back: the toy
-        UNet's smallest convolution takes 0.16-0.20 ms with it and 0.04 ms without, its forward
-        runs in 0.74-0.90x the time without it, and a whole toy image in 0.72-0.90x; the toy
-        VAE (64 x 64 images) is 1.5-2.1x slower without it, and so is Stable Diffusion's UNet
-        at 512 px (1.11x; at 128 px it is faster without, 0.60x): `python bench/onednn.py
-        [--sd-latent 64]`, bench/README.md, session 25. Results differ from oneDNN's by float
-        rounding only.
+        oneDNN reorders a convolution's weights into its own layout on every call, a fixed cost
+        that only large convolutions pay back. The toy UNet's smallest convolution takes
+        0.16-0.20 ms with it and 0.04 ms without, and its forward of 2-3 rows (one image)
+        0.74-0.90x the time without it (bench/README.md, session 25); but at 17 rows (8 images
+        and the riding reference row) 1.53x, so the toy loader keeps oneDNN for calls of
+        TOY_ONEDNN_MIN_ROWS rows or more (session 26). The toy VAE (64 x 64 images) is
+        1.5-2.1x slower without it, and so is Stable Diffusion's UNet at 512 px (1.11x; at 128
+        px it is faster without, 0.60x): `python bench/onednn.py [--sd-latent 64]`, session
+        25. Results differ from oneDNN's by float rounding only.
         Not thread-safe: the flag is the process's, so do not run another CPU model in a
         second thread during a UNet forward.
         """
+        if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
+            raise ValueError(f"min_rows must be an int >= 1 (1: oneDNN in every UNet call), got "
+                             f"{min_rows!r}")
         for handle in self._onednn_hooks:
             handle.remove()
         self._onednn_hooks = []
-        self.unet_onednn = bool(enabled)
-        if not self.unet_onednn:
+        self.unet_onednn, self.unet_onednn_min_rows = bool(enabled), min_rows
+        if not self.unet_onednn or min_rows > 1:
+            pre = _onednn_pre_hook(min_rows if self.unet_onednn else None)
             for unet in self.unets:
                 self._onednn_hooks += [
-                    unet.register_forward_pre_hook(_onednn_off),
+                    unet.register_forward_pre_hook(pre, with_kwargs=True),
                     unet.register_forward_hook(_onednn_restore, always_call=True)]
 
     def _forget_merge(self) -> None:
@@ -549,6 +565,13 @@ def other_base(file: Path, detail: str) -> str:
 # classifier-free guidance multiplies a conditional direction the fine-tune has bent.
 TOY_GUIDANCE = 3.0
 
+# The toy UNet's CPU convolutions use oneDNN in calls of at least this many rows only
+# (ModelBundle.set_unet_onednn). Its forward without oneDNN took 0.70-0.81x the time at 2-5 rows
+# (1-2 images under CFG, with or without the riding reference row), 0.89x at 6, 0.98x at 8,
+# but 1.07x at 12 and 1.53x at 17 (8 images and the riding row): `python bench/onednn.py --rows
+# 2,3,4,5,6,8,12,17 --no-calls`, bench/README.md, session 26.
+TOY_ONEDNN_MIN_ROWS = 10
+
 
 def load_toy(personalized: str | Path | None = "default", device: str = "cpu") -> ModelBundle:
     """The ShapeWorld models from data/toy (vanilla) plus the shipped `sks star` LoRA."""
@@ -570,7 +593,8 @@ def load_toy(personalized: str | Path | None = "default", device: str = "cpu") -
         unet=UNet2DConditionModel.from_pretrained(root / "unet").eval(),
         scheduler=DDIMScheduler.from_pretrained(root / "scheduler"),
         backend="toy", identifier=world.SUBJECT_IDENTIFIER, class_noun=world.SUBJECT_CLASS,
-        source={"base": str(root)}, guidance=TOY_GUIDANCE, unet_onednn=False,
+        source={"base": str(root)}, guidance=TOY_GUIDANCE,
+        unet_onednn_min_rows=TOY_ONEDNN_MIN_ROWS,
     )
     for m in (bundle.text_encoder, bundle.vae, bundle.unet):
         m.requires_grad_(False)

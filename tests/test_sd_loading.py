@@ -265,3 +265,32 @@ def test_unet_onednn_off_only_inside_the_unet_and_restored_after_an_error(sd1, l
         torch.backends.mkldnn.enabled = True
         for h in handles:
             h.remove()
+
+
+def test_unet_onednn_min_rows_keeps_it_for_large_calls_only(sd1, lora_dir):
+    """set_unet_onednn(True, min_rows=3): a UNet call of fewer rows runs without oneDNN, one of
+    3 or more rows with it (the toy's TOY_ONEDNN_MIN_ROWS policy), `sample` given by position
+    or by keyword; the process's flag is back after each; a bad min_rows is refused."""
+    bundle = load_models("sd", base=str(sd1), personalized=str(lora_dir), local_files_only=True)
+    emb = encode_prompts(bundle, ["a sks dog"])
+    seen = []
+    conv = next(m for m in bundle.unet.modules() if isinstance(m, torch.nn.Conv2d))
+    handle = conv.register_forward_pre_hook(lambda m, a: seen.append(torch.backends.mkldnn.enabled))
+    z = torch.randn(3, 4, LATENT_SIZE, LATENT_SIZE, generator=torch.Generator().manual_seed(0))
+    try:
+        bundle.set_unet_onednn(True, min_rows=3)
+        assert bundle.unet_onednn_min_rows == 3 and len(bundle._onednn_hooks) == 2
+        with torch.no_grad():
+            for rows in (1, 2, 3):
+                bundle.unet(z[:rows], 500, encoder_hidden_states=emb.expand(rows, -1, -1))
+                assert torch.backends.mkldnn.enabled
+            bundle.unet(sample=z[:1], timestep=500, encoder_hidden_states=emb)
+        assert seen == [False, False, True, False]  # fewer than 3 rows: off; 3 rows: on
+        for bad in (0, True, 2.0):
+            with pytest.raises(ValueError, match="min_rows"):
+                bundle.set_unet_onednn(True, min_rows=bad)
+        bundle.set_unet_onednn(True)  # min_rows 1: every call, no hooks
+        assert not bundle._onednn_hooks and bundle.unet_onednn_min_rows == 1
+    finally:
+        torch.backends.mkldnn.enabled = True
+        handle.remove()

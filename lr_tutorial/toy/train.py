@@ -487,11 +487,12 @@ def seed_from_export(cfg: ToyTrainConfig, export_dir: str | Path) -> None:
 
 def checkpoint_bundle(cfg: ToyTrainConfig):
     """A vanilla ModelBundle straight from the newest checkpoints (to watch training)."""
-    from ..models import ModelBundle
+    from ..models import TOY_ONEDNN_MIN_ROWS, ModelBundle
 
     scaling = torch.load(Path(cfg.ckpt_dir) / "latents.pt", weights_only=True)["scaling_factor"]
     tok, te, unet, step = ema_models(cfg)
     bundle = ModelBundle(tokenizer=tok, text_encoder=te, vae=trained_vae(cfg, scaling), unet=unet,
-                         scheduler=components.build_scheduler(), backend="toy", unet_onednn=False,
+                         scheduler=components.build_scheduler(), backend="toy",
+                         unet_onednn_min_rows=TOY_ONEDNN_MIN_ROWS,
                          identifier=world.SUBJECT_IDENTIFIER, class_noun=world.SUBJECT_CLASS)
     return bundle, step
