@@ -2,7 +2,7 @@
 
     python bench/onednn.py                         # the toy models: convolutions, modules, calls
     python bench/onednn.py --sd-latent 16          # also SD 1.5's UNet and VAE (random weights)
-    python bench/onednn.py --rows 2,3,4,6,8,17 --no-calls   # the toy UNet forward by its rows
+    python bench/onednn.py --rows 2,3,4,5,6,8,12,17 --no-calls   # the toy UNet forward by rows
     python bench/onednn.py --call-images 8         # whole calls of 8 images (16-17 rows a call)
 
 On a CPU, torch runs a float32 convolution through oneDNN (torch.backends.mkldnn.enabled, on by

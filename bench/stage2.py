@@ -6,9 +6,9 @@
 
 The cached stage 2 runs as many rows per UNet call as plain sampling (the B target rows, x2
 under CFG), yet on an H200 its steps cost more than plain sampling's (bench/HISTORY.md, session
-18). This times stage 2 (retouch.retouch, inside LayoutAndRetouch with the reference already cached) per
-step, as a ratio to a plain personalized step (same rows), with the settings that add work
-switched off one at a time:
+18). This times stage 2 (retouch.retouch, inside LayoutAndRetouch with the reference already
+cached) per step, as a ratio to a plain personalized step (same rows), with the settings that
+add work switched off one at a time:
 
 - default:      LRConfig() as shipped (stage2="cached"; since session 19 a fixed mask);
 - adaptive:     MaskConfig(adaptive=True): the target mask is recomputed from the target's

@@ -253,12 +253,16 @@ class ModelBundle:
     @torch.no_grad()
     def _merge(self) -> None:
         for layer in self._lora_layers[1]:
-            weight = layer.get_base_layer().weight
-            fused = self._fused.get(id(layer))
-            if fused is None or not fused.current(layer, weight, self.adapter_name):
-                self._fused[id(layer)] = fused = _Fused.of(layer, weight, self.adapter_name)
-            weight.copy_(fused.merged)
+            layer.get_base_layer().weight.copy_(self._fused_of(layer).merged)
         self._holds_merged = True
+
+    def _fused_of(self, layer) -> _Fused:
+        """The layer's kept _Fused, made (again) where missing or out of date."""
+        weight = layer.get_base_layer().weight
+        fused = self._fused.get(id(layer))
+        if fused is None or not fused.current(layer, weight, self.adapter_name):
+            self._fused[id(layer)] = fused = _Fused.of(layer, weight, self.adapter_name)
+        return fused
 
     @torch.no_grad()
     def _unmerge(self) -> None:
@@ -415,10 +419,7 @@ class ModelBundle:
                     or not plain_lora(layer, self.adapter_name) \
                     or self.adapter_name not in layer.lora_A:
                 continue
-            fused = self._fused.get(id(layer))
-            if fused is None or not fused.current(layer, base.weight, self.adapter_name):
-                self._fused[id(layer)] = fused = _Fused.of(layer, base.weight, self.adapter_name)
-            out[id(layer)] = fused.merged
+            out[id(layer)] = self._fused_of(layer).merged
         return out
 
     def _peft_layers(self) -> list:
