@@ -2,6 +2,7 @@
 
     python bench/stage1.py --backend sd15-random          # on a GPU: fp16, 512 px, 50 steps, 8 images
     python bench/stage1.py --backend toy                  # toy models, CPU
+    python bench/stage1.py --backend toy --images 1 --reps 5 --fuse-lora   # one image, LoRA merged
     python bench/stage1.py --backend sd15-random --latent 8 --steps 4 --images 2   # CPU smoke run
 
 Inside LayoutAndRetouch stage 1 (the step-blended layout, layout.step_blended) carries three
@@ -58,6 +59,8 @@ def setup(a):
         prompts = ["a sks dog on the beach", "a photo of a sks dog"]
         ref = (np.random.default_rng(0).random((1, latent * 8, latent * 8, 3)) * 255
                ).astype(np.uint8)
+    if a.fuse_lora:  # every variant, plain sampling included, runs the merged LoRA
+        bundle.set_fuse_lora(True)
     prompts = [prompts[i % len(prompts)] for i in range(a.images)]
     return bundle, prompts, list(range(a.images)), ref, device
 
@@ -147,6 +150,9 @@ def parser(doc: str) -> argparse.ArgumentParser:
                     help="sd15-random: latent side (default 64 = 512 px on a GPU, 16 on a CPU)")
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
+    ap.add_argument("--fuse-lora", action="store_true",
+                    help="merge the LoRA while personalized (ModelBundle.set_fuse_lora), in "
+                         "every variant")
     return ap
 
 
@@ -171,7 +177,7 @@ def main() -> None:
     bare = times["bare"]
     print(f"# {a.backend}: stage 1 of {a.images} images, {a.steps} DDIM steps, CFG {a.guidance}, "
           f"{device}, {bundle.dtype}, latent {bundle.latent_size}; K/V of {n_layers} layers x "
-          f"{n_kv} steps")
+          f"{n_kv} steps{'; LoRA merged (--fuse-lora)' if a.fuse_lora else ''}")
     print(f"# {header}")
     print(f"# {a.reps} interleaved repetitions; s = median; ratio = median of per-repetition "
           "ratios to bare stage 1")

@@ -106,7 +106,7 @@ def main() -> None:
     plain_step = median(plain_t) / a.steps
     print(f"# {a.backend}: stage 2 (cached, reference already cached) of {a.images} images, "
           f"{a.steps} DDIM steps, CFG {a.guidance}, {device}, {bundle.dtype}, latent "
-          f"{bundle.latent_size}")
+          f"{bundle.latent_size}{'; LoRA merged (--fuse-lora)' if a.fuse_lora else ''}")
     print(f"# {header}")
     print(f"# {a.reps} interleaved repetitions; plain personalized sampling (no decode): "
           f"{median(plain_t):.3f} s, {plain_step * 1000:.1f} ms per step")
