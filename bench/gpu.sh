@@ -5,11 +5,13 @@
 # benchmarks, the per-stage breakdowns (bench/stage1.py, bench/stage2.py; bench/README.md), and a torch.profiler
 # run of the batched and cached full method (top entries by CPU and by GPU time). Each step has
 # its own timeout, so one that hangs leaves the others' results. Output: one file per step in
-# $OUT (or outputs/gpu). A machine without diffusers: put its wheel in .whl/ (in .gitignore;
-# `pip download --no-deps diffusers==0.42.1 -d .whl`) and carry it; it is installed into
-# /tmp/site. Arguments: the steps to run, e.g. `bash bench/gpu.sh stage1 profile`; default: the
-# ones that fit one call's 600 s together (tests syncs stage1 stage2 pipeline_quick attention).
+# $OUT (or outputs/gpu). The lent machines have no diffusers: run `bash bench/gpu_wheels.sh`
+# here first (it puts this environment's diffusers and peft wheels in .whl/, ignored by git) and
+# carry .whl in the device call; they are installed into /tmp/site. Arguments: the steps to
+# run, e.g. `bash bench/gpu.sh stage1 profile`; default: the ones that fit one call's 600 s
+# together (tests syncs stage1 stage2 pipeline_quick attention).
 # Next call (session 24's plan, about 490 s): `bash bench/gpu.sh tests pipeline mixed_rows switch`
+# with carry [".whl"]
 # (mixed_rows: the inversion's row riding a vanilla call against its call of its own, and 16
 # against 17 rows, which rows.py also measures; with the LoRA merged, as `generate` runs it, also
 # the riding row through the merged weights against the B A x update (session 26); switch: what a
@@ -18,11 +20,14 @@ set -u
 export PYTHONUNBUFFERED=1
 out="${OUT:-outputs/gpu}"
 mkdir -p "$out"
+py=$(command -v python3 || command -v python)
 if compgen -G ".whl/*.whl" >/dev/null; then
-  pip install --no-index --no-deps --target /tmp/site .whl/*.whl -q 2>&1 | grep -v WARNING
+  "$py" -m pip install --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl -q 2>&1 |
+    grep -v WARNING
   export PYTHONPATH="/tmp/site:$PWD"
 fi
-py=$(command -v python3 || command -v python)
+"$py" -c "import diffusers, peft" ||
+  { echo "no diffusers or peft: run bench/gpu_wheels.sh here and carry .whl"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 only=" ${*:-tests syncs stage1 stage2 pipeline_quick attention} "
 step() {  # step NAME SECONDS COMMAND...: run, keep the output, print its tail
