@@ -1,16 +1,19 @@
 # Quick start: `make demo`, `make test`; `make lab` opens the notebooks in JupyterLab.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-REQ_HASH := $(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-12)
+# requirements.txt holds lower bounds (Colab, pip users); requirements-lock.txt the exact versions
+# that setup installs, so every machine and CI test the same packages.
+LOCK := requirements-lock.txt
+REQ_HASH := $(shell cat requirements.txt $(LOCK) pyproject.toml | sha256sum | cut -c1-12)
 STAMP := .make/installed-$(REQ_HASH)
 JOBS ?= 2
 
-.PHONY: setup demo test test-diffusers-min lab clean
+.PHONY: setup demo test run-tests test-latest lock test-diffusers-min lab clean
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt $(LOCK) pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt -c $(LOCK)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@mkdir -p .make && rm -f .make/installed-* && touch $@
 
@@ -26,10 +29,34 @@ demo: setup
 NOTEBOOKS = $(wildcard notebooks/[0-9][0-9]_*.ipynb)
 
 test: setup
+	@$(MAKE) --no-print-directory run-tests PY=$(PY)
+
+run-tests:
 	@$(if $(NOTEBOOKS),,echo "note: no built notebooks in notebooks/ (python notebooks/build.py), nbval skipped")
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} \
 	  $(PY) -m pytest -n $(JOBS) --dist loadfile tests \
 	  $(if $(NOTEBOOKS),--nbval-lax --nbval-current-env $(NOTEBOOKS))
+
+# `make test-latest`: the same suite on the newest releases that requirements.txt admits, in a
+# virtual environment of its own (.venv-latest), so a drift in a dependency is found on purpose.
+# Not part of CI. When it passes and you want CI on those versions: `make lock`.
+LATEST_VENV ?= .venv-latest
+
+test-latest:
+	@test -x $(LATEST_VENV)/bin/python || python3 -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -r requirements.txt
+	$(LATEST_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	@$(LATEST_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|diffusers|transformers|peft|accelerate) '
+	@$(MAKE) --no-print-directory run-tests PY=$(LATEST_VENV)/bin/python
+
+# `make lock`: rewrite requirements-lock.txt from a fresh environment built from requirements.txt.
+lock:
+	rm -rf .make/lock-venv && python3 -m venv .make/lock-venv
+	.make/lock-venv/bin/python -m pip install -q --upgrade pip
+	.make/lock-venv/bin/python -m pip install -q -r requirements.txt
+	{ sed -n '/^#/p' $(LOCK); .make/lock-venv/bin/python -m pip freeze --exclude-editable; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .make/lock-venv
 
 # The pipeline tests against the lowest supported diffusers (requirements.txt's lower bound),
 # installed once (pure Python, no dependencies) into a cached --target folder put first on PYTHONPATH.

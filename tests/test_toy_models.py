@@ -104,7 +104,12 @@ def test_personal_rows_cover_the_toy_loras_conv_and_linear_layers(toy):
         # update computed on two rows, not three); merged: 2.0e-6 from the unmerged LoRA
         torch.testing.assert_close(out[:1], want_v[:1], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out[1:], want_p[1:], atol=1e-5, rtol=1e-5)
-    assert torch.equal(got[True][1:], want_merged[1:])  # the merged model's op: the same bits
+    # The riding rows use the merged model's weights, so they match the merged model to float
+    # rounding. Not bit for bit across library versions: peft 0.22 merges in another operation
+    # order than earlier releases (measured: 1.3e-6 max abs difference on outputs of magnitude
+    # ~4, i.e. ~3e-7 relative, about 3 float32 ulps); 1e-5 is 8x that and still 1,000x below the
+    # LoRA's own effect checked above (> 1e-2).
+    torch.testing.assert_close(got[True][1:], want_merged[1:], atol=1e-5, rtol=1e-5)
 
 
 def test_autoencoder_keeps_the_subject_identity(toy):
