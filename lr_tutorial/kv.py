@@ -11,7 +11,7 @@ running those branches through the UNet next to the target: three branches, 3x t
   prompt y^r, latent z^r_{k+1}; retouch.py), the same for every prompt and seed: record K^r,
   V^r while inverting (retouch.riding_inversion(kv=...)), once per reference, and reuse them.
 
-Stage 2 then runs the target rows alone (docs/method.md stage 2; bench/README.md for the cost).
+Stage 2 then runs the target rows alone (docs/method.md "Stage 2"; bench/README.md for the cost).
 
     cache = KVCache(layers=["up_blocks.1.attentions.0.transformer_blocks.0.attn1"], steps=range(10, 50))
     with record_kv(unet, cache):

@@ -1,4 +1,4 @@
-"""Stage 1: layout generation by step-blended denoising (docs/method.md, [paper]).
+"""Stage 1: layout generation by step-blended denoising (docs/method.md "Stage 1", [paper]).
 
     z_{k+1} = Step(z_k, CFG(eps,  z_k, y^-p, t_k))   for k <  lambda1   (vanilla: layout)
     z_{k+1} = Step(z_k, CFG(eps*, z_k, y^p,  t_k))   for k >= lambda1   (personalized: identity)
@@ -67,7 +67,7 @@ def resolve_guidance(bundle, guidance) -> float:
 @dataclass
 class LayoutConfig:
     """Stage 1 knobs. lambda1: vanilla steps, a fraction of N or a count (default 0.2 N [ours],
-    docs/method.md stage 1). The toy backend fixes its layouts later, between 0.32 and 0.40 N
+    docs/method.md "Stage 1"). The toy backend fixes its layouts later, between 0.32 and 0.40 N
     (data/toy/experiments/layout_commit.py); README "The method issue's acceptance" measures
     0.2-0.4 N. steps: N DDIM steps. guidance: CFG weight; None (default): the models' own
     (ModelBundle.guidance: Stable Diffusion's 7.5, the toy backend's 3.0) [ours]."""

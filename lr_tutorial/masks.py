@@ -41,7 +41,7 @@ class MaskConfig:
     n_positive / n_negative: SAM prompt points at attention peaks / confident background.
     lambda3: latent blending for k < lambda3 (fraction of N or step count).
     adaptive: recompute the target mask every step from the target's own cross-attention,
-      united with the context mask (method.md's reading of "adaptive" [ours]). Off by
+      united with the context mask (docs/method.md "Adaptive mask blending" [ours]). Off by
       default since session 19: the paper's adaptive mask blending is the fusion of
       attention and SAM masks above (the project's seed summary: "combining cross-attention
       maps and SAM masks"), which M^c already is. The per-step update is our addition, and on

@@ -5,7 +5,7 @@
     with bundle.using("personalized"): ...       # eps*  (LoRA on, or the DreamBooth UNet)
 
 LoRA personalization shares one UNet between the two modes (adapter off/on: half the memory of
-two UNets, docs/method.md stage 1); a full DreamBooth fine-tune holds two UNets and swaps them;
+two UNets, docs/method.md "Stage 1"); a full DreamBooth fine-tune holds two UNets and swaps them;
 textual inversion keeps one UNet and only the prompt changes (mode "personalized" is then a no-op).
 """
 from __future__ import annotations

@@ -54,7 +54,7 @@ class LRConfig:
     identity 0.513 instead of 0.524; the default LoRA 0.755 instead of 0.756; bench/HISTORY.md,
     session 22) [ours].
     start_step: the step at which the target branch leaves the context trajectory (None: at
-    lambda2, so the structure phase is the context itself [ours; method.md allows "z^c at an
+    lambda2, so the structure phase is the context itself [ours; docs/method.md "Stage 2" allows "z^c at an
     early step"], or at lambda1 when that is later, since the context is the vanilla model's
     before it; 0: from z_0, with the structure phase's attention swap).
     stage2: "cached" runs the target alone, reading the context's keys/values recorded in

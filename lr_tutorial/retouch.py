@@ -1,7 +1,7 @@
 """Stage 2: retouch by multi-source attention swap, with adaptive mask blending.
 
 Three branches share one UNet call per step (x2 for classifier-free guidance), batch order
-[reference (one row for all targets); context; target] (docs/method.md stage 2); or, faster, the
+[reference (one row for all targets); context; target] (docs/method.md "Stage 2"); or, faster, the
 target alone reads the other two branches' keys/values, cached from stage 1 and from the
 reference's inversion (`kv=`, lr_tutorial.kv):
 - reference r: the DDIM inversion of x^r: at step k the reference row is the very UNet

@@ -1,7 +1,7 @@
 """Sampling: prompt encoding, classifier-free guidance, DDIM sampling and DDIM inversion.
 
 The denoising loop is written out (diffusers' scheduler API: `set_timesteps`, `step`), so every
-intermediate is visible. Notation follows docs/method.md: N steps, k = 0..N-1 in denoising order
+intermediate is visible. Notation follows docs/method.md "Notation": N steps, k = 0..N-1 in denoising order
 (k = 0 is the noisiest), z_k the latent entering step k, z_N the final latent.
 
     eps_hat = eps(z_k, t_k, "") + w * (eps(z_k, t_k, y) - eps(z_k, t_k, ""))     (CFG)

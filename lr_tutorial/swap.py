@@ -1,4 +1,4 @@
-"""The multi-source attention swap of stage 2 (docs/method.md), through diffusers' processor API.
+"""The multi-source attention swap of stage 2 (docs/method.md "Stage 2"), through diffusers' processor API.
 
 The target branch's self-attention reads keys/values from the other branches instead of its own:
 the context's (the layout image's) in the structure phase, then, in the retouch phase, the
@@ -25,7 +25,7 @@ BRANCHES = ("reference", "context", "target")
 
 @dataclass
 class SwapConfig:
-    """Multi-source attention swap (docs/method.md stage 2).
+    """Multi-source attention swap (docs/method.md "Stage 2").
 
     lambda2: end of the structure phase, fraction of N or step count (default 0.2 N, never
     before step 4 [ours]). structure_layers / retouch_layers: glob patterns over self-attention
