@@ -10,7 +10,7 @@ sd15 is Stable Diffusion 1.5's real UNet (bench/common.py SD15_UNET_CONFIG, rand
 download) at `--latent` (64 = 512 px) with 77 x 768 text embeddings (random: the text encoder
 is not what is measured), CFG batch 2 ([uncond; cond] in one call, as sampling.guided_eps).
 
-The capture is what the scrubber shows (issue 6): every step, cross-attention of all the
+The capture is what the scrubber shows: every step, cross-attention of all the
 prompt's tokens at every layer, heads averaged (`--heads all` keeps them, as notebook 02's
 scrubber cell does), fp16 on the CPU; plus notebook 02's self-attention cell: the layers at
 16 x 16 (`--self-resolution`), at one step (N - 5).
@@ -129,7 +129,7 @@ def main() -> None:
                     help="CaptureSpec.offload: maps move to the CPU when the capture ends "
                          "(default) or as each is recorded (one synchronising copy per layer)")
     ap.add_argument("--heads", choices=("mean", "all"), default="mean",
-                    help="cross-attention heads averaged (issue 6) or kept (notebook 02)")
+                    help="cross-attention heads averaged (the scrubber) or kept (notebook 02)")
     ap.add_argument("--self-resolution", type=int, default=16,
                     help="side of the self-attention layers captured at step N - 5 (notebook 02)")
     ap.add_argument("--extrapolate-to", type=int, default=50,
@@ -138,7 +138,7 @@ def main() -> None:
     a = ap.parse_args()
     gpu = torch.cuda.is_available()
     a.steps = a.steps or (50 if gpu or a.backend == "toy" else 3)
-    from lr_tutorial import attention
+    from lr_tutorial import attention, swap
 
     header = machine()
     unet, cond, uncond, sched, latent, what = setup(a)
@@ -215,11 +215,10 @@ def main() -> None:
     print(f"{'estimate / actual':<38}{est[a.steps] / actual:>22.3f}{est[x_steps] / actual_x:>24.3f}"
           + ("  (vs the extrapolated bytes)" if x_steps != a.steps else ""))
     # the scrubber on a Layout-and-Retouch result records stage 2's three branches
-    lam2 = attention.SwapController(unet, attention.SwapConfig(), x_steps, latent).lambda2
+    lam2 = swap.SwapController(unet, swap.SwapConfig(), x_steps, latent).lambda2
     lr_est = cross.estimate(unet, x_steps - lam2, batch=3, latent_size=latent, n_tokens=n_tokens)
     print(f"# estimate only: the same cross capture on a Layout-and-Retouch result (stage 2: "
           f"3 branches x {x_steps - lam2} steps after lambda2 = {lam2}): {lr_est / MB:.1f} MB")
-    print("# targets (issue 6): <= 300 MB stored, <= 1.15x wall time, estimate within 10%")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
-# Run HERE (not on the device) before a device call of bench/gpu.sh: the lent GPU machines' image
-# has torch, transformers, peft and accelerate but no diffusers (/work/.library/device/KINDS.md),
-# and it cannot reach a package index. This downloads, into .whl/ (ignored by git), the wheels
-# of the versions this checkout's environment runs, for the device's Python (3.12):
+# For a GPU machine that has torch, transformers, peft and accelerate but no diffusers and no
+# package index: run this where the package is installed, before bench/gpu.sh runs there. It
+# downloads into .whl/ (ignored by git) the diffusers and peft wheels of the versions this
+# checkout's environment runs, for Python 3.12; bring .whl/ along and gpu.sh installs them:
 #
-#     bash bench/gpu_wheels.sh        # here, once per machine (.whl/ is not committed)
-#     # then the device call, carrying .whl (gpu.sh installs it into /tmp/site):
-#     #   run(command="bash bench/gpu.sh tests pipeline mixed_rows switch", carry=[".whl"])
+#     bash bench/gpu_wheels.sh                  # here
+#     bash bench/gpu.sh tests pipeline          # there, with .whl/ in the working tree
 #
-# diffusers and peft are pure Python (py3-none-any wheels), about 7 MB together; the call's
-# working tree may carry 64 MiB.
+# Both are pure Python (py3-none-any wheels), about 7 MB together.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${PYTHON:-.venv/bin/python}"

@@ -14,18 +14,14 @@ For `--images` prompts x seeds sharing one reference, with the same steps and gu
 (d) the full method with the three-branch batched stage 2 (one reference row for all targets),
 (c') the cached full method with a LayoutAndRetouch kept across runs, so its reference work
 (inversion and keys/values) is already done, (c*) (c) with LRConfig(reference_inversion=
-"start"): the reference inverted only to the target's first step (N - lambda1 rows in stage
-1's personalized calls instead of N; an option: it narrows M^r), (c~) (c) as before session 23,
-the full inversion's first lambda1 calls alone instead of riding stage 1's vanilla calls (for
-this case the script points lr_tutorial.pipeline.rideable_steps elsewhere), and reports (e)
-stage 2 alone (retouch + final decode, timed inside (c) and (d)). Each run of (c) and (d) starts from a fresh
+"start"): the reference inverted only to the target's first step, and reports (e) stage 2 alone
+(retouch + final decode, timed inside (c) and (d)). Each run of (c) and (d) starts from a fresh
 LayoutAndRetouch, so it pays the reference work once for its images: the reference's DDIM
-inversion, one more row in stage 1's UNet calls (with a LoRA all of them since session 23, the
-vanilla ones through ModelBundle.personal_rows, so none of its calls runs alone; before, and with
-a full DreamBooth UNet, its first lambda1 steps ran alone: the "reference inversion" phase),
-which in the cached path also records the reference's keys/values (no replay since session 21;
-the "reference K/V" phase then shows only where a known reference's keys/values are replayed).
-The per-image cost amortized over 8 images is (c') + ((c) - (c')) x images / 8, all measured.
+inversion, one more row in stage 1's UNet calls (with a LoRA all of them, the vanilla ones
+through ModelBundle.personal_rows; with a full DreamBooth UNet its first lambda1 steps run
+alone: the "reference inversion" phase), which in the cached path also records the reference's
+keys/values (the "reference K/V" phase shows only where a known reference's keys/values are
+replayed). The per-image cost amortized over 8 images is (c') + ((c) - (c')) x images / 8.
 
 Timing: the cases are interleaved (the order rotates every repetition) and each ratio to (a) is
 the median of the per-repetition ratios, so a load that drifts during the run (another job on
@@ -54,12 +50,11 @@ from common import (Phases, UNetCounter, exact_malloc_env, machine, median,  # n
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-CASES = ("plain", "stage1", "cached", "batched", "warm", "start", "alone")
+CASES = ("plain", "stage1", "cached", "batched", "warm", "start")
 LABELS = {"plain": "(a) plain personalized", "stage1": "(b) stage 1 only",
           "cached": "(c) L&R, cached stage 2", "batched": "(d) L&R, batched stage 2",
           "warm": "(c') L&R, cached, reference already cached",
-          "start": "(c*) (c), inversion stopped at the start",
-          "alone": "(c~) (c), lambda1 inversion calls alone"}
+          "start": "(c*) (c), inversion stopped at the start"}
 PHASES = ("reference inversion", "reference K/V", "stage 1", "masks", "stage 2", "final decode")
 
 
@@ -86,7 +81,7 @@ def setup(a):
 
 
 def make_cases(a, bundle, prompts, seeds, ref):
-    from lr_tutorial import pipeline, sampling
+    from lr_tutorial import sampling
     from lr_tutorial.layout import LayoutConfig, step_blended
     from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
 
@@ -104,20 +99,14 @@ def make_cases(a, bundle, prompts, seeds, ref):
         for p, s in chunks:
             step_blended(bundle, p, s, layout)
 
-    def full(stage2, inversion="full", alone=False):
+    def full(stage2, inversion="full"):
         def run():
             # fresh: pays the reference work
             lr = LayoutAndRetouch(bundle, LRConfig(layout=layout, stage2=stage2,
                                                    kv_device=a.kv_device, kv_store=a.kv_store,
                                                    reference_inversion=inversion))
-            ride = pipeline.rideable_steps
-            if alone:  # (c~): the inversion rides the personalized calls only (before session
-                pipeline.rideable_steps = lambda b, n, lambda1: n - lambda1  # 23), this run
-            try:
-                for p, s in chunks:
-                    lr(p, ref, seed=s)
-            finally:
-                pipeline.rideable_steps = ride
+            for p, s in chunks:
+                lr(p, ref, seed=s)
         return run
 
     held = {}
@@ -131,7 +120,7 @@ def make_cases(a, bundle, prompts, seeds, ref):
             held["lr"](p, ref, seed=s)
 
     return {"plain": plain, "stage1": stage1, "cached": full("cached"), "batched": full("batched"),
-            "warm": warm, "start": full("cached", "start"), "alone": full("cached", alone=True)}
+            "warm": warm, "start": full("cached", "start")}
 
 
 def instrument(counter):
@@ -307,7 +296,7 @@ def main() -> None:
           "time ratio = median of per-repetition ratios to (a)")
     print(f"{'case':<50}{'s/image':>9}{'rows/image':>12}{'time x(a)':>10}{'rows x(a)':>10}")
     for c in CASES:
-        line(LABELS[c] + (f", over {n}" if c in ("cached", "batched", "start", "alone") else ""),
+        line(LABELS[c] + (f", over {n}" if c in ("cached", "batched", "start") else ""),
              per[c], rows[c] / n, ratio[c])
     print(f"{'    first cached run in this process (warm-up)':<50}{first_s / n:>9.3f}"
           f"{'':>12}{first_s / median(times['plain']):>10.2f}   (its host caches allocated"
@@ -321,7 +310,7 @@ def main() -> None:
         line(f"(e) stage 2 alone ({c}: retouch + decode)",
              median(s2) / n, (pr.get("stage 2", 0) + pr.get("final decode", 0)) / n, s2_ratio)
         if c == "cached":  # the one-time reference work = (c) - (c'), measured, spread over 8
-            for cc, what in (("cached", ""), ("start", ", (c*)"), ("alone", ", (c~)")):
+            for cc, what in (("cached", ""), ("start", ", (c*)")):
                 ref_s, ref_r = per[cc] - per["warm"], (rows[cc] - rows["warm"]) / n  # per image
                 line(f"    cached{what}: amortized over 8 images", per["warm"] + ref_s * n / 8,
                      rows["warm"] / n + ref_r * n / 8,

@@ -106,9 +106,8 @@ def processors(unet, replacements: dict[str, object]):
 
     Each goes in through its module's own `Attention.set_processor`, the call that
     `unet.set_attn_processor({path + ".processor": proc})` makes per layer after walking every
-    module of the UNet twice: in and out, 1.7 against 47.3 ms for the swap's 10 layers of the
-    toy UNet, and a Layout-and-Retouch call installs six sets (`python bench/switch.py`,
-    bench/HISTORY.md, session 24)."""
+    module of the UNet twice (in and out: 1.7 against 47.3 ms for the swap's 10 layers of the
+    toy UNet; a Layout-and-Retouch call installs six sets)."""
     original = current_processors(unet)
     missing = [p for p in replacements if p + ".processor" not in original]
     if missing:
@@ -184,9 +183,8 @@ class CaptureSpec:
     device while the capture runs and move when it ends (one pass, no GPU/CPU synchronisation
     per layer; on a GPU the store's bytes, `estimate`, sit on the GPU until then); "step":
     each map moves as soon as it is recorded (the GPU holds none of the store, at one
-    synchronising copy per layer and step). On the CPU both are the same. Measured on an H200,
-    SD 1.5 at 512 px, scrubber capture with "step": 1.38x the plain run's time
-    (bench/HISTORY.md, session 9)."""
+    synchronising copy per layer and step). On the CPU both are the same (docs/performance.md,
+    "Attention capture")."""
     layers: str | Sequence[str] = "*"
     kind: str = "cross"
     resolutions: Sequence[int] | None = None

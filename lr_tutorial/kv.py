@@ -21,9 +21,8 @@ Stage 2 then runs the target rows alone (docs/method.md "Stage 2"; bench/README.
 `store="hidden"` keeps the layer's input instead, (rows, HW, C): half the bytes of K and V (for
 SD's self-attention C equals K's width), and `keys_values(attn, ...)` projects it with the
 layer's own to_k / to_v when it is read. Those projections cost two matrix products per layer
-and step, more than halving the host copies saved on an H200 (stage 2: 3.76 s against 3.14 s
-for 8 images; bench/HISTORY.md, session 13), so it is for when keys and values do not fit the
-host's memory (LRConfig.kv_store).
+and step, more than halving the host copies saved on an H200 (docs/performance.md), so it is for
+when keys and values do not fit the host's memory (LRConfig.kv_store).
 """
 from __future__ import annotations
 
@@ -48,14 +47,14 @@ class KVCache:
     memory on a side CUDA stream, so neither direction stalls the UNet's kernels: `put` queues
     the device-to-host copy behind the layer that computed them, `get` reads the entry asked for
     and queues the host-to-device copies of the next `prefetch` entries (default: one step's
-    layers) while the UNet computes (bench/HISTORY.md: session 12). Pinned memory is taken in
+    layers) while the UNet computes. Pinned memory is taken in
     `SLAB`-byte slabs through torch's caching host allocator, so a later call reuses it.
 
     Computed and stored on a CPU, each entry is copied into a slab too (unpinned), rather than
     kept as a view of the UNet's own tensor: a run's caches are then a few large allocations
     instead of hundreds of tensors left among the freed activations, and glibc stops handing
-    memory back and faulting it in again (toy, 8 images, fresh caches per run: a median of
-    39,548 minor page faults per run against 822,804; bench/allocator.py --slabs, session 24)."""
+    memory back and faulting it in again (toy, 8 images, fresh caches per run: about 40 thousand
+    minor page faults per run instead of 820 thousand)."""
 
     SLAB = 1 << 28  # 256 MiB: a power of two, which the host allocator does not round up
 

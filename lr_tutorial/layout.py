@@ -68,8 +68,7 @@ def resolve_guidance(bundle, guidance) -> float:
 class LayoutConfig:
     """Stage 1 knobs. lambda1: vanilla steps, a fraction of N or a count (default 0.2 N [ours],
     docs/method.md "Stage 1"). The toy backend fixes its layouts later, between 0.32 and 0.40 N
-    (data/toy/experiments/layout_commit.py); README "The method issue's acceptance" measures
-    0.2-0.4 N. steps: N DDIM steps. guidance: CFG weight; None (default): the models' own
+    (docs/results.md compares 0.2-0.4 N). steps: N DDIM steps. guidance: CFG weight; None (default): the models' own
     (ModelBundle.guidance: Stable Diffusion's 7.5, the toy backend's 3.0) [ours]."""
     lambda1: float | int = 0.2
     steps: int = 50

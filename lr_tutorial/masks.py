@@ -42,14 +42,11 @@ class MaskConfig:
     lambda3: latent blending for k < lambda3 (fraction of N or step count).
     adaptive: recompute the target mask every step from the target's own cross-attention,
       united with the context mask (docs/method.md "Adaptive mask blending" [ours]). Off by
-      default since session 19: the paper's adaptive mask blending is the fusion of
-      attention and SAM masks above (the project's seed summary: "combining cross-attention
-      maps and SAM masks"), which M^c already is. The per-step update is our addition, and on
-      the toy it cost identity and fidelity on most LoRAs measured (76 held-out prompts x 4
-      seeds, shipped model, session 21: 0.533 / 0.725 with it, 0.538 / 0.756 without) and added 0.02-0.03
-      identity on two that follow a handed layout (data/toy/README.md, session 19). The
-      target's attention there is diffuse and, unlike the context's, no segmenter gates it,
-      so the mask opens the backdrop to the personalized model.
+      default: the paper's adaptive mask blending is the fusion of attention and segmenter
+      masks above, which M^c already is. On the toy the per-step update costs identity and
+      fidelity with the default LoRA (docs/results.md, the ablation "per-step mask update"):
+      the target's attention is diffuse and, unlike the context's, no segmenter gates it, so
+      the mask opens the backdrop to the personalized model.
     adaptive_reach: with `adaptive`, how far (a fraction of the latent side) the mask may grow
       beyond the context's object {M^c >= 1/2}: the target's support counts only within this
       Euclidean distance of it. None: anywhere (unbounded).
@@ -276,7 +273,7 @@ def distance_to(feature: torch.Tensor) -> torch.Tensor:
 def feather_maps(binary: torch.Tensor, width: float) -> torch.Tensor:
     """`feather` of (B, h, w) boolean maps, where they are: on a GPU without a round trip
     through the host, so stage 2's adaptive mask does not make the CPU wait for the GPU at every
-    step (bench/HISTORY.md, session 18). The signed distance is exact: a test checks every
+    step. The signed distance is exact: a test checks every
     number against scipy.ndimage.distance_transform_edt.
 
         sd = edt(B) - edt(~B), shifted by 1/2 to the boundary     edt: distance to the other set

@@ -247,9 +247,8 @@ class ModelBundle:
     # LoRA merged into the weights while personalized (fuse_lora): the base layer's weight
     # holds W + s B A with the adapter off; switching to vanilla copies W back bit for bit, so
     # vanilla outputs never drift. Both are computed once per layer (peft's own merge) and
-    # kept, so a switch is one copy per layer: a vanilla -> personalized -> vanilla round trip
-    # takes 7.7 ms on the toy UNet where recomputing the merge took 80.8 ms, and a
-    # Layout-and-Retouch call makes four (`python bench/switch.py`, bench/HISTORY.md, session 24).
+    # kept, so a switch is one copy per layer (a vanilla -> personalized -> vanilla round trip
+    # on the toy UNet: 7.7 ms, against 80.8 ms recomputing the merge).
     @torch.no_grad()
     def _merge(self) -> None:
         for layer in self._lora_layers[1]:
@@ -299,12 +298,11 @@ class ModelBundle:
         oneDNN reorders a convolution's weights into its own layout on every call, a fixed cost
         that only large convolutions pay back. The toy UNet's smallest convolution takes
         0.16-0.20 ms with it and 0.04 ms without, and its forward of 2-3 rows (one image)
-        0.74-0.90x the time without it (bench/README.md, session 25); but at 17 rows (8 images
-        and the riding reference row) 1.53x, so the toy loader keeps oneDNN for calls of
-        TOY_ONEDNN_MIN_ROWS rows or more (session 26). The toy VAE (64 x 64 images) is
-        1.5-2.1x slower without it, and so is Stable Diffusion's UNet at 512 px (1.11x; at 128
-        px it is faster without, 0.60x): `python bench/onednn.py [--sd-latent 64]`, session
-        25. Results differ from oneDNN's by float rounding only.
+        0.74-0.90x the time without it; but at 17 rows (8 images and the riding reference row)
+        1.53x, so the toy loader keeps oneDNN for calls of TOY_ONEDNN_MIN_ROWS rows or more.
+        The toy VAE (64 x 64 images) is 1.5-2.1x slower without it, and so is Stable
+        Diffusion's UNet at 512 px (1.11x; at 128 px it is faster without, 0.60x). Results
+        differ from oneDNN's by float rounding only.
         Not thread-safe: the flag is the process's, so do not run another CPU model in a
         second thread during a UNet forward.
         """
@@ -357,13 +355,10 @@ class ModelBundle:
         merged weight W + s B A, out[start:] = W' x[start:] + b, the op the merged personalized
         model runs (the same bits), from the merges fuse_lora keeps anyway; else it adds the
         adapter's update, out[start:] += B(A(x[start:])) * scaling, the formula of peft's own
-        LoRA forward. On the toy UNet (148 LoRA layers, 48 of them Conv2d) the merged hook is one
-        op per layer where the update is two modules and a scale: a vanilla call of one image
-        (2 rows) with the riding row took 78.4 ms instead of 88.3 ms, of 8 images (17 rows)
-        291.1 ms instead of 298.6 ms (`python bench/mixed_rows.py --fuse-lora [--images 1]`,
-        bench/README.md, session 26). peft's mixed-batch inference (`adapter_names`) does the
-        update with a row index per layer: 277.3 against 249.9 ms per 17-row toy call (session
-        23). Textual inversion and none: nothing to do (the rows' prompt embeddings already
+        LoRA forward. The merged hook is one op per layer where the update is two modules and a
+        scale (toy UNet, one image's vanilla call with the riding row: 78.4 ms instead of 88.3
+        ms). peft's mixed-batch inference (`adapter_names`) does the update with a row index
+        per layer, slower here (277.3 against 249.9 ms per 17-row toy call). Textual inversion and none: nothing to do (the rows' prompt embeddings already
         differ). The hooks are removed on exit, also after an exception."""
         if self.mode != "vanilla":
             raise RuntimeError(f"personal_rows mixes personalized rows into vanilla UNet calls, "
@@ -569,8 +564,7 @@ TOY_GUIDANCE = 3.0
 # The toy UNet's CPU convolutions use oneDNN in calls of at least this many rows only
 # (ModelBundle.set_unet_onednn). Its forward without oneDNN took 0.70-0.81x the time at 2-5 rows
 # (1-2 images under CFG, with or without the riding reference row), 0.89x at 6, 0.98x at 8,
-# but 1.07x at 12 and 1.53x at 17 (8 images and the riding row): `python bench/onednn.py --rows
-# 2,3,4,5,6,8,12,17 --no-calls`, bench/README.md, session 26.
+# but 1.07x at 12 and 1.53x at 17 (8 images and the riding row).
 TOY_ONEDNN_MIN_ROWS = 10
 
 
@@ -599,6 +593,8 @@ def load_toy(personalized: str | Path | None = "default", device: str = "cpu") -
     )
     for m in (bundle.text_encoder, bundle.vae, bundle.unet):
         m.requires_grad_(False)
+    from .sd import explicit_settings
+    explicit_settings(bundle)  # scheduler settings pinned and recorded; case-insensitive prompts
     if personalized == "default":
         personalized = root / "lora"
     if personalized is not None:

@@ -33,6 +33,7 @@ from .layout import LayoutConfig, LayoutResult, resolve_guidance, resolve_steps,
 from .swap import SwapConfig, SwapController
 from .kv import KVCache, cache_bytes, record_kv
 from .prompts import check_prompts, token_index
+from .validate import check_call
 from .retouch import (ReferenceInversion, aggregate, invert_reference, kv_plan, mask_layers,
                       reference_from, reference_kv, reference_plan, reference_stop, retouch,
                       rideable_steps, riding_inversion)
@@ -42,51 +43,37 @@ from .retouch import (ReferenceInversion, aggregate, invert_reference, kv_plan, 
 class LRConfig:
     """Every knob of the method (docs/method.md): stage 1 (`layout`: lambda1, steps, guidance),
     the swap (`swap`: lambda2, layers, mode), the masks and blending (`mask`: thresholds,
-    feather, lambda3, adaptive). reference_prompt: prompt of the reference inversion (None:
-    "a <identifier> <class noun>" [ours]); reference_index: which reference image is inverted;
-    reference_inversion: how far: "full" (default) walks the photo to pure noise, z^r_0, and M^r
-    averages the class token's attention over the whole mask window; "start" stops at the
-    target's first step (retouch.reference_stop), all stage 2 reads of it: with the defaults
-    10 inversion steps fewer per new reference at 50 steps (with a LoRA, 10 rows fewer in
-    stage 1's vanilla calls, which the full inversion rides since session 23; with a full
-    DreamBooth UNet, 10 one-row calls of its own fewer), but M^r loses the noisiest steps'
-    wider attention (toy, lora_identifier at lambda1 = 0.4 N: 28 px over 0.5 instead of 37,
-    identity 0.513 instead of 0.524; the default LoRA 0.755 instead of 0.756; bench/HISTORY.md,
-    session 22) [ours].
+    feather, lambda3, adaptive).
+
+    reference_prompt: the prompt of the reference inversion (None: "a <identifier> <class
+    noun>" [ours]). reference_index: which reference image is inverted. reference_inversion:
+    "full" (default) walks the photo to pure noise, z^r_0, and M^r averages the class token's
+    attention over the whole mask window; "start" stops at the target's first step
+    (retouch.reference_stop), all that stage 2 reads: fewer inversion steps per new reference,
+    but a narrower M^r (docs/performance.md) [ours].
     start_step: the step at which the target branch leaves the context trajectory (None: at
-    lambda2, so the structure phase is the context itself [ours; docs/method.md "Stage 2" allows "z^c at an
-    early step"], or at lambda1 when that is later, since the context is the vanilla model's
-    before it; 0: from z_0, with the structure phase's attention swap).
+    lambda2, so the structure phase is the context itself [ours; docs/method.md "Stage 2"
+    allows "z^c at an early step"], or at lambda1 when that is later, since the context is
+    the vanilla model's before it; 0: from z_0, with the structure phase's attention swap).
+
+    Speed and memory (same result within float rounding, tested; docs/performance.md):
     stage2: "cached" runs the target alone, reading the context's keys/values recorded in
-    stage 1 and the reference's recorded by its inversion's own UNet calls, cached per
-    reference (needs start >= lambda1);
-    "batched" runs the three branches in one UNet call per step (one reference row for all
-    targets: 2B + 1 rows); "auto" (default) takes "cached" when its key/value caches fit in
-    `kv_budget_gb` and the target starts after lambda1, else "batched" (also, on a GPU with
-    host caches, for one prompt with a new reference: `stage2_path`; on an H200, SD 1.5 at
-    512 px, 8 images: cached 2.85x a plain run, batched 3.43x; bench/HISTORY.md, session 18; a
-    one-call script of 8 images is faster batched, since the first cached call pins its host
-    memory).
-    Same result (tested),
-    the cached path at about half the UNet work of stage 2; a `capture=` of stage 2 uses
-    "batched" since it records every branch.
-    kv_budget_gb: memory the cached path may hold in keys/values (kv.cache_bytes: about 2.2 GB
-    per image and 1.1 GB per reference at Stable Diffusion 1.5's 512 px, fp16, 50 steps; half
-    with kv_store "hidden";
-    16 MiB on the toy); None: half
-    the memory available where the caches live when the run starts (the host's RAM: on a
-    GPU the caches are kept on the CPU).
+    stage 1 and the reference's recorded by its inversion's own UNet calls (needs start >=
+    lambda1); "batched" runs the three branches in one UNet call per step (one reference row
+    for all targets: 2B + 1 rows); "auto" (default) takes "cached" when its key/value caches
+    fit `kv_budget_gb` and the target starts after lambda1, else "batched" (also on a GPU
+    with host caches for one prompt with a new reference: `stage2_path`). A `capture=` of
+    stage 2 uses "batched", since it records every branch.
+    kv_budget_gb: memory the cached path may hold in keys/values (kv.cache_bytes); None: half
+    the memory available where the caches live when the run starts.
     kv_device: where those caches live: "host" (the CPU's memory; on a GPU they are copied
     through pinned memory on a side stream, so the GPU's peak stays plain sampling's), "model"
-    (the UNet's device: no copies, fastest, but on a GPU the caches add kv.cache_bytes to its
-    memory) or "auto" (default: "host") [ours; bench/README.md measures both].
-    kv_store: what those caches hold: "kv" (the keys and values), "hidden" (each layer's input,
-    projected with the layer's to_k / to_v when stage 2 reads it: half the bytes, two small
-    matrix products more per layer and step) or "auto" (default: "kv", the faster on an H200;
-    "hidden" where the caches cross between host and GPU and only it fits kv_budget_gb) [ours].
+    (the UNet's device: no copies, more GPU memory) or "auto" (default: "host").
+    kv_store: "kv" (keys and values), "hidden" (each layer's input, projected with the layer's
+    to_k / to_v when read: half the bytes) or "auto" (default: "kv"; "hidden" where the caches
+    cross between host and GPU and only it fits kv_budget_gb).
     kv_dtype: storage dtype of those caches, None (the model's) or "float16" / "bfloat16":
-    half the memory of a float32 model's caches, at the cost of rounding the keys/values the
-    target reads (the result then differs from the batched path by more than float rounding)."""
+    half a float32 model's memory, at the cost of rounding the keys/values the target reads."""
     layout: LayoutConfig = field(default_factory=LayoutConfig)
     swap: SwapConfig = field(default_factory=SwapConfig)
     mask: masks.MaskConfig = field(default_factory=masks.MaskConfig)
@@ -372,6 +359,7 @@ class LayoutAndRetouch:
         if not prompts:
             raise ValueError("no prompt given; write e.g. "
                              f"'a {bundle.identifier} {bundle.class_noun} on the beach'")
+        check_call(self.config, seeds, bundle)  # every field's type, NaN/inf, seeds, no-op stages
         n, size = cfg.layout.steps, bundle.latent_size
         cfg.validate(bundle.unet, size)  # every knob, before any denoising
         cls = check_prompts(bundle, prompts)
@@ -449,10 +437,9 @@ class LayoutAndRetouch:
         """"cached" or "batched": the stage-2 path a call on `batch` prompts takes (LRConfig.stage2).
         "auto" takes "batched" when the key/value caches would not fit kv_budget_gb, and, where
         the caches live in pinned host memory on a GPU, for one prompt with a reference not seen
-        before (`new_reference`; an H200 in session 9: batched 7.67 s, cached 9.80 s). On a CPU
-        a new reference costs the cached path nothing since its keys/values are recorded while
-        it is inverted (toy, one image, LoRA merged: cached 3.67 s, batched 3.79 s;
-        bench/HISTORY.md, session 21). Raises for "cached" when the target starts before
+        before (`new_reference`: pinning the memory costs more than the cache saves in one
+        call). On a CPU a new reference costs the cached path nothing, since its keys/values are
+        recorded while it is inverted. Raises for "cached" when the target starts before
         lambda1."""
         cfg = self.config
         n = cfg.layout.steps
@@ -503,8 +490,8 @@ class LayoutAndRetouch:
 
     def cache_store(self, batch: int | None = None) -> str:
         """What the key/value caches hold (LRConfig.kv_store): "kv" or "hidden". "auto" takes
-        "kv", the faster (on an H200 the re-projection cost stage 2 more than the halved copies
-        saved; bench/HISTORY.md, session 13), unless the caches cross between host and GPU
+        "kv", the faster (on an H200 the re-projection costs stage 2 more than the halved copies
+        save), unless the caches cross between host and GPU
         (kv_device "host" on a GPU) and, for `batch` prompts, only "hidden" fits kv_budget:
         then the cached path still runs, on half the host memory."""
         store = self.config.kv_store

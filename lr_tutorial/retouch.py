@@ -63,8 +63,8 @@ def reference_stop(cfg: masks.MaskConfig, n: int, start: int) -> int:
     it would only walk the photo on to full noise), or the mask window's last step if the window
     ends before `start`, so that M^r sees at least one of its steps [ours]. At 50 steps with
     the defaults (start = lambda1 = lambda2 = 10): 40 of the 50 inversion calls, 40 rows in
-    stage 1's calls instead of 50 (LRConfig.reference_inversion; bench/HISTORY.md, sessions 22
-    and 23; with a full DreamBooth UNet the full inversion's 10 extra calls run alone)."""
+    stage 1's calls instead of 50 (LRConfig.reference_inversion; with a full DreamBooth UNet
+    the full inversion's 10 extra calls run alone)."""
     return min(start, window(cfg, n)[-1])
 
 
@@ -275,8 +275,7 @@ def retouch(bundle, layout, reference: ReferenceInversion, context_masks: np.nda
                 zt = mm * zt + (1 - mm) * sampling.to_device(layout.trajectory.latents[k + 1], zt)
             if mask_cfg.adaptive and mask_cfg.source != "segmenter" and k in win:  # attention-based
                 # running mean over the window's steps seen so far (each step: mean over layers),
-                # kept on the model's device: no wait for the GPU here (bench/HISTORY.md,
-                # session 18)
+                # kept on the model's device: no wait for the GPU here
                 acc = acc + class_maps(store, target_rows, steps, mask_cfg, size, steps=[k])
                 n_seen += 1
                 a = acc / n_seen

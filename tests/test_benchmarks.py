@@ -95,7 +95,7 @@ def test_config_overrides_and_method_precedence():
     assert methods.method_config("attention_mask", LRConfig()).mask.source == "attention"
     assert methods.method_config("no_blending", LRConfig()).mask.lambda3 == 0
     assert methods.method_config("adaptive_mask", LRConfig()).mask.adaptive is True
-    assert LRConfig().mask.adaptive is False  # the default since session 19
+    assert LRConfig().mask.adaptive is False  # docs/method.md "Adaptive mask blending"
 
 
 # ----------------------------------------------------------------------------- ViCo

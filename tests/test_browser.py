@@ -1,4 +1,4 @@
-"""A real browser runs notebook 02 in JupyterLab and scrubs the TimestepScrubber (issue 4).
+"""A real browser runs notebook 02 in JupyterLab and scrubs the TimestepScrubber.
 
 JupyterLab is started on a free localhost port with a random token and its own settings,
 workspace, runtime and data folders; Debian's `chromium`, driven by Playwright, opens a copy of

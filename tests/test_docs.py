@@ -38,3 +38,57 @@ def test_method_sections_cited_exist():
                     bad.append(f"{f.relative_to(ROOT)}:{i}: {name!r}")
     assert not bad, f"sections of docs/method.md cited but absent ({sorted(sections)}):\n" + \
         "\n".join(bad)
+
+
+# The toy world is being redesigned: these files are rewritten with it, and leave this list then.
+PENDING_REWRITE = (
+    "data/toy/README.md",
+    "data/toy/experiments/",
+    "lr_tutorial/toy/",
+    "lr_tutorial/personalize.py",
+    "lr_tutorial/augment.py",
+)
+# Being edited concurrently with the reliability work; they leave this list with it.
+PENDING_RELIABILITY = (
+    "docs/reliability.md",
+    "lr_tutorial/cli.py",
+    "tests/test_reliability.py",
+)
+
+# What a product's text never says: the project's working history (sessions, issue numbers,
+# acceptance bars) lives in the git log, not in the docs, docstrings, notebooks or tests.
+NARRATION = re.compile(
+    r"\bsessions? [0-9]"
+    r"|\bissues? [0-9#]"
+    r"|\b(method|foundation) issue"
+    r"|\bacceptance\b"
+    r"|\b(identity|fidelity|diversity|spread|three|relative|all|its|the) bars?\b"
+    r"|\bbars? (is |are )?(met|missed)\b"
+    r"|HISTORY\.md",
+    re.IGNORECASE)
+TEXT_SUFFIXES = (".md", ".py", ".ipynb", ".txt", ".toml", ".sh", ".json")
+THIS_TEST = "tests/test_docs.py"
+
+
+def test_no_development_narration_in_tracked_text():
+    hits = []
+    for f in tracked(*TEXT_SUFFIXES):
+        rel = f.relative_to(ROOT).as_posix()
+        if rel == THIS_TEST or rel.startswith(PENDING_REWRITE + PENDING_RELIABILITY):
+            continue
+        for i, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+            m = NARRATION.search(line)
+            if m:
+                hits.append(f"{rel}:{i}: {m.group(0)!r}: {line.strip()[:100]}")
+    assert not hits, "development narration (history belongs in the git log):\n" + \
+        "\n".join(hits)
+
+
+def test_narration_pattern_catches_what_it_should():
+    for text in ("measured in session 21", "Sessions 10-19", "issue 3", "the method issue's",
+                 "meets the three bars", "under the identity bar", "see bench/HISTORY.md",
+                 "the acceptance row"):
+        assert NARRATION.search(text), text
+    for text in ("a progress bar", "ax.bar(x, y)", r"$\bar\alpha_t$", "error bars of the plot",
+                 "jupyter sessionContext"):
+        assert not NARRATION.search(text), text

@@ -65,9 +65,9 @@ def test_same_seed_same_result_bit_for_bit(bundle):
     a, _ = sampling.sample(bundle, PROMPTS, SEEDS, steps=3)
     again, _ = sampling.sample(bundle, PROMPTS, SEEDS, steps=3)
     assert torch.equal(a, again)  # same seeds, same CPU: the same bits
-    # batch order irrelevant up to float rounding: bit for bit on the Intel Xeon VMs of earlier
-    # sessions, 5.7e-6 apart (of values up to 11) on an AMD EPYC VM, whose CPU kernels round a
-    # row differently by its place in the batch (session 23)
+    # batch order irrelevant up to float rounding: bit for bit on Intel Xeon CPUs, 5.7e-6 apart
+    # (of values up to 11) on an AMD EPYC, whose CPU kernels round a row differently by its
+    # place in the batch
     b, _ = sampling.sample(bundle, PROMPTS[::-1], SEEDS[::-1], steps=3)
     torch.testing.assert_close(a, b.flip(0), atol=5e-5, rtol=1e-5)
     c, _ = sampling.sample(bundle, PROMPTS, [SEEDS[0], SEEDS[0] + 7], steps=3)
@@ -246,8 +246,8 @@ def test_auto_stage2_caches_keys_and_values_only_within_the_budget(bundle, monke
         LRConfig(kv_device="gpu")
     with pytest.raises(ValueError, match="kv_store"):
         LRConfig(kv_store="keys")
-    # auto store: keys/values (on an H200 re-projecting the layers' inputs cost stage 2 more
-    # than the halved copies saved: 3.76 against 3.14 s, bench/HISTORY.md session 13), unless
+    # auto store: keys/values (on an H200 re-projecting the layers' inputs costs stage 2 more
+    # than the halved copies save, docs/performance.md), unless
     # the caches cross host <-> GPU and only the inputs (half the bytes) fit the budget
     assert one.cache_store(2) == "kv" and on_gpu.cache_store(2) == "kv"
     kv, hidden = one.kv_bytes(2, "kv"), one.kv_bytes(2, "hidden")
@@ -296,7 +296,7 @@ def test_reference_keys_values_are_cached_across_calls(bundle):
     none = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=6), stage2="cached"),
                             reference_kv_kept=0)
     # its first call inverts the reference riding stage 1, whose batch then holds one row more
-    # than `lr`'s: on some CPUs (an AMD EPYC, session 18) that moves the context by float
+    # than `lr`'s: on some CPUs (an AMD EPYC) that moves the context by float
     # rounding (5e-6); from the second call on both run the same batches
     none("a sks dog", ref, seed=0)
     torch.testing.assert_close(none("a sks dog", ref, seed=0).target.latents[-1],

@@ -15,11 +15,11 @@ def toy():
 
 
 def test_load_models_toy_is_complete(toy):
-    b = load_models("toy")  # its speed (< 2 s) is measured by bench/load.py, not here
+    b = load_models("toy")
     assert b.backend == "toy" and b.identifier == "sks" and b.class_noun == "star"
     assert b.latent_size == 16 and b.image_size == 64 and b.personalization == "lora"
-    # its UNet runs without oneDNN in calls of a few rows (bench/onednn.py --rows: 0.70-0.98x
-    # the forward's time at 2-8 rows), with it from TOY_ONEDNN_MIN_ROWS (1.53x faster at 17)
+    # its UNet runs without oneDNN in calls of a few rows (0.70-0.98x the forward's time at
+    # 2-8 rows), with it from TOY_ONEDNN_MIN_ROWS (1.53x faster at 17)
     from lr_tutorial.models import TOY_ONEDNN_MIN_ROWS
     assert b.unet_onednn and b.unet_onednn_min_rows == TOY_ONEDNN_MIN_ROWS == 10
     assert len(b._onednn_hooks) == 2
@@ -137,10 +137,9 @@ ROUND_TRIP_BOUND = 0.1  # measured 0.037 (UNet step 2,500 + LoRA), 0.038 (step 8
 def test_personalized_model_shows_the_problem_and_the_method_helps(toy):
     """The paper's phenomenon on the shipped weights, on the first 6 held-out prompts that put
     the subject off-centre, 2 seeds, 20 steps, the toy's guidance 3.0. Measured (UNet step 8,750
-    + the session-9 toy_recipe LoRA): vanilla position 1.0 / background 1.0 / identity 0.016;
-    personalized 0.417 / 0.25 / 0.738; Layout-and-Retouch 0.333 / 0.5 / 0.615 (session 19, fixed
-    mask; 0.25 / 0.5 / 0.586 with the adaptive mask, the default before; the session-4 LoRA
-    at guidance 7.5: personalized 0.75 / 0.875 / 0.393, Layout-and-Retouch 0.833 / 1.0 / 0.442)."""
+    + the shipped toy_recipe LoRA): vanilla position 1.0 / background 1.0 / identity 0.016;
+    personalized 0.417 / 0.25 / 0.738; Layout-and-Retouch 0.333 / 0.5 / 0.615 (0.25 / 0.5 /
+    0.586 with MaskConfig.adaptive)."""
     ps = [p for p in heldout.personal_prompts()
           if world.parse_prompt(p)["position"] not in (None, "centre")][:6]
     seeds, rows = [0, 1], [p for p in ps for _ in [0, 1]]
@@ -162,9 +161,9 @@ def test_personalized_model_shows_the_problem_and_the_method_helps(toy):
 
 def test_on_a_lora_that_keeps_a_handed_layout_the_retouch_adds_identity():
     """The paper's stage-2 claim where its precondition holds: `data/toy/lora_identifier` keeps
-    a layout handed to it at lambda1 = 0.4 N (README, "The method issue's acceptance": all three
-    bars met on the full set, stage 1 0.805 / 0.458 -> Layout-and-Retouch 0.809 / 0.531).
-    Here the first 12 held-out prompts x 2 seeds, 20 steps. Measured (session 20): stage 1
+    a layout handed to it at lambda1 = 0.4 N (docs/results.md, on the full set: stage 1
+    0.805 / 0.458 -> Layout-and-Retouch 0.811 / 0.524). Here the first 12 held-out prompts x 2
+    seeds, 20 steps. Measured: stage 1
     fidelity 0.768, identity 0.534, position 1.0, background 1.0; Layout-and-Retouch 0.805,
     0.609, 1.0, 1.0. The retouch adds identity and keeps stage 1's layout."""
     from lr_tutorial.layout import LayoutConfig
@@ -184,10 +183,9 @@ def test_on_a_lora_that_keeps_a_handed_layout_the_retouch_adds_identity():
 
 
 def test_retouch_without_the_swap_is_stage_1_also_with_a_learned_identifier(toy):
-    """Regression (session 9): stage 2 encoded y^p before switching to the personalized model,
-    so the identifier's learned input embedding (the shipped LoRA has one) was missing from
-    the target and reference branches, and "no swap" drifted from stage 1 (ShapeWorld benchmark:
-    identity 0.755 against 0.789). Without the swap the target re-runs the context's own steps."""
+    """Stage 2 encodes y^p in the personalized mode, so the identifier's learned input
+    embedding (the shipped LoRA has one) reaches the target and reference branches: without the
+    swap the target re-runs the context's own steps, and "no swap" equals stage 1."""
     from lr_tutorial.attention import SwapConfig
     from lr_tutorial.layout import LayoutConfig
     from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig

@@ -67,7 +67,7 @@ image_grid(imgs, [f"lambda1 = {l}" for l in lams], scale=1.4);
 # sketch the prompt's layout early; the personalized steps after them can still move it. The
 # shipped toy LoRA pulls hard towards its references (the centre of a light backdrop), so on
 # the toy a few vanilla steps are often not enough: the more of them, the more of the layout
-# survives (the README's "Results" measures it).
+# survives (docs/results.md measures it).
 
 # %%
 res = step_blended(bundle, [prompt], [1], LayoutConfig(lambda1=5, steps=N))

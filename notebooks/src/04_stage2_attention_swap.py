@@ -120,9 +120,9 @@ else:  # Stable Diffusion: T_CLIP (prompt) and I_DINO (subject) of each variant
 # the layout. Masked multi-source reads each from where it belongs. On this one prompt and seed
 # the toy models show the first effect clearly but not a gain in identity over the context alone
 # (the numbers above); averaged over prompts the full method keeps 89% of the personalized
-# model's identity (README, "Results"). The toy's base model takes an object's colour from the
+# model's identity (docs/results.md). The toy's base model takes an object's colour from the
 # caption alone, so its self-attention carries backdrops but not an object's look: the swap has
-# little to move here (README, "Why it falls short").
+# little to move here (docs/results.md).
 #
 # ## Exercises
 # **4.1** Implement the retouch output for one layer (shapes in the docstring of

@@ -89,7 +89,8 @@ fig.tight_layout()
 # a subject that changes shape while being retouched is not clipped (`adaptive_reach` bounds how
 # far beyond the context's object it may grow). It is off by default: the target's attention has
 # no segmenter to clean it, and on the toy the update cost both identity and fidelity
-# (`data/toy/README.md`, "Session 19"). Here is what it does, against the fixed mask:
+# (docs/results.md, the ablation "per-step mask update"). Here is what it does, against the
+# fixed mask:
 
 # %%
 if refs is not None:

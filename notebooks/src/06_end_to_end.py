@@ -108,7 +108,7 @@ if toy_only(bundle, "the comparison of the three methods"):  # the claims, not t
           ident["Layout-and-Retouch"] > ident["vanilla (y^-p)"] + 0.2)
 
 # %% [markdown]
-# On the whole held-out set (76 prompts x 4 seeds, 25 steps) the numbers are in the README,
+# On the whole held-out set (76 prompts x 4 seeds, 25 steps) the numbers are in docs/results.md,
 # reproduced by `python -m lr_tutorial toy-report --prompts data/prompts/heldout_personal.txt
 # --seeds 4 --steps 25 --methods stage1,layout_and_retouch --json`.
 #
@@ -160,17 +160,16 @@ plt.show()
 #   target re-runs the context's own steps), so the attention swap is what costs identity in
 #   this toy. Its self-attention carries backdrops, not an object's look: with the vanilla
 #   model, reading the reference photo's keys and values at every layer leaves identity at
-#   0.004, against 0.003 without the swap
-#   (`python data/toy/experiments/swap_carries_look.py`). On Stable Diffusion, where
+#   0.004, against 0.003 without the swap (docs/results.md). On Stable Diffusion, where
 #   appearance does live in self-attention, run the same comparison with
 #   `evaluate --benchmark vico`;
 # - **the single-source swap keeps the most identity**: the reference-only swap (0.80) beats
 #   the multi-source one (0.76), so here the context's keys and values outside the subject
 #   mask are what cost identity;
-# - **a fixed mask beats one re-grown every step**: `adaptive_mask` (our per-step update, the
-#   default until session 19) keeps less identity (0.73) and fidelity (0.51 against 0.52).
+# - **a fixed mask beats one re-grown every step**: `adaptive_mask` (our per-step update, an
+#   option) keeps less identity (0.73) and fidelity (0.51 against 0.52).
 #
-# The README has the full discussion.
+# docs/results.md has the full discussion.
 #
 # ## When the personalized model keeps a layout it is handed
 # Step-blended denoising assumes that the personalized model, handed a latent whose layout the
@@ -183,7 +182,7 @@ plt.show()
 # follows a stated position, but where the prompt leaves the position free its subjects stay
 # near the centre (a centroid spread of 3.9 px against the vanilla model's 11.4, on the whole
 # held-out set). It keeps a layout it is handed once that layout is fixed, which on this
-# 16 x 16 latent happens around 0.4 N (`data/toy/experiments/layout_commit.py`). The same
+# 16 x 16 latent happens around 0.4 N. The same
 # prompts and seeds with it, at lambda1 = 0.4 N:
 
 # %%
@@ -204,15 +203,15 @@ if toy_only(bundle, "the other toy LoRA") and have_references(refs, "the other L
 
 # %% [markdown]
 # Eight images are too few to rank the two. On the whole held-out set (76 prompts x 4 seeds,
-# 25 steps; `python data/toy/experiments/acceptance_sweep.py '{"layout.lambda1": 0.4}'
-# --limit 76 --seeds 4 --lora data/toy/lora_identifier`) this pair meets the method issue's
-# three bars. Vanilla scores fidelity 0.880 and spreads its position-free images over 4 places
+# 25 steps; `python -m lr_tutorial toy-report --prompts data/prompts/heldout_personal.txt
+# --seeds 4 --steps 25 --methods stage1,layout_and_retouch --personalized
+# data/toy/lora_identifier --set layout.lambda1=0.4`) the method keeps both fidelity and
+# identity with this pair. Vanilla scores fidelity 0.880 and spreads its position-free images over 4 places
 # (11.4 px). The personalized model scores fidelity 0.769 and identity 0.571, in 3 places
 # (3.9 px). Layout-and-Retouch scores fidelity 0.811 (92% of vanilla's), identity 0.524 (92% of
 # the personalized model's), in 5 places (9.6 px). Stage 1 alone keeps 0.458 of the subject
-# there, under the identity bar (0.514): the retouch adds what meets it. With the default LoRA
-# no lambda1 does
-# (README, "The method issue's acceptance"). The two LoRAs show the method's precondition: it
+# there: the retouch adds 0.066. With the default LoRA no lambda1 keeps both (docs/results.md).
+# The two LoRAs show the method's precondition: it
 # works on a personalized model that keeps a layout it is handed, not on one that redraws it.
 # On this toy, the LoRAs that keep a handed layout also keep less of the subject (0.57 here
 # against 0.81), because the identity and the collapse come from the same memorized photos.
