@@ -24,8 +24,12 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
         raise FileNotFoundError(f"reference image {path} does not exist; check the path")
     try:
         with Image.open(path) as im:
+            frames = getattr(im, "n_frames", 1) if getattr(im, "is_animated", False) else 1
             im.load()
             img = ImageOps.exif_transpose(im)
+            if frames > 1:
+                note(f"{path} is animated ({frames} frames): using the first frame; save the "
+                     "frame you want as a PNG to choose another")
     except Image.DecompressionBombError as e:
         raise ValueError(
             f"{path} is larger than PIL's safety limit of {Image.MAX_IMAGE_PIXELS} pixels ({e}); "
@@ -44,12 +48,18 @@ def prepare(img, size: int, name: str = "image") -> np.ndarray:
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
             img.mode == "P" and "transparency" in img.info):
         rgba = _convert(img, "RGBA", name)
+        if np.asarray(rgba)[..., 3].min() < 255:
+            note(f"{name} has transparent pixels: composited on white (save it without "
+                 "transparency to choose the background)")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, rgba)
+    elif img.mode == "P":
+        note(f"{name} is a palette image: converted to RGB")
     if img.mode.startswith("I"):  # 16- or 32-bit integer grayscale: scale 16-bit to 8-bit
         arr = np.asarray(img, dtype=np.float64)
         if arr.max() > 255:
             arr = arr / 257.0
+            note(f"{name} has 16 bits per channel: scaled to 8 bits (x 255/65535)")
         img = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8))
     elif img.mode == "F":
         img = _from_array(np.asarray(img, dtype=np.float32), name, grayscale_float=True)
@@ -142,7 +152,9 @@ def as_batch(images, size: int, name: str = "reference_images") -> np.ndarray:
     """Reference images in any accepted form -> uint8 (n, size, size, 3): a path, a PIL image,
     an array (H, W[, C]) or tensor (C, H, W), a batch (N, H, W, C) array or (N, C, H, W)
     tensor, or a list of any of these. Converted and checked image by image (prepare)."""
-    if isinstance(images, (str, Path, Image.Image)):
+    if isinstance(images, (str, Path)):
+        items = list(expand(images))  # a folder: its image files
+    elif isinstance(images, Image.Image):
         items = [images]
     elif isinstance(images, (list, tuple)):
         items = list(images)
@@ -166,9 +178,63 @@ def as_batch(images, size: int, name: str = "reference_images") -> np.ndarray:
     return np.stack(out)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class ImageNote(UserWarning):
+    """A reference image was converted (transparency, animation, palette, bit depth)."""
+
+
+def note(message: str) -> None:
+    """A one-line notice of a conversion (an ImageNote warning)."""
+    warnings.warn(message, ImageNote, stacklevel=4)
+
+
+def expand(paths) -> list[Path]:
+    """Files and folders -> image files: a folder gives its image files (by suffix, sorted,
+    hidden files skipped). FileNotFoundError for a missing path; ValueError for a folder with
+    no image file, naming what it holds."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    out = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.is_file() and not q.name.startswith(".")
+                           and q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                held = sorted(q.name for q in p.iterdir())[:5]
+                raise ValueError(f"reference folder {p} holds no image file ({', '.join(held) or 'it is empty'}); "
+                                 f"put PNG or JPEG photos of the subject in it")
+            out += found
+        elif not p.exists():
+            raise FileNotFoundError(f"reference image {p} does not exist; check the path")
+        else:
+            out.append(p)
+    return out
+
+
+def check_files(paths) -> list[Path]:
+    """The usable image files among `paths` (files or folders, `expand`), each opened and
+    decoded (cheap: no model needed). A file that is not a readable image is refused with a
+    ValueError naming it; so is a list with no usable image."""
+    files = expand(paths)
+    if not files:
+        raise ValueError("no reference images given; pass the paths of a few photos of the subject")
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"{f} is larger than PIL's safety limit of {Image.MAX_IMAGE_PIXELS} "
+                             "pixels; downscale it first") from e
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ValueError(f"{f} is not a readable image ({e}); give a PNG or JPEG file") from e
+    return files
+
+
 def load_images(paths, size: int) -> np.ndarray:
-    """Several photos -> uint8 (n, size, size, 3)."""
+    """Several photos (files, or folders of them) -> uint8 (n, size, size, 3)."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
         raise ValueError("no reference images given; pass the paths of a few photos of the subject")
-    return np.stack([load_image(p, size) for p in paths])
+    return np.stack([load_image(p, size) for p in expand(paths)])

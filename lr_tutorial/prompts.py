@@ -23,9 +23,73 @@ def check_personal_prompt(prompt: str, identifier: str, class_noun: str | None =
 
 
 def strip_identifier(prompt: str, identifier: str) -> str:
-    """y^p -> y^-p: drop the identifier word, keep everything else."""
-    out = re.sub(rf"(?<![\w<]){re.escape(identifier)}(?![\w>])\s*", "", prompt)
+    """y^p -> y^-p: drop the identifier word (in any case: 'SKS', 'Sks'), keep everything else."""
+    out = re.sub(rf"(?<![\w<]){re.escape(identifier)}(?![\w>])\s*", "", prompt,
+                 flags=re.IGNORECASE)
     return " ".join(out.split())
+
+
+def lowercase_tokenizer(tokenizer):
+    """Make a fast tokenizer without a normalizer case-insensitive (as CLIP's is): 'Star',
+    'SKS' and 'star' give the same tokens. Returns the tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.normalizer is None:
+        from tokenizers.normalizers import Lowercase
+        backend.normalizer = Lowercase()
+    return tokenizer
+
+
+def unknown_words(tokenizer, prompt: str) -> list[str]:
+    """The words of `prompt` that the tokenizer turns (partly) into its unknown token."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return []
+    return [w for w in prompt.split()
+            if unk in tokenizer(w, add_special_tokens=False).input_ids]
+
+
+def check_vocabulary(tokenizer, prompt: str, allow_unknown: bool = False) -> None:
+    """ValueError (or, with allow_unknown, a UserWarning) naming the words of `prompt` the
+    tokenizer does not know, and the vocabulary when it is small enough to list (the toy's)."""
+    bad = unknown_words(tokenizer, prompt)
+    if not bad:
+        return
+    vocab = sorted(t for t in tokenizer.get_vocab() if not t.startswith("<"))
+    known = (f"known words: {' '.join(vocab)}" if len(vocab) <= 200
+             else "rephrase with common words")
+    msg = (f"prompt {prompt!r}: {', '.join(repr(w) for w in bad)} not in the text encoder's "
+           f"vocabulary (the model would read an unknown token); {known}")
+    if allow_unknown:
+        warnings.warn(msg, stacklevel=3)
+    else:
+        raise ValueError(msg + " (allow_unknown_words=True / --allow-unknown-words only "
+                         "warns)")
+
+
+def read_prompt_file(path) -> list[str]:
+    """Prompts from a text file, one per line ('#' starts a comment line): UTF-8, with or
+    without a byte-order mark. A file in another encoding (UTF-16, Latin-1, ...) is refused
+    with a ValueError naming it and the fix."""
+    from pathlib import Path
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist; check the path")
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ValueError(f"prompt file {path} is UTF-16 encoded; save it as UTF-8")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {path} is not UTF-8 (byte {e.start}: "
+                         f"{data[e.start:e.start + 1]!r}; Latin-1 or Windows-1252?); save it "
+                         "as UTF-8") from e
+    if "\x00" in text:
+        raise ValueError(f"prompt file {path} holds NUL bytes (a binary file or UTF-32?); "
+                         "give a UTF-8 text file, one prompt per line")
+    prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts (one per line; '#' starts a comment)")
+    return prompts
 
 
 def token_index(tokenizer, prompt: str, word: str) -> int:
@@ -96,13 +160,31 @@ def check_prompts(bundle, prompts: list[str], need_class: bool = True) -> list[i
     if ident:
         check_identifier(bundle.tokenizer, ident,
                          single_token=getattr(bundle, "personalization", "") == "textual_inversion")
+    _warn_vanilla_only(bundle)
     for p in prompts:
         if not isinstance(p, str) or not p.strip():
             raise ValueError(f"prompt {p!r} is empty or not a string; write e.g. "
                              f"'a {ident or 'sks'} {noun or 'dog'} on the beach'")
+        check_vocabulary(bundle.tokenizer, p, getattr(bundle, "allow_unknown_words", False))
         if ident:
             check_personal_prompt(p, ident, noun)
         note = check_length(bundle.tokenizer, p)
         if note:
             warnings.warn(f"{p!r}: {note}", stacklevel=3)
     return [token_index(bundle.tokenizer, p, noun) for p in prompts] if need_class else []
+
+
+def _warn_vanilla_only(bundle) -> None:
+    """One UserWarning per bundle when a Stable Diffusion bundle has no personalized model:
+    its "personalized" steps then run the vanilla model."""
+    if getattr(bundle, "backend", None) != "sd" or getattr(bundle, "has_personal", True) \
+            or getattr(bundle, "_warned_vanilla_only", False):
+        return
+    try:
+        bundle._warned_vanilla_only = True
+    except AttributeError:  # pragma: no cover - a frozen bundle
+        pass
+    warnings.warn("this Stable Diffusion bundle has no personalized model, so the personalized "
+                  "steps run the vanilla model and nothing of your subject is learned; load one "
+                  "with load_models('sd', personalized='DIR', class_noun=...) (--personalized "
+                  "on the command line)", stacklevel=4)

@@ -47,9 +47,11 @@ def _not_found(base: str, part: str, err: BaseException) -> WeightsNotFoundError
         note = f"\n(Note: {base} was removed from the Hub in 2024; use base={MOVED[base]!r}.)"
     elif Path(base).is_dir():
         note = f"\n(Note: the folder {base} exists; is its {part}/ complete, in the diffusers layout?)"
-    elif base.startswith(("/", ".", "~")) or "\\" in base:
-        note = f"\n(Note: {base!r} looks like a local path, but there is no such folder.)"
-        download = f"`hf download {DEFAULT_MIRROR} --local-dir {base}`"
+    elif looks_local(base):
+        note = (f"\n(Note: {base!r} looks like a local path, but there is no such folder: "
+                "check the path for a typo.)")
+        download = (f"`hf download {DEFAULT_MIRROR} --local-dir {base}` (to download the "
+                    "weights into that folder)")
     return WeightsNotFoundError(
         f"Could not load the Stable Diffusion weights {base!r} ({part}): "
         f"{type(err).__name__}: {first}{note}\n"
@@ -59,6 +61,48 @@ def _not_found(base: str, part: str, err: BaseException) -> WeightsNotFoundError
         "  2. pass a local folder in the diffusers layout (unet/, vae/, text_encoder/, tokenizer/, "
         "scheduler/): load_models(\"sd\", base=\"/path/to/stable-diffusion-v1-5\");\n"
         "  3. use the toy backend, which needs no download: load_models(\"toy\").")
+
+
+def looks_local(base: str) -> bool:
+    """A model name that is meant as a local path rather than a Hub id ('org/name')."""
+    base = str(base)
+    return (base.startswith(("/", ".", "~")) or "\\" in base or base.count("/") > 1
+            or Path(base).suffix in (".safetensors", ".bin", ".ckpt", ".pt", ".pth"))
+
+
+# Scheduler settings the inversion depends on, set explicitly whatever the folder's config says
+# (a config without `clip_sample` gets diffusers' default True, which clips the predicted x0 in
+# sampling but not in the inversion, so the two trajectories would differ).
+INVERSION_SCHEDULER = {"clip_sample": False, "thresholding": False}
+SCHEDULER_RECORD = ("clip_sample", "thresholding", "timestep_spacing", "prediction_type",
+                    "steps_offset", "set_alpha_to_one", "beta_schedule", "num_train_timesteps",
+                    "rescale_betas_zero_snr")
+
+
+def pin_scheduler(bundle: ModelBundle) -> ModelBundle:
+    """Rebuild the bundle's DDIM scheduler with INVERSION_SCHEDULER and an explicit timestep
+    spacing and prediction type (the folder's value, else diffusers' defaults "leading" and
+    "epsilon"), and record those settings in `bundle.source["scheduler"]`, which every run
+    writes to result.json."""
+    from diffusers import DDIMScheduler
+    cfg = dict(bundle.scheduler.config)
+    settings = {**INVERSION_SCHEDULER,
+                "timestep_spacing": cfg.get("timestep_spacing") or "leading",
+                "prediction_type": cfg.get("prediction_type") or "epsilon"}
+    bundle.scheduler = DDIMScheduler.from_config(bundle.scheduler.config, **settings)
+    record = {k: bundle.scheduler.config.get(k) for k in SCHEDULER_RECORD}
+    if isinstance(getattr(bundle, "source", None), dict):
+        bundle.source["scheduler"] = record
+    return bundle
+
+
+def explicit_settings(bundle: ModelBundle) -> ModelBundle:
+    """What every loader does to a fresh bundle: the scheduler pinned (pin_scheduler) and a
+    tokenizer without a normalizer made case-insensitive (prompts.lowercase_tokenizer), so
+    'SKS' and 'Star' read as 'sks' and 'star' on the toy backend as on CLIP."""
+    from .prompts import lowercase_tokenizer
+    lowercase_tokenizer(bundle.tokenizer)
+    return pin_scheduler(bundle)
 
 
 def _from_pretrained(cls, path: str, subfolder: str, **kwargs):
@@ -170,4 +214,5 @@ def load_sd(base: str = DEFAULT_MIRROR, personalized: str | None = None,
     for m in (bundle.text_encoder, bundle.vae, bundle.unet, bundle.personal_unet):
         if m is not None:
             m.eval().requires_grad_(False)
+    explicit_settings(bundle)
     return bundle.to(device, dtype)
