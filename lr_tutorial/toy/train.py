@@ -98,6 +98,17 @@ class ToyTrainConfig:
     pair_share: float = 0.0
     pairs_from: int = 14_000
     pair_dataset_size: int = 20_000
+    # Diptychs [ours]: Stable Diffusion's self-attention carries appearance across images (the
+    # MasaCtrl observation the retouch relies on) because natural images repeat looks. Here,
+    # from `diptychs_from` on, this share of each batch is a 64x128 image of two panels, two
+    # scenes side by side that show the same shape in the same uncaptioned free look, at
+    # independent places, sizes and backdrops (one panel is often a photo-like close-up on a
+    # plain backdrop, like a reference). The second copy can only be drawn right by reading
+    # the first one's look through self-attention: exactly what the swap asks of the model
+    # when a target reads a reference photo's keys and values.
+    diptych_share: float = 0.0
+    diptychs_from: int = 14_000
+    diptych_dataset_size: int = 20_000
     ema_decay: float = 0.999
     keep_prob: float = 0.7  # each attribute is stated in the caption with this probability
     uncond_prob: float = 0.1  # empty caption, for classifier-free guidance
@@ -277,14 +288,56 @@ def encode_pairs(cfg: ToyTrainConfig, vae, scaling: float) -> torch.Tensor:
     return latents
 
 
+def diptych_scenes(seed: int, i: int) -> tuple[world.Scene, world.Scene]:
+    """Two scenes with one shape in one free look (`look_scene`'s): the first panel is a
+    reference-like close-up (big, near the centre, plain backdrop, rotated a little) 40% of the
+    time, else a random scene; the second is a random scene. Their order is random."""
+    rng = np.random.default_rng([seed, 6, i])
+    look = look_scene(seed, 2_000_000 + i)
+    if rng.random() < 0.4:
+        a = world.with_attrs(world.reference_scene(rng), shape=look.shape, pattern=look.pattern)
+    else:
+        a = world.sample_scene(rng, shape=look.shape, pattern=look.pattern,
+                               rotation=float(rng.uniform(-15, 15)))
+    b = world.sample_scene(rng, shape=look.shape, pattern=look.pattern,
+                           rotation=float(rng.uniform(-15, 15)))
+    return (a, b) if rng.random() < 0.5 else (b, a)
+
+
+def diptych_image(seed: int, i: int) -> np.ndarray:
+    """`diptych_scenes` side by side: (64, 128, 3) uint8."""
+    a, b = diptych_scenes(seed, i)
+    return np.concatenate([world.render(a), world.render(b)], axis=1)
+
+
+def diptych_caption(seed: int, i: int) -> str:
+    """Half of the diptychs name their shape ('a star'), half are uncaptioned."""
+    shape = diptych_scenes(seed, i)[0].shape
+    return f"a {shape}" if np.random.default_rng([seed, 7, i]).random() < 0.5 else ""
+
+
+@torch.no_grad()
+def encode_diptychs(cfg: ToyTrainConfig, vae, scaling: float) -> torch.Tensor:
+    """Latent means (n, 4, 16, 32) of `diptych_dataset_size` diptychs (unscaled)."""
+    path = Path(cfg.ckpt_dir) / "latents_diptychs.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)["latents"].float()
+    latents = _encode_images(vae, lambda i: diptych_image(cfg.seed, i), cfg.diptych_dataset_size,
+                             "diptychs")
+    _atomic_save({"latents": latents.half(), "scaling_factor": scaling}, path)
+    return latents
+
+
 def unet_data(cfg: ToyTrainConfig, vae):
     """(latents, scaling factor, free-look latents or None, look-pair latents or None): what
     `train_unet` reads."""
     latents, scaling = encode_dataset(cfg, vae)
     needs_looks = cfg.look_share > 0 and cfg.looks_from < cfg.unet_steps
     needs_pairs = cfg.pair_share > 0 and cfg.pairs_from < cfg.unet_steps
+    needs_diptychs = cfg.diptych_share > 0 and cfg.diptychs_from < cfg.unet_steps
     return (latents, scaling, encode_looks(cfg, vae, scaling) if needs_looks else None,
-            encode_pairs(cfg, vae, scaling) if needs_pairs else None)
+            encode_pairs(cfg, vae, scaling) if needs_pairs else None,
+            encode_diptychs(cfg, vae, scaling) if needs_diptychs else None)
 
 
 # ----------------------------------------------------------------------------- UNet
@@ -308,7 +361,8 @@ def training_noise(shape, gen: torch.Generator, cfg: ToyTrainConfig, step: int) 
 
 
 def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float,
-               looks: torch.Tensor | None = None, pairs: torch.Tensor | None = None):
+               looks: torch.Tensor | None = None, pairs: torch.Tensor | None = None,
+               diptychs: torch.Tensor | None = None):
     ckdir = Path(cfg.ckpt_dir)
     torch.manual_seed(cfg.seed)
     tok = components.build_tokenizer()
@@ -341,13 +395,17 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float,
         rng = np.random.default_rng([cfg.seed, 3, step])
         n_look = round(cfg.look_share * cfg.unet_batch) if step >= cfg.looks_from else 0
         n_pair = round(cfg.pair_share * cfg.unet_batch) if step >= cfg.pairs_from else 0
+        n_dip = round(cfg.diptych_share * cfg.unet_batch) if step >= cfg.diptychs_from else 0
+        if n_dip and diptychs is None:
+            raise ValueError("diptych_share > 0 from diptychs_from on needs the diptych latents "
+                             "(train.encode_diptychs)")
         if n_look and looks is None:
             raise ValueError("look_share > 0 from looks_from on needs the free-look latents "
                              "(train.encode_looks)")
         if n_pair and pairs is None:
             raise ValueError("pair_share > 0 from pairs_from on needs the look-pair latents "
                              "(train.encode_pairs)")
-        idx = rng.integers(0, len(latents), size=cfg.unet_batch - n_look - n_pair)
+        idx = rng.integers(0, len(latents), size=cfg.unet_batch - n_look - n_pair - n_dip)
         scenes = [dataset_scene(cfg.seed, int(i)) for i in idx]
         z0 = latents[torch.from_numpy(idx)]
         if n_look:  # the batch's last n_look rows show free looks
@@ -372,7 +430,17 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float,
         hidden = te(ids)[0]  # (B, L, D)
         pred = unet(zt, t, hidden).sample
         w = boosted if step >= cfg.boost_from else weight
-        loss = (w[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        per_row = w[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        if n_dip:  # diptychs are 16x32 latents: a call of their own, the same loss
+            ddx = rng.integers(0, len(diptychs), size=n_dip)
+            d_ids = tok([diptych_caption(cfg.seed, int(j)) for j in ddx], padding="max_length",
+                        max_length=tok.model_max_length, return_tensors="pt").input_ids
+            d0 = diptychs[torch.from_numpy(ddx)] * scaling  # (n_dip, 4, 16, 32)
+            d_noise = training_noise(d0.shape, gen, cfg, step)
+            d_t = torch.randint(0, sched.config.num_train_timesteps, (n_dip,), generator=gen)
+            d_pred = unet(sched.add_noise(d0, d_noise, d_t), d_t, te(d_ids)[0]).sample
+            per_row = torch.cat([per_row, w[d_t] * (d_pred - d_noise).pow(2).mean(dim=(1, 2, 3))])
+        loss = per_row.mean()
         total = loss
         if cfg.token_id_loss and step >= cfg.token_id_from:
             total = total + cfg.token_id_loss * F.cross_entropy(head(hidden).flatten(0, 1),
