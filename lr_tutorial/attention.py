@@ -382,11 +382,6 @@ class CaptureProcessor:
         return output(attn, (probs @ v.float()).to(q.dtype), hidden_states)
 
 
-def _swap_processor():
-    from .swap import SwapProcessor  # here, not at the top: swap.py imports this module
-    return SwapProcessor
-
-
 def unets_of(unet) -> list:
     """A UNet, or several (a ModelBundle's `unets`: the vanilla UNet and a full DreamBooth UNet),
     as a list of distinct modules."""
@@ -417,7 +412,7 @@ def _capture_processors(unet, spec: CaptureSpec, store: AttentionStore, latent_s
     procs = {}
     for p in spec.match(unet, latent_size):
         cur = current[p + ".processor"]
-        if isinstance(cur, _swap_processor()):
+        if getattr(cur, "swaps_attention", False):
             raise ValueError(f"{p} runs the attention swap; capture cross-attention (attn2) "
                              "there, or capture self-attention without the swap")
         if isinstance(cur, CaptureProcessor):
@@ -425,14 +420,3 @@ def _capture_processors(unet, spec: CaptureSpec, store: AttentionStore, latent_s
         else:
             procs[p] = CaptureProcessor([store], p, cur)
     return procs
-
-
-_SWAP_NAMES = ("BRANCHES", "SwapConfig", "SwapController", "SwapProcessor", "swap")
-
-
-def __getattr__(name: str):
-    """The swap moved to lr_tutorial/swap.py; `attention.SwapConfig` and the like still work."""
-    if name in _SWAP_NAMES:
-        from . import swap
-        return getattr(swap, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

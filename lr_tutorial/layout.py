@@ -8,84 +8,14 @@ The whole trajectory is kept: stage 2 replays it, so the context image never nee
 """
 from __future__ import annotations
 
-import numbers
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import sampling
+from .config import (LayoutConfig, check_boundary, check_guidance, check_steps,  # noqa: F401
+                     resolve_guidance, resolve_steps)
 from .prompts import check_prompts, strip_identifier
-
-
-def resolve_steps(value: float | int, n: int, name: str = "lambda") -> int:
-    """A step boundary given as a fraction of N (float in [0, 1]) or a step count (int)."""
-    check_boundary(value, name)
-    if isinstance(value, numbers.Integral):
-        if not 0 <= value <= n:
-            raise ValueError(f"{name} = {value} steps is outside [0, {n}] for {n} steps; give a "
-                             f"step count from 0 to {n}, or a fraction such as 0.2")
-        return int(value)
-    return int(round(float(value) * n))
-
-
-def check_boundary(value, name: str) -> None:
-    """A step boundary must be a fraction (float in [0, 1]) or a step count (int >= 0); the
-    upper bound of a count is checked against N by resolve_steps."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a fraction of the steps (float in [0, 1]) or a step "
-                        f"count (int), got {value!r} ({type(value).__name__})")
-    if isinstance(value, numbers.Integral):
-        if value < 0:
-            raise ValueError(f"{name} = {value} steps is negative; give a step count >= 0")
-    elif not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} = {value} as a fraction of the steps must be in [0, 1]; "
-                         "give an int for a step count")
-
-
-def check_steps(steps) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}; 50 is the usual DDIM "
-                         "setting (a few steps suffice for a quick look on the toy backend)")
-
-
-def check_guidance(guidance, allow_none: bool = False) -> None:
-    if guidance is None and allow_none:
-        return
-    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not guidance >= 0:
-        raise ValueError(f"guidance must be a number >= 0{' or None' if allow_none else ''}, got "
-                         f"{guidance!r}; 7.5 is Stable Diffusion's usual setting, 3.0 the toy "
-                         "backend's (1 means no classifier-free guidance)")
-
-
-def resolve_guidance(bundle, guidance) -> float:
-    """`guidance`, or the bundle's own weight (ModelBundle.guidance) when it is None."""
-    guidance = getattr(bundle, "guidance", 7.5) if guidance is None else guidance
-    check_guidance(guidance)
-    return float(guidance)
-
-
-@dataclass
-class LayoutConfig:
-    """Stage 1 knobs. lambda1: vanilla steps, a fraction of N or a count (default 0.2 N [ours],
-    docs/method.md "Stage 1"). The toy backend fixes its layouts later, between 0.32 and 0.40 N
-    (docs/results.md compares 0.2-0.4 N). steps: N DDIM steps. guidance: CFG weight; None (default): the models' own
-    (ModelBundle.guidance: Stable Diffusion's 7.5, the toy backend's 3.0) [ours]."""
-    lambda1: float | int = 0.2
-    steps: int = 50
-    guidance: float | None = None
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise a ValueError/TypeError naming the bad knob (also after fields were changed)."""
-        check_steps(self.steps)
-        check_guidance(self.guidance, allow_none=True)
-        resolve_steps(self.lambda1, self.steps, "lambda1")
-
-    def resolved(self, bundle) -> "LayoutConfig":
-        """A copy with the guidance filled in from the bundle when it is None."""
-        return replace(self, guidance=resolve_guidance(bundle, self.guidance))
 
 
 @dataclass

@@ -25,77 +25,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-
-SOURCES = ("fused", "attention", "segmenter")
-
-
-@dataclass
-class MaskConfig:
-    """Knobs of the mask recipe [ours], docs/method.md "Adaptive mask blending".
-
-    attention_fractions: cross-attention layers used, by resolution as a fraction of the latent
-      side (SD 1.x at 64 latents: 0.25 -> the 16x16 layers, 0.5 -> 32x32).
-    attention_window: (start, end) steps of the aggregation window, fractions of N.
-    tau_lo / tau_hi: support and confident thresholds on the normalized map.
-    feather: w, the feather width in latent pixels of the signed-distance ramp.
-    n_positive / n_negative: SAM prompt points at attention peaks / confident background.
-    lambda3: latent blending for k < lambda3 (fraction of N or step count).
-    adaptive: recompute the target mask every step from the target's own cross-attention,
-      united with the context mask (docs/method.md "Adaptive mask blending" [ours]). Off by
-      default: the paper's adaptive mask blending is the fusion of attention and segmenter
-      masks above, which M^c already is. On the toy the per-step update costs identity and
-      fidelity with the default LoRA (docs/results.md, the ablation "per-step mask update"):
-      the target's attention is diffuse and, unlike the context's, no segmenter gates it, so
-      the mask opens the backdrop to the personalized model.
-    adaptive_reach: with `adaptive`, how far (a fraction of the latent side) the mask may grow
-      beyond the context's object {M^c >= 1/2}: the target's support counts only within this
-      Euclidean distance of it. None: anywhere (unbounded).
-    source: which sources build M: "fused" (the recipe above), "attention" (the attention
-      support alone, feathered: as with no segmenter) or "segmenter" (the segmenter's mask
-      alone, feathered; it is still prompted from the attention). Ablations of step 3.
-    """
-    attention_fractions: tuple[float, ...] = (0.25, 0.5)
-    attention_window: tuple[float, float] = (0.0, 1.0)
-    tau_lo: float = 0.3
-    tau_hi: float = 0.7
-    feather: float = 1.0
-    n_positive: int = 3
-    n_negative: int = 2
-    lambda3: float | int = 0.8
-    adaptive: bool = False
-    adaptive_reach: float | None = None
-    source: str = "fused"
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise naming the bad knob and its valid range (also after fields were changed)."""
-        from .layout import check_boundary
-
-        if self.source not in SOURCES:
-            raise ValueError(f"mask source must be one of {SOURCES}, got {self.source!r}")
-        if not 0 <= self.tau_lo <= self.tau_hi <= 1:
-            raise ValueError(f"need 0 <= tau_lo <= tau_hi <= 1, got {self.tau_lo}, {self.tau_hi}; "
-                             "defaults are 0.3 and 0.7")
-        if self.feather < 0:
-            raise ValueError(f"feather must be >= 0 latent pixels, got {self.feather}")
-        check_boundary(self.lambda3, "lambda3")
-        lo, hi = self.attention_window
-        if not 0 <= lo <= hi <= 1:
-            raise ValueError(f"attention_window must be (start, end) fractions with 0 <= start "
-                             f"<= end <= 1, got {self.attention_window}; default (0.0, 1.0)")
-        fr = tuple(self.attention_fractions)
-        if not fr or not all(0 < f <= 1 for f in fr):
-            raise ValueError(f"attention_fractions must be fractions in (0, 1] of the latent "
-                             f"side (0.25 -> 16x16 layers at 64 latents), got {fr}")
-        if self.adaptive_reach is not None and not self.adaptive_reach >= 0:
-            raise ValueError(f"adaptive_reach must be None (unbounded) or a fraction >= 0 of "
-                             f"the latent side, got {self.adaptive_reach}")
-        if self.n_positive < 1 or self.n_negative < 0:
-            raise ValueError(f"need n_positive >= 1 and n_negative >= 0 segmenter points, got "
-                             f"{self.n_positive}, {self.n_negative}")
-
+from .config import SOURCES, MaskConfig  # noqa: F401  (re-exported: masks.MaskConfig)
 
 def normalize(a: torch.Tensor | np.ndarray) -> np.ndarray:
     """Min-max normalize each map of a (B, h, w) or (h, w) array to [0, 1] (normalize_maps,

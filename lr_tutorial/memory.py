@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import LRConfig, resolve_guidance
+from .kv import kv_bytes
+
 GiB = 1024 ** 3
 SAFETY = 2.0  # allocator caching, fragmentation, short-lived temporaries
 
@@ -82,9 +85,8 @@ def free_memory(device) -> int | None:
 
 def _captured_layers(bundle, config, capture) -> tuple[list[str], list[str]]:
     """(every layer run with explicit attention in stage 2, those of the caller's spec)."""
-    from .retouch import mask_layers
     user = capture.match(bundle.unet, bundle.latent_size) if capture is not None else []
-    layers = list(mask_layers(bundle.unet, config.mask, bundle.latent_size)) + user
+    layers = list(config.mask.layers(bundle.unet, bundle.latent_size)) + user
     return list(dict.fromkeys(layers)), user
 
 
@@ -105,8 +107,6 @@ def estimate(bundle, config=None, batch: int = 1, capture=None, stage2: str = "b
     path stage 2 takes (LayoutAndRetouch.stage2_path): "batched" runs 2 x batch + 1 rows per
     CFG half, "cached" the batch's target rows (its key/value caches live in host memory on a
     GPU machine, so they are not part of the device's peak, unless config.kv_device="model")."""
-    from .pipeline import LRConfig
-
     config = config or LRConfig()
     device_type = bundle.device.type
     models = {"unet": bundle._vanilla_unet, "personal_unet": bundle.personal_unet,
@@ -116,7 +116,6 @@ def estimate(bundle, config=None, batch: int = 1, capture=None, stage2: str = "b
     if stage2 not in ("batched", "cached"):
         raise ValueError(f"stage2 must be 'batched' or 'cached', got {stage2!r}")
     branch_rows = 2 * batch + 1 if stage2 == "batched" else batch
-    from .layout import resolve_guidance
     cfg_on = resolve_guidance(bundle, config.layout.guidance) != 1.0
     rows = branch_rows * (2 if cfg_on else 1)
 
@@ -138,8 +137,7 @@ def estimate(bundle, config=None, batch: int = 1, capture=None, stage2: str = "b
 
     kv = 0
     if stage2 == "cached" and config.kv_device == "model" and device_type != "cpu":
-        from .pipeline import LayoutAndRetouch  # the caches on the GPU: exact bytes
-        kv = LayoutAndRetouch(bundle, config).kv_bytes(batch)
+        kv = kv_bytes(bundle, config, batch)  # the caches on the GPU: exact bytes
 
     vcfg = bundle.vae.config
     vch = list(reversed(vcfg.block_out_channels))

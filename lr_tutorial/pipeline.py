@@ -21,7 +21,7 @@ import hashlib
 import json
 import numbers
 import platform
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,118 +29,14 @@ import numpy as np
 from . import attention, masks, memory, sampling
 from .files import atomic_folder
 from .images import as_batch
-from .layout import LayoutConfig, LayoutResult, resolve_guidance, resolve_steps, step_blended
-from .swap import SwapConfig, SwapController
-from .kv import KVCache, cache_bytes, record_kv
+from .config import LayoutConfig, LRConfig, SwapConfig, resolve_guidance, resolve_steps  # noqa: F401
+from .kv import KVCache, kv_bytes, kv_plan, record_kv, reference_plan
+from .layout import LayoutResult, step_blended
 from .prompts import check_prompts, token_index
 from .validate import check_call
-from .retouch import (ReferenceInversion, aggregate, invert_reference, kv_plan, mask_layers,
-                      reference_from, reference_kv, reference_plan, reference_stop, retouch,
+from .retouch import (ReferenceInversion, aggregate, invert_reference, mask_layers,
+                      reference_from, reference_kv, reference_stop, retouch,
                       rideable_steps, riding_inversion)
-
-
-@dataclass
-class LRConfig:
-    """Every knob of the method (docs/method.md): stage 1 (`layout`: lambda1, steps, guidance),
-    the swap (`swap`: lambda2, layers, mode), the masks and blending (`mask`: thresholds,
-    feather, lambda3, adaptive).
-
-    reference_prompt: the prompt of the reference inversion (None: "a <identifier> <class
-    noun>" [ours]). reference_index: which reference image is inverted. reference_inversion:
-    "full" (default) walks the photo to pure noise, z^r_0, and M^r averages the class token's
-    attention over the whole mask window; "start" stops at the target's first step
-    (retouch.reference_stop), all that stage 2 reads: fewer inversion steps per new reference,
-    but a narrower M^r (docs/performance.md) [ours].
-    start_step: the step at which the target branch leaves the context trajectory (None: at
-    lambda2, so the structure phase is the context itself [ours; docs/method.md "Stage 2"
-    allows "z^c at an early step"], or at lambda1 when that is later, since the context is
-    the vanilla model's before it; 0: from z_0, with the structure phase's attention swap).
-
-    Speed and memory (same result within float rounding, tested; docs/performance.md):
-    stage2: "cached" runs the target alone, reading the context's keys/values recorded in
-    stage 1 and the reference's recorded by its inversion's own UNet calls (needs start >=
-    lambda1); "batched" runs the three branches in one UNet call per step (one reference row
-    for all targets: 2B + 1 rows); "auto" (default) takes "cached" when its key/value caches
-    fit `kv_budget_gb` and the target starts after lambda1, else "batched" (also on a GPU
-    with host caches for one prompt with a new reference: `stage2_path`). A `capture=` of
-    stage 2 uses "batched", since it records every branch.
-    kv_budget_gb: memory the cached path may hold in keys/values (kv.cache_bytes); None: half
-    the memory available where the caches live when the run starts.
-    kv_device: where those caches live: "host" (the CPU's memory; on a GPU they are copied
-    through pinned memory on a side stream, so the GPU's peak stays plain sampling's), "model"
-    (the UNet's device: no copies, more GPU memory) or "auto" (default: "host").
-    kv_store: "kv" (keys and values), "hidden" (each layer's input, projected with the layer's
-    to_k / to_v when read: half the bytes) or "auto" (default: "kv"; "hidden" where the caches
-    cross between host and GPU and only it fits kv_budget_gb).
-    kv_dtype: storage dtype of those caches, None (the model's) or "float16" / "bfloat16":
-    half a float32 model's memory, at the cost of rounding the keys/values the target reads."""
-    layout: LayoutConfig = field(default_factory=LayoutConfig)
-    swap: SwapConfig = field(default_factory=SwapConfig)
-    mask: masks.MaskConfig = field(default_factory=masks.MaskConfig)
-    reference_prompt: str | None = None
-    reference_index: int = 0
-    reference_inversion: str = "full"
-    start_step: int | None = None
-    stage2: str = "auto"
-    kv_budget_gb: float | None = None
-    kv_device: str = "auto"
-    kv_store: str = "auto"
-    kv_dtype: str | None = None
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self, unet=None, latent_size: int | None = None) -> None:
-        """Check every knob (fields may have been changed since construction) and, given the
-        UNet, that every layer pattern selects attention layers; raise ValueError/TypeError
-        naming the knob and the fix. Cheap: runs before each call, before any denoising."""
-        self.layout.validate()
-        self.swap.validate()
-        self.mask.validate()
-        n = self.layout.steps
-        l2 = resolve_steps(self.swap.lambda2, n, "lambda2")
-        l3 = resolve_steps(self.mask.lambda3, n, "lambda3")
-        if 0 < l3 < l2:
-            raise ValueError(
-                f"lambda3 = {self.mask.lambda3} (latent blending ends at step {l3}) comes before "
-                f"lambda2 = {self.swap.lambda2} (the retouch phase starts at step {l2} of {n}): "
-                "blending would stop before the retouch it keeps to the subject. Give "
-                "lambda3 >= lambda2, or lambda3 = 0 to switch blending off")
-        if self.reference_inversion not in ("full", "start"):
-            raise ValueError(f"reference_inversion must be 'full' (to pure noise) or 'start' "
-                             f"(to the target's first step), got {self.reference_inversion!r}")
-        if self.stage2 not in ("auto", "cached", "batched"):
-            raise ValueError(f"stage2 must be 'auto', 'cached' or 'batched', got {self.stage2!r}")
-        if self.kv_device not in ("auto", "host", "model"):
-            raise ValueError(f"kv_device must be 'auto', 'host' or 'model', got {self.kv_device!r}")
-        if self.kv_store not in ("auto", "kv", "hidden"):
-            raise ValueError(f"kv_store must be 'auto', 'kv' or 'hidden', got {self.kv_store!r}")
-        if self.kv_dtype not in (None, "float16", "bfloat16", "float32"):
-            raise ValueError(f"kv_dtype must be None (the model's dtype), 'float16', 'bfloat16' "
-                             f"or 'float32', got {self.kv_dtype!r}")
-        if self.kv_budget_gb is not None and (
-                isinstance(self.kv_budget_gb, bool) or not isinstance(self.kv_budget_gb, numbers.Real)
-                or not self.kv_budget_gb >= 0):
-            raise ValueError(f"kv_budget_gb must be None (half the available memory) or a number "
-                             f"of GB >= 0, got {self.kv_budget_gb!r}")
-        if self.start_step is not None and (
-                isinstance(self.start_step, bool) or not isinstance(self.start_step, numbers.Integral)
-                or not 0 <= self.start_step < n):
-            raise ValueError(f"start_step = {self.start_step!r} must be None (start at lambda2) "
-                             f"or a step in [0, {n - 1}] for {n} steps (0: the target starts "
-                             "from the context's noise)")
-        if isinstance(self.reference_index, bool) \
-                or not isinstance(self.reference_index, numbers.Integral) \
-                or self.reference_index < 0:
-            raise ValueError(f"reference_index must be an int >= 0, got {self.reference_index!r}")
-        if unet is not None:
-            size = latent_size or unet.config.sample_size
-            attention.select_layers(unet, self.swap.structure_layers, "self")
-            attention.select_layers(unet, self.swap.retouch_layers, "self")
-            mask_layers(unet, self.mask, size)
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self), default=str))
 
 
 @dataclass
@@ -469,18 +365,10 @@ class LayoutAndRetouch:
     def kv_bytes(self, batch: int, store: str | None = None) -> int:
         """Bytes of the key/value caches the cached stage 2 adds for `batch` prompts: the
         context's (2 rows per prompt under CFG) and the reference's (one row, once per
-        reference: its inversion's own UNet call, retouch.reference_plan's layers and steps), as
+        reference: its inversion's own UNet call, kv.reference_plan's layers and steps), as
         `store` holds them (None: what `cache_store(batch)` picks)."""
-        cfg, bundle = self.config, self.models
-        n = cfg.layout.steps
-        start, dtype, store = self.start_step(), self.cache_dtype(), store or self.cache_store(batch)
-        layers, steps = kv_plan(bundle, cfg.swap, n, start)
-        ref_layers, ref_steps = reference_plan(bundle, cfg.swap, n, start)
-        halves = 2 if resolve_guidance(bundle, cfg.layout.guidance) != 1.0 else 1
-        return (cache_bytes(bundle.unet, layers, steps, halves * batch, bundle.latent_size, dtype,
-                            store)
-                + cache_bytes(bundle.unet, ref_layers, ref_steps, 1, bundle.latent_size, dtype,
-                              store))
+        return kv_bytes(self.models, self.config, batch, store or self.cache_store(batch),
+                        self.cache_dtype())
 
     def cache_device(self):
         """Where the key/value caches are stored (LRConfig.kv_device): "cpu", or None (where
@@ -519,9 +407,4 @@ class LayoutAndRetouch:
 
     def start_step(self) -> int:
         """The step the target branch starts from (config.start_step; None: max(lambda1, lambda2))."""
-        cfg = self.config
-        if cfg.start_step is not None:
-            return resolve_steps(cfg.start_step, cfg.layout.steps, "start_step")
-        lambda2 = SwapController(self.models.unet, cfg.swap, cfg.layout.steps,
-                                           self.models.latent_size).lambda2
-        return max(lambda2, resolve_steps(cfg.layout.lambda1, cfg.layout.steps, "lambda1"))
+        return self.config.target_start()

@@ -28,7 +28,7 @@ import torch
 
 from . import attention, masks, sampling, swap
 from .kv import KVCache, record_kv
-from .layout import resolve_steps
+from .config import resolve_steps
 
 
 @dataclass
@@ -45,8 +45,7 @@ class ReferenceInversion:
 
 
 def mask_layers(unet, cfg: masks.MaskConfig, latent_size: int) -> list[str]:
-    sizes = sorted({max(1, int(round(f * latent_size))) for f in cfg.attention_fractions})
-    return attention.select_layers(unet, "*", "cross", resolutions=sizes, latent_size=latent_size)
+    return cfg.layers(unet, latent_size)
 
 
 def rideable_steps(bundle, n: int, lambda1: int) -> int:
@@ -69,8 +68,7 @@ def reference_stop(cfg: masks.MaskConfig, n: int, start: int) -> int:
 
 
 def window(cfg: masks.MaskConfig, n: int) -> list[int]:
-    lo, hi = cfg.attention_window
-    return list(range(int(round(lo * n)), max(int(round(hi * n)), int(round(lo * n)) + 1)))
+    return cfg.window(n)
 
 
 def aggregate(store, rows: slice, n_steps: int, cfg: masks.MaskConfig, size: int,
@@ -143,29 +141,6 @@ def reference_from(bundle, inv: sampling.Inversion, store, image: np.ndarray,
     attn = aggregate(store, slice(0, 1), n, mask_cfg, bundle.latent_size)[0]  # k >= stop
     fused = masks.subject_mask(image, attn, segmenter, mask_cfg)
     return ReferenceInversion(image, inv.prompt, traj, attn, fused)
-
-
-def kv_plan(bundle, swap_cfg: swap.SwapConfig, steps: int, start_step: int
-            ) -> tuple[list[str], list[int]]:
-    """(self-attention layers, steps) whose context keys and values the target reads when it
-    runs from `start_step`: the retouch layers from lambda2 on, and the structure layers before
-    it (the reference's: reference_plan)."""
-    ctl = swap.SwapController(bundle.unet, swap_cfg, steps, bundle.latent_size)
-    if swap_cfg.mode == "none":
-        return [], []
-    layers = ctl.retouch | (ctl.structure if start_step < ctl.lambda2 else set())
-    return sorted(layers), list(range(start_step, steps))
-
-
-def reference_plan(bundle, swap_cfg: swap.SwapConfig, steps: int, start_step: int
-                   ) -> tuple[list[str], list[int]]:
-    """(self-attention layers, steps) whose reference keys/values the target reads when it runs
-    from `start_step`: the retouch layers from max(start_step, lambda2) on, in modes "multi"
-    and "reference"; none in "context" and "none" (the structure phase reads the context)."""
-    ctl = swap.SwapController(bundle.unet, swap_cfg, steps, bundle.latent_size)
-    if swap_cfg.mode not in ("multi", "reference"):
-        return [], []
-    return sorted(ctl.retouch), list(range(max(start_step, ctl.lambda2), steps))
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .attention import NO_ROWS  # an observer's `rows` when no row of a call is its own
+from .config import check_steps, resolve_guidance
 
 StepCallback = Callable[[dict], None]  # receives {"step", "timestep", "latent", "x0"}
 
@@ -53,7 +54,6 @@ class Trajectory:
 
 def make_scheduler(bundle, steps: int):
     """A private copy of the bundle's scheduler with `steps` inference timesteps."""
-    from .layout import check_steps
     check_steps(steps)
     sched = copy.deepcopy(bundle.scheduler)
     sched.set_timesteps(steps)
@@ -198,7 +198,6 @@ def sample(bundle, prompts: list[str], seeds: list[int], *, steps: int = 50,
     guidance None: the bundle's own (ModelBundle.guidance)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; give one seed per prompt")
-    from .layout import resolve_guidance
     guidance = resolve_guidance(bundle, guidance)
     sched = make_scheduler(bundle, steps)
     cond = encode_prompts(bundle, list(prompts))

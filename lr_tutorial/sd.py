@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .models import (ARCH_KEYS, ModelBundle, attach_lora, check_lora,  # noqa: F401
+from .bundle import (ARCH_KEYS, ModelBundle, attach_lora, check_lora,  # noqa: F401
                      check_same_architecture, load_state_dict, other_base)
 
 PERSONALIZATIONS = ("auto", "none", "lora", "dreambooth", "textual_inversion")

@@ -11,55 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .attention import (CaptureProcessor, attention_input, current_processors, output,
                         processors, project_qkv, select_layers, split_heads)
+from .config import SwapConfig  # noqa: F401  (re-exported: swap.SwapConfig)
 
 BRANCHES = ("reference", "context", "target")
-
-
-@dataclass
-class SwapConfig:
-    """Multi-source attention swap (docs/method.md "Stage 2").
-
-    lambda2: end of the structure phase, fraction of N or step count (default 0.2 N, never
-    before step 4 [ours]). structure_layers / retouch_layers: glob patterns over self-attention
-    paths (structure: all self-attention; retouch: the decoder's, SD 1.x up_blocks 1-3 [prior]).
-    mode: "multi" (masked reference + context, the paper's), "reference" (single-source: the
-    target reads the whole reference, MasaCtrl-like ablation), "context" (context only) or "none".
-    """
-    lambda2: float | int = 0.2
-    min_lambda2: int = 4
-    structure_layers: str | Sequence[str] = "*attn1"
-    retouch_layers: str | Sequence[str] = "up_blocks.*attn1"
-    mode: str = "multi"
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise naming the bad knob (layer patterns are matched against a UNet by
-        SwapController, which raises when a pattern selects no self-attention layer)."""
-        from .layout import check_boundary
-
-        if self.mode not in ("multi", "reference", "context", "none"):
-            raise ValueError(f"swap mode must be 'multi', 'reference', 'context' or 'none', "
-                             f"got {self.mode!r}")
-        check_boundary(self.lambda2, "lambda2")
-        if isinstance(self.min_lambda2, bool) or not isinstance(self.min_lambda2, int) \
-                or self.min_lambda2 < 0:
-            raise ValueError(f"min_lambda2 must be a step count >= 0, got {self.min_lambda2!r}")
-        for name in ("structure_layers", "retouch_layers"):
-            pats = getattr(self, name)
-            pats = [pats] if isinstance(pats, str) else pats
-            if not pats or not all(isinstance(p, str) and p for p in pats):
-                raise ValueError(f"{name} must be a glob pattern or a list of them over attention "
-                                 f"paths (e.g. 'up_blocks.*attn1'), got {getattr(self, name)!r}")
 
 
 class SwapController:
@@ -73,11 +33,8 @@ class SwapController:
     """
 
     def __init__(self, unet, config: SwapConfig, n_steps: int, latent_size: int | None = None):
-        from .layout import resolve_steps
-
         self.config = config
-        self.lambda2 = max(resolve_steps(config.lambda2, n_steps, "lambda2"),
-                           min(config.min_lambda2, n_steps))
+        self.lambda2 = config.lambda2_steps(n_steps)
         self.structure = set(select_layers(unet, config.structure_layers, "self"))
         self.retouch = set(select_layers(unet, config.retouch_layers, "self"))
         self.latent_size = latent_size or unet.config.sample_size
@@ -168,6 +125,7 @@ class SwapProcessor:
 
     K|M: keys outside the reference mask get -inf logits. Reference and context rows attend
     to themselves as usual."""
+    swaps_attention = True  # attention.capture refuses to wrap it (it would bypass the swap)
 
     def __init__(self, controller: SwapController, path: str, original):
         self.ctl, self.path, self.original = controller, path, original

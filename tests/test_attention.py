@@ -185,11 +185,11 @@ def test_store_without_step_fails_loudly(unet):
 
 # ----------------------------------------------------------------------------- swap
 def _swap_run(unet, z, ctx, mode, step, cfg=False, ref_mask=None, tgt_mask=None, shared=False):
-    ctl = attention.SwapController(unet, attention.SwapConfig(lambda2=4, mode=mode), n_steps=10)
+    ctl = swap.SwapController(unet, swap.SwapConfig(lambda2=4, mode=mode), n_steps=10)
     ctl.shared_reference = shared
     ctl.set_masks(target=tgt_mask if tgt_mask is not None else torch.rand(1, 16, 16),
                   reference=ref_mask if ref_mask is not None else torch.ones(1, 16, 16))
-    with torch.no_grad(), attention.swap(unet, ctl):
+    with torch.no_grad(), swap.swap(unet, ctl):
         ctl.on_step(step, cfg=cfg)
         return unet(z, torch.tensor(500), ctx).sample
 
@@ -253,7 +253,7 @@ def test_retouch_with_zero_target_mask_equals_context_only(unet):
 
 def test_swap_layer_selection_matching_nothing_raises(unet):
     with pytest.raises(ValueError, match="no attention layer matches"):
-        attention.SwapController(unet, attention.SwapConfig(retouch_layers="decoder.*"), 10)
+        swap.SwapController(unet, swap.SwapConfig(retouch_layers="decoder.*"), 10)
 
 
 def test_nested_captures_each_get_their_own_spec(unet):
@@ -273,8 +273,8 @@ def test_nested_captures_each_get_their_own_spec(unet):
 
 
 def test_capturing_self_attention_of_a_swapped_layer_raises(unet):
-    ctl = attention.SwapController(unet, attention.SwapConfig(), n_steps=10)
-    with attention.swap(unet, ctl):
+    ctl = swap.SwapController(unet, swap.SwapConfig(), n_steps=10)
+    with swap.swap(unet, ctl):
         with pytest.raises(ValueError, match="runs the attention swap"):
             with attention.capture(unet, attention.CaptureSpec(kind="self")):
                 pass
@@ -403,18 +403,3 @@ def test_current_processors_match_the_unet_and_follow_changes(unet):
         now = attention.current_processors(unet)
         assert now == unet.attn_processors and now[path + ".processor"] is mine
     assert attention.current_processors(unet) == before == unet.attn_processors
-
-
-@pytest.mark.parametrize("first", ["lr_tutorial.swap", "lr_tutorial.attention", "lr_tutorial.kv"])
-def test_swap_and_capture_modules_import_in_any_order(first):
-    """swap.py imports attention.py, and attention.py reaches the swap lazily: no import cycle,
-    whichever module a fresh interpreter imports first; the old names still resolve."""
-    import subprocess
-    import sys
-    code = (f"import importlib; importlib.import_module({first!r}); "
-            "from lr_tutorial import attention, swap; "
-            "assert attention.SwapConfig is swap.SwapConfig and attention.swap is swap.swap")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        attention.nope

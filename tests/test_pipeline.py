@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lr_tutorial import attention, sampling
+from lr_tutorial import attention, sampling, swap
 from lr_tutorial.layout import LayoutConfig, resolve_steps, step_blended
 from lr_tutorial.masks import MaskConfig
 from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
@@ -151,7 +151,7 @@ def test_cached_stage2_equals_the_batched_three_branch_stage2(bundle, mode):
     ref = (np.random.default_rng(0).random((1, 64, 64, 3)) * 255).astype(np.uint8)
     out = {}
     for stage2 in ("batched", "cached"):
-        cfg = LRConfig(layout=LayoutConfig(steps=n), swap=attention.SwapConfig(mode=mode),
+        cfg = LRConfig(layout=LayoutConfig(steps=n), swap=swap.SwapConfig(mode=mode),
                        mask=MaskConfig(adaptive=True), stage2=stage2)  # the per-step masks too
         lr = LayoutAndRetouch(bundle, cfg)
         out[stage2] = lr(PROMPTS, ref, seed=SEEDS)
@@ -675,5 +675,5 @@ def test_full_dreambooth_unet_runs_the_whole_method(tmp_path):
     res = LayoutAndRetouch(db, LRConfig(layout=LayoutConfig(steps=6)))(PROMPTS[0], ref, seed=0,
                                                                        capture=spec)
     assert res.capture.steps() == list(range(6 - len(res.target), 6))  # every stage-2 step
-    ours = (attention.CaptureProcessor, attention.SwapProcessor, KVRecordProcessor)
+    ours = (attention.CaptureProcessor, swap.SwapProcessor, KVRecordProcessor)
     assert not any(isinstance(p, ours) for u in db.unets for p in u.attn_processors.values())

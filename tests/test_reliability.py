@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from lr_tutorial import attention, files, images, memory, models, sampling
-from lr_tutorial.attention import CaptureSpec, SwapConfig
+from lr_tutorial.attention import CaptureSpec
+from lr_tutorial.config import SwapConfig
 from lr_tutorial.layout import LayoutConfig, resolve_steps
 from lr_tutorial.masks import MaskConfig
 from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig

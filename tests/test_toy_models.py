@@ -186,7 +186,7 @@ def test_retouch_without_the_swap_is_stage_1_also_with_a_learned_identifier(toy)
     """Stage 2 encodes y^p in the personalized mode, so the identifier's learned input
     embedding (the shipped LoRA has one) reaches the target and reference branches: without the
     swap the target re-runs the context's own steps, and "no swap" equals stage 1."""
-    from lr_tutorial.attention import SwapConfig
+    from lr_tutorial.config import SwapConfig
     from lr_tutorial.layout import LayoutConfig
     from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
     assert toy.identifier_embedding is not None

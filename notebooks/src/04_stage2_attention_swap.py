@@ -57,6 +57,7 @@ refs = reference_images(bundle)  # toy: the star's five photos; SD: the photos i
 # %%
 from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
 from lr_tutorial.layout import LayoutConfig
+from lr_tutorial.config import SwapConfig
 N = 25
 lr = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=N, lambda1=0.4)))
 if have_references(refs, "the reference inversion"):
@@ -86,9 +87,9 @@ results = {}
 if have_references(refs, "the four swap variants"):
     for label, mode in [("multi-source (paper)", "multi"), ("reference only", "reference"),
                         ("context only", "context"), ("no swap", "none")]:
-        lr.config.swap = attention.SwapConfig(mode=mode)
+        lr.config.swap = SwapConfig(mode=mode)
         results[label] = lr(prompt, refs, seed=2)
-    lr.config.swap = attention.SwapConfig()
+    lr.config.swap = SwapConfig()
 
 # %%
 from lr_tutorial.widgets import SwapExplorer
