@@ -20,7 +20,7 @@ $(STAMP): requirements.txt $(LOCK) pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(PY) -m lr_tutorial demo --out outputs/demo
+	$(PY) -m lr_tutorial demo --out outputs/demo --overwrite
 
 # `make test`: the unit tests, the browser test (skips without Chromium/Playwright) and every built
 # notebook re-executed by nbval (--nbval-lax: only cells marked # NBVAL_CHECK_OUTPUT compare

@@ -30,23 +30,38 @@ def _title(img, prompt: str, label: str) -> str:
             f"fid {sum(match.values())}/{len(match)} id {oracle.identity_score(img, facts):.2f}")
 
 
-def run(out: Path, steps: int = 50, guidance: float | None = None) -> Path:
+def run(out: str | Path, steps: int = 50, guidance: float | None = None,
+        overwrite: bool = False, progress: bool = True) -> Path:
+    """Render the figures into `out`, written whole at the end (files.atomic_folder): an
+    existing demo output is replaced only with `overwrite`, and a folder holding other files
+    is refused before any model loads."""
     matplotlib.use("Agg")
+    from tqdm.auto import tqdm
+
+    from .files import atomic_folder, check_output
     from .layout import LayoutConfig
     from .pipeline import LayoutAndRetouch, LRConfig
     from .viz import image_grid, result_panel
 
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output(out, overwrite, "demo", "the output path")
+    bar = tqdm(total=4, desc="demo", disable=not progress)
     bundle = load_models("toy")
     lr = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=steps, guidance=guidance)))
     ref = lr.reference().image
     prompts = [p for p in DEMO_PROMPTS for _ in DEMO_SEEDS]
     seeds = [s for _ in DEMO_PROMPTS for s in DEMO_SEEDS]
+    bar.set_postfix_str("personalized model")
     personal = report.generate(bundle, DEMO_PROMPTS, DEMO_SEEDS, "personalized", steps=steps,
                                guidance=guidance, progress=False)
+    bar.update()
+    bar.set_postfix_str("vanilla model")
     vanilla = report.generate(bundle, [heldout.strip_identifier(p) for p in DEMO_PROMPTS],
                               DEMO_SEEDS, "vanilla", steps=steps, guidance=guidance, progress=False)
+    bar.update()
+    bar.set_postfix_str("Layout-and-Retouch")
     result = lr(prompts, seed=seeds)
+    bar.update()
+    bar.set_postfix_str("figures")
     images, titles = [], []
     for i, p in enumerate(prompts):
         images += [ref, personal[i], vanilla[i], result.images[i]]
@@ -55,7 +70,10 @@ def run(out: Path, steps: int = 50, guidance: float | None = None) -> Path:
                    _title(result.images[i], p, "Layout-and-Retouch")]
     fig = image_grid(images, titles, ncols=4, scale=1.9,
                      suptitle="titles: oracle position/background, prompt fidelity, identity")
-    fig.savefig(out / "method_comparison.png", dpi=110)
-    result_panel(result, bundle, 0).savefig(out / "intermediates.png", dpi=110)
-    np.save(out / "final_images.npy", result.images)
+    with atomic_folder(out, overwrite, what="demo") as tmp:
+        fig.savefig(tmp / "method_comparison.png", dpi=110)
+        result_panel(result, bundle, 0).savefig(tmp / "intermediates.png", dpi=110)
+        np.save(tmp / "final_images.npy", result.images)
+    bar.update()
+    bar.close()
     return out

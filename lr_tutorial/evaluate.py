@@ -14,8 +14,11 @@ Output folder:
                                                 settings hash); written atomically, the .json
                                                 last, so a rerun skips exactly what is done
     results.csv, results.md, rows.csv, plots/   merged tables and figures (lr_tutorial.results)
-A rerun resumes. Samples whose settings differ from the folder's are never overwritten
-without overwrite=True (--overwrite), which discards the folder's results first.
+A rerun resumes; a finished sample that is damaged (its image does not decode, its row does not
+parse) is named and redone. Samples whose settings differ from the folder's are never
+overwritten without overwrite=True (--overwrite), which discards the folder's own results
+first; a folder holding anything else (files an evaluation does not write) is refused, naming
+them, before any model loads.
 
 The ShapeWorld replication (every method and ablation, 48 prompts incl. 16 hard, 4 seeds,
 50 steps, and the lambda1 sweep; resumable, so it may run in several sittings):
@@ -26,8 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,34 +107,104 @@ def _paths(out: Path, item: Item) -> tuple[Path, Path]:
     return base.with_suffix(".png"), base.with_suffix(".json")
 
 
-def _stored(out: Path, item: Item) -> dict | None:
+# What an evaluation folder holds; anything else in it is the user's, never touched.
+OWN_FILES = ("spec.json", "results.csv", "results.md", "rows.csv", "plots/*.png",
+             "samples/*.png", "samples/*.json")
+
+
+def _stored(out: Path, item: Item, say: bool = True) -> dict | None:
+    """The finished sample's row, or None when it is missing; a damaged sample (an image that
+    does not decode, a row that does not parse) counts as missing and is named on stderr, so
+    the run redoes it."""
     png, js = _paths(out, item)
     if not (js.is_file() and png.is_file()):
+        return None
+    problem = _damage(png, js)
+    if problem:
+        if say:
+            print(f"redoing damaged sample {item.key}: {problem}", file=sys.stderr, flush=True)
         return None
     return json.loads(js.read_text())
 
 
+def _damage(png: Path, js: Path) -> str | None:
+    from PIL import Image
+    try:
+        row = json.loads(js.read_text(encoding="utf-8"))
+        if not isinstance(row, dict) or "settings" not in row:
+            return f"{js.name} is not a sample row"
+    except (OSError, ValueError) as e:
+        return f"{js.name} does not parse ({e})"
+    try:
+        with Image.open(png) as im:
+            im.load()
+    except Exception as e:  # noqa: BLE001 - any decoder error means a damaged file
+        return f"{png.name} does not decode ({e})"
+    return None
+
+
+def foreign_files(out: Path) -> list[str]:
+    """Files in `out` that an evaluation did not write (files.OUTPUT_NAMES' rule, OWN_FILES)."""
+    from . import files
+    files.OUTPUT_NAMES.setdefault("evaluation", OWN_FILES)
+    return files.foreign_files(out, "evaluation")
+
+
 def check_folder(out: Path, spec: Benchmark, protocol: str, overwrite: bool) -> None:
-    """Refuse a folder that holds something else, or samples made with other settings."""
-    if overwrite or not out.exists():
+    """Refuse, before any model loads: a path that is a file or cannot be written; a folder
+    that is not an evaluation folder (holds files but no spec.json); with `overwrite`, a folder
+    holding files an evaluation did not write (named); without it, samples made with other
+    settings."""
+    from . import files
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a folder for the results")
+    files._check_writable(out / "x" if out.is_dir() else out, "--out")
+    if not out.exists() or not any(out.iterdir()):
         return
-    if any(out.iterdir()) and not (out / "spec.json").is_file():
-        raise FileExistsError(f"{out} exists and is not an evaluation folder (no spec.json); "
-                              "choose another --out")
+    if not (out / "spec.json").is_file():
+        held = sorted(p.name for p in out.iterdir())
+        raise FileExistsError(f"{out} exists and is not an evaluation folder (no spec.json; it "
+                              f"holds {', '.join(held[:5])}); choose another --out")
+    if overwrite:
+        foreign = foreign_files(out)
+        if foreign:
+            raise FileExistsError(
+                f"{out} holds files an evaluation did not write: {', '.join(foreign[:5])}"
+                f"{' and more' if len(foreign) > 5 else ''}; --overwrite only discards the "
+                "evaluation's own files. Move them away or choose another --out")
+        return
     for b in batches(spec, 1 << 30):
         for it in b:
-            row = _stored(out, it)
-            if row is not None and row.get("settings") != settings_hash(spec, it, protocol):
+            png, js = _paths(out, it)
+            if not js.is_file():
+                continue
+            try:
+                row = json.loads(js.read_text())
+            except ValueError:
+                continue  # damaged: redone by the run
+            if row.get("settings") != settings_hash(spec, it, protocol):
                 raise FileExistsError(
                     f"{out} holds {it.key} made with other settings (config, steps, models or "
                     "metrics differ). Choose another --out to keep both, or pass --overwrite to "
                     "discard the folder's results")
 
 
+def _discard(out: Path) -> None:
+    """Delete the evaluation's own files in `out` (check_folder has refused foreign ones)."""
+    import fnmatch
+    from . import files
+    for rel in files._all_files(out):
+        if rel == files.MANIFEST or any(fnmatch.fnmatchcase(rel, p) for p in OWN_FILES):
+            (out / rel).unlink(missing_ok=True)
+    for d in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not any(d.iterdir()):
+            d.rmdir()
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    from .files import write_bytes_atomic
+    write_bytes_atomic(path, data)
 
 
 # ----------------------------------------------------------------------------- workers
@@ -253,6 +325,7 @@ def run(spec: Benchmark, out: str | Path, *, overwrite: bool = False, batch: int
     from PIL import Image
 
     from . import results
+    from .files import atomic_file
 
     metrics.Protocol(protocol)  # validate early
     out = Path(out)
@@ -260,11 +333,9 @@ def run(spec: Benchmark, out: str | Path, *, overwrite: bool = False, batch: int
     check_folder(out, spec, protocol, overwrite)  # every process: all raise alike
     if state.is_main_process:
         if overwrite and out.exists():
-            for name in ("samples", "plots", "spec.json", "results.csv", "results.md", "rows.csv"):
-                p = out / name
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            _discard(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "spec.json").write_text(json.dumps(spec.to_dict(), indent=1))
+        _write_atomic(out / "spec.json", json.dumps(spec.to_dict(), indent=1).encode())
     state.wait_for_everyone()
     todo = [b for b in batches(spec, batch) if any(_stored(out, it) is None for it in b)]
     state.wait_for_everyone()  # nobody writes before every process has listed the work
@@ -277,13 +348,11 @@ def run(spec: Benchmark, out: str | Path, *, overwrite: bool = False, batch: int
         for b in bar:
             images, rows = worker.run(b)
             for it, img, row in zip(b, images, rows):
-                if _stored(out, it) is not None:
+                if _stored(out, it, say=False) is not None:
                     continue  # another run finished it; never overwrite
                 png, js = _paths(out, it)
-                png.parent.mkdir(parents=True, exist_ok=True)
-                tmp = png.with_name(f".{png.name}.{os.getpid()}.part.png")
-                Image.fromarray(img).save(tmp)
-                os.replace(tmp, png)
+                with atomic_file(png) as tmp:
+                    Image.fromarray(img).save(tmp)
                 _write_atomic(js, json.dumps(row).encode())
     state.wait_for_everyone()
     if state.is_main_process:

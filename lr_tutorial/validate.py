@@ -24,6 +24,36 @@ SEED_MAX = 2 ** 63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 MAX_STEPS = 1000  # DDIM steps beyond the scheduler's training timesteps repeat timesteps
 
 
+# Ranges of numeric fields the dataclasses' own validate() leaves open at the top, by
+# "Class.field" or by field name; a value outside is refused naming the field and the range.
+RANGES: dict[str, tuple[float, float]] = {
+    "guidance": (0, 100),
+    "lambda1": (0, MAX_STEPS), "lambda2": (0, MAX_STEPS), "lambda3": (0, MAX_STEPS),
+    "min_lambda2": (0, MAX_STEPS),
+    "feather": (0, 1024),  # latent pixels: wider than any latent is a flat ramp
+    "n_positive": (1, 64), "n_negative": (0, 64),
+    "adaptive_reach": (0, 2),  # a fraction of the latent side (its diagonal is 1.41)
+    "kv_budget_gb": (0, 1e6),
+    "seed": (0, SEED_MAX),
+    "DreamBoothConfig.prior_weight": (0, 100),
+    "DreamBoothConfig.num_class_images": (0, 10 ** 6),
+    "DreamBoothConfig.rank": (1, 4096),
+    "DreamBoothConfig.alpha": (1e-12, 1e4),
+    "DreamBoothConfig.steps": (1, 10 ** 8),
+    "DreamBoothConfig.batch_size": (1, 4096),
+    "DreamBoothConfig.lr": (1e-12, 1),
+    "DreamBoothConfig.identifier_lr": (0, 1),
+    "DreamBoothConfig.offset_noise": (0, 10),
+    "DreamBoothConfig.pyramid_noise": (0, 10),
+    "DreamBoothConfig.background_augment": (0, 10 ** 5),
+    "DreamBoothConfig.layout_augment": (0, 10 ** 5),
+    "DreamBoothConfig.augment_max_timestep": (1, 1000),
+    "DreamBoothConfig.recolour_min_timestep": (0, 1000),
+    "DreamBoothConfig.recolour_max_timestep": (0, 1000),
+    "DreamBoothConfig.recolour_variants": (1, 10 ** 4),
+}
+
+
 class NoOpWarning(UserWarning):
     """A setting under which a stage of the method does nothing."""
 
@@ -131,6 +161,10 @@ def check_fields(obj, prefix: str = "") -> None:
                 raise TypeError(f"{name} = {v!r} must be an int (a count, not a fraction)"
                                 f"{_hint(f)}")
             _check_number(name, v, f)
+            rng = RANGES.get(f"{type(obj).__name__}.{f.name}", RANGES.get(f.name))
+            if rng is not None and not rng[0] <= v <= rng[1]:
+                raise ValueError(f"{name} = {v!r} is outside [{rng[0]:g}, {rng[1]:g}]; give a "
+                                 f"value in that range{_hint(f)}")
             continue
         if isinstance(v, str):
             if "str" not in kinds and not kinds & {"Sequence"}:
@@ -143,6 +177,8 @@ def check_fields(obj, prefix: str = "") -> None:
             if not kinds & {"tuple", "list", "Sequence"}:
                 raise TypeError(f"{name} = {v!r} is a {type(v).__name__}; expected "
                                 f"{'/'.join(sorted(kinds - {'None'}))}{_hint(f)}")
+            if not v and (d is None or (isinstance(d, (list, tuple)) and d)):
+                raise ValueError(f"{name} is empty; give at least one value{_hint(f)}")
             el = _element(f.type)
             if el is not None:
                 ekinds, fixed = el

@@ -21,10 +21,8 @@ ATTRS = ("shape", "colour", "size", "position", "background")
 
 
 def read_prompts(path) -> list[str]:
-    with open(path) as f:
-        prompts = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts (one per line; '#' starts a comment)")
+    from ..prompts import read_prompt_file
+    prompts = read_prompt_file(path)  # UTF-8 with or without BOM; other encodings refused
     for p in prompts:
         world.parse_prompt(p)  # fails early, naming the unknown word
     return prompts
