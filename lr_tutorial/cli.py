@@ -169,10 +169,7 @@ def _validated(a) -> None:
 
 def _lr_config(a, steps: int):
     """The LRConfig of generate's flags; a knob's error names its flag and value."""
-    from .layout import LayoutConfig
-    from .masks import MaskConfig
-    from .pipeline import LRConfig
-    from .swap import SwapConfig
+    from .config import LayoutConfig, LRConfig, MaskConfig, SwapConfig
     from .validate import check_config
     try:
         cfg = LRConfig(layout=LayoutConfig(lambda1=a.lambda1, steps=steps, guidance=a.guidance),
@@ -338,8 +335,8 @@ def cmd_toy_report(a) -> int:
     overrides = _overrides(a.set)
     config = None
     if overrides:
+        from .config import LRConfig
         from .methods import apply_overrides
-        from .pipeline import LRConfig
         from .validate import check_config
         if not methods:
             raise UsageError("--set changes the method rows only; add --methods "

@@ -82,7 +82,7 @@ def batches(spec: Benchmark, size: int) -> list[list[Item]]:
 
 
 def config_for(spec: Benchmark, item: Item):
-    from .pipeline import LRConfig
+    from .config import LRConfig
     base = methods.apply_overrides(LRConfig(), {**spec.config, "layout.steps": spec.steps,
                                                 "layout.guidance": spec.guidance,
                                                 "reference_index": item.subject.source})
@@ -269,7 +269,7 @@ class _Worker:
         return self._ref_emb[key]
 
     def run(self, batch: list[Item]) -> tuple[np.ndarray, list[dict]]:
-        from .layout import resolve_steps
+        from .config import resolve_steps
         first = batch[0]
         subject, spec = first.subject, self.spec
         bundle = self.bundle(subject)

@@ -27,7 +27,9 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
             frames = getattr(im, "n_frames", 1) if getattr(im, "is_animated", False) else 1
             im.load()
             img = ImageOps.exif_transpose(im)
-            if frames > 1:
+            if frames > 1:  # a GIF's palette is part of what the note says was done
+                keep_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+                img = img.convert("RGBA" if keep_alpha else "RGB")
                 note(f"{path} is animated ({frames} frames): using the first frame; save the "
                      "frame you want as a PNG to choose another")
     except Image.DecompressionBombError as e:

@@ -220,7 +220,7 @@ def check_config(cfg, *, max_steps: int = MAX_STEPS) -> None:
 
 
 def _resolve(value, n: int) -> int:
-    from .layout import resolve_steps
+    from .config import resolve_steps
     return resolve_steps(value, n)
 
 

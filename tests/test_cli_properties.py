@@ -151,10 +151,7 @@ def test_debug_shows_the_traceback_and_errors_exit_two(stopped, capsys):
 
 # ----------------------------------------------------------------------------- config fields
 def _configs():
-    from lr_tutorial.layout import LayoutConfig
-    from lr_tutorial.masks import MaskConfig
-    from lr_tutorial.pipeline import LRConfig
-    from lr_tutorial.swap import SwapConfig
+    from lr_tutorial.config import LayoutConfig, LRConfig, MaskConfig, SwapConfig
     from lr_tutorial.personalize import DreamBoothConfig
     return [LRConfig, LayoutConfig, SwapConfig, MaskConfig, DreamBoothConfig]
 

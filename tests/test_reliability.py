@@ -1,5 +1,5 @@
-"""Reliability (issue 7): every bad input gets an error (or a notice) that names the problem and
-the fix, nothing a user made is lost, results are reproducible, checkpoints load safely.
+"""Reliability: every bad input gets an error (or a notice) that names the problem and the fix,
+nothing a user made is lost, results are reproducible, checkpoints load safely.
 docs/reliability.md lists every case with the test that covers it."""
 from __future__ import annotations
 
@@ -452,7 +452,7 @@ def test_memory_estimate_of_stable_diffusion_15_is_plausible():
     # the cached stage 2's context keys/values of one image: the 9 decoder self-attention
     # layers, 2 CFG rows, steps 10..49 in fp16: 27.5 MB per row and step, 2.2 GB in all
     from lr_tutorial.attention import select_layers
-    from lr_tutorial.kv import cache_bytes
+    from lr_tutorial.memory import cache_bytes
     layers = select_layers(unet, "up_blocks.*attn1", "self")
     assert len(layers) == 9
     assert cache_bytes(unet, layers, range(10, 50), 2, 64, torch.float16) == 2 * 2 * 40 * (
@@ -501,13 +501,14 @@ def test_atomic_file_and_entries(tmp_path):
     (src / "unet").mkdir(parents=True)
     (src / "unet" / "new.bin").write_text("new")
     files.replace_entries(src, dst)
-    assert sorted(x.name for x in dst.iterdir()) == ["lora", "unet"]
+    assert sorted(x.name for x in dst.iterdir()) == [files.MANIFEST, "lora", "unet"]
     assert [x.name for x in (dst / "unet").iterdir()] == ["new.bin"] and not src.exists()
 
 
 def test_personalize_refuses_an_existing_output_before_training(tiny, tmp_path):
     from lr_tutorial.personalize import DreamBoothConfig, dreambooth_lora
     (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"an earlier LoRA")
     imgs = np.zeros((2, 64, 64, 3), np.uint8)
     with pytest.raises(FileExistsError, match="earlier LoRA.*overwrite=True"):
         dreambooth_lora(tiny, imgs, DreamBoothConfig(steps=1), out_dir=tmp_path / "lora")
@@ -516,8 +517,10 @@ def test_personalize_refuses_an_existing_output_before_training(tiny, tmp_path):
 def test_cli_generate_refuses_an_existing_output(tmp_path, capsys):
     from lr_tutorial import cli
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "final.png").write_bytes(b"an earlier image")
     assert cli.main(["generate", "--prompt", "a sks star", "--out", str(tmp_path / "out")]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "out" / "final.png").read_bytes() == b"an earlier image"
 
 
 def test_toy_references_are_not_overwritten_unasked(tmp_path):
@@ -643,3 +646,216 @@ print(len(names))
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[-1]) >= 20
+
+
+# ============================================================================ 5. prompts, backends
+def test_identifier_is_case_insensitive_on_both_backends(toy_tokenizer, tiny):
+    from lr_tutorial.prompts import check_personal_prompt, lowercase_tokenizer, strip_identifier
+    assert strip_identifier("a SKS dog on the beach", "sks") == "a dog on the beach"
+    assert strip_identifier("a Sks dog", "sks") == "a dog"
+    assert strip_identifier("a sksx dog", "sks") == "a sksx dog"  # whole words only
+    check_personal_prompt("A Sks Dog at night", "sks", "dog")
+    tok = lowercase_tokenizer(toy_tokenizer)
+    assert tok("a SKS Star").input_ids == tok("a sks star").input_ids
+    assert tok.unk_token_id not in tok("a SKS Star").input_ids
+    assert check_prompts(tiny, ["a SKS Dog on the beach"]) == check_prompts(tiny, [PROMPT])
+
+
+def test_unknown_words_are_named_with_the_vocabulary(toy_tokenizer):
+    from lr_tutorial.prompts import check_vocabulary, lowercase_tokenizer
+    tok = lowercase_tokenizer(toy_tokenizer)
+    with pytest.raises(ValueError) as e:
+        check_vocabulary(tok, "a sks stär on the moon")
+    msg = str(e.value)
+    assert "'stär', 'moon'" in msg and "known words: a at" in msg and "star" in msg
+    assert "--allow-unknown-words" in msg
+    with pytest.warns(UserWarning, match="'moon'"):
+        check_vocabulary(tok, "a sks star on the moon", allow_unknown=True)
+    check_vocabulary(tok, "a SKS Star at night")  # case is not a reason
+
+
+def test_toy_generate_refuses_unknown_words_before_models_load(tmp_path, capsys, monkeypatch):
+    from lr_tutorial import cli
+    monkeypatch.setattr(cli, "_validated", lambda a: (_ for _ in ()).throw(AssertionError("ran")))
+    assert cli.main(["generate", "--prompt", "a sks star on the moon", "--out",
+                     str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --prompt") and "'moon'" in err and "known words" in err
+
+
+@pytest.mark.parametrize("data, ok", [
+    ("a sks star\n# note\n\na small sks star\n".encode("utf-8"), True),
+    ("a sks star\r\na small sks star\r\n".encode("utf-8-sig"), True),
+    ("a sks star\na small sks star\n".encode("utf-16"), "UTF-16"),
+    ("a sks star café\n".encode("latin-1"), "not UTF-8"),
+    (b"a sks star\x00\x00", "NUL"),
+    (b"# only a comment\n", "holds no prompts"),
+])
+def test_prompt_files_are_utf8_with_or_without_bom(tmp_path, data, ok):
+    from lr_tutorial.prompts import read_prompt_file
+    p = tmp_path / "prompts.txt"
+    p.write_bytes(data)
+    if ok is True:
+        assert read_prompt_file(p) == ["a sks star", "a small sks star"]
+    else:
+        with pytest.raises(ValueError, match=ok) as e:
+            read_prompt_file(p)
+        assert str(p) in str(e.value) and ("UTF-8" in str(e.value) or "prompt" in str(e.value))
+
+
+def test_toy_generate_honours_personalized_and_refuses_sd_flags(tmp_path, capsys, monkeypatch):
+    from lr_tutorial import cli, models
+    seen = {}
+
+    def fake_load(backend, **kw):
+        seen.update(kw, backend=backend)
+        raise KeyboardInterrupt  # stop right after the models would load
+    monkeypatch.setattr(models, "load_models", fake_load)
+    lora = tmp_path / "mylora"
+    lora.mkdir()
+    base = ["generate", "--prompt", "a sks star", "--out", str(tmp_path / "o")]
+    assert cli.main(base + ["--personalized", str(lora)]) == 2
+    assert "not a LoRA folder" in capsys.readouterr().err
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert cli.main(base + ["--personalized", str(lora)]) == 130
+    assert seen == {"backend": "toy", "personalized": str(lora)}
+    for flag, value in (("--base", "runwayml/x"), ("--class-noun", "dog")):
+        assert cli.main(base + [flag, value]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and "does nothing" in err and "--backend sd" in err
+
+
+def test_a_stage_that_never_runs_is_said(tmp_path, capsys, monkeypatch):
+    from lr_tutorial import cli, validate
+    monkeypatch.setattr(cli, "_validated", lambda a: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli.main(["generate", "--prompt", "a sks star", "--steps", "4", "--out",
+                     str(tmp_path / "o")]) == 130
+    err = capsys.readouterr().err
+    assert "warning: --steps 4" in err and "retouch phase never runs" in err
+    with pytest.warns(validate.NoOpWarning, match="final image equals the layout"):
+        validate.check_call(LRConfig(layout=LayoutConfig(steps=4)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate.check_call(LRConfig(layout=LayoutConfig(steps=5)))  # one retouch step
+
+
+def test_seeds_outside_the_generators_range_are_refused_before_denoising(tiny, monkeypatch):
+    from lr_tutorial.validate import SEED_MAX, check_seeds
+    assert check_seeds([0, SEED_MAX]) == [0, SEED_MAX]
+    for bad, exc in (([-1], ValueError), ([SEED_MAX + 1], ValueError), (["1"], TypeError),
+                     ([1.5], TypeError), ([], ValueError)):
+        with pytest.raises(exc, match="seed"):
+            check_seeds(bad)
+    _no_denoising(monkeypatch)
+    with pytest.raises(ValueError, match="outside"):
+        LayoutAndRetouch(tiny, LRConfig(layout=LayoutConfig(steps=2)))(
+            PROMPT, np.zeros((64, 64, 3), np.uint8), seed=-1)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tinybase") / "base"
+    make_tiny_sd(d)
+    return d
+
+
+def test_sd_without_a_personalized_model_warns_once(tiny_base):
+    from lr_tutorial.sd import load_sd
+    bundle = load_sd(str(tiny_base), class_noun="dog", local_files_only=True)
+    with pytest.warns(UserWarning, match="no personalized model") as rec:
+        check_prompts(bundle, [PROMPT])
+        check_prompts(bundle, [PROMPT])
+    assert sum("no personalized model" in str(w.message) for w in rec) == 1
+
+
+def test_scheduler_settings_for_the_inversion_are_pinned_and_recorded(tiny_base, tmp_path,
+                                                                     tiny_result):
+    import shutil
+
+    from lr_tutorial.sd import load_sd
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    cfg_file = base / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    for k in ("clip_sample", "timestep_spacing", "prediction_type"):
+        cfg.pop(k, None)  # diffusers' defaults would clip x0 in sampling only
+    cfg_file.write_text(json.dumps(cfg))
+    bundle = load_sd(str(base), class_noun="dog", local_files_only=True)
+    sc = bundle.scheduler.config
+    assert (sc.clip_sample, sc.thresholding, sc.timestep_spacing, sc.prediction_type) == (
+        False, False, "leading", "epsilon")
+    rec = bundle.source["scheduler"]
+    assert rec["clip_sample"] is False and rec["timestep_spacing"] == "leading"
+    saved = tiny_result.config["models"]["source"]["scheduler"]  # what result.json holds
+    assert saved["clip_sample"] is False and saved["prediction_type"] == "epsilon"
+
+
+def test_threads_follow_the_free_cores_and_the_user(monkeypatch):
+    from lr_tutorial import threads
+    monkeypatch.delenv("LR_TUTORIAL_THREADS", raising=False)
+    monkeypatch.setattr(threads, "cores", lambda: 2)
+    for load, want in ((0.1, 2), (0.9, 1), (2.3, 1), (7.0, 1)):
+        monkeypatch.setattr(threads, "load", lambda v=load: v)
+        assert threads.choose() == want, load
+    monkeypatch.setattr(threads, "cores", lambda: 8)
+    monkeypatch.setattr(threads, "load", lambda: 3.0)
+    assert threads.choose() == 5 and threads.choose(3) == 3
+    monkeypatch.setenv("LR_TUTORIAL_THREADS", "6")
+    assert threads.choose() == 6
+    monkeypatch.setenv("LR_TUTORIAL_THREADS", "many")
+    with pytest.raises(ValueError, match="LR_TUTORIAL_THREADS='many'"):
+        threads.choose()
+
+
+# ============================================================================ 6. reference images
+def _frames(path, n=2):
+    imgs = [Image.new("RGB", (64, 64), (40 * i, 0, 0)) for i in range(n)]
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=100)
+    return path
+
+
+@pytest.mark.parametrize("make, note", [
+    (lambda p: _frames(p / "a.gif", 3), "animated (3 frames): using the first frame"),
+    (lambda p: _save(p, Image.new("P", (64, 64), 3), "p.png"), "palette image: converted to RGB"),
+    (lambda p: _save(p, Image.new("RGBA", (64, 64), (9, 9, 9, 0)), "t.png"),
+     "transparent pixels: composited on white"),
+    (lambda p: _save(p, Image.fromarray(np.full((64, 64), 40000, np.uint16)), "d.png"),
+     "16 bits per channel: scaled to 8 bits"),
+])
+def test_converted_references_get_a_one_line_note(tmp_path, make, note):
+    path = make(tmp_path)
+    with pytest.warns(images.ImageNote) as rec:
+        out = images.load_image(path, 64)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    said = [str(w.message) for w in rec if issubclass(w.category, images.ImageNote)]
+    assert len(said) == 1 and note in said[0] and str(path) in said[0] and "\n" not in said[0]
+
+
+def test_opaque_rgba_and_plain_rgb_convert_without_a_note(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        images.load_image(_save(tmp_path, Image.new("RGBA", (64, 64), (9, 9, 9, 255)), "o.png"), 64)
+        images.load_image(_save(tmp_path, Image.new("RGB", (64, 64)), "r.png"), 64)
+
+
+def test_a_reference_folder_without_a_usable_image_is_an_error(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no image file.*it is empty"):
+        images.check_files(empty)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"holds no image file \(notes.txt\)"):
+        images.load_images(tmp_path / "docs", 64)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="a.png is not a readable image"):
+        images.check_files(bad)
+    good = tmp_path / "good"
+    good.mkdir()
+    for n in ("b.png", "a.jpg"):
+        Image.new("RGB", (64, 64)).save(good / n)
+    (good / ".hidden.png").write_bytes(b"x")
+    assert [p.name for p in images.check_files(good)] == ["a.jpg", "b.png"]
+    assert images.as_batch(str(good), 64).shape == (2, 64, 64, 3)
