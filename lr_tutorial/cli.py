@@ -328,7 +328,7 @@ def _methods(value: str, allowed) -> tuple[str, ...]:
 
 
 def cmd_toy_report(a) -> int:
-    from .prompts import read_prompt_file
+    from .prompts import check_vocabulary, read_prompt_file
     from .toy import world
 
     methods = _methods(a.methods, ("stage1", "layout_and_retouch"))
@@ -352,8 +352,10 @@ def cmd_toy_report(a) -> int:
         _exists("--ckpt-dir", a.ckpt_dir, "dir")
     try:
         prompts = read_prompt_file(a.prompts)
+        tok = _toy_tokenizer()
         for p in prompts:
-            world.parse_prompt(p)  # names an unknown word and the vocabulary
+            check_vocabulary(tok, p)  # names each unknown word and the vocabulary
+            world.parse_prompt(p)  # a caption the oracle can score
     except (OSError, ValueError) as e:
         raise UsageError(f"--prompts {a.prompts}: {e}") from e
     if a.limit:
@@ -436,7 +438,10 @@ def cmd_generate(a) -> int:
                 print(f"warning: --prompt: {w.message}", file=sys.stderr)
         except ValueError as e:
             raise UsageError(f"--prompt: {e}") from e
-        check_personal_prompt(a.prompt, world.SUBJECT_IDENTIFIER, world.SUBJECT_CLASS)
+        try:
+            check_personal_prompt(a.prompt, world.SUBJECT_IDENTIFIER, world.SUBJECT_CLASS)
+        except ValueError as e:
+            raise UsageError(f"--prompt: {e}") from e
     else:
         from .sd import DEFAULT_MIRROR, detect_personalization, looks_local
         if not a.class_noun:
@@ -447,9 +452,14 @@ def cmd_generate(a) -> int:
                   "model, so nothing of your subject is learned", file=sys.stderr)
         else:
             try:
-                detect_personalization(a.personalized)
+                kind = detect_personalization(a.personalized)
             except (OSError, ValueError) as e:
                 raise UsageError(f"--personalized: {e}") from e
+            if kind != "textual_inversion":  # else the identifier is the embedding's own token
+                try:
+                    check_personal_prompt(a.prompt, "sks", a.class_noun)
+                except ValueError as e:
+                    raise UsageError(f"--prompt: {e}") from e
         base = a.base or DEFAULT_MIRROR
         if looks_local(base) and not Path(os.path.expanduser(base)).is_dir():
             raise UsageError(f"--base {base}: no such folder; check the path (a Hub id looks "
