@@ -15,6 +15,7 @@ Plots: plots/metrics_by_method.png (each metric per method) and plots/lambda1_tr
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
+from .files import atomic_file, write_bytes_atomic
 
 ATTRS = ("shape", "colour", "size", "position", "background")
 TOY_COLUMNS = ("fidelity", *(f"fid_{a}" for a in ATTRS), "identity", "found", "centroid_spread",
@@ -119,21 +121,24 @@ def write(out: str | Path, spec=None, variants: list[str] | None = None) -> list
     rows = load_rows(out, variants)
     tab = table(rows)
     cols = _columns(tab)
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(tab)
+    _write_csv(out / "results.csv", cols, tab)
     flat = ["key", "variant", "method", "lambda1", "subject", "prompt_index", "category", "prompt",
             "seed", "fidelity", "identity", "i_dino", "i_clip", "t_clip", "elapsed_s"]
-    with open(out / "rows.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, [c for c in flat if any(c in r for r in rows)], extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    _write_csv(out / "rows.csv", [c for c in flat if any(c in r for r in rows)], rows)
     title = f"# {spec.name if spec else out.name}: {len(rows)} samples\n\n"
-    (out / "results.md").write_text(title + markdown(tab))
+    write_bytes_atomic(out / "results.md", (title + markdown(tab)).encode("utf-8"))
     if tab:
         plot(tab, out / "plots")
     return tab
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """A CSV file written whole or not at all (files.write_bytes_atomic)."""
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, columns, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_bytes_atomic(path, buf.getvalue().encode("utf-8"))
 
 
 def plot(tab: list[dict], folder: Path) -> list[Path]:
@@ -164,14 +169,16 @@ def plot(tab: list[dict], folder: Path) -> list[Path]:
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     paths.append(folder / "metrics_by_method.png")
-    fig.savefig(paths[-1], dpi=120)
+    with atomic_file(paths[-1]) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 4))
     tradeoff(tab, ax)
     fig.tight_layout()
     paths.append(folder / "lambda1_tradeoff.png")
-    fig.savefig(paths[-1], dpi=120)
+    with atomic_file(paths[-1]) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return paths
 
