@@ -55,6 +55,18 @@ class OutputError(FileExistsError):
     unwritable, a file where a folder is needed)."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _plain_mode(path: Path, folder: bool) -> None:
+    """Give a tempfile-made file (0600) or folder (0700) the mode a plain open/mkdir would
+    have given it under the user's umask."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 # ----------------------------------------------------------------------------- ownership
 def read_manifest(folder: str | Path) -> dict | None:
     """The folder's manifest ({'writer', 'files', 'time'}), None if it has none or it is
@@ -181,6 +193,7 @@ def write_manifest(folder: str | Path, writer: str = "lr_tutorial") -> Path:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{MANIFEST}.", suffix=".partial")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1)
+    _plain_mode(Path(tmp), folder=False)
     os.replace(tmp, folder / MANIFEST)
     return folder / MANIFEST
 
@@ -233,6 +246,7 @@ def atomic_folder(folder: str | Path, overwrite: bool = False, what: str = "outp
     check_output(folder, overwrite, what, flag="the output path")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".partial"))
+    _plain_mode(tmp, folder=True)
     try:
         yield tmp
         write_manifest(tmp, writer or f"lr_tutorial {what}")
@@ -263,6 +277,7 @@ def atomic_file(path: str | Path, overwrite: bool = True, what: str = "file"):
                                 suffix=f".partial{path.suffix}")
     os.close(fd)
     tmp = Path(name)
+    _plain_mode(tmp, folder=False)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -318,4 +333,5 @@ def replace_entries(src: str | Path, dst: str | Path, what: str = "toy export") 
     fd, tmp = tempfile.mkstemp(dir=dst, prefix=f"{MANIFEST}.", suffix=".partial")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1)
+    _plain_mode(Path(tmp), folder=False)
     os.replace(tmp, dst / MANIFEST)

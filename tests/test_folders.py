@@ -295,3 +295,18 @@ def test_result_save_writes_a_manifest_and_overwrites_only_its_own_folder(tmp_pa
     user.file(out / "my-edit.png")
     with pytest.raises(files.OutputError, match="my-edit.png"):
         Result.save(fake, out, overwrite=True)
+
+
+def test_outputs_get_the_modes_of_plain_files_and_folders(tmp_path):
+    import os
+    import stat
+    old = os.umask(0o022)
+    try:
+        out = _write(tmp_path / "run")
+        with files.atomic_file(out / "final.png") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(out) == 0o755 and mode(out / "final.png") == 0o644
+    assert mode(out / files.MANIFEST) == 0o644
