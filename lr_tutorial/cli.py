@@ -447,10 +447,7 @@ def cmd_generate(a) -> int:
         if not a.class_noun:
             raise UsageError("--backend sd needs --class-noun (the subject's class noun, e.g. "
                              "--class-noun dog): the method finds the subject by it")
-        if a.personalized is None:
-            print("warning: no --personalized model: the personalized steps run the vanilla "
-                  "model, so nothing of your subject is learned", file=sys.stderr)
-        else:
+        if a.personalized is not None:
             try:
                 kind = detect_personalization(a.personalized)
             except (OSError, ValueError) as e:
@@ -474,6 +471,9 @@ def cmd_generate(a) -> int:
         raise UsageError(f"--reference: {e}") from e
     cfg = _lr_config(a, a.steps)
     _say_noops(cfg)
+    if not toy and a.personalized is None:
+        print("warning: no --personalized model: the personalized steps run the vanilla "
+              "model, so nothing of your subject is learned", file=sys.stderr)
     _validated(a)
 
     import matplotlib

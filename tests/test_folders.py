@@ -310,3 +310,20 @@ def test_outputs_get_the_modes_of_plain_files_and_folders(tmp_path):
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(out) == 0o755 and mode(out / "final.png") == 0o644
     assert mode(out / files.MANIFEST) == 0o644
+
+
+def test_train_toy_refuses_an_export_it_could_not_write_before_training(tmp_path, user, no_models,
+                                                                       capsys):
+    out = tmp_path / "toy"
+    user.file(out / "unet" / "config.json", "{}")
+    base = ["train-toy", "--ckpt-dir", str(tmp_path / "ckpt"), "--out", str(out)]
+    assert cli.main(base) == 2
+    err = capsys.readouterr().err
+    assert "already holds toy weights" in err and "--overwrite" in err
+    assert cli.main(["train-toy", "--ckpt-dir", str(tmp_path / "ckpt"), "--stage", "vae",
+                     "--overwrite"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    user.file(tmp_path / "afile")
+    assert cli.main(["train-toy", "--ckpt-dir", str(tmp_path / "afile")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists()  # nothing made before the checks passed

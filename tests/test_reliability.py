@@ -859,3 +859,26 @@ def test_a_reference_folder_without_a_usable_image_is_an_error(tmp_path):
     (good / ".hidden.png").write_bytes(b"x")
     assert [p.name for p in images.check_files(good)] == ["a.jpg", "b.png"]
     assert images.as_batch(str(good), 64).shape == (2, 64, 64, 3)
+
+
+def test_sd_generate_flags_are_checked_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    from lr_tutorial import cli
+    monkeypatch.setattr(cli, "_validated", lambda a: (_ for _ in ()).throw(KeyboardInterrupt))
+    make_tiny_lora(tiny_unet(), tmp_path / "lora")
+    base = ["generate", "--backend", "sd", "--out", str(tmp_path / "o")]
+    cases = [
+        (["--prompt", "a sks dog"], ["needs --class-noun", "--class-noun dog"]),
+        (["--prompt", "a sks dog", "--class-noun", "dog", "--base", "./no/such/base"],
+         ["--base ./no/such/base: no such folder", "check the path"]),
+        (["--prompt", "a sks dog", "--class-noun", "dog", "--personalized", str(tmp_path / "x")],
+         ["--personalized", "does not exist"]),
+        (["--prompt", "a dog", "--class-noun", "dog", "--personalized", str(tmp_path / "lora")],
+         ["--prompt", "identifier 'sks'"]),
+        (["--prompt", "a sks cat", "--class-noun", "dog"], ["class noun 'dog'"]),
+    ]
+    for extra, words in cases:
+        assert cli.main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and all(w in err for w in words), (words, err)
+    assert cli.main(base + ["--prompt", "a SKS Dog", "--class-noun", "dog", "--personalized",
+                            str(tmp_path / "lora")]) == 130  # valid: stopped where models load
