@@ -3,25 +3,27 @@
     python bench/pipeline.py --backend toy                                   # toy models, CPU
     python bench/pipeline.py --backend sd15-random --latent 16 --steps 10 --images 2   # CPU
     python bench/pipeline.py --backend sd15-random          # on a GPU: fp16, 512 px, 50 steps
-    python bench/pipeline.py --backend toy --profile torch   # where the time goes, before/after
+    python bench/pipeline.py --backend toy --profile torch   # where each engine's time goes
 
 sd15-random is Stable Diffusion 1.5's real UNet/VAE architecture (and CLIP ViT-L's text-encoder
 shape) with random weights and a random rank-4 LoRA: no download, real cost.
 
 For `--images` prompts x seeds sharing one reference, with the same steps and guidance, it runs
 (a) plain personalized sampling (+ decode), (b) stage 1 only (step-blended layout + decode),
-(c) the full method with the cached stage 2 (LRConfig.stage2="cached", the default),
-(d) the full method with the three-branch batched stage 2 (one reference row for all targets),
-(c') the cached full method with a LayoutAndRetouch kept across runs, so its reference work
+(c) the full method on the fast engine (LRConfig(engine="fast"): the reference inversion riding
+stage 1's UNet calls, stage 2 on the target rows reading cached keys/values),
+(d) the full method on the reference engine (LRConfig(engine="reference"), the default: the
+plain inversion, three branches per stage-2 call, one reference row for all targets),
+(c') the fast engine with a LayoutAndRetouch kept across runs, so its reference work
 (inversion and keys/values) is already done, (c*) (c) with LRConfig(reference_inversion=
 "start"): the reference inverted only to the target's first step, and reports (e) stage 2 alone
 (retouch + final decode, timed inside (c) and (d)). Each run of (c) and (d) starts from a fresh
 LayoutAndRetouch, so it pays the reference work once for its images: the reference's DDIM
-inversion, one more row in stage 1's UNet calls (with a LoRA all of them, the vanilla ones
-through ModelBundle.personal_rows; with a full DreamBooth UNet its first lambda1 steps run
-alone: the "reference inversion" phase), which in the cached path also records the reference's
-keys/values (the "reference K/V" phase shows only where a known reference's keys/values are
-replayed). The per-image cost amortized over 8 images is (c') + ((c) - (c')) x images / 8.
+inversion (on the fast engine one more row in stage 1's UNet calls; with a full DreamBooth UNet
+its first lambda1 steps run alone: the "reference inversion" phase), which on the fast engine
+also records the reference's keys/values (the "reference K/V" phase shows only where a known
+reference's keys/values are replayed). The per-image cost amortized over 8 images is
+(c') + ((c) - (c')) x images / 8; for (d) the same with its own kept reference inversion.
 
 Timing: the cases are interleaved (the order rotates every repetition) and each ratio to (a) is
 the median of the per-repetition ratios, so a load that drifts during the run (another job on
@@ -50,11 +52,13 @@ from common import (Phases, UNetCounter, exact_malloc_env, machine, median,  # n
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-CASES = ("plain", "stage1", "cached", "batched", "warm", "start")
+CASES = ("plain", "stage1", "fast", "reference", "warm", "reference_warm", "start")
 LABELS = {"plain": "(a) plain personalized", "stage1": "(b) stage 1 only",
-          "cached": "(c) L&R, cached stage 2", "batched": "(d) L&R, batched stage 2",
-          "warm": "(c') L&R, cached, reference already cached",
+          "fast": "(c) L&R, fast engine", "reference": "(d) L&R, reference engine",
+          "warm": "(c') fast engine, reference already inverted",
+          "reference_warm": "(d') reference engine, reference already inverted",
           "start": "(c*) (c), inversion stopped at the start"}
+WARM = {"fast": "warm", "reference": "reference_warm", "start": "warm"}  # amortized over 8
 PHASES = ("reference inversion", "reference K/V", "stage 1", "masks", "stage 2", "final decode")
 
 
@@ -99,41 +103,49 @@ def make_cases(a, bundle, prompts, seeds, ref):
         for p, s in chunks:
             step_blended(bundle, p, s, layout)
 
-    def full(stage2, inversion="full"):
-        def run():
-            # fresh: pays the reference work
-            lr = LayoutAndRetouch(bundle, LRConfig(layout=layout, stage2=stage2,
-                                                   kv_device=a.kv_device, kv_store=a.kv_store,
-                                                   reference_inversion=inversion))
+    def config(engine, inversion="full"):
+        fast = dict(kv_device=a.kv_device, kv_store=a.kv_store) if engine == "fast" else {}
+        return LRConfig(layout=layout, engine=engine, reference_inversion=inversion, **fast)
+
+    def full(engine, inversion="full"):
+        def run():  # fresh: pays the reference work
+            lr = LayoutAndRetouch(bundle, config(engine, inversion))
             for p, s in chunks:
                 lr(p, ref, seed=s)
         return run
 
     held = {}
 
-    def warm():  # one LayoutAndRetouch kept across runs: its reference work is already done
-        if "lr" not in held:  # (the first run, a warm-up, fills its caches)
-            held["lr"] = LayoutAndRetouch(bundle, LRConfig(layout=layout, stage2="cached",
-                                                           kv_device=a.kv_device,
-                                                           kv_store=a.kv_store))
-        for p, s in chunks:
-            held["lr"](p, ref, seed=s)
+    def warm(engine):
+        def run():  # one LayoutAndRetouch kept across runs: its reference work is already done
+            if engine not in held:  # (the first run, a warm-up, fills its caches)
+                held[engine] = LayoutAndRetouch(bundle, config(engine))
+            for p, s in chunks:
+                held[engine](p, ref, seed=s)
+        return run
 
-    return {"plain": plain, "stage1": stage1, "cached": full("cached"), "batched": full("batched"),
-            "warm": warm, "start": full("cached", "start")}
+    return {"plain": plain, "stage1": stage1, "fast": full("fast"), "reference": full("reference"),
+            "warm": warm("fast"), "reference_warm": warm("reference"),
+            "start": full("fast", "start")}
 
 
 def instrument(counter):
-    """Time the phases of LayoutAndRetouch.__call__ by wrapping the functions it calls."""
+    """Time the phases of both engines' calls by wrapping the functions they call."""
     from lr_tutorial import masks, pipeline, sampling
+    from lr_tutorial.fast import pipeline as fast
+    from lr_tutorial.fast import riding
     ph = Phases(counter)
-    # the reference inversion's steps that run alone (none with a LoRA: they all ride stage 1)
-    ph.wrap(sampling.Inversion, "step_alone", "reference inversion")
-    ph.wrap(pipeline, "reference_kv", "reference K/V")
+    ph.wrap(pipeline, "invert_reference", "reference inversion")
+    # the fast engine's inversion steps that run alone (none with a LoRA: they all ride stage 1)
+    ph.wrap(riding.Inversion, "step_alone", "reference inversion")
+    ph.wrap(fast, "reference_kv", "reference K/V")
     ph.wrap(pipeline, "step_blended", "stage 1")  # includes the x^c decode
-    ph.wrap(pipeline, "aggregate", "masks")
+    ph.wrap(fast, "step_blended_riding", "stage 1")
+    for module in (pipeline, fast):
+        ph.wrap(module, "aggregate", "masks")
+        ph.wrap(module, "retouch", "stage 2")
     ph.wrap(masks, "subject_mask", "masks")
-    ph.wrap(pipeline, "retouch", "stage 2")
+    ph.wrap(fast, "retouch_cached", "stage 2")
     ph.wrap(sampling, "decode", "final decode")  # outermost calls only: the final decode
     return ph
 
@@ -180,10 +192,10 @@ def memory(a, device, cases) -> dict[str, int]:
 
 
 def profile(a, cases) -> None:
-    """--profile: one run of the batched stage 2 (before: three branches per UNet call) and one
-    of the cached stage 2 (after: the target alone), each under a profiler; the top entries by
+    """--profile: one run of each engine (the reference: three branches per stage-2 UNet call;
+    the fast: the target alone), each under a profiler; the top entries by
     self time. torch: aten ops (self CPU time); cprofile: Python functions (tottime)."""
-    for name, when in (("batched", "before"), ("cached", "after")):
+    for name, when in (("reference", "reference engine"), ("fast", "fast engine")):
         print(f"\n## {when}: {LABELS[name]} ({a.images} images, {a.steps} steps, "
               f"reference inversion included), top {a.profile_top} by self time, {a.profile}")
         if a.profile == "torch":
@@ -228,13 +240,13 @@ def main() -> None:
                     help="merge the LoRA into the UNet weights while personalized "
                          "(ModelBundle.set_fuse_lora), in every case")
     ap.add_argument("--kv-device", choices=("auto", "host", "model"), default="auto",
-                    help="LRConfig.kv_device of the cached cases: where the key/value caches live")
+                    help="LRConfig.kv_device of the fast engine: where the key/value caches live")
     ap.add_argument("--kv-store", choices=("auto", "kv", "hidden"), default="auto",
-                    help="LRConfig.kv_store of the cached cases: keys/values or layer inputs")
+                    help="LRConfig.kv_store of the fast engine: keys/values or layer inputs")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--profile", choices=("torch", "cprofile"), default=None,
-                    help="instead of timing: profile one run of (d) batched ('before') and (c) "
-                         "cached ('after') with torch.profiler or cProfile; print the top entries")
+                    help="instead of timing: profile one run of (d), the reference engine, and "
+                         "(c), the fast engine, with torch.profiler or cProfile; top entries")
     ap.add_argument("--profile-top", type=int, default=10, help="entries per profile table")
     ap.add_argument("--memory-case", choices=CASES, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -258,11 +270,12 @@ def main() -> None:
     # fills the kept LayoutAndRetouch's reference caches; timed: the process's first cached
     # run, which also allocates (on a GPU: pins) the host memory every later run reuses
     first_s, _ = timed(cases["warm"], counter)
+    cases["reference_warm"]()  # inverts the reference engine's kept reference
 
     times = {c: [] for c in CASES}
     rows: dict[str, int] = {}
-    ph_time = {c: {} for c in ("cached", "batched")}
-    ph_rows = {c: {} for c in ("cached", "batched")}
+    ph_time = {c: {} for c in ("fast", "reference")}
+    ph_rows = {c: {} for c in ("fast", "reference")}
     t_start = time.perf_counter()
     for r in range(a.reps):
         order = CASES[r % len(CASES):] + CASES[:r % len(CASES)]
@@ -296,25 +309,25 @@ def main() -> None:
           "time ratio = median of per-repetition ratios to (a)")
     print(f"{'case':<50}{'s/image':>9}{'rows/image':>12}{'time x(a)':>10}{'rows x(a)':>10}")
     for c in CASES:
-        line(LABELS[c] + (f", over {n}" if c in ("cached", "batched", "start") else ""),
+        line(LABELS[c] + (f", over {n}" if c in ("fast", "reference", "start") else ""),
              per[c], rows[c] / n, ratio[c])
     print(f"{'    first cached run in this process (warm-up)':<50}{first_s / n:>9.3f}"
           f"{'':>12}{first_s / median(times['plain']):>10.2f}   (its host caches allocated"
           f"{', pinned' if device == 'cuda' else ''}: later runs reuse them)")
-    for c in ("cached", "batched"):  # (e) and the one-time reference work, from the phases
+    for c in ("fast", "reference"):  # (e) and the one-time reference work, from the phases
         pt = {k: median(v) for k, v in ph_time[c].items()}
         pr = ph_rows[c]
         plain_t = median(times["plain"])
         s2 = [a_ + b_ for a_, b_ in zip(ph_time[c].get("stage 2", []), ph_time[c].get("final decode", []))]
         s2_ratio = median([x / p for x, p in zip(s2, times["plain"])])
-        line(f"(e) stage 2 alone ({c}: retouch + decode)",
+        line(f"(e) stage 2 alone ({c} engine: retouch + decode)",
              median(s2) / n, (pr.get("stage 2", 0) + pr.get("final decode", 0)) / n, s2_ratio)
-        if c == "cached":  # the one-time reference work = (c) - (c'), measured, spread over 8
-            for cc, what in (("cached", ""), ("start", ", (c*)")):
-                ref_s, ref_r = per[cc] - per["warm"], (rows[cc] - rows["warm"]) / n  # per image
-                line(f"    cached{what}: amortized over 8 images", per["warm"] + ref_s * n / 8,
-                     rows["warm"] / n + ref_r * n / 8,
-                     ratio["warm"] + (ratio[cc] - ratio["warm"]) * n / 8)
+        # the one-time reference work = (c) - (c'), measured, spread over 8 images
+        for cc in ((c, "start") if c == "fast" else (c,)):
+            w = WARM[cc]
+            ref_s, ref_r = per[cc] - per[w], (rows[cc] - rows[w]) / n  # per image
+            line(f"    {LABELS[cc][:4]} {cc}: amortized over 8 images", per[w] + ref_s * n / 8,
+                 rows[w] / n + ref_r * n / 8, ratio[w] + (ratio[cc] - ratio[w]) * n / 8)
         print(f"    {c} phases (s per run of {n} images / UNet rows / share of plain's time):")
         for k in PHASES:
             if k in pt:

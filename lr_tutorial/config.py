@@ -16,6 +16,7 @@ from typing import Sequence
 
 from . import attention
 
+ENGINE_NAMES = ("reference", "fast")  # LRConfig.engine
 def resolve_steps(value: float | int, n: int, name: str = "lambda") -> int:
     """A step boundary given as a fraction of N (float in [0, 1]) or a step count (int)."""
     check_boundary(value, name)
@@ -243,7 +244,12 @@ class LRConfig:
     to_k / to_v when read: half the bytes) or "auto" (default: "kv"; "hidden" where the caches
     cross between host and GPU and only it fits kv_budget_gb).
     kv_dtype: storage dtype of those caches, None (the model's) or "float16" / "bfloat16":
-    half a float32 model's memory, at the cost of rounding the keys/values the target reads."""
+    half a float32 model's memory, at the cost of rounding the keys/values the target reads.
+
+    engine: "reference" (default) runs the equations of docs/method.md as written, three
+    branches per stage-2 UNet call; "fast" (lr_tutorial/fast/) gives the same result within
+    float rounding with the speed work above: the knobs stage2 ("cached" needs it) and kv_*
+    act there only."""
     layout: LayoutConfig = field(default_factory=LayoutConfig)
     swap: SwapConfig = field(default_factory=SwapConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -256,6 +262,7 @@ class LRConfig:
     kv_device: str = "auto"
     kv_store: str = "auto"
     kv_dtype: str | None = None
+    engine: str = "reference"
 
     def __post_init__(self):
         self.validate()
@@ -276,6 +283,13 @@ class LRConfig:
                 f"lambda2 = {self.swap.lambda2} (the retouch phase starts at step {l2} of {n}): "
                 "blending would stop before the retouch it keeps to the subject. Give "
                 "lambda3 >= lambda2, or lambda3 = 0 to switch blending off")
+        if self.engine not in ENGINE_NAMES:
+            raise ValueError(f"engine must be one of {ENGINE_NAMES} (the method as written, or "
+                             f"with its speed work), got {self.engine!r}")
+        if self.engine == "reference" and self.stage2 == "cached":
+            raise ValueError("stage2='cached' (key/value caches) is the fast engine's: "
+                             "LRConfig(engine='fast', stage2='cached'); the reference engine "
+                             "runs stage 2 batched")
         if self.reference_inversion not in ("full", "start"):
             raise ValueError(f"reference_inversion must be 'full' (to pure noise) or 'start' "
                              f"(to the target's first step), got {self.reference_inversion!r}")

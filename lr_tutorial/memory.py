@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
-from .config import LRConfig, resolve_guidance
-from .kv import kv_bytes
+from . import attention
+from .config import LRConfig, SwapConfig, resolve_guidance
+from .swap import SwapController
 
 GiB = 1024 ** 3
 SAFETY = 2.0  # allocator caching, fragmentation, short-lived temporaries
@@ -147,6 +149,65 @@ def estimate(bundle, config=None, batch: int = 1, capture=None, stage2: str = "b
     vae = batch * 6 * max(sizes) * vae_el if bundle.vae.device.type == device_type else 0
     return MemoryEstimate(sum(by_model.values()), unet_act, attn, int(vae), rows, captured,
                           by_model, user, stored, kv)
+
+
+# ----------------------------------------------------------------------------- key/value caches
+def cache_bytes(unet, layers: Sequence[str], steps: Sequence[int], rows: int,
+                latent_size: int | None = None, dtype: torch.dtype = torch.float32,
+                store: str = "kv") -> int:
+    """Bytes a KVCache of `layers` x `steps` holds for `rows` batch rows, before recording:
+
+        sum over layers of rows x HW x width x element size, x steps
+        width: 2 x the inner dim (K and V; store="kv") or the input's channels (store="hidden")
+
+    Exact (a test compares it with KVCache.nbytes). Stable Diffusion 1.5 at 512 px, the
+    default retouch layers (9 decoder layers), fp16, store="kv": 27.5 MB per row and step, so
+    the context's cache of one image (2 rows under CFG, 40 steps) holds 2.2 GB; "hidden" half."""
+    def width(p):
+        m = unet.get_submodule(p)
+        return m.to_k.in_features if store == "hidden" else 2 * m.to_k.out_features
+    per_row = sum(attention.layer_resolution(unet, p, latent_size) ** 2 * width(p) for p in layers)
+    return rows * per_row * len(list(steps)) * (torch.finfo(dtype).bits // 8)
+
+
+def kv_plan(bundle, swap_cfg: SwapConfig, steps: int, start_step: int
+            ) -> tuple[list[str], list[int]]:
+    """(self-attention layers, steps) whose context keys and values the target reads when it
+    runs from `start_step`: the retouch layers from lambda2 on, and the structure layers before
+    it (the reference's: reference_plan)."""
+    ctl = SwapController(bundle.unet, swap_cfg, steps, bundle.latent_size)
+    if swap_cfg.mode == "none":
+        return [], []
+    layers = ctl.retouch | (ctl.structure if start_step < ctl.lambda2 else set())
+    return sorted(layers), list(range(start_step, steps))
+
+
+def reference_plan(bundle, swap_cfg: SwapConfig, steps: int, start_step: int
+                   ) -> tuple[list[str], list[int]]:
+    """(self-attention layers, steps) whose reference keys/values the target reads when it runs
+    from `start_step`: the retouch layers from max(start_step, lambda2) on, in modes "multi"
+    and "reference"; none in "context" and "none" (the structure phase reads the context)."""
+    ctl = SwapController(bundle.unet, swap_cfg, steps, bundle.latent_size)
+    if swap_cfg.mode not in ("multi", "reference"):
+        return [], []
+    return sorted(ctl.retouch), list(range(max(start_step, ctl.lambda2), steps))
+
+
+def kv_bytes(bundle, config, batch: int, store: str | None = None, dtype=None) -> int:
+    """Bytes of the key/value caches the cached stage 2 adds for `batch` prompts under
+    `config` (an LRConfig): the context's (2 rows per prompt under CFG) and the reference's
+    (one row, once per reference: its inversion's own UNet call), as `store` holds them (None:
+    config.kv_store, "kv" for "auto"), in `dtype` (None: config.kv_dtype, else the model's)."""
+    n = config.layout.steps
+    start = config.target_start()
+    store = store or (config.kv_store if config.kv_store != "auto" else "kv")
+    dtype = dtype or (getattr(torch, config.kv_dtype) if config.kv_dtype else bundle.dtype)
+    layers, steps = kv_plan(bundle, config.swap, n, start)
+    ref_layers, ref_steps = reference_plan(bundle, config.swap, n, start)
+    halves = 2 if resolve_guidance(bundle, config.layout.guidance) != 1.0 else 1
+    size = bundle.latent_size
+    return (cache_bytes(bundle.unet, layers, steps, halves * batch, size, dtype, store)
+            + cache_bytes(bundle.unet, ref_layers, ref_steps, 1, size, dtype, store))
 
 
 def options(est: MemoryEstimate, bundle, batch: int) -> list[str]:

@@ -5,14 +5,14 @@
     result.images[0], result.layout.images[0], result.masks.context[0].mask, ...
     result.save("outputs/run")
 
-Stage 1 (layout.py) -> masks of the context (masks.py) -> stage 2 (retouch.py). The reference
-inversion is computed once per reference image and reused across prompts and seeds; the first
-call with a new reference runs it inside stage 1, as one more row of stage 1's UNet calls
-(sampling.Inversion, retouch.riding_inversion; in the vanilla steps only that row runs the
-personalized model, ModelBundle.personal_rows; a full DreamBooth UNet runs those lambda1
-inversion steps alone instead), recording the reference's keys/values for the cached stage 2
-as it goes. With LRConfig(reference_inversion="start") it inverts only as far as stage 2 reads
-it, to the target's first step (retouch.reference_stop): fewer rows, a narrower M^r.
+The method of docs/method.md, in the order a call runs it: stage 1 (layout.step_blended)
+capturing the class token's cross-attention, the context masks M^c (masks.subject_mask), the
+reference's DDIM inversion and its mask M^r (retouch.invert_reference: once per reference
+image, reused across prompts and seeds), stage 2 (retouch.retouch).
+
+LRConfig(engine="fast") makes a LayoutAndRetouch of the fast engine (lr_tutorial/fast/): the
+same method, the same results within float rounding, with key/value caches, the reference
+inversion riding stage 1's UNet calls and a choice of stage-2 path (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -27,16 +27,24 @@ from pathlib import Path
 import numpy as np
 
 from . import attention, masks, memory, sampling
+from .config import ENGINE_NAMES, LayoutConfig, LRConfig, SwapConfig  # noqa: F401
 from .files import atomic_folder
 from .images import as_batch
-from .config import LayoutConfig, LRConfig, SwapConfig, resolve_guidance, resolve_steps  # noqa: F401
-from .kv import KVCache, kv_bytes, kv_plan, record_kv, reference_plan
 from .layout import LayoutResult, step_blended
 from .prompts import check_prompts, token_index
+from .retouch import ReferenceInversion, aggregate, invert_reference, reference_stop, retouch
 from .validate import check_call
-from .retouch import (ReferenceInversion, aggregate, invert_reference, mask_layers,
-                      reference_from, reference_kv, reference_stop, retouch,
-                      rideable_steps, riding_inversion)
+from .version import __version__
+
+# engine name -> its LayoutAndRetouch class; lr_tutorial/__init__.py registers "fast"
+ENGINES: dict[str, type] = {}
+
+
+def engine_class(name: str) -> type:
+    if name not in ENGINES:
+        raise ValueError(f"engine {name!r} is not available; engines: {sorted(ENGINES)} "
+                         "(LRConfig.engine)")
+    return ENGINES[name]
 
 
 @dataclass
@@ -82,39 +90,11 @@ class Result:
         return Path(folder)
 
 
-def available_memory() -> int:
-    """Bytes of host memory available now (psutil's `available`, else free pages), plus the
-    pinned memory torch's host allocator holds cached but unused (an earlier call's key/value
-    caches, which the next call reuses: without them the budget would shrink call by call)."""
-    try:
-        import psutil
-        free = int(psutil.virtual_memory().available)
-    except ImportError:  # psutil comes with Jupyter; without it, the free pages (Linux, macOS)
-        import os
-        free = int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    return free + idle_pinned_bytes()
-
-
-def idle_pinned_bytes() -> int:
-    """Pinned host bytes cached by torch's host allocator and not in use (0 without CUDA).
-    The statistics' names changed across torch releases; both spellings are read."""
-    import torch
-    if not torch.cuda.is_available():
-        return 0
-    s = torch.cuda.host_memory_stats()
-    if "active_bytes.current" in s:  # allocated = owned (in use + cached), active = in use
-        idle = s.get("allocated_bytes.current", 0) - s["active_bytes.current"]
-    else:  # older: reserved = owned, allocated = in use
-        idle = s.get("reserved_bytes.current", 0) - s.get("allocated_bytes.current", 0)
-    return max(0, int(idle))
-
-
 def versions() -> dict:
     import diffusers
     import torch
     import transformers
 
-    from . import __version__
     out = {"lr_tutorial": __version__, "diffusers": diffusers.__version__,
            "transformers": transformers.__version__, "torch": torch.__version__,
            "numpy": np.__version__, "python": platform.python_version()}
@@ -150,48 +130,26 @@ def run_record(bundle, config: LRConfig, segmenter, reference_image: np.ndarray)
 class LayoutAndRetouch:
     """The method as one callable. `segmenter`: SAM's predictor interface (SamSegmenter on SD;
     default on the toy backend: ShapeWorldSegmenter); None on SD means attention-only masks.
+    Each reference's inversion is kept between calls (small: its latent trajectory and masks);
+    `clear_caches()` forgets them. The engine is chosen when the pipeline is made, by
+    config.engine: LayoutAndRetouch(models, LRConfig(engine="fast")) makes the fast engine's."""
 
-    Kept between calls: each reference's inversion (small: its latent trajectory and masks)
-    and, for the cached stage 2, the reference's keys/values (1.1 GB at SD 1.5's 512 px in
-    fp16, pinned host memory on a GPU) for the `reference_kv_kept` (default 1) most recently
-    used references and settings; an older one is freed before a new one is made, so a
-    notebook that changes lambda2 or the reference call after call does not pile them up.
-    `clear_caches()` frees everything."""
+    def __new__(cls, models=None, config: LRConfig | None = None, *args, **kwargs):
+        if cls is LayoutAndRetouch:
+            cls = engine_class((config if config is not None else LRConfig()).engine)
+        return super().__new__(cls)
 
-    def __init__(self, models, config: LRConfig | None = None, segmenter="auto",
-                 reference_kv_kept: int = 1):
-        if isinstance(reference_kv_kept, bool) or not isinstance(reference_kv_kept, int) \
-                or reference_kv_kept < 0:
-            raise ValueError(f"reference_kv_kept must be an int >= 0 (how many references' "
-                             f"key/value caches to keep between calls), got {reference_kv_kept!r}")
+    def __init__(self, models, config: LRConfig | None = None, segmenter="auto"):
         self.models = models
         self.config = config or LRConfig()
         if segmenter == "auto":
             segmenter = masks.ShapeWorldSegmenter() if models.backend == "toy" else None
         self.segmenter = segmenter
-        self.reference_kv_kept = reference_kv_kept
         self._references: dict[str, ReferenceInversion] = {}
-        self._reference_kv: dict[tuple, KVCache] = {}  # least recently used first
 
     def clear_caches(self) -> None:
-        """Forget every reference inversion and key/value cache. Their memory is freed; on a
-        GPU, torch's caching host allocator keeps the pinned part for the next call to reuse."""
+        """Forget every reference inversion."""
         self._references.clear()
-        self._reference_kv.clear()
-
-    def _reference_keys_values(self, key: tuple, make) -> KVCache:
-        """The reference's key/value cache under `key`, made by `make()` if absent: least
-        recently used ones beyond reference_kv_kept are dropped first, so their memory is
-        reused by the new one."""
-        if key in self._reference_kv:
-            self._reference_kv[key] = self._reference_kv.pop(key)  # now the most recent
-            return self._reference_kv[key]
-        while self._reference_kv and len(self._reference_kv) >= max(self.reference_kv_kept, 1):
-            del self._reference_kv[next(iter(self._reference_kv))]
-        cache = make()
-        if self.reference_kv_kept:
-            self._reference_kv[key] = cache
-        return cache
 
     # ------------------------------------------------------------------ references
     def default_references(self) -> np.ndarray:
@@ -215,12 +173,12 @@ class LayoutAndRetouch:
 
     def reference_stop(self) -> int:
         """The last step the reference is inverted to (LRConfig.reference_inversion): 0, or with
-        "start" the target's first step, `start_step()`, unless the mask window ends before it
+        "start" the target's first step, unless the mask window ends before it
         (retouch.reference_stop)."""
         cfg = self.config
         if cfg.reference_inversion == "full":
             return 0
-        return reference_stop(cfg.mask, cfg.layout.steps, self.start_step())
+        return reference_stop(cfg.mask, cfg.layout.steps, cfg.target_start())
 
     def _reference_key(self, images: np.ndarray | None) -> tuple[str, np.ndarray, str]:
         """(cache key, the chosen reference image, the inversion's prompt); checks the images."""
@@ -240,10 +198,52 @@ class LayoutAndRetouch:
     def __call__(self, prompt: str | list[str], reference_images: np.ndarray | None = None,
                  seed: int | list[int] = 0, callback=None,
                  capture: attention.CaptureSpec | None = None) -> Result:
-        """Run both stages. `capture`: an extra CaptureSpec recorded during stage 2 for all
-        three branches (rows [reference (1); context (B); target (B)]), e.g. what a scrubber
-        shows."""
+        """Run the method (docs/method.md) on the prompts, one seed each. `capture`: an extra
+        CaptureSpec recorded during stage 2 for all three branches (rows [reference (1);
+        context (B); target (B)]), e.g. what a scrubber shows."""
         cfg, bundle = self.resolved_config(), self.models
+        prompts, seeds = self.checked(prompt, seed)
+        cls = check_prompts(bundle, prompts)  # the class token's index in each prompt
+        memory.check(bundle, cfg, batch=len(prompts), capture=capture, stage2="batched")
+        ref = self.reference(reference_images)  # x^r inverted, and M^r
+        layout, attn = self.stage1(prompts, seeds, cls)  # x^c, and its class-token attention
+        ctx_masks = [masks.subject_mask(img, a, self.segmenter, cfg.mask)  # M^c
+                     for img, a in zip(layout.images, attn)]
+        with (attention.capture(bundle.unets, capture) if capture
+              else contextlib.nullcontext()) as user:
+            z, traj, per_step, store = retouch(
+                bundle, layout, ref, np.stack([m.mask for m in ctx_masks]), cls,
+                swap_cfg=cfg.swap, mask_cfg=cfg.mask, steps=cfg.layout.steps,
+                guidance=cfg.layout.guidance, start_step=cfg.target_start(),
+                callback=callback, observers=(user,) if user else ())
+        record = {**run_record(bundle, cfg, self.segmenter, ref.image), "stage2_used": "batched",
+                  "kv_store_used": None}
+        return Result(prompts, seeds, sampling.decode(bundle, z), layout, traj, ref,
+                      Masks(ctx_masks, ref.mask, per_step), store, record, versions(),
+                      capture=user)
+
+    def stage1(self, prompts: list[str], seeds: list[int], cls: list[int], observers: tuple = (),
+               ) -> tuple[LayoutResult, np.ndarray]:
+        """Stage 1 (layout.step_blended), capturing the class token's cross-attention: the
+        LayoutResult (its `store` set) and the mean class-token maps (B, h, w)."""
+        cfg, bundle = self.resolved_config(), self.models
+        spec = attention.CaptureSpec(layers=cfg.mask.layers(bundle.unet, bundle.latent_size),
+                                     kind="cross", tokens=[[i] for i in cls])
+        with attention.capture(bundle.unets, spec) as store:
+            layout = step_blended(bundle, prompts, seeds, cfg.layout,
+                                  observers=(store, *observers), checked=True)
+        layout.store = store
+        return layout, aggregate(store, slice(None), cfg.layout.steps, cfg.mask,
+                                 bundle.latent_size)
+
+    def checked(self, prompt: str | list[str], seed: int | list[int]) -> tuple[list, list]:
+        """(prompts, seeds) of a call, every input and knob checked before any denoising."""
+        bundle = self.models
+        if type(self) is not engine_class(self.config.engine):
+            raise ValueError(f"this pipeline runs the {type(self).__name__} engine, but "
+                             f"config.engine is {self.config.engine!r}: the engine is chosen "
+                             "when the pipeline is made, LayoutAndRetouch(models, "
+                             f"LRConfig(engine={self.config.engine!r}))")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         seeds = [seed] * len(prompts) if isinstance(seed, numbers.Integral) else list(seed)
         if len(seeds) != len(prompts):
@@ -251,160 +251,21 @@ class LayoutAndRetouch:
                              "or one per prompt")
         if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in seeds):
             raise TypeError(f"seeds must be ints, got {seeds!r}")
-        seeds = [int(x) for x in seeds]
         if not prompts:
             raise ValueError("no prompt given; write e.g. "
                              f"'a {bundle.identifier} {bundle.class_noun} on the beach'")
         check_call(self.config, seeds, bundle)  # every field's type, NaN/inf, seeds, no-op stages
-        n, size = cfg.layout.steps, bundle.latent_size
-        cfg.validate(bundle.unet, size)  # every knob, before any denoising
-        cls = check_prompts(bundle, prompts)
-        ref_key, ref_image, ref_prompt = self._reference_key(reference_images)
-        stage2 = self.stage2_path(len(prompts), capture, ref_key not in self._references)
-        memory.check(bundle, cfg, batch=len(prompts), capture=capture, stage2=stage2)
-
-        start = self.start_step()
-        cached = stage2 == "cached"
-        layers, kv_steps = kv_plan(bundle, cfg.swap, n, start) if cached else ([], [])
-        ref_layers, ref_steps = reference_plan(bundle, cfg.swap, n, start) if cached else ([], [])
-        kv_device = self.cache_device()
-        kv_dtype = self.cache_dtype()
-
-        # stage 1, capturing the class token's cross-attention for the context masks (and,
-        # for the cached stage 2, the context's self-attention keys/values)
-        spec = attention.CaptureSpec(layers=mask_layers(bundle.unet, cfg.mask, size),
-                                     kind="cross", tokens=[[i] for i in cls])
-        kv_store = self.cache_store(len(prompts))
-        ctx_kv = KVCache(layers, kv_steps, device=kv_device, dtype=kv_dtype, store=kv_store)
-        ref_kv = None  # the reference's, recorded from its inversion's own UNet calls
-        with contextlib.ExitStack() as stack:
-            rider = None
-            if ref_key not in self._references:  # the reference inversion rides stage 1
-                lambda1 = resolve_steps(cfg.layout.lambda1, n, "lambda1")
-                if cached:
-                    ref_kv = KVCache(ref_layers, ref_steps, device=kv_device, dtype=kv_dtype,
-                                     store=kv_store)
-                rider, ref_store = stack.enter_context(riding_inversion(
-                    bundle, ref_image, ref_prompt,
-                    token_index(bundle.tokenizer, ref_prompt, bundle.class_noun), steps=n,
-                    mask_cfg=cfg.mask, ride_steps=rideable_steps(bundle, n, lambda1), kv=ref_kv,
-                    stop=self.reference_stop()))
-            store = stack.enter_context(attention.capture(bundle.unets, spec))
-            stack.enter_context(record_kv(bundle.unets,
-                                          *(c for c in (ctx_kv, ref_kv) if c is not None)))
-            layout = step_blended(bundle, prompts, seeds, cfg.layout, observers=(store, ctx_kv),
-                                  checked=True, rider=rider)
-        if rider is not None:
-            self._references[ref_key] = reference_from(bundle, rider, ref_store, ref_image,
-                                                       cfg.mask, self.segmenter)
-        ref = self._references[ref_key]
-        layout.store = store
-        attn = aggregate(store, slice(None), n, cfg.mask, size)
-        ctx_masks = [masks.subject_mask(img, a, self.segmenter, cfg.mask)
-                     for img, a in zip(layout.images, attn)]
-
-        # stage 2
-        kv = None
-        if cached:
-            key = (id(ref), tuple(ref_layers), tuple(ref_steps), str(kv_dtype), kv_device,
-                   kv_store)
-
-            def reference_cache():  # recorded by the inversion that rode stage 1, or replayed
-                if ref_kv is not None:
-                    return ref_kv
-                return reference_kv(bundle, ref, ref_layers, ref_steps, n, device=kv_device,
-                                    dtype=kv_dtype, store=kv_store)
-            kv = {"reference": self._reference_keys_values(key, reference_cache),
-                  "context": ctx_kv}
-        with contextlib.ExitStack() as stack:
-            user = (stack.enter_context(attention.capture(bundle.unets, capture)) if capture
-                    else None)
-            z, traj, per_step, store2 = retouch(
-                bundle, layout, ref, np.stack([m.mask for m in ctx_masks]), cls,
-                swap_cfg=cfg.swap, mask_cfg=cfg.mask, steps=n, guidance=cfg.layout.guidance,
-                start_step=start, callback=callback, observers=(user,) if user else (), kv=kv)
-        record = {**run_record(bundle, cfg, self.segmenter, ref.image), "stage2_used": stage2,
-                  "kv_store_used": kv_store if cached else None}
-        return Result(prompts, seeds, sampling.decode(bundle, z), layout, traj, ref,
-                      Masks(ctx_masks, ref.mask, per_step), store2, record, versions(),
-                      capture=user)
-
-    def stage2_path(self, batch: int, capture=None, new_reference: bool = False) -> str:
-        """"cached" or "batched": the stage-2 path a call on `batch` prompts takes (LRConfig.stage2).
-        "auto" takes "batched" when the key/value caches would not fit kv_budget_gb, and, where
-        the caches live in pinned host memory on a GPU, for one prompt with a reference not seen
-        before (`new_reference`: pinning the memory costs more than the cache saves in one
-        call). On a CPU a new reference costs the cached path nothing, since its keys/values are
-        recorded while it is inverted. Raises for "cached" when the target starts before
-        lambda1."""
-        cfg = self.config
-        n = cfg.layout.steps
-        if capture is not None or cfg.stage2 == "batched":
-            return "batched"
-        pinned = self.models.device.type != "cpu" and self.cache_device() == "cpu"
-        if cfg.stage2 == "auto" and batch == 1 and new_reference and pinned:
-            return "batched"
-        start, lambda1 = self.start_step(), resolve_steps(cfg.layout.lambda1, n, "lambda1")
-        if start < lambda1:
-            if cfg.stage2 == "auto":
-                return "batched"
-            raise ValueError(
-                f"stage2='cached' reads the context's keys/values from stage 1's personalized "
-                f"steps (k >= lambda1 = {lambda1}), but the target starts at step {start}. Use "
-                f"start_step >= {lambda1}, or LRConfig(stage2='batched').")
-        if cfg.stage2 == "cached":
-            return "cached"
-        need = self.kv_bytes(batch)
-        return "cached" if need <= self.kv_budget() else "batched"
+        self.config.validate(bundle.unet, bundle.latent_size)  # every knob
+        return prompts, [int(x) for x in seeds]
 
     def resolved_config(self) -> LRConfig:
         """The config a call runs with: guidance None filled in from the models
         (ModelBundle.guidance); recorded in Result.config."""
         return replace(self.config, layout=self.config.layout.resolved(self.models))
 
-    def kv_bytes(self, batch: int, store: str | None = None) -> int:
-        """Bytes of the key/value caches the cached stage 2 adds for `batch` prompts: the
-        context's (2 rows per prompt under CFG) and the reference's (one row, once per
-        reference: its inversion's own UNet call, kv.reference_plan's layers and steps), as
-        `store` holds them (None: what `cache_store(batch)` picks)."""
-        return kv_bytes(self.models, self.config, batch, store or self.cache_store(batch),
-                        self.cache_dtype())
-
-    def cache_device(self):
-        """Where the key/value caches are stored (LRConfig.kv_device): "cpu", or None (where
-        they are computed, the UNet's device)."""
-        on_model = self.config.kv_device == "model" or self.models.device.type == "cpu"
-        return None if on_model else "cpu"
-
-    def cache_store(self, batch: int | None = None) -> str:
-        """What the key/value caches hold (LRConfig.kv_store): "kv" or "hidden". "auto" takes
-        "kv", the faster (on an H200 the re-projection costs stage 2 more than the halved copies
-        save), unless the caches cross between host and GPU
-        (kv_device "host" on a GPU) and, for `batch` prompts, only "hidden" fits kv_budget:
-        then the cached path still runs, on half the host memory."""
-        store = self.config.kv_store
-        if store != "auto":
-            return store
-        crossing = self.models.device.type != "cpu" and self.cache_device() == "cpu"
-        if not crossing or batch is None:
-            return "kv"
-        return "kv" if self.kv_bytes(batch, "kv") <= self.kv_budget() else "hidden"
-
-    def cache_dtype(self):
-        """The torch dtype the key/value caches are stored in (LRConfig.kv_dtype)."""
-        import torch
-        name = self.config.kv_dtype
-        return self.models.dtype if name is None else getattr(torch, name)
-
-    def kv_budget(self) -> int:
-        """LRConfig.kv_budget_gb in bytes; None: half the memory available where the caches
-        live (host RAM; the GPU's free memory with kv_device="model" on a GPU)."""
-        if self.config.kv_budget_gb is not None:
-            return int(self.config.kv_budget_gb * 1024 ** 3)
-        if self.cache_device() is None and self.models.device.type != "cpu":
-            return (memory.free_memory(self.models.device) or 0) // 2
-        return available_memory() // 2
-
     def start_step(self) -> int:
-        """The step the target branch starts from (config.start_step; None: max(lambda1, lambda2))."""
+        """The step the target branch starts from (LRConfig.target_start)."""
         return self.config.target_start()
+
+
+ENGINES["reference"] = LayoutAndRetouch

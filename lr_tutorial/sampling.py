@@ -11,7 +11,6 @@ Works for epsilon- and v-prediction models alike: the scheduler converts the mod
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,7 +18,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .attention import NO_ROWS  # an observer's `rows` when no row of a call is its own
 from .config import check_steps, resolve_guidance
 
 StepCallback = Callable[[dict], None]  # receives {"step", "timestep", "latent", "x0"}
@@ -127,68 +125,33 @@ def settle(x: torch.Tensor) -> None:
 @torch.no_grad()
 def denoise(bundle, z: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
             sched, guidance: float, k_range: range, traj: Trajectory | None = None,
-            callback: StepCallback | None = None, observers: tuple = (),
-            rider: Inversion | None = None) -> torch.Tensor:
-    """Run DDIM steps k in `k_range` from z = z_k; append to `traj`. Returns z after the range.
-
-    Each observer (an attention store or swap controller) hears `on_step(k, t, cfg)` before
-    the step's UNet call, `cfg` telling whether the batch is [uncond; cond].
-    `rider`: an Inversion whose next steps share these UNet calls, its row appended to the
-    batch (while it has steps left). The observers on both sides are told which rows are
-    theirs (`rows`), so each records its own."""
+            callback: StepCallback | None = None, observers: tuple = ()) -> torch.Tensor:
+    """Run DDIM steps k in `k_range` from z = z_k with the bundle's current UNet; append to
+    `traj`. Returns z after the range. Each observer (an attention store, a swap controller)
+    hears `on_step(k, t, cfg)` before the step's UNet call, `cfg` telling whether the batch is
+    [uncond; cond]."""
     cfg = uncond is not None and guidance != 1.0
-    n = z.shape[0] * (2 if cfg else 1)  # this loop's rows
-    # a personalized rider in a vanilla loop: its rows alone run the personalized model, so it
-    # must ride every call of the range (stage 1 hands it the last vanilla steps only)
-    mixed = rider is not None and not rider.done and rider.mode != bundle.mode
-    if mixed and rider.remaining < len(k_range):
-        raise ValueError(f"a {rider.mode} rider in a {bundle.mode} loop must ride all of its "
-                         f"{len(k_range)} calls, but has {rider.remaining} steps left: hand it "
-                         "the last calls of the loop only")
-    with bundle.personal_rows(n) if mixed else contextlib.nullcontext():
-        for k in k_range:
-            t = sched.timesteps[k]
-            for obs in observers:
-                obs.on_step(k, int(t), cfg)
-            if rider is not None and not rider.done:  # batch [uncond; cond] (or [cond]) + rider
-                zr, tr, cr = rider.begin()
-                z_in, c_in = (torch.cat([z, z]), torch.cat([uncond, cond])) if cfg else (z, cond)
-                t_in = t.reshape(1).expand(n).to(tr.device, tr.dtype, non_blocking=True)
-                with _rows(observers, slice(0, n)), _rows(rider.observers, slice(n, None)):
-                    out = bundle.unet(torch.cat([z_in, zr]), torch.cat([t_in, tr]),
-                                      encoder_hidden_states=torch.cat([c_in, cr])).sample
-                rider.finish(out[n:])
-                eps = out[:n]
-                if cfg:
-                    eps_u, eps_c = eps.chunk(2)
-                    eps = eps_u + guidance * (eps_c - eps_u)
-            else:
-                eps = guided_eps(bundle.unet, z, t, cond, uncond, guidance)
-            out = sched.step(eps, t, z)
-            if traj is not None:
-                traj.timesteps.append(int(t))
-                traj.x0.append(to_host(out.pred_original_sample))
-                traj.latents.append(to_host(out.prev_sample))
-            if callback is not None:
-                callback({"step": k, "timestep": int(t), "latent": out.prev_sample,
-                          "x0": out.pred_original_sample})
-            z = out.prev_sample
+    for k in k_range:
+        t = sched.timesteps[k]
+        for obs in observers:
+            obs.on_step(k, int(t), cfg)
+        eps = guided_eps(bundle.unet, z, t, cond, uncond, guidance)
+        out = sched.step(eps, t, z)
+        record_step(traj, callback, k, t, out.prev_sample, out.pred_original_sample)
+        z = out.prev_sample
     settle(z)  # the trajectory's host copies have landed
     return z
 
 
-@contextlib.contextmanager
-def _rows(observers, rows: slice):
-    """Tell observers (attention stores, key/value caches) which rows of the batch are theirs,
-    for the calls inside the block; then restore what they had."""
-    before = [getattr(obs, "rows", None) for obs in observers]
-    for obs in observers:
-        obs.rows = rows
-    try:
-        yield
-    finally:
-        for obs, r in zip(observers, before):
-            obs.rows = r
+def record_step(traj: Trajectory | None, callback: StepCallback | None, k: int, t,
+                z: torch.Tensor, x0: torch.Tensor) -> None:
+    """Append step k's result (z after the step, its x0) to `traj` and tell `callback`."""
+    if traj is not None:
+        traj.timesteps.append(int(t))
+        traj.x0.append(to_host(x0))
+        traj.latents.append(to_host(z))
+    if callback is not None:
+        callback({"step": k, "timestep": int(t), "latent": z, "x0": x0})
 
 
 def sample(bundle, prompts: list[str], seeds: list[int], *, steps: int = 50,
@@ -237,126 +200,54 @@ def to_eps(model_output: torch.Tensor, z: torch.Tensor, alpha_bar: torch.Tensor,
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
+def inversion_step(sched, k: int, z: torch.Tensor, model_output: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM inversion step (docs/method.md "DDIM inversion"): from z_{k+1} at level
+    t_{k+1} to the noisier z_k, given the model's output at the target timestep t_k:
+
+        x0  = (z_{k+1} - sqrt(1 - a_{k+1}) eps) / sqrt(a_{k+1})
+        z_k = sqrt(a_k) x0 + sqrt(1 - a_k) eps          a_k = alpha_bar(t_k)
+
+    a_N is the scheduler's final alpha. Returns (z_k, x0)."""
+    ts, abar = sched.timesteps, sched.alphas_cumprod
+    a_k = abar[ts[k]].to(z)
+    a_next = (abar[ts[k + 1]] if k + 1 < len(ts) else sched.final_alpha_cumprod).to(z)
+    eps = to_eps(model_output, z, a_k, sched.config.prediction_type)
+    x0 = (z - (1 - a_next).sqrt() * eps) / a_next.sqrt()
+    return a_k.sqrt() * x0 + (1 - a_k).sqrt() * eps, x0
+
+
+def check_stop(stop, steps: int) -> None:
+    if isinstance(stop, bool) or not isinstance(stop, int) or not 0 <= stop < steps:
+        raise ValueError(f"stop must be a step in [0, {steps - 1}] (the last step inverted; "
+                         f"0: all the way to noise), got {stop!r}")
+
+
 @torch.no_grad()
 def ddim_invert(bundle, z_clean: torch.Tensor, prompt: str | list[str] = "", *, steps: int = 50,
                 guidance: float = 1.0, observers: tuple = (), callback: StepCallback | None = None,
-                ) -> Trajectory:
-    """DDIM inversion: walk a clean latent z_N back to noise along the deterministic DDIM path.
-
-    Convention (null-text inversion's and MasaCtrl's): to go from level t_{k+1} to the noisier
-    t_k, evaluate the model at the *target* timestep t_k on the current latent:
-
-        eps = eps(z_{k+1}, t_k, y);  x0 = (z_{k+1} - sqrt(1 - a_{k+1}) eps) / sqrt(a_{k+1})
-        z_k = sqrt(a_k) x0 + sqrt(1 - a_k) eps
-
-    with a_k = alpha_bar(t_k) and a_N = the scheduler's final alpha. Observers hear
-    on_step(k, t_k) in inversion order (k = N-1 .. 0). Returns the Trajectory in denoising order
-    (latents[k] = z_k, latents[N] = z_clean; x0[k] the x0 seen at step k), ready to be replayed.
-    """
-    inv = Inversion(bundle, z_clean, prompt, steps=steps, guidance=guidance,
-                    observers=observers, callback=callback)
-    try:
-        while not inv.done:
-            inv.step_alone()
-    finally:
+                stop: int = 0) -> Trajectory:
+    """DDIM inversion: walk a clean latent z_N back to noise along the deterministic DDIM path,
+    k = N-1 .. stop, evaluating the model at the target timestep t_k (null-text inversion's and
+    MasaCtrl's convention; `inversion_step`). Observers hear on_step(k, t_k, cfg) in inversion
+    order. Returns the Trajectory in denoising order (latents[k - stop] = z_k, the last one
+    z_clean; x0 the x0 seen at each step; Trajectory.start = stop), ready to be replayed."""
+    check_stop(stop, steps)
+    sched = make_scheduler(bundle, steps)
+    b = z_clean.shape[0]
+    cond = encode_prompts(bundle, [prompt] * b if isinstance(prompt, str) else list(prompt))
+    uncond = encode_prompts(bundle, [""] * b) if guidance != 1.0 else None
+    z = z_clean.to(bundle.device, bundle.dtype)
+    latents, x0s = [to_host(z)], []
+    for k in reversed(range(stop, steps)):
+        t = sched.timesteps[k]
         for obs in observers:
-            obs.rows = None
-    return inv.trajectory()
-
-
-class Inversion:
-    """ddim_invert one step at a time, so that its UNet calls can also ride along another
-    loop's: `denoise(..., rider=inv)` appends the inversion's row to each of its UNet calls
-    (one timestep per row) until the inversion is done. The reference inversion of
-    Layout-and-Retouch rides stage 1 this way (batch 2B + 1 instead of a separate batch-1
-    call per step; lr_tutorial.pipeline). Without classifier-free guidance only (guidance 1,
-    the inversion's usual setting).
-
-    Its observers record only in its own calls: between its steps their `rows` is NO_ROWS, so
-    an attention store left installed does not record the other loop's calls.
-
-    stop: the last step inverted (k = N-1 .. stop), so the trajectory holds z_stop..z_N
-    (Trajectory.start = stop): Layout-and-Retouch reads the reference only from the step its
-    target starts at, so it may stop there (LRConfig.reference_inversion="start")."""
-
-    def __init__(self, bundle, z_clean: torch.Tensor, prompt: str | list[str] = "", *,
-                 steps: int = 50, guidance: float = 1.0, observers: tuple = (),
-                 callback: StepCallback | None = None, stop: int = 0):
-        if isinstance(stop, bool) or not isinstance(stop, int) or not 0 <= stop < steps:
-            raise ValueError(f"stop must be a step in [0, {steps - 1}] (the last step inverted; "
-                             f"0: all the way to noise), got {stop!r}")
-        self.bundle, self.guidance, self.prompt = bundle, guidance, prompt
-        self.mode = bundle.mode  # the model it inverts with (a loop in another mode mixes rows)
-        self.observers, self.callback = tuple(observers), callback
-        self.sched = make_scheduler(bundle, steps)
-        self.ptype = self.sched.config.prediction_type
-        b = z_clean.shape[0]
-        prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
-        self.cond = encode_prompts(bundle, prompts)
-        self.uncond = encode_prompts(bundle, [""] * b) if guidance != 1.0 else None
-        self.z = z_clean.to(bundle.device, bundle.dtype)
-        self.lat, self.x0s = [to_host(self.z)], []
-        for obs in self.observers:  # they sit out every call until this inversion's first
-            obs.rows = NO_ROWS
-        self.stop = stop
-        self.todo = list(reversed(range(stop, steps)))  # k = N-1 .. stop
-
-    @property
-    def done(self) -> bool:
-        return not self.todo
-
-    @property
-    def remaining(self) -> int:
-        """Steps (UNet calls) left."""
-        return len(self.todo)
-
-    def begin(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The next step's UNet inputs (z, t per row, text embeddings); tells the observers the
-        step (k, t_k, cfg=False)."""
-        if self.guidance != 1.0:
-            raise ValueError("an inversion with classifier-free guidance cannot ride another "
-                             "loop's calls; run it alone (ddim_invert)")
-        k = self.todo[0]
-        t = self.sched.timesteps[k]
-        for obs in self.observers:
-            obs.on_step(k, int(t), False)
-            obs.rows = None  # denoise narrows this to the rider's rows
-        return (self.z, t.reshape(1).expand(self.z.shape[0]).to(self.z.device, non_blocking=True),
-                self.cond)
-
-    def finish(self, model_output: torch.Tensor) -> None:
-        """Advance by one step, given the UNet's output for the rows `begin` returned."""
-        for obs in self.observers:
-            obs.rows = NO_ROWS  # sit out the calls that are not the inversion's
-        k = self.todo.pop(0)
-        ts, abar = self.sched.timesteps, self.sched.alphas_cumprod
-        t, z = ts[k], self.z
-        a_next = abar[t].to(z)
-        a_cur = (abar[ts[k + 1]] if k + 1 < len(ts) else self.sched.final_alpha_cumprod).to(z)
-        eps = to_eps(model_output, z, a_next, self.ptype)
-        x0 = (z - (1 - a_cur).sqrt() * eps) / a_cur.sqrt()
-        self.z = z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
-        self.lat.append(to_host(z))
-        self.x0s.append(to_host(x0))
-        if self.callback is not None:
-            self.callback({"step": k, "timestep": int(t), "latent": z, "x0": x0})
-
-    @torch.no_grad()
-    def step_alone(self) -> None:
-        """One inversion step in a UNet call of its own (with CFG if guidance != 1)."""
-        k = self.todo[0]
-        t = self.sched.timesteps[k]
-        cfg = self.uncond is not None
-        for obs in self.observers:
-            obs.on_step(k, int(t), cfg)
-            obs.rows = None
-        out = guided_eps(self.bundle.unet, self.z, t, self.cond, self.uncond, self.guidance)
-        self.finish(out)
-
-    def trajectory(self) -> Trajectory:
-        if not self.done:
-            raise RuntimeError(f"the inversion still has {len(self.todo)} steps to go")
-        settle(self.z)  # its host copies have landed
-        ts = self.sched.timesteps
-        return Trajectory(timesteps=[int(t) for t in ts[self.stop:]], latents=self.lat[::-1],
-                          x0=self.x0s[::-1], start=self.stop)
+            obs.on_step(k, int(t), uncond is not None)
+        z, x0 = inversion_step(sched, k, z, guided_eps(bundle.unet, z, t, cond, uncond, guidance))
+        latents.append(to_host(z))
+        x0s.append(to_host(x0))
+        if callback is not None:
+            callback({"step": k, "timestep": int(t), "latent": z, "x0": x0})
+    settle(z)  # the host copies have landed
+    return Trajectory(timesteps=[int(t) for t in sched.timesteps[stop:]], latents=latents[::-1],
+                      x0=x0s[::-1], start=stop)

@@ -283,7 +283,7 @@ def test_capturing_self_attention_of_a_swapped_layer_raises(unet):
 
 
 def test_kv_recording_leaves_the_output_unchanged_and_records_what_was_asked(unet):
-    from lr_tutorial.kv import KVCache, record_kv
+    from lr_tutorial.fast.kv import KVCache, record_kv
     layers = attention.select_layers(unet, "up_blocks.*attn1", "self")
     z, t, ctx = _inputs()
     with torch.no_grad():
@@ -309,7 +309,7 @@ def test_kv_recording_into_several_caches_gives_each_its_own_rows_and_layers(une
     """Stage 1 records the context's keys/values and, in the same UNet calls, the riding
     reference inversion's: one processor per layer, each cache its own rows, layers and steps."""
     from lr_tutorial.attention import NO_ROWS
-    from lr_tutorial.kv import KVCache, KVRecordProcessor, record_kv
+    from lr_tutorial.fast.kv import KVCache, KVRecordProcessor, record_kv
     layers = attention.select_layers(unet, "up_blocks.*attn1", "self")
     z, t, ctx = _inputs(batch=3)
     alone = KVCache(layers, steps=[2])
@@ -346,7 +346,7 @@ def test_kv_recording_into_several_caches_gives_each_its_own_rows_and_layers(une
 
 
 def test_kv_cache_bytes_are_known_before_recording(unet):
-    from lr_tutorial.kv import KVCache, cache_bytes, record_kv
+    from lr_tutorial.fast.kv import KVCache, cache_bytes, record_kv
     layers = attention.select_layers(unet, "up_blocks.*attn1", "self")
     z, t, ctx = _inputs(batch=3)
     cache = KVCache(layers, steps=[1, 2])

@@ -190,8 +190,9 @@ def test_retouch_without_the_swap_is_stage_1_also_with_a_learned_identifier(toy)
     from lr_tutorial.layout import LayoutConfig
     from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
     assert toy.identifier_embedding is not None
-    for stage2 in ("batched", "cached"):
-        cfg = LRConfig(layout=LayoutConfig(steps=10), swap=SwapConfig(mode="none"), stage2=stage2)
+    for engine, stage2 in (("reference", "batched"), ("fast", "cached")):
+        cfg = LRConfig(layout=LayoutConfig(steps=10), swap=SwapConfig(mode="none"),
+                       engine=engine, stage2=stage2)
         res = LayoutAndRetouch(toy, cfg)(["a sks star on the left at night"] * 2, seed=[0, 1])
         torch.testing.assert_close(res.target.latents[-1], res.layout.trajectory.latents[-1],
                                    atol=1e-4, rtol=1e-4)

@@ -44,15 +44,13 @@ refs = reference_images(bundle)  # toy: the star's five photos; SD: the photos i
 # rows, B target rows). The context latent $z^c_k$ is read from the stage-1 trajectory. The
 # reference row repeats the UNet call the DDIM inversion of the photo made at $t_k$: latent
 # $z^r_{k+1}$, the reference prompt, in both halves (our choice: the same call, so its keys and
-# values can be recorded while inverting). Only the target is actually denoised. (The default,
-# faster path runs the target rows alone and reads the other two branches' keys and values,
-# recorded in stage 1 and by the inversion: `lr_tutorial/kv.py`.) First, the reference
-# inversion (computed once per photo and reused for every prompt and seed). Stage 2 reads it
-# only from the target's first step on; `LRConfig(reference_inversion="start")` stops it there,
-# which saves the noisiest steps' inversion work but narrows the mask $M^r$ a little (its
-# docstring has the measured cost). In a full call with a new reference, the inversion costs
-# no UNet call of its own: its row rides stage 1's calls, the vanilla steps' included, where
-# that row alone runs the LoRA (`ModelBundle.personal_rows`):
+# values can be recorded while inverting). Only the target is actually denoised. (The fast
+# engine, `LRConfig(engine="fast")`, runs the target rows alone and reads the other two
+# branches' keys and values, recorded in stage 1 and by the inversion: `lr_tutorial/fast/`.)
+# First, the reference inversion (computed once per photo and reused for every prompt and
+# seed). Stage 2 reads it only from the target's first step on;
+# `LRConfig(reference_inversion="start")` stops it there, which saves the noisiest steps'
+# inversion work but narrows the mask $M^r$ a little (docs/performance.md):
 
 # %%
 from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
