@@ -283,6 +283,28 @@ class LRConfig:
                 f"lambda2 = {self.swap.lambda2} (the retouch phase starts at step {l2} of {n}): "
                 "blending would stop before the retouch it keeps to the subject. Give "
                 "lambda3 >= lambda2, or lambda3 = 0 to switch blending off")
+        if self.reference_inversion not in ("full", "start"):
+            raise ValueError(f"reference_inversion must be 'full' (to pure noise) or 'start' "
+                             f"(to the target's first step), got {self.reference_inversion!r}")
+        if self.start_step is not None and (
+                isinstance(self.start_step, bool) or not isinstance(self.start_step, numbers.Integral)
+                or not 0 <= self.start_step < n):
+            raise ValueError(f"start_step = {self.start_step!r} must be None (start at lambda2) "
+                             f"or a step in [0, {n - 1}] for {n} steps (0: the target starts "
+                             "from the context's noise)")
+        if isinstance(self.reference_index, bool) \
+                or not isinstance(self.reference_index, numbers.Integral) \
+                or self.reference_index < 0:
+            raise ValueError(f"reference_index must be an int >= 0, got {self.reference_index!r}")
+        self.validate_engine()
+        if unet is not None:
+            size = latent_size or unet.config.sample_size
+            attention.select_layers(unet, self.swap.structure_layers, "self")
+            attention.select_layers(unet, self.swap.retouch_layers, "self")
+            self.mask.layers(unet, size)
+
+    def validate_engine(self) -> None:
+        """The engine and the fast engine's knobs (stage2, kv_*)."""
         if self.engine not in ENGINE_NAMES:
             raise ValueError(f"engine must be one of {ENGINE_NAMES} (the method as written, or "
                              f"with its speed work), got {self.engine!r}")
@@ -290,9 +312,6 @@ class LRConfig:
             raise ValueError("stage2='cached' (key/value caches) is the fast engine's: "
                              "LRConfig(engine='fast', stage2='cached'); the reference engine "
                              "runs stage 2 batched")
-        if self.reference_inversion not in ("full", "start"):
-            raise ValueError(f"reference_inversion must be 'full' (to pure noise) or 'start' "
-                             f"(to the target's first step), got {self.reference_inversion!r}")
         if self.stage2 not in ("auto", "cached", "batched"):
             raise ValueError(f"stage2 must be 'auto', 'cached' or 'batched', got {self.stage2!r}")
         if self.kv_device not in ("auto", "host", "model"):
@@ -307,21 +326,6 @@ class LRConfig:
                 or not self.kv_budget_gb >= 0):
             raise ValueError(f"kv_budget_gb must be None (half the available memory) or a number "
                              f"of GB >= 0, got {self.kv_budget_gb!r}")
-        if self.start_step is not None and (
-                isinstance(self.start_step, bool) or not isinstance(self.start_step, numbers.Integral)
-                or not 0 <= self.start_step < n):
-            raise ValueError(f"start_step = {self.start_step!r} must be None (start at lambda2) "
-                             f"or a step in [0, {n - 1}] for {n} steps (0: the target starts "
-                             "from the context's noise)")
-        if isinstance(self.reference_index, bool) \
-                or not isinstance(self.reference_index, numbers.Integral) \
-                or self.reference_index < 0:
-            raise ValueError(f"reference_index must be an int >= 0, got {self.reference_index!r}")
-        if unet is not None:
-            size = latent_size or unet.config.sample_size
-            attention.select_layers(unet, self.swap.structure_layers, "self")
-            attention.select_layers(unet, self.swap.retouch_layers, "self")
-            self.mask.layers(unet, size)
 
     def target_start(self) -> int:
         """The step the target branch starts from: start_step, or (None) max(lambda2, lambda1)."""

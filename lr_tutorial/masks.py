@@ -232,7 +232,10 @@ class FusedMask:
 
 
 def fuse(attn: np.ndarray, seg: np.ndarray, cfg: MaskConfig) -> FusedMask:
-    """Fuse a normalized attention map (h, w) with a segmenter mask (H, W) into M (h, w)."""
+    """Mask fusion (docs/method.md "Adaptive mask blending"): a normalized attention map A
+    (h, w) and a segmenter mask S (H, W) into M (h, w):
+
+        B = (A >= tau_lo) & S;   M = max(feather(B, w), A >= tau_hi)"""
     h = attn.shape[-1]
     s = resize(seg.astype(np.float32), h) >= 0.5
     support = (attn >= cfg.tau_lo) & s

@@ -92,3 +92,23 @@ def test_narration_pattern_catches_what_it_should():
     for text in ("a progress bar", "ax.bar(x, y)", r"$\bar\alpha_t$", "error bars of the plot",
                  "jupyter sessionContext"):
         assert not NARRATION.search(text), text
+
+
+def test_each_equation_is_one_function_of_at_most_40_lines_as_docs_method_lists():
+    """docs/method.md lists the function of each equation with its length; the lengths are the
+    code's, and none is over 40 lines."""
+    import ast
+    text = (ROOT / "docs" / "method.md").read_text()
+    table = text.split("<!-- equations -->")[1].split("<!-- /equations -->")[0]
+    rows = re.findall(r"^\| (.+?) \| `(lr_tutorial/\w+\.py)` `([\w.]+)` \| (\d+) \|$", table, re.M)
+    assert len(rows) >= 10, table
+    for what, path, qualname, lines in rows:
+        node = ast.parse((ROOT / path).read_text())
+        for part in qualname.split("."):
+            node = next((n for n in ast.iter_child_nodes(node)
+                         if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part),
+                        None)
+            assert node is not None, f"{path} has no {qualname} ({what})"
+        length = node.end_lineno - node.lineno + 1
+        assert length == int(lines), f"{path} {qualname}: {length} lines, docs say {lines}"
+        assert length <= 40, f"{path} {qualname} ({what}): {length} lines"
