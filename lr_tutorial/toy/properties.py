@@ -50,13 +50,24 @@ class Property:
         return f"[{mark}] {self.name}: {self.value:.3f} (target {self.target})"
 
 
-def diagnose_prompts(n: int = 24, seed: int = PROMPT_SEED) -> list[str]:
-    """`n` colour-free `sks star` prompts drawn from the grammar (none in the held-out file)."""
-    held = set(heldout.drawn_personal_prompts())
-    drawn = heldout._draw(np.random.default_rng(seed), world.SUBJECT_CLASS, 4 * n,
-                          world.SUBJECT_IDENTIFIER)
-    keep = [p for p in drawn if p not in held and world.parse_prompt(p)["colour"] is None]
-    return keep[:n]
+def diagnose_prompts(n: int | None = None, seed: int = PROMPT_SEED) -> list[str]:
+    """`n` (None: all 74) colour-free `sks star` prompts that are not in the held-out file: every combination of
+    size, position and background (each stated or not, the background phrase also before the
+    position phrase), shuffled with `seed`."""
+    held = set(heldout.personal_prompts())
+    pool = set()
+    for size in (None, *world.SIZES):
+        for pos in (None, *world.POSITIONS):
+            for bg in (None, *heldout.SCENE_BACKGROUNDS):
+                p = world.caption(world.SUBJECT_CLASS, size=size, position=pos, background=bg,
+                                  identifier=world.SUBJECT_IDENTIFIER)
+                pool.add(p)
+                if pos and bg:  # the other phrase order reads the same to the grammar
+                    pool.add(p.replace(world.POSITION_PHRASES[pos], "").rstrip() + " "
+                             + world.POSITION_PHRASES[pos])
+    pool = sorted(" ".join(p.split()) for p in pool - held)
+    rng = np.random.default_rng(seed)
+    return [pool[i] for i in rng.permutation(len(pool))[:n]]
 
 
 def _lambda1_steps(config, steps: int) -> int:
@@ -154,3 +165,42 @@ def diagnose(bundle, vanilla_bundle, config, *, prompts=None, steps: int = 25, s
     if 4 in only:
         out.append(personalized_problem(bundle, prompts, steps=steps, seeds=seeds))
     return out
+
+
+def add_arguments(parser) -> None:
+    """The `toy-diagnose` command's flags (registered in lr_tutorial.cli)."""
+    parser.add_argument("--personalized", default="default",
+                        help="LoRA folder (default: the shipped data/toy/lora)")
+    parser.add_argument("--only", default="1,2,3,4", help="which properties, e.g. 1,3")
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="how many of the diagnostic's 74 prompts (default: all)")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args) -> int:
+    """`python -m lr_tutorial toy-diagnose`: print each property and whether it holds; exit
+    status 0 when all measured ones hold, 1 otherwise."""
+    import json
+
+    from ..models import load_models
+    from ..pipeline import LRConfig
+
+    only = tuple(int(x) for x in str(args.only).split(",") if x.strip())
+    if not only or not set(only) <= {1, 2, 3, 4}:
+        raise ValueError(f"--only takes property numbers 1-4, e.g. 1,3; got {args.only!r}")
+    vanilla = load_models("toy", personalized=None)
+    bundle = load_models("toy", personalized=args.personalized) if set(only) & {2, 4} else vanilla
+    config = LRConfig()
+    config.layout.lambda1 = resolve_lambda1(bundle, config.layout.lambda1)
+    props = diagnose(bundle, vanilla, config, prompts=diagnose_prompts(args.prompts),
+                     steps=args.steps, seeds=args.seeds, only=only)
+    if args.json:
+        print(json.dumps({p.name: {"value": p.value, "target": p.target, "holds": p.holds,
+                                   **p.detail} for p in props}, indent=1))
+    else:
+        for p in props:
+            print(p.line())
+            print("      " + ", ".join(f"{k}: {v}" for k, v in p.detail.items()))
+    return 0 if all(p.holds for p in props) else 1
