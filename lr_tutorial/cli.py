@@ -850,7 +850,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = getattr(a, "debug", False) or os.environ.get("LR_TUTORIAL_DEBUG") == "1"
     try:
         from . import threads
-        threads.apply(getattr(a, "threads", 0))
+        n = threads.apply(getattr(a, "threads", 0))
+        if n > threads.cores():
+            print(f"warning: --threads {n} is more than the {threads.cores()} cores this process "
+                  "may use; threads then wait for each other (0 picks them automatically)",
+                  file=sys.stderr)
         return int(a.func(a) or 0)
     except KeyboardInterrupt:
         if debug:

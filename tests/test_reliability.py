@@ -882,3 +882,14 @@ def test_sd_generate_flags_are_checked_before_any_model_loads(tmp_path, capsys, 
         assert err.count("\n") == 1 and all(w in err for w in words), (words, err)
     assert cli.main(base + ["--prompt", "a SKS Dog", "--class-noun", "dog", "--personalized",
                             str(tmp_path / "lora")]) == 130  # valid: stopped where models load
+
+
+def test_more_threads_than_cores_is_said(tmp_path, capsys, monkeypatch):
+    from lr_tutorial import cli, threads
+    monkeypatch.setattr(cli, "_validated", lambda a: (_ for _ in ()).throw(KeyboardInterrupt))
+    n = threads.cores() + 3
+    try:
+        assert cli.main(["demo", "--out", str(tmp_path / "d"), "--threads", str(n)]) == 130
+    finally:
+        torch.set_num_threads(1)
+    assert f"warning: --threads {n} is more than the {threads.cores()} cores" in capsys.readouterr().err
