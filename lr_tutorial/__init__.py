@@ -10,4 +10,4 @@ LRConfig.engine names: "reference" (lr_tutorial.pipeline) and "fast" (lr_tutoria
 from .version import __version__  # noqa: F401
 from .models import ModelBundle, load_models  # noqa: E402,F401
 from .pipeline import LayoutAndRetouch  # noqa: E402,F401
-from . import fast  # noqa: E402,F401  (registers LRConfig(engine="fast"))
+from .fast import pipeline as _fast  # noqa: E402,F401  (registers LRConfig(engine="fast"))

@@ -15,75 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from .fast import lora
+from .fast.lora import plain_lora
 
 MODES = ("vanilla", "personalized")
-
-
-def plain_lora(layer, adapter: str) -> bool:
-    """Whether a peft layer applies `adapter` as plain LoRA, W x + B A x * scaling (or not at
-    all): no variant (DoRA and the like), an A and a B module (Linear and Conv layers)."""
-    if adapter not in getattr(layer, "lora_A", {}):
-        return not hasattr(layer, "lora_embedding_A") or adapter not in layer.lora_embedding_A
-    variants = getattr(layer, "lora_variant", {}) or {}
-    return adapter not in variants and not getattr(layer, "use_dora", {}).get(adapter, False)
-
-
-class _Fused:
-    """One peft layer's base weight W and its merge W + s B A (peft's `merge`, run once), with
-    the tensor version counters they were made from, so a later change to the LoRA's weights,
-    its scaling, or W itself (training, a reload) is noticed and the merge redone."""
-
-    def __init__(self, layer, weight, saved, merged, adapter):
-        self.layer, self.weight, self.saved, self.merged = layer, weight, saved, merged
-        self.adapter = adapter
-        self.params = [p for name, p in layer.named_parameters()  # the adapter's A, B, ...
-                       if f".{adapter}." in f".{name}."]
-        self.state = self._state()  # as of W's last restore
-
-    @classmethod
-    def of(cls, layer, weight, adapter: str) -> "_Fused":
-        saved = weight.detach().clone()
-        layer.merge(adapter_names=[adapter])  # peft: W += s B A (any LoRA variant)
-        merged = weight.detach().clone()
-        layer.unmerge()
-        weight.copy_(saved)  # unmerge leaves float rounding: W back bit for bit
-        return cls(layer, weight, saved, merged, adapter)
-
-    def _state(self) -> tuple:
-        """What W and the LoRA are now: autograd's version counters (bumped by every write),
-        storage, dtype and device, and the scaling."""
-        w = self.weight
-        return (w._version, w.data_ptr(), w.dtype, w.device,
-                repr(self.layer.scaling.get(self.adapter)),
-                tuple((p.data_ptr(), p._version) for p in self.params))
-
-    def current(self, layer, weight, adapter: str) -> bool:
-        return layer is self.layer and weight is self.weight and adapter == self.adapter \
-            and self._state() == self.state
-
-    def restore(self) -> None:
-        self.weight.copy_(self.saved)
-        self.state = self._state()
-
-
-_ONEDNN_SAVED: list = []  # (module, its caller's torch.backends.mkldnn.enabled), innermost last
-
-
-def _onednn_pre_hook(min_rows: int | None):
-    """ModelBundle.set_unet_onednn's forward pre-hook: oneDNN off for a UNet call of fewer than
-    `min_rows` rows (None: every call), the caller's setting saved for _onednn_restore."""
-    def hook(module, args, kwargs) -> None:
-        _ONEDNN_SAVED.append((module, torch.backends.mkldnn.enabled))
-        sample = args[0] if args else kwargs.get("sample")
-        if min_rows is None or not torch.is_tensor(sample) or sample.shape[0] < min_rows:
-            torch.backends.mkldnn.enabled = False
-    return hook
-
-
-def _onednn_restore(module, args, out) -> None:  # forward hook, run after an exception too
-    if _ONEDNN_SAVED and _ONEDNN_SAVED[-1][0] is module:  # not if another pre-hook failed first
-        torch.backends.mkldnn.enabled = _ONEDNN_SAVED.pop()[1]
 
 
 @dataclass
@@ -211,9 +147,9 @@ class ModelBundle:
         minus the walk, and only where the layer is not in that state already. Code that adds
         or removes adapters sets `_lora_layers = None` (attach_lora, personalize). With
         fuse_lora the adapter stays off in both modes and personalized mode writes the merged
-        weights in (_merge)."""
+        weights in (fast/lora.py)."""
         key = (id(self.unet), self.adapter_name)
-        self._unmerge()
+        lora.unmerge(self)
         if self._lora_layers is None or self._lora_layers[0] != key:
             if on:
                 self.unet.enable_adapters()
@@ -229,88 +165,23 @@ class ModelBundle:
             if layer.disable_adapters == adapter_on:  # peft's flag: "off" now
                 layer.enable_adapters(adapter_on)
         if on and self.fuse_lora:
-            self._merge()
-
-    # LoRA merged into the weights while personalized (fuse_lora): the base layer's weight
-    # holds W + s B A with the adapter off; switching to vanilla copies W back bit for bit, so
-    # vanilla outputs never drift. Both are computed once per layer (peft's own merge) and
-    # kept, so a switch is one copy per layer (a vanilla -> personalized -> vanilla round trip
-    # on the toy UNet: 7.7 ms, against 80.8 ms recomputing the merge).
-    @torch.no_grad()
-    def _merge(self) -> None:
-        for layer in self._lora_layers[1]:
-            layer.get_base_layer().weight.copy_(self._fused_of(layer).merged)
-        self._holds_merged = True
-
-    def _fused_of(self, layer) -> _Fused:
-        """The layer's kept _Fused, made (again) where missing or out of date."""
-        weight = layer.get_base_layer().weight
-        fused = self._fused.get(id(layer))
-        if fused is None or not fused.current(layer, weight, self.adapter_name):
-            self._fused[id(layer)] = fused = _Fused.of(layer, weight, self.adapter_name)
-        return fused
-
-    @torch.no_grad()
-    def _unmerge(self) -> None:
-        if self._holds_merged:
-            for fused in self._fused.values():
-                fused.restore()
-            self._holds_merged = False
+            lora.merge(self)
 
     def set_fuse_lora(self, fuse: bool) -> None:
         """Merge the LoRA into the UNet's weights whenever the bundle is personalized (off by
-        default). Inference only: an unmerged LoRA layer runs three ops (base, A, B) where a
-        merged one runs one, which is most of the cost of a personalized step on the toy UNet
-        (bench/pipeline.py --fuse-lora). Switching to vanilla copies the saved base weights
-        back exactly, so the vanilla model is bit-for-bit unchanged; personalized outputs
-        differ from the unmerged LoRA's by float rounding only. Memory: two copies of every
-        adapted base weight (W, and W + s B A) while fuse_lora is on; a change to the LoRA's
-        or the base's weights is noticed at the next switch and merged afresh.
-        personalize.dreambooth_lora turns it off to train."""
-        self.fuse_lora = bool(fuse)
-        if self.personalization == "lora" and self.mode == "personalized":
-            self._lora_switch(True)
-        if not self.fuse_lora:
-            self._forget_merge()
+        default; inference only): personalized outputs differ from the unmerged LoRA's by float
+        rounding, vanilla ones not at all (fast/lora.py)."""
+        lora.set_fuse_lora(self, fuse)
 
     def set_unet_onednn(self, enabled: bool, min_rows: int = 1) -> None:
-        """Whether the UNets' convolutions on a CPU use oneDNN (torch.backends.mkldnn.enabled,
-        on by default in torch): never (enabled False), or in UNet calls of at least `min_rows`
-        rows (the batch of `sample`; 1: every call, torch's default). Where it is off for a
-        call, each UNet forward (of `bundle.unets` as of this call) turns the flag off on entry
-        and puts it back on exit, also after an exception (two module hooks); everything else,
-        the VAE included, keeps the process's setting. GPU convolutions never use oneDNN, so
-        this changes CPU runs only.
+        """Whether the UNets' CPU convolutions use oneDNN: never (enabled False) or in UNet
+        calls of at least `min_rows` rows (fast/lora.py)."""
+        lora.set_unet_onednn(self, enabled, min_rows)
 
-        oneDNN reorders a convolution's weights into its own layout on every call, a fixed cost
-        that only large convolutions pay back. The toy UNet's smallest convolution takes
-        0.16-0.20 ms with it and 0.04 ms without, and its forward of 2-3 rows (one image)
-        0.74-0.90x the time without it; but at 17 rows (8 images and the riding reference row)
-        1.53x, so the toy loader keeps oneDNN for calls of TOY_ONEDNN_MIN_ROWS rows or more.
-        The toy VAE (64 x 64 images) is 1.5-2.1x slower without it, and so is Stable
-        Diffusion's UNet at 512 px (1.11x; at 128 px it is faster without, 0.60x). Results
-        differ from oneDNN's by float rounding only.
-        Not thread-safe: the flag is the process's, so do not run another CPU model in a
-        second thread during a UNet forward.
-        """
-        if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
-            raise ValueError(f"min_rows must be an int >= 1 (1: oneDNN in every UNet call), got "
-                             f"{min_rows!r}")
-        for handle in self._onednn_hooks:
-            handle.remove()
-        self._onednn_hooks = []
-        self.unet_onednn, self.unet_onednn_min_rows = bool(enabled), min_rows
-        if not self.unet_onednn or min_rows > 1:
-            pre = _onednn_pre_hook(min_rows if self.unet_onednn else None)
-            for unet in self.unets:
-                self._onednn_hooks += [
-                    unet.register_forward_pre_hook(pre, with_kwargs=True),
-                    unet.register_forward_hook(_onednn_restore, always_call=True)]
-
-    def _forget_merge(self) -> None:
-        """W back in the weights, and the kept merges dropped."""
-        self._unmerge()
-        self._fused.clear()
+    def personal_rows(self, start: int, merged: bool | None = None):
+        """`with bundle.personal_rows(n):` in vanilla mode, the block's UNet calls run the
+        personalized model on their rows from `start` on (fast/lora.py)."""
+        return lora.personal_rows(self, start, merged)
 
     def set_identifier_embedding(self, row: int | None, learned: torch.Tensor | None = None) -> None:
         """Give the personalized model a learned input embedding (D,) for token `row` (the
@@ -329,80 +200,6 @@ class ModelBundle:
         self._base_identifier_row = weight[row].detach().clone()
         self.identifier_embedding = (int(row), learned.detach().clone().cpu())
         self._apply(self.mode)
-
-    @contextlib.contextmanager
-    def personal_rows(self, start: int, merged: bool | None = None):
-        """`with bundle.personal_rows(n):` in vanilla mode, the UNet calls in the block run the
-        personalized model on their rows from `start` on and the vanilla one on the others (the
-        reference inversion riding stage 1's vanilla steps, sampling.denoise).
-
-        LoRA: a forward hook on every LoRA layer gives those rows the personalized output while
-        the adapter stays off for the others (the base weights are never merged in vanilla mode).
-        `merged` (None: when fuse_lora is on): the hook recomputes the rows with the layer's
-        merged weight W + s B A, out[start:] = W' x[start:] + b, the op the merged personalized
-        model runs (the same bits), from the merges fuse_lora keeps anyway; else it adds the
-        adapter's update, out[start:] += B(A(x[start:])) * scaling, the formula of peft's own
-        LoRA forward. The merged hook is one op per layer where the update is two modules and a
-        scale (toy UNet, one image's vanilla call with the riding row: 78.4 ms instead of 88.3
-        ms). peft's mixed-batch inference (`adapter_names`) does the update with a row index
-        per layer, slower here (277.3 against 249.9 ms per 17-row toy call). Textual inversion and none: nothing to do (the rows' prompt embeddings already
-        differ). The hooks are removed on exit, also after an exception."""
-        if self.mode != "vanilla":
-            raise RuntimeError(f"personal_rows mixes personalized rows into vanilla UNet calls, "
-                               f"but the bundle is {self.mode}: enter it inside "
-                               "bundle.using('vanilla')")
-        if not self.mixes_rows:
-            raise ValueError(f"this {self.personalization} bundle cannot run personalized and "
-                             "vanilla rows in one UNet call (its personalized model is another "
-                             "UNet, or a LoRA variant): run the personalized rows in calls of "
-                             "their own")
-        if self.personalization != "lora":
-            yield self
-            return
-        name = self.adapter_name
-        weights = self._merged_weights() if (self.fuse_lora if merged is None else merged) else {}
-
-        def add_lora(layer, args, kwargs, out):  # (rows, ...): rows start.. get the LoRA
-            if name not in layer.lora_A:
-                return out
-            x = (args[0] if args else kwargs["x"])[start:]
-            w = weights.get(id(layer))
-            if w is not None:  # the merged layer's op on those rows: W' x + b
-                base = layer.get_base_layer()
-                out[start:] = (F.linear(x, w, base.bias) if isinstance(base, torch.nn.Linear)
-                               else F.conv2d(x, w, base.bias, base.stride, base.padding,
-                                             base.dilation, base.groups))
-                return out
-            a = layer.lora_A[name]
-            x = layer.lora_dropout[name](x.to(a.weight.dtype))
-            out[start:] += (layer.lora_B[name](a(x)) * layer.scaling[name]).to(out.dtype)
-            return out
-        handles = []
-        try:
-            for layer in self._peft_layers():
-                handles.append(layer.register_forward_hook(add_lora, with_kwargs=True))
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
-            if not self.fuse_lora:  # merged=True without fuse_lora: keep no merges after
-                self._fused.clear()
-
-    @torch.no_grad()
-    def _merged_weights(self) -> dict:
-        """{id(layer): W + s B A} of every plain Linear / zero-padded Conv2d LoRA layer, the
-        merges fuse_lora keeps (_Fused: computed here where missing or out of date); other
-        layers (LoRA variants, other kinds) are left out and take the B A x update."""
-        out = {}
-        for layer in self._peft_layers():
-            base = layer.get_base_layer()
-            if not (type(base) is torch.nn.Linear or (type(base) is torch.nn.Conv2d
-                                                       and base.padding_mode == "zeros")) \
-                    or not plain_lora(layer, self.adapter_name) \
-                    or self.adapter_name not in layer.lora_A:
-                continue
-            out[id(layer)] = self._fused_of(layer).merged
-        return out
 
     def _peft_layers(self) -> list:
         """The UNet's peft layers (cached by _lora_switch)."""
@@ -423,12 +220,12 @@ class ModelBundle:
     def to(self, device=None, dtype=None) -> "ModelBundle":
         kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         merged = self._holds_merged  # the kept merge is made again where the weights go
-        self._forget_merge()
+        lora.forget_merge(self)
         for m in (self.text_encoder, self.vae, self._vanilla_unet, self.personal_unet):
             if m is not None and kw:
                 m.to(**kw)
         if merged:
-            self._merge()
+            lora.merge(self)
         return self
 
     def pipeline(self):

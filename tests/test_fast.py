@@ -516,7 +516,7 @@ def test_the_fast_engine_equals_the_reference_engine(bundle):
 
 
 def test_the_engine_is_chosen_by_one_switch(bundle):
-    from lr_tutorial.fast import FastLayoutAndRetouch
+    from lr_tutorial.fast.pipeline import FastLayoutAndRetouch
     assert type(LayoutAndRetouch(bundle)) is LayoutAndRetouch  # the reference, by default
     fast = LayoutAndRetouch(bundle, LRConfig(engine="fast", layout=LayoutConfig(steps=6)))
     assert isinstance(fast, FastLayoutAndRetouch)

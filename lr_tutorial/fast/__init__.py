@@ -6,6 +6,7 @@ engine (tests/test_fast.py). The method modules never import it.
     riding.py    the reference inversion riding stage 1's UNet calls
     swap.py      the attention swap on the target rows alone, reading the caches
     stage2.py    stage 2 on the target rows alone; the reference's keys/values replayed
-    pipeline.py  FastLayoutAndRetouch: the engine, with the stage-2 path chooser
+    pipeline.py  FastLayoutAndRetouch: the engine, with the stage-2 path chooser (importing it
+                 registers the engine; the package root does)
+    lora.py      ModelBundle's kept LoRA merge, per-row LoRA and oneDNN switch
 """
-from .pipeline import FastLayoutAndRetouch  # noqa: F401  (registers the engine)
