@@ -255,7 +255,7 @@ def _heads(unet, path: str) -> int:
 
 
 # Observers (attention stores, key/value caches) may share a UNet call with rows that are not
-# theirs (sampling.denoise's rider): `rows` None = the whole batch, a slice = their rows,
+# theirs (the fast engine's inversion riding stage 1's calls): `rows` None = the whole batch, a slice = their rows,
 # NO_ROWS = none of this call's rows (they sit the call out).
 NO_ROWS = slice(0, 0)
 
@@ -269,7 +269,7 @@ class AttentionStore:
         self.maps: dict[tuple[str, int], torch.Tensor] = {}
         self.step: int | None = None
         self.cfg = False
-        self.rows: slice | None = None  # this store's rows of the batch (None: all; sampling.denoise's rider)
+        self.rows: slice | None = None  # this store's rows of the batch (None: all)
         self._index: dict = {}  # (device, B, heads, HW) -> gather index of per-row tokens
 
     def on_step(self, k: int, t: int | None = None, cfg: bool = False) -> None:

@@ -235,7 +235,7 @@ class LRConfig:
     fit `kv_budget_gb` and the target starts after lambda1, else "batched" (also on a GPU
     with host caches for one prompt with a new reference: `stage2_path`). A `capture=` of
     stage 2 uses "batched", since it records every branch.
-    kv_budget_gb: memory the cached path may hold in keys/values (kv.cache_bytes); None: half
+    kv_budget_gb: memory the cached path may hold in keys/values (memory.cache_bytes); None: half
     the memory available where the caches live when the run starts.
     kv_device: where those caches live: "host" (the CPU's memory; on a GPU they are copied
     through pinned memory on a side stream, so the GPU's peak stays plain sampling's), "model"
