@@ -1,19 +1,21 @@
 # Quick start: `make demo`, `make test`; `make lab` opens the notebooks in JupyterLab.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# requirements.txt holds lower bounds (Colab, pip users); requirements-lock.txt the exact versions
+# requirements.txt holds the runtime lower bounds (Colab, pip users), requirements-test.txt the
+# test tools (JupyterLab, nbval, pytest, Playwright); requirements-lock.txt the exact versions
 # that setup installs, so every machine and CI test the same packages.
 LOCK := requirements-lock.txt
-REQ_HASH := $(shell cat requirements.txt $(LOCK) pyproject.toml | sha256sum | cut -c1-12)
+REQS := -r requirements.txt -r requirements-test.txt
+REQ_HASH := $(shell cat requirements.txt requirements-test.txt $(LOCK) pyproject.toml | sha256sum | cut -c1-12)
 STAMP := .make/installed-$(REQ_HASH)
 JOBS ?= 2
 
 .PHONY: setup demo test run-tests test-latest lock test-diffusers-min lab clean
 
-$(STAMP): requirements.txt $(LOCK) pyproject.toml
+$(STAMP): requirements.txt requirements-test.txt $(LOCK) pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt -c $(LOCK)
+	$(PY) -m pip install -q $(REQS) -c $(LOCK)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@mkdir -p .make && rm -f .make/installed-* && touch $@
 
@@ -25,7 +27,8 @@ demo: setup
 # `make test`: the unit tests, the browser test (skips without Chromium/Playwright) and every built
 # notebook re-executed by nbval (--nbval-lax: only cells marked # NBVAL_CHECK_OUTPUT compare
 # outputs). --dist loadfile keeps each notebook's cells on one worker. PYTHONPATH makes the
-# notebook kernels import this checkout's lr_tutorial.
+# notebook kernels import this checkout's lr_tutorial; LR_EXERCISE_SOLUTIONS=1 runs every exercise
+# with the package's solution through its checker (the stored cells hold stubs).
 NOTEBOOKS = $(wildcard notebooks/[0-9][0-9]_*.ipynb)
 
 test: setup
@@ -33,7 +36,7 @@ test: setup
 
 run-tests:
 	@$(if $(NOTEBOOKS),,echo "note: no built notebooks in notebooks/ (python notebooks/build.py), nbval skipped")
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} \
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 LR_EXERCISE_SOLUTIONS=1 PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} \
 	  $(PY) -m pytest -n $(JOBS) --dist loadfile tests \
 	  $(if $(NOTEBOOKS),--nbval-lax --nbval-current-env $(NOTEBOOKS))
 
@@ -45,7 +48,7 @@ LATEST_VENV ?= .venv-latest
 test-latest:
 	@test -x $(LATEST_VENV)/bin/python || python3 -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -r requirements.txt
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager $(REQS)
 	$(LATEST_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 	@$(LATEST_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|diffusers|transformers|peft|accelerate) '
 	@$(MAKE) --no-print-directory run-tests PY=$(LATEST_VENV)/bin/python
@@ -54,7 +57,7 @@ test-latest:
 lock:
 	rm -rf .make/lock-venv && python3 -m venv .make/lock-venv
 	.make/lock-venv/bin/python -m pip install -q --upgrade pip
-	.make/lock-venv/bin/python -m pip install -q -r requirements.txt
+	.make/lock-venv/bin/python -m pip install -q $(REQS)
 	{ sed -n '/^#/p' $(LOCK); .make/lock-venv/bin/python -m pip freeze --exclude-editable; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK) && rm -rf .make/lock-venv
 

@@ -1,32 +1,86 @@
-"""Helpers for the course notebooks: backend choice and a little display glue."""
+"""Helpers for the course notebooks: the backend for this runtime, and the glue that lets every
+notebook run on both backends."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 
-def pick_backend(verbose: bool = True):
-    """The toy backend without a GPU (and in CI); Stable Diffusion with a GPU when the weights
-    are reachable. Environment: LR_BACKEND=toy|sd forces one; LR_SD_BASE (hub id or folder),
-    LR_SD_PERSONALIZED (LoRA/DreamBooth path) and LR_SD_CLASS (class noun) configure SD."""
-    import torch
+BACKEND_ENV, PERSONALIZED_ENV = "LR_BACKEND", "LR_SD_PERSONALIZED"
+SD_HINT = ("for Stable Diffusion, set LR_SD_PERSONALIZED to a LoRA folder (notebook 07 trains one on "
+           "your photos into my_lora) and LR_SD_CLASS to its class noun, e.g. os.environ.update("
+           "LR_SD_PERSONALIZED=\"my_lora\", LR_SD_CLASS=\"dog\"), then rerun this cell")
 
-    from .models import load_models
 
-    want = os.environ.get("LR_BACKEND", "auto")
-    if want == "sd" or (want == "auto" and torch.cuda.is_available()):
+@dataclass
+class BackendChoice:
+    """What pick_backend loads: `backend` "toy" or "sd", the keyword arguments of load_models,
+    whether the environment forced it, and a line to print (or None)."""
+    backend: str
+    kwargs: dict = field(default_factory=dict)
+    forced: bool = False
+    note: str | None = None
+
+
+def choose_backend(env=None, cuda: bool | None = None) -> BackendChoice:
+    """The notebooks' backend for this runtime, without loading anything. The course needs a
+    personalized model, so Stable Diffusion is chosen only with one:
+    - LR_BACKEND=toy, or no GPU: the toy backend;
+    - a GPU and LR_SD_PERSONALIZED naming a folder (LoRA, DreamBooth or textual inversion):
+      Stable Diffusion, from LR_SD_BASE (default: the hub's SD 1.5), class noun LR_SD_CLASS;
+    - a GPU without it: the toy backend, with a line saying how to point the notebooks at SD;
+    - LR_BACKEND=sd: Stable Diffusion even without a GPU; LR_SD_PERSONALIZED is then required."""
+    env = os.environ if env is None else env
+    if cuda is None:
+        import torch
+        cuda = torch.cuda.is_available()
+    want = env.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if want not in ("auto", "toy", "sd"):
+        raise ValueError(f"{BACKEND_ENV}={env[BACKEND_ENV]!r}: use toy, sd or auto (or unset it)")
+    if want == "toy":
+        return BackendChoice("toy", forced=True)
+    personalized = env.get(PERSONALIZED_ENV, "").strip()
+    if want == "sd" and not personalized:
+        raise ValueError(f"{BACKEND_ENV}=sd needs a personalized model: set {PERSONALIZED_ENV} to a LoRA, "
+                         "DreamBooth or textual-inversion folder (notebook 07 trains a LoRA into my_lora)")
+    if want == "auto" and not cuda:
+        note = None if not personalized else \
+            f"{PERSONALIZED_ENV} is set but there is no GPU: toy backend ({BACKEND_ENV}=sd forces Stable Diffusion)"
+        return BackendChoice("toy", note=note)
+    if want == "auto" and not personalized:
+        return BackendChoice("toy", note="GPU found, no personalized model: toy backend; " + SD_HINT)
+    if want == "auto" and not os.path.exists(personalized):
+        return BackendChoice("toy", note=f"{PERSONALIZED_ENV}={personalized!r} does not exist: toy backend; "
+                                         + SD_HINT)
+    kw = {"personalized": personalized, "class_noun": env.get("LR_SD_CLASS", "").strip() or "dog"}
+    if env.get("LR_SD_BASE", "").strip():
+        kw["base"] = env["LR_SD_BASE"].strip()
+    return BackendChoice("sd", kw, forced=want == "sd")
+
+
+def pick_backend(verbose: bool = True, env=None, cuda: bool | None = None):
+    """Load the backend that choose_backend picks for this runtime and print one line naming it
+    (and, on a GPU without a personalized model, how to point the notebooks at Stable Diffusion).
+    Where Stable Diffusion cannot be loaded (no weights offline, a broken LoRA folder), the toy
+    backend, saying why; with LR_BACKEND=sd the error is raised instead."""
+    from . import models
+
+    choice = choose_backend(env, cuda)
+    if choice.note and verbose:
+        print(choice.note)
+    if choice.backend == "sd":
         try:
-            kw = {k: v for k, v in dict(base=os.environ.get("LR_SD_BASE"),
-                                        personalized=os.environ.get("LR_SD_PERSONALIZED"),
-                                        class_noun=os.environ.get("LR_SD_CLASS", "dog")).items() if v}
-            bundle = load_models("sd", **kw)
+            bundle = models.load_models("sd", **choice.kwargs)
             if verbose:
-                print(f"backend: Stable Diffusion ({bundle.personalization} personalization)")
+                print(f"backend: Stable Diffusion ({bundle.personalization} personalization "
+                      f"from {choice.kwargs['personalized']}), subject '{bundle.identifier} {bundle.class_noun}'")
             return bundle
-        except Exception as e:  # no weights offline, no personalized model, ...
-            if want == "sd":
+        except Exception as e:  # no weights offline, an unreadable personalized model, ...
+            if choice.forced:
                 raise
-            print(f"Stable Diffusion unavailable ({str(e).splitlines()[0][:160]}); using the toy backend")
-    bundle = load_models("toy")
+            print(f"Stable Diffusion unavailable ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}); "
+                  "using the toy backend")
+    bundle = models.load_models("toy")
     if verbose:
         print("backend: toy (ShapeWorld), subject 'sks star'")
     return bundle

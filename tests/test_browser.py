@@ -63,7 +63,7 @@ def chromium():
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
-        _skip("the playwright Python package is not installed (pip install -r requirements.txt)")
+        _skip("the playwright Python package is not installed (pip install -r requirements-test.txt)")
     exe = _chromium()
     if exe is None:
         _skip("no Chromium found (apt-get install chromium, or set LR_CHROMIUM)")

@@ -1,5 +1,5 @@
 # %% [markdown]
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/lr_tutorial/blob/main/notebooks/03_stage1_step_blending.ipynb)
+# <<colab-badge>>
 #
 # # 03 · Stage 1: step-blended denoising
 #
@@ -11,19 +11,7 @@
 # **Prerequisites**: notebooks 01-02; DDIM sampling. About a minute and a half on a CPU.
 
 # %%
-# Setup. In Colab: clone the repository and install the package (about a minute).
-# Locally: use the installed package, or this checkout when run from notebooks/ uninstalled.
-import os, subprocess, sys
-if "google.colab" in sys.modules:
-    if not os.path.isdir("lr_tutorial"):
-        subprocess.run(["git", "clone", "--depth", "1", "https://github.com/OWNER/lr_tutorial"], check=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "lr_tutorial"], check=True)
-    sys.path.insert(0, os.path.abspath("lr_tutorial"))  # the editable install shows after a restart
-else:
-    try:
-        import lr_tutorial
-    except ImportError:
-        sys.path.insert(0, os.path.abspath(".."))
+# <<setup>>
 
 # %%
 import numpy as np
