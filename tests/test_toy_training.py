@@ -18,13 +18,14 @@ def tiny_cfg(tmp_path, **kw):
 
 def test_training_smoke_runs_checkpoints_and_exports(tmp_path):
     cfg = tiny_cfg(tmp_path / "ck", look_share=0.25, look_dataset_size=6, looks_from=1,
-                   pair_share=0.25, pair_dataset_size=5, pairs_from=1)
+                   pair_share=0.25, pair_dataset_size=5, pairs_from=1,
+                   diptych_share=0.25, diptych_dataset_size=3, diptychs_from=1)
     (tmp_path / "ck").mkdir()
     vae = train.train_vae(cfg)
-    latents, scaling, looks, pairs = train.unet_data(cfg, vae)
+    latents, scaling, looks, pairs, diptychs = train.unet_data(cfg, vae)
     assert latents.shape == (12, 4, 16, 16) and scaling > 0 and looks.shape == (6, 4, 16, 16)
-    assert pairs.shape == (5, 4, 16, 16)
-    train.train_unet(cfg, latents, scaling, looks, pairs)
+    assert pairs.shape == (5, 4, 16, 16) and diptychs.shape == (3, 4, 16, 32)
+    train.train_unet(cfg, latents, scaling, looks, pairs, diptychs)
     log = [json.loads(x) for x in open(tmp_path / "ck" / "log.jsonl")]
     assert [r["stage"] for r in log] == ["vae"] * 2 + ["unet"] * 3
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
