@@ -1,11 +1,122 @@
-"""Checks for the notebooks' exercises. Each `check_*` raises AssertionError with a hint when the
-answer is wrong and prints a short confirmation when it is right, so a learner can check an
-answer without reading the solution. Every check compares against the package's own code on
-fresh random inputs (never a hard-coded number that could be copied)."""
+"""The notebooks' exercises: what the learner writes, how it is checked, and the package's answer.
+
+An exercise cell defines the function the learner writes, as a stub, and hands it to `attempt`:
+
+    def latent_blend(z_t, z_c, m):
+        # z^t <- M z^t + (1 - M) z^c;  z_t, z_c: (B, C, h, w), m: (B, h, w) in [0, 1]
+        raise exercises.YourTurn()
+
+    latent_blend = exercises.attempt(latent_blend)
+
+`attempt` runs the exercise's check: a right answer prints "correct: ..." and is returned, a
+wrong one raises AssertionError with a hint, and the stub prints one line saying it is the
+learner's turn and returns the package's solution, so the rest of the notebook still runs.
+Where an exercise is a piece of the method, `plugged(fn)` puts the learner's function in place of
+the package's for a block, and the pipeline (reference engine) runs on it:
+
+    with exercises.plugged(latent_blend):
+        result = lr(prompt, refs, seed=0)
+
+With LR_EXERCISE_SOLUTIONS=1 in the environment (how `make test` runs the notebooks),
+`attempt` checks the package's solution instead, and fails if the cell holds anything but the
+stub: the stored notebooks ship without answers and every checker still runs.
+
+Each `check_*` raises AssertionError with a hint when the answer is wrong and prints a short
+confirmation when it is right, so a learner can check an answer without reading the solution.
+Every check compares against the package's own code on fresh random inputs (never a hard-coded
+number that could be copied). EXERCISES lists them by the name of the function the learner writes.
+"""
 from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
+
+SOLUTIONS_ENV = "LR_EXERCISE_SOLUTIONS"
+
+
+class YourTurn(NotImplementedError):
+    """Raised by an exercise's stub: the learner has not written the function yet."""
+
+    def __init__(self, what: str = "this function"):
+        super().__init__(f"your turn: write {what} in the cell above, then run it again")
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """`check(fn)` accepts a right answer (True) and rejects a wrong one (AssertionError with a
+    hint); `solution` is the package's answer with the learner's signature; `plugs_into`,
+    "module:function", names the package function the learner's one can stand in for."""
+    name: str
+    check: Callable
+    solution: Callable
+    plugs_into: str | None = None
+
+
+def solutions_on() -> bool:
+    return os.environ.get(SOLUTIONS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _exercise(fn_or_name) -> Exercise:
+    name = fn_or_name if isinstance(fn_or_name, str) else getattr(fn_or_name, "__name__", "")
+    if name not in EXERCISES:
+        raise KeyError(f"no exercise named {name!r}: name the function after one of "
+                       f"{sorted(EXERCISES)} or pass name=...")
+    return EXERCISES[name]
+
+
+def attempt(fn: Callable, name: str | None = None) -> Callable:
+    """Check the learner's `fn` for the exercise `name` (default: fn's own name) and return the
+    function the notebook goes on with: `fn` when right, the package's solution while `fn` is the
+    stub (saying so), AssertionError with a hint when wrong. See the module docstring."""
+    ex = _exercise(name or fn)
+    if solutions_on():
+        try:
+            ex.check(fn)
+        except YourTurn:
+            pass
+        except Exception as e:
+            raise AssertionError(f"exercise {ex.name}: the cell must hold the stub that raises "
+                                 f"exercises.YourTurn, not an answer (its check raised {type(e).__name__})")
+        else:
+            raise AssertionError(f"exercise {ex.name}: the cell holds an answer; stored notebooks ship "
+                                 "the stub that raises exercises.YourTurn")
+        ex.check(ex.solution)
+        print(f"({SOLUTIONS_ENV}: the package's solution, {_where(ex.solution)})")
+        return ex.solution
+    try:
+        ex.check(fn)
+    except YourTurn:
+        print(f"your turn: `{ex.name}` above is still the stub; write it and run the cell again "
+              f"(until then the notebook goes on with the package's {_where(ex.solution)})")
+        return ex.solution
+    return fn
+
+
+def _where(fn) -> str:
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
+@contextlib.contextmanager
+def plugged(fn: Callable, name: str | None = None):
+    """`with plugged(fn):` the package calls `fn` where the exercise's `plugs_into` function
+    was (the reference engine, LRConfig(engine="reference"), looks it up at each call)."""
+    ex = _exercise(name or fn)
+    if not ex.plugs_into:
+        raise ValueError(f"exercise {ex.name} is not a piece of the pipeline: nothing to plug it into")
+    module_name, attr = ex.plugs_into.split(":")
+    module = importlib.import_module(module_name)
+    original = getattr(module, attr)
+    setattr(module, attr, fn)
+    try:
+        yield fn
+    finally:
+        setattr(module, attr, original)
 
 
 def _ok(msg: str) -> bool:
@@ -106,13 +217,14 @@ def check_phase(fn) -> bool:
     for k, l2, dec in [(0, 10, True), (9, 10, False), (10, 10, True), (10, 10, False), (30, 4, True)]:
         want = "structure" if k < l2 else ("retouch" if dec else None)
         got = fn(k, l2, dec)
-        assert got == want, f"k={k}, lambda2={l2}, decoder={dec}: got {got!r}, expected {want!r}"
+        assert got == want, f"k={k}, lambda2={l2}, decoder={dec}: got {got!r}, expected {want!r}: " \
+            "structure while k < lambda2, in every layer; from lambda2 on, retouch in the decoder only"
     return _ok("structure first, everywhere; then retouch in the decoder only")
 
 
 def check_feather(fn) -> bool:
     """Ex. 5.1: fn(binary (h, w) bool, width) -> soft mask, like masks.feather."""
-    from .masks import feather
+    from .solutions import feather  # the package's, even while a learner's is plugged in
     rng = np.random.default_rng(0)
     for w in (0.5, 1.0, 2.0):
         b = np.zeros((16, 16), bool)
@@ -138,9 +250,24 @@ def check_iou(fn) -> bool:
     return _ok("IoU")
 
 
+def check_capture_size(fn) -> bool:
+    """Ex. 2.1: fn(resolutions, n_tokens, steps) -> the bytes an fp16 capture of the
+    cross-attention of `n_tokens` tokens stores, one image, heads averaged, one map of side r per
+    layer in `resolutions`, for `steps` steps (CaptureSpec.estimate counts the same)."""
+    rng = np.random.default_rng(2)
+    for _ in range(4):
+        res = [int(r) for r in rng.choice([8, 16, 32, 64], size=int(rng.integers(2, 8)))]
+        n, steps = int(rng.integers(1, 5)), int(rng.integers(1, 30))
+        want = sum(r * r for r in res) * n * steps * 2
+        got = fn(res, n, steps)
+        assert got == want, f"layers {res}, {n} tokens, {steps} steps: got {got}, expected {want}. " \
+            "Each layer stores an r x r map per token and step, 2 bytes per fp16 value"
+    return _ok("sum over layers of r^2, times tokens, steps and 2 bytes")
+
+
 def check_capture_bytes(answer: int, spec, unet, steps: int, batch: int = 1,
                         n_tokens: int | None = None) -> bool:
-    """Ex. 2.1: the number of bytes a capture spec stores (compare with spec.estimate)."""
+    """The number of bytes a capture spec stores, as a value (compare with spec.estimate)."""
     want = spec.estimate(unet, steps, batch=batch, n_tokens=n_tokens)
     assert int(answer) == want, f"got {answer}, expected {want}: sum over the selected layers of " \
         "rows x heads x HW x keys, times the steps kept, times the bytes per element"
@@ -151,3 +278,107 @@ def check_fraction(answer: float, truth: float, name: str, tol: float = 0.02) ->
     """A measured share (e.g. position fidelity) computed by the learner vs the package's value."""
     assert abs(float(answer) - truth) <= tol, f"{name}: got {answer:.3f}, expected {truth:.3f}"
     return _ok(f"{name} = {truth:.3f}")
+
+
+
+def _rows(rng, n: int = 12) -> list[dict]:
+    """Rows like toy.report.score's: what the prompt states, whether each stated attribute
+    matched, the identity score."""
+    rows = []
+    for _ in range(n):
+        match = {a: bool(rng.random() < 0.6) for a in ("shape", "background", "position", "size")
+                 if a == "shape" or rng.random() < 0.5}
+        rows.append({"match": match, "identity": float(rng.random())})
+    return rows
+
+
+def check_position_fidelity(fn) -> bool:
+    """Ex. 1.1 and 6.1: fn(rows) -> the share of the rows whose prompt states a position (a
+    "position" key in row["match"]) where the image's position matched."""
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        rows = _rows(rng)
+        stated = [r["match"]["position"] for r in rows if "position" in r["match"]]
+        if not stated:
+            continue
+        want, got = float(np.mean(stated)), fn(rows)
+        assert got is not None and abs(float(got) - want) < 1e-6, \
+            f"got {got}, expected {want:.3f}: count only the rows whose prompt states a position " \
+            "(\"position\" in row[\"match\"]), and divide by their number"
+    return _ok("matches over the prompts that state a position")
+
+
+def check_mean_identity(fn) -> bool:
+    """Ex. 6.2 and 7.2: fn(rows) -> the mean of row["identity"] over the rows."""
+    rng = np.random.default_rng(4)
+    for n in (3, 8):
+        rows = _rows(rng, n)
+        want, got = float(np.mean([r["identity"] for r in rows])), fn(rows)
+        assert got is not None and abs(float(got) - want) < 1e-6, \
+            f"got {got}, expected {want:.3f}: the mean of row[\"identity\"] over every row"
+    return _ok("mean identity")
+
+
+def check_latent_blend(fn, seed: int = 0) -> bool:
+    """Ex. 5.3: fn(z_t, z_c, m) -> M z^t + (1 - M) z^c, the target kept inside the subject mask
+    and the context's latent outside. z_t, z_c: (B, C, h, w); m: (B, h, w) in [0, 1]. It stands
+    in for lr_tutorial.retouch.latent_blend."""
+    from .solutions import latent_blend  # the package's, even while a learner's is plugged in
+    g = torch.Generator().manual_seed(seed)
+    for b, c, h in ((1, 4, 8), (3, 4, 6)):
+        z_t, z_c = torch.randn(b, c, h, h, generator=g), torch.randn(b, c, h, h, generator=g)
+        m = torch.rand(b, h, h, generator=g)
+        want = latent_blend(z_t, z_c, m)
+        got = fn(z_t, z_c, m)
+        assert isinstance(got, torch.Tensor) and got.shape == want.shape, \
+            f"shape {tuple(getattr(got, 'shape', ()))}, expected {tuple(want.shape)}: m is (B, h, w), " \
+            "give it a channel axis (m[:, None]) to weigh every channel"
+        assert torch.allclose(got, want, atol=1e-6), \
+            "values differ: M marks the subject, so the target's latent is kept where M = 1 and the " \
+            "context's (the background) where M = 0"
+    return _ok("z^t <- M z^t + (1 - M) z^c")
+
+
+def check_inversion_step(fn, seed: int = 0) -> bool:
+    """DDIM inversion: fn(sched, k, z, eps) -> (z_k, x0), from z_{k+1} at level t_{k+1} to the
+    noisier z_k at t_k (a_N, past the last step, is sched.final_alpha_cumprod). An
+    epsilon-prediction scheduler; it stands in for lr_tutorial.sampling.inversion_step."""
+    from .solutions import inversion_step  # the package's, even while a learner's is plugged in
+    g = torch.Generator().manual_seed(seed)
+    sched = _ddim()
+    for k in (0, 4, 9):
+        z, eps = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+        want = inversion_step(sched, k, z, eps)
+        got = fn(sched, k, z, eps)
+        assert isinstance(got, tuple) and len(got) == 2, "return the pair (z_k, x0)"
+        assert torch.allclose(torch.as_tensor(got[1]), want[1], atol=1e-4), \
+            f"k={k}: x0 differs: z is at level t_(k+1) (sched.timesteps[k + 1], or the final alpha " \
+            "after the last step), so x0 = (z - sqrt(1 - a_(k+1)) eps) / sqrt(a_(k+1))"
+        assert torch.allclose(torch.as_tensor(got[0]), want[0], atol=1e-4), \
+            f"k={k}: z_k differs: re-noise x0 to the noisier level t_k with the same eps, " \
+            "z_k = sqrt(a_k) x0 + sqrt(1 - a_k) eps"
+    return _ok("x0 from the level z is at, then up to the noisier level")
+
+
+def _registry() -> dict[str, Exercise]:
+    from . import solutions as s
+    entries = [
+        Exercise("position_fidelity", check_position_fidelity, s.position_fidelity),
+        Exercise("strip_identifier", check_strip_identifier, s.strip_identifier),
+        Exercise("capture_bytes", check_capture_size, s.capture_bytes),
+        Exercise("iou", check_iou, s.iou),
+        Exercise("vanilla_steps", check_lambda_steps, s.vanilla_steps),
+        Exercise("ddim_step", check_ddim_step, s.ddim_step),
+        Exercise("retouch_attention", check_masked_attention, s.retouch_attention),
+        Exercise("phase", check_phase, s.phase),
+        Exercise("feather", check_feather, s.feather, "lr_tutorial.masks:feather"),
+        Exercise("latent_blend", check_latent_blend, s.latent_blend, "lr_tutorial.retouch:latent_blend"),
+        Exercise("inversion_step", check_inversion_step, s.inversion_step,
+                 "lr_tutorial.sampling:inversion_step"),
+        Exercise("mean_identity", check_mean_identity, s.mean_identity),
+        Exercise("add_noise", check_add_noise, s.add_noise),
+    ]
+    return {e.name: e for e in entries}
+
+
+EXERCISES: dict[str, Exercise] = _registry()

@@ -20,6 +20,13 @@ repository's address is one setting, `repository` in pyproject.toml's [tool.lr_t
 (with `branch`); LR_TUTORIAL_REPOSITORY and LR_TUTORIAL_BRANCH override it for one build (a fork
 building its own Colab links). While the owner in it is the placeholder OWNER, the badges point
 nowhere and the setup cell stops in Colab with a line saying how to build with the real address.
+
+Exercises: a cell where the learner writes a piece of the method holds a stub that raises
+`exercises.YourTurn`, and hands the function to `exercises.attempt(...)`, which checks it, or, for
+a stub, says so and continues with the package's solution. With LR_EXERCISE_SOLUTIONS=1 (set by
+`make test` for nbval) every exercise runs the package's solution through its checker instead, and
+fails where a stored cell holds an answer instead of the stub. The stored notebooks are executed
+without it, so their outputs show what a learner sees.
 """
 from __future__ import annotations
 

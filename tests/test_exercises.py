@@ -1,44 +1,28 @@
-"""Every exercise check passes the reference solution and fails a plausible wrong answer."""
+"""The exercises: every check accepts a right answer written here (not the package's own) and
+rejects a plausible wrong one with its hint; `attempt` goes on with the package's solution while
+a cell holds the stub, and with LR_EXERCISE_SOLUTIONS=1 checks that solution and refuses a cell
+that holds an answer; `plugged` puts a learner's function where the pipeline calls the package's."""
+import inspect
+import re
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from lr_tutorial import exercises as ex
-from lr_tutorial.layout import resolve_steps
-from lr_tutorial.masks import feather
-from lr_tutorial.prompts import strip_identifier
 
 
-def test_lambda_steps():
-    assert ex.check_lambda_steps(resolve_steps)
-    with pytest.raises(AssertionError, match="fraction"):
-        ex.check_lambda_steps(lambda lam, n: int(lam * n))  # truncates instead of rounding
+@pytest.fixture(autouse=True)
+def learner_mode(monkeypatch):
+    monkeypatch.delenv(ex.SOLUTIONS_ENV, raising=False)
 
 
-def test_strip_identifier():
-    assert ex.check_strip_identifier(strip_identifier)
-    with pytest.raises(AssertionError):
-        ex.check_strip_identifier(lambda p, i: p.replace(i, "").strip())
-
-
+# ----------------------------------------------------------------------------- right answers
 def _ddim_step(z, eps, a_t, a_prev):
     x0 = (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()
     return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, x0
-
-
-def test_ddim_step():
-    assert ex.check_ddim_step(_ddim_step)
-    with pytest.raises(AssertionError, match="x0 differs"):  # forgets the sqrt on a_t
-        ex.check_ddim_step(lambda z, e, a, ap: _ddim_step(z, e, a ** 2, ap))
-    with pytest.raises(AssertionError, match="z_prev differs"):  # returns x0 as the next latent
-        ex.check_ddim_step(lambda z, e, a, ap: (_ddim_step(z, e, a, ap)[1],) * 2)
-
-
-def test_add_noise():
-    assert ex.check_add_noise(lambda x0, e, a: a.sqrt() * x0 + (1 - a).sqrt() * e)
-    with pytest.raises(AssertionError, match="square roots"):
-        ex.check_add_noise(lambda x0, e, a: a * x0 + (1 - a) * e)
 
 
 def _masked(q, kr, vr, mr, kc, vc, mt):
@@ -48,39 +32,183 @@ def _masked(q, kr, vr, mr, kc, vc, mt):
     return mt[None, :, None] * ref + (1 - mt[None, :, None]) * ctx
 
 
-def test_masked_attention():
-    assert ex.check_masked_attention(_masked)
-    wrong = lambda q, kr, vr, mr, kc, vc, mt: _masked(q, kr, vr, torch.ones_like(mr), kc, vc, mt)  # noqa
-    with pytest.raises(AssertionError, match="mask the reference"):
-        ex.check_masked_attention(wrong)
+def _feather(b, w):
+    if w <= 0 or not b.any() or b.all():
+        return b.astype(np.float32)
+    sd = ndimage.distance_transform_edt(b) - ndimage.distance_transform_edt(~b)
+    return np.clip(0.5 + np.where(b, sd - 0.5, sd + 0.5) / (2 * w), 0, 1)
 
 
-def test_phase():
-    assert ex.check_phase(lambda k, l2, d: "structure" if k < l2 else ("retouch" if d else None))
-    with pytest.raises(AssertionError):
-        ex.check_phase(lambda k, l2, d: "structure" if k <= l2 else "retouch")
+def _inversion_step(sched, k, z, eps, level_of_x0=1):
+    ts, abar = sched.timesteps, sched.alphas_cumprod
+    a_k = abar[ts[k]]
+    a_next = abar[ts[k + 1]] if k + 1 < len(ts) else sched.final_alpha_cumprod
+    a_x0 = a_next if level_of_x0 == 1 else a_k
+    x0 = (z - (1 - a_x0).sqrt() * eps) / a_x0.sqrt()
+    return a_k.sqrt() * x0 + (1 - a_k).sqrt() * eps, x0
 
 
-def test_feather():
-    assert ex.check_feather(feather)
-    with pytest.raises(AssertionError):
-        ex.check_feather(lambda b, w: b.astype(float))
+def _strip(p, i):
+    return " ".join(w for w in p.split() if w != i)
 
 
-def test_iou():
-    assert ex.check_iou(lambda a, b: 1.0 if not (a | b).any() else (a & b).sum() / (a | b).sum())
-    with pytest.raises(AssertionError):
-        ex.check_iou(lambda a, b: (a & b).sum() / max(1, a.sum()))
+def _lambda(lam, n):
+    return int(round(lam * n)) if isinstance(lam, float) else int(lam)
 
 
-def test_capture_bytes_and_fraction():
-    from lr_tutorial.attention import CaptureSpec
-    from lr_tutorial.toy import components
-    unet = components.build_unet()
-    spec = CaptureSpec(kind="cross", tokens=[1, 2])
-    assert ex.check_capture_bytes(spec.estimate(unet, 10), spec, unet, 10)
-    with pytest.raises(AssertionError):
-        ex.check_capture_bytes(spec.estimate(unet, 10) * 2, spec, unet, 10)
+def _position(rows):
+    hits = [r["match"]["position"] for r in rows if "position" in r["match"]]
+    return sum(hits) / len(hits)
+
+
+RIGHT = {
+    "position_fidelity": _position,
+    "strip_identifier": _strip,
+    "capture_bytes": lambda res, n, steps: 2 * n * steps * sum(r ** 2 for r in res),
+    "iou": lambda a, b: 1.0 if not (a | b).any() else (a & b).sum() / (a | b).sum(),
+    "vanilla_steps": _lambda,
+    "ddim_step": _ddim_step,
+    "retouch_attention": _masked,
+    "phase": lambda k, l2, d: "structure" if k < l2 else ("retouch" if d else None),
+    "feather": _feather,
+    "latent_blend": lambda z_t, z_c, m: z_c + m.unsqueeze(1) * (z_t - z_c),
+    "inversion_step": _inversion_step,
+    "mean_identity": lambda rows: sum(r["identity"] for r in rows) / len(rows),
+    "add_noise": lambda x0, e, a: a.sqrt() * x0 + (1 - a).sqrt() * e,
+}
+
+# (a plausible wrong answer, the hint its rejection must give)
+WRONG = {
+    "position_fidelity": (lambda rows: sum(r["match"].get("position", False) for r in rows) / len(rows),
+                          "only the rows whose prompt states a position"),
+    "strip_identifier": (lambda p, i: p.replace(i, "").strip(), "drop only the whole word"),
+    "capture_bytes": (lambda res, n, steps: n * steps * sum(r ** 2 for r in res), "2 bytes per fp16"),
+    "iou": (lambda a, b: (a & b).sum() / max(1, a.sum()), "IoU = "),
+    "vanilla_steps": (lambda lam, n: int(lam * n), "a fraction of N"),  # truncates
+    "ddim_step": (lambda z, e, a, ap: _ddim_step(z, e, a ** 2, ap), "x0 differs"),  # no sqrt
+    "retouch_attention": (lambda q, kr, vr, mr, kc, vc, mt: _masked(q, kr, vr, torch.ones_like(mr), kc, vc, mt),
+                          "mask the reference"),
+    "phase": (lambda k, l2, d: "structure" if k <= l2 else "retouch", "while k < lambda2"),
+    "feather": (lambda b, w: b.astype(float), "signed distance"),
+    "latent_blend": (lambda z_t, z_c, m: m[:, None] * z_c + (1 - m[:, None]) * z_t, "M marks the subject"),
+    "inversion_step": (lambda s, k, z, e: _inversion_step(s, k, z, e, level_of_x0=0), "x0 differs"),
+    "mean_identity": (lambda rows: float(np.median([r["identity"] for r in rows])), "the mean"),
+    "add_noise": (lambda x0, e, a: a * x0 + (1 - a) * e, "square roots"),
+}
+
+
+def test_every_exercise_has_a_right_and_a_wrong_answer_here():
+    assert set(ex.EXERCISES) == set(RIGHT) == set(WRONG)
+
+
+@pytest.mark.parametrize("name", sorted(RIGHT))
+def test_check_accepts_a_right_answer(name, capsys):
+    assert ex.EXERCISES[name].check(RIGHT[name]) is True
+    assert capsys.readouterr().out.startswith("correct: ")
+
+
+@pytest.mark.parametrize("name", sorted(WRONG))
+def test_check_rejects_a_plausible_wrong_answer_with_a_hint(name):
+    wrong, hint = WRONG[name]
+    with pytest.raises(AssertionError, match=re.escape(hint)):
+        ex.EXERCISES[name].check(wrong)
+
+
+@pytest.mark.parametrize("name", sorted(RIGHT))
+def test_the_package_solution_passes_its_check(name):
+    assert ex.EXERCISES[name].check(ex.EXERCISES[name].solution) is True
+
+
+def test_ddim_step_rejects_returning_x0_as_the_next_latent():
+    with pytest.raises(AssertionError, match="z_prev differs"):
+        ex.check_ddim_step(lambda z, e, a, ap: (_ddim_step(z, e, a, ap)[1],) * 2)
+
+
+def test_latent_blend_rejects_a_mask_without_a_channel_axis():
+    with pytest.raises(AssertionError, match=r"m\[:, None\]"):
+        ex.check_latent_blend(lambda z_t, z_c, m: (m * z_t.sum(1) + (1 - m) * z_c.sum(1)))
+
+
+def test_the_value_checks():
     assert ex.check_fraction(0.5, 0.51, "x")
     with pytest.raises(AssertionError):
         ex.check_fraction(0.4, 0.51, "x")
+
+
+def test_capture_bytes_counts_what_capture_spec_estimates():
+    from lr_tutorial.attention import CaptureSpec, layer_resolution, select_layers
+    from lr_tutorial.toy import components
+    unet = components.build_unet()
+    spec = CaptureSpec(kind="cross", tokens=[1, 2, 3])
+    res = [layer_resolution(unet, p) for p in select_layers(unet, "*", "cross")]
+    assert ex.EXERCISES["capture_bytes"].solution(res, 3, 10) == spec.estimate(unet, 10)
+    assert ex.check_capture_bytes(spec.estimate(unet, 10), spec, unet, 10)
+    with pytest.raises(AssertionError):
+        ex.check_capture_bytes(spec.estimate(unet, 10) * 2, spec, unet, 10)
+
+
+# ----------------------------------------------------------------------------- attempt
+def latent_blend(z_t, z_c, m):
+    raise ex.YourTurn()
+
+
+def test_a_stub_goes_on_with_the_package_solution_saying_so(capsys):
+    from lr_tutorial import solutions
+    assert ex.attempt(latent_blend) is solutions.latent_blend
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("your turn: `latent_blend` above is still the stub")
+
+
+def test_a_right_answer_is_kept_and_a_wrong_one_raises_its_hint(capsys):
+    right = RIGHT["latent_blend"]
+    assert ex.attempt(right, name="latent_blend") is right
+    assert "correct:" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="M marks the subject"):
+        ex.attempt(WRONG["latent_blend"][0], name="latent_blend")
+    with pytest.raises(KeyError, match="no exercise named 'blend'"):
+        ex.attempt(right, name="blend")
+
+
+def test_with_solutions_the_package_answer_is_checked_and_the_cell_must_hold_the_stub(monkeypatch, capsys):
+    from lr_tutorial import solutions
+    monkeypatch.setenv(ex.SOLUTIONS_ENV, "1")
+    assert ex.attempt(latent_blend) is solutions.latent_blend
+    out = capsys.readouterr().out
+    assert out.startswith("correct: ") and ex.SOLUTIONS_ENV in out
+    with pytest.raises(AssertionError, match="the cell holds an answer"):
+        ex.attempt(RIGHT["latent_blend"], name="latent_blend")
+    with pytest.raises(AssertionError, match="must hold the stub"):
+        ex.attempt(lambda z_t, z_c, m: None, name="latent_blend")
+
+
+def test_the_stub_message_names_the_fix():
+    assert str(ex.YourTurn()) == "your turn: write this function in the cell above, then run it again"
+
+
+# ----------------------------------------------------------------------------- plugged
+def test_plugged_stands_in_for_the_package_function_and_is_undone(capsys):
+    from lr_tutorial import retouch, solutions
+    mine = RIGHT["latent_blend"]
+    with ex.plugged(mine, name="latent_blend"):
+        assert retouch.latent_blend is mine
+        assert ex.check_latent_blend(mine)  # still compared with the package's own
+    assert retouch.latent_blend is solutions.latent_blend
+    with pytest.raises(RuntimeError):
+        with ex.plugged(mine, name="latent_blend"):
+            raise RuntimeError
+    assert retouch.latent_blend is solutions.latent_blend
+    with pytest.raises(ValueError, match="not a piece of the pipeline"):
+        with ex.plugged(RIGHT["iou"], name="iou"):
+            pass
+
+
+@pytest.mark.parametrize("name", [n for n, e in ex.EXERCISES.items() if e.plugs_into])
+def test_the_pipeline_looks_up_what_an_exercise_plugs_into(name):
+    """The method module calls the function by its module-level name, so plugging reaches it."""
+    import importlib
+    module, attr = ex.EXERCISES[name].plugs_into.split(":")
+    mod = importlib.import_module(module)
+    src = inspect.getsource(mod)
+    body = src.replace(inspect.getsource(getattr(mod, attr)), "")
+    assert re.search(rf"(?<![\w.]){attr}\(", body), f"{module} never calls {attr} by name"
+    assert getattr(mod, attr) is ex.EXERCISES[name].solution
