@@ -2,14 +2,18 @@
 
 TimestepScrubber(result, bundle): a step slider with a Play button; for the chosen step and for
 every branch (reference, context, target) it shows the latent preview, the predicted x0, the
-class-token cross-attention overlay (layer resolution or mean, head or mean) and the mask; for
-the target also the blended latent. Every frame is precomputed as PNG bytes (or cached on first
-view), so moving the slider only swaps images.
+cross-attention overlay of any token (layer resolution or mean, head or mean) and the branch's
+mask (M^r, M^c, and the target's M_k of that step). Recorded with `record_self_attention`, it
+also shows the self-attention of a chosen query pixel in each branch and, for the target, what
+that pixel reads from the context and from the reference, with the target's per-pixel source
+map (which of its queries read the reference at that step). Every frame is computed on first
+view and cached, so moving the slider only swaps images.
 """
 from __future__ import annotations
 
+import contextlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -21,6 +25,8 @@ from .viz import overlay
 
 BRANCHES = ("reference", "context", "target")
 KINDS = ("latent", "x0", "attention", "mask")
+SELF_KINDS = ("self", "source")  # with a SelfAttentionRecord
+READS_CONTEXT, READS_REFERENCE, QUERY = (0, 120, 255), (255, 140, 0), (255, 0, 255)
 
 
 def png(img: np.ndarray, scale: int = 1) -> bytes:
@@ -31,6 +37,64 @@ def png(img: np.ndarray, scale: int = 1) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
+
+
+@dataclass
+class SelfAttentionRecord:
+    """Queries and keys of stage 2's batch [reference (1); context (B); target (B)] at one
+    self-attention layer the swap runs on, one entry per stage-2 step (both CFG halves as the
+    UNet saw them; CPU, fp16). Made by `record_self_attention`."""
+    layer: str
+    side: int
+    calls: list = field(default_factory=list)  # [(q, k)], each (rows, heads, HW, d)
+
+    def attention(self, i: int, row: int, keys_row: int, query: int,
+                  key_mask: np.ndarray | None = None) -> np.ndarray:
+        """softmax(q . K / sqrt(d)) of one query pixel of `row` over the keys of `keys_row`
+        (keys outside `key_mask`, a boolean (HW,), get no weight), heads averaged: (side, side)."""
+        q, k = self.calls[i]
+        q, k = q[row, :, query].float(), k[keys_row].float()  # (heads, d), (heads, HW, d)
+        logits = torch.einsum("hd,hnd->hn", q, k) * q.shape[-1] ** -0.5
+        if key_mask is not None and key_mask.any():
+            logits = logits.masked_fill(~torch.as_tensor(key_mask)[None], float("-inf"))
+        return logits.softmax(-1).mean(0).view(self.side, self.side).numpy()
+
+
+def default_self_layer(unet, latent_size: int | None = None, retouch_layers="up_blocks.*attn1") -> str:
+    """The decoder self-attention layer (where the retouch swaps) at the largest side <= 16."""
+    from .attention import layer_resolution, select_layers
+    layers = select_layers(unet, retouch_layers, "self")
+    if not layers:
+        raise ValueError(f"no self-attention layer matches {retouch_layers!r}")
+    side = {p: layer_resolution(unet, p, latent_size) for p in layers}
+    small = [p for p in layers if side[p] <= 16] or layers
+    return max(small, key=lambda p: (side[p] if side[p] <= 16 else -side[p], p))
+
+
+@contextlib.contextmanager
+def record_self_attention(bundle, layer: str | None = None):
+    """`with record_self_attention(bundle) as rec: result = lr(...)` records the queries and
+    keys of every stage-2 step at `layer` (default: default_self_layer), for
+    TimestepScrubber(result, bundle, self_attention=rec). One run, on the reference engine
+    (LRConfig(engine="reference"), the default); the swap computes them, the record keeps them."""
+    from . import swap
+    from .attention import layer_resolution
+    layer = layer or default_self_layer(bundle.unet, bundle.latent_size)
+    modules = {id(u.get_submodule(layer)) for u in bundle.unets}
+    rec = SelfAttentionRecord(layer, layer_resolution(bundle.unet, layer, bundle.latent_size))
+    project = swap.project_qkv
+
+    def recording(attn, hidden_states, *args, **kwargs):
+        q, k, v = project(attn, hidden_states, *args, **kwargs)
+        if id(attn) in modules:
+            rec.calls.append((q.detach().to("cpu", torch.float16), k.detach().to("cpu", torch.float16)))
+        return q, k, v
+
+    swap.project_qkv = recording
+    try:
+        yield rec
+    finally:
+        swap.project_qkv = project
 
 
 @dataclass
@@ -103,11 +167,75 @@ class ScrubData:
         else:
             tokens, default = [bundle.class_noun], 0
         layers = [ly for ly in store.layers() if ly.endswith("attn2")]
-        return cls(n, lat, x0, att, masks, layers, start, tokens, default, rs)
+        branch_masks = {"reference": np.asarray(result.masks.reference.mask, np.float32),
+                        "context": np.asarray(result.masks.context[index].mask, np.float32)}
+        return cls(n, lat, x0, att, masks, layers, start, tokens, default, rs, branch_masks,
+                   batch=b, index=index, swap_config=dict(result.config.get("swap", {})))
 
     tokens: list[str] = None
     default_token: int = 0
     reference_start: int = 0  # the reference branch's first step (its inversion's stop)
+    branch_masks: dict = None  # M^r and M^c (h, w); the target's are `masks`, per step
+    batch: int = 1
+    index: int = 0
+    swap_config: dict = None
+    self_attention: SelfAttentionRecord | None = None
+    actions: list = None  # the swap's action at the recorded layer, per step
+
+    def mask(self, branch: str, step: int) -> np.ndarray:
+        return self.masks[step] if branch == "target" else self.branch_masks[branch]
+
+    def attach(self, record: SelfAttentionRecord, unet) -> None:
+        """Use a SelfAttentionRecord of this result's run (one call per stage-2 step)."""
+        from .config import SwapConfig
+        from .swap import SwapController
+        if len(record.calls) != self.steps - self.start:
+            raise ValueError(f"the self-attention record holds {len(record.calls)} calls for "
+                             f"{self.steps - self.start} stage-2 steps: record exactly the run of "
+                             "this result, on the reference engine")
+        ctl = SwapController(unet, SwapConfig(**self.swap_config), self.steps)
+        acts = []
+        for k in range(self.steps):
+            ctl.step = k
+            acts.append(ctl.action(record.layer) if k >= self.start else None)
+        self.self_attention, self.actions = record, acts
+
+    def reads(self, branch: str, step: int, query: tuple[int, int]) -> dict | None:
+        """Where the query pixel (y, x) of `branch` looks at `step` (recorded layer, heads
+        averaged): {source branch: (side, side) attention weights}, the weights of all sources
+        summing to 1 (the target's retouch reads M^t of the reference and 1 - M^t of the
+        context). None before stage 2 or without a record."""
+        rec = self.self_attention
+        if rec is None or step < self.start:
+            return None
+        i, s = step - self.start, rec.side
+        rows = 1 + 2 * self.batch
+        off = rec.calls[i][0].shape[0] - rows  # the conditional half
+        row = {"reference": off, "context": off + 1 + self.index,
+               "target": off + 1 + self.batch + self.index}
+        qi = int(query[0]) * s + int(query[1])
+        if branch != "target":
+            return {branch: rec.attention(i, row[branch], row[branch], qi)}
+        act = self.actions[step]
+        if act is None:
+            return {"target": rec.attention(i, row["target"], row["target"], qi)}
+        if act in ("structure", "reference"):
+            src = "context" if act == "structure" else "reference"
+            return {src: rec.attention(i, row["target"], row[src], qi)}
+        m_t = float(_as_swap_sees(self.masks[step], s)[qi])
+        m_r = _as_swap_sees(self.branch_masks["reference"], s) > 0.5
+        return {"reference": m_t * rec.attention(i, row["target"], row["reference"], qi, m_r),
+                "context": (1 - m_t) * rec.attention(i, row["target"], row["context"], qi)}
+
+    def source_map(self, step: int) -> np.ndarray | None:
+        """(h, w) share of each target query's reading that comes from the reference at `step`
+        (the recorded layer's action): M^t when retouching, 1 for the single-source ablation,
+        0 when reading the context (or itself)."""
+        if self.actions is None or step < self.start:
+            return None
+        act = self.actions[step]
+        m = self.masks[step]
+        return m if act == "retouch" else np.full_like(m, 1.0 if act == "reference" else 0.0)
 
     @property
     def heads(self) -> int:
@@ -135,40 +263,117 @@ class ScrubData:
         return normalize(acc)
 
 
-class TimestepScrubber:
-    """`TimestepScrubber(result, bundle).widget()` in a live notebook; `.to_figure()` elsewhere."""
+def mark(img: np.ndarray, query: tuple[int, int], side: int, colour=QUERY) -> np.ndarray:
+    """The query pixel (y, x) of a side x side grid, outlined on an image."""
+    img = img.copy()
+    c = img.shape[0] / side
+    y0, x0 = int(query[0] * c), int(query[1] * c)
+    y1, x1 = max(y0 + 1, int((query[0] + 1) * c)), max(x0 + 1, int((query[1] + 1) * c))
+    y0, x0 = max(0, y0 - 1), max(0, x0 - 1)
+    y1, x1 = min(img.shape[0], y1 + 1), min(img.shape[1], x1 + 1)
+    for sl in ((slice(y0, y1), x0), (slice(y0, y1), x1 - 1), (y0, slice(x0, x1)), (y1 - 1, slice(x0, x1))):
+        img[sl] = colour
+    return img
 
-    def __init__(self, result, bundle, index: int = 0, scale: int = 3):
+
+class TimestepScrubber:
+    """`TimestepScrubber(result, bundle).widget()` in a live notebook; `.to_figure()` elsewhere.
+
+    With `self_attention=` a SelfAttentionRecord of the same run (record_self_attention), two
+    more columns: "self", the chosen query pixel's self-attention within each branch, and
+    "source", what the target's query pixel reads: in the reference and context rows, its
+    attention over that branch's keys weighted by that source's share; in the target row, which
+    source each target pixel reads (orange: the reference, blue: the context)."""
+
+    def __init__(self, result, bundle, index: int = 0, scale: int = 3, self_attention=None):
         self.data = ScrubData.from_result(result, bundle, index)
+        if self_attention is not None:
+            self.data.attach(self_attention, bundle.unet)
         self.bundle, self.scale = bundle, scale
         self.prompt = result.prompts[index]
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return KINDS + (SELF_KINDS if self.data.self_attention is not None else ())
+
+    def default_query(self) -> tuple[int, int]:
+        """The query pixel on the subject: where the target's last mask peaks."""
+        from .masks import resize
+        rec = self.data.self_attention
+        side = rec.side if rec is not None else self.data.masks.shape[-1]
+        m = resize(self.data.masks[-1], side)
+        return tuple(int(v) for v in np.unravel_index(int(np.argmax(m)), m.shape))
+
+    def reading(self, step: int, query: tuple[int, int] | None = None) -> dict | None:
+        """{source: share} of what the target's query pixel reads at `step` (None before
+        stage 2 or without a record)."""
+        r = self.data.reads("target", step, query or self.default_query())
+        return None if r is None else {k: float(v.sum()) for k, v in r.items()}
+
     @lru_cache(maxsize=4096)
     def frame(self, branch: str, kind: str, step: int, layer: str = "mean", token: int | None = None,
-              head: str | int = "mean") -> np.ndarray:
+              head: str | int = "mean", query: tuple[int, int] | None = None) -> np.ndarray:
         d = self.data
         if branch == "reference" and step < d.reference_start:  # not inverted this far
             return d.x0[branch][step]  # the grey frame
+        base = d.x0[branch][step]
         if kind == "latent":
             img = linear_preview(self.bundle, d.latents[branch][step:step + 1],
                                  upscale=d.x0[branch].shape[1] // d.latents[branch].shape[-1])[0]
         elif kind == "x0":
-            img = d.x0[branch][step]
+            img = base
         elif kind == "attention":
             a = d.attention_map(branch, step, layer, token, head)
-            base = d.x0[branch][step]
             img = base if a is None else overlay(base, a, (255, 200, 0), 0.6)
         elif kind == "mask":
-            base = d.x0[branch][step]
-            img = overlay(base, d.masks[step]) if branch == "target" else base
+            img = overlay(base, d.mask(branch, step))
+        elif kind in SELF_KINDS:
+            img = self._self_frame(branch, kind, step, query or self.default_query())
         else:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+            raise ValueError(f"kind must be one of {self.kinds}, got {kind!r}")
         return img
+
+    def _self_frame(self, branch: str, kind: str, step: int, query: tuple[int, int]) -> np.ndarray:
+        d = self.data
+        if d.self_attention is None:
+            raise ValueError("no self-attention record: TimestepScrubber(..., self_attention=rec) "
+                             "with rec from record_self_attention around the run")
+        side, base = d.self_attention.side, d.x0[branch][step]
+        if kind == "self":
+            r = d.reads(branch, step, query)[branch] if branch != "target" and step >= d.start \
+                else self._own_target(step, query)
+            img = base if r is None else overlay(base, _peak(r), READS_CONTEXT, 0.8)
+            return mark(img, query, side) if branch != "reference" else img
+        if branch == "target":  # which source each target pixel reads
+            m = d.source_map(step)
+            if m is None:
+                return mark(base, query, side)
+            img = overlay(overlay(base, 1 - m, READS_CONTEXT, 0.45), m, READS_REFERENCE, 0.6)
+            return mark(img, query, side)
+        r = d.reads("target", step, query)
+        if r is None or branch not in r:
+            return base
+        peak = max(float(v.max()) for v in r.values()) or 1.0
+        colour = READS_REFERENCE if branch == "reference" else READS_CONTEXT
+        img = overlay(base, np.clip(r[branch] / peak, 0, 1), colour, 0.8)
+        return mark(img, query, side) if branch == "context" else img
+
+    def _own_target(self, step: int, query):
+        """The target's attention over its own keys (what the swap replaces on this layer)."""
+        d = self.data
+        if d.self_attention is None or step < d.start:
+            return None
+        rows = 1 + 2 * d.batch
+        i = step - d.start
+        row = d.self_attention.calls[i][0].shape[0] - rows + 1 + d.batch + d.index
+        s = d.self_attention.side
+        return d.self_attention.attention(i, row, row, int(query[0]) * s + int(query[1]))
 
     def widget(self):
         import ipywidgets as W
 
         d = self.data
+        kinds = self.kinds
         # the same start value as the slider: jslink copies play -> slider when a browser renders
         play = W.Play(min=0, max=d.steps - 1, value=d.steps - 1, step=1, interval=150,
                       description="play")
@@ -179,43 +384,76 @@ class TimestepScrubber:
         token = W.Dropdown(options=[(t, i) for i, t in enumerate(d.tokens)], value=d.default_token,
                            description="token")
         head = W.Dropdown(options=["mean"] + list(range(d.heads)), value="mean", description="head")
-        images = {(br, kd): W.Image(format="png") for br in BRANCHES for kd in KINDS}
+        controls = [layer, token, head]
+        qy = qx = readout = None
+        if d.self_attention is not None:
+            y, x = self.default_query()
+            side = d.self_attention.side
+            qy = W.IntSlider(min=0, max=side - 1, value=y, description="query y")
+            qx = W.IntSlider(min=0, max=side - 1, value=x, description="query x")
+            readout = W.HTML()
+        images = {(br, kd): W.Image(format="png") for br in BRANCHES for kd in kinds}
         # stable DOM hooks for browser tests and custom CSS: .lr-scrubber, .lr-step, .lr-target-x0
         slider.add_class("lr-step")
         for (br, kd), im in images.items():
             im.add_class(f"lr-{br}-{kd}")
 
         def update(*_):
+            query = (qy.value, qx.value) if qy is not None else None
             for (br, kd), im in images.items():
                 im.value = png(self.frame(br, kd, slider.value, layer.value, token.value,
-                                          head.value), self.scale)
+                                          head.value, query if kd in SELF_KINDS else None), self.scale)
+            if readout is not None:
+                readout.value = self._reading_text(slider.value, query)
 
-        for w in (slider, layer, token, head):
+        for w in (slider, layer, token, head) + ((qy, qx) if qy is not None else ()):
             w.observe(update, "value")
         update()
-        header = [W.HTML(f"<b>{k}</b>") for k in ("", *KINDS)]
+        header = [W.HTML(f"<b>{k}</b>") for k in ("", *kinds)]
         cells = header + [c for br in BRANCHES for c in
-                          [W.HTML(f"<b>{br}</b>")] + [images[(br, kd)] for kd in KINDS]]
-        grid = W.GridBox(cells, layout=W.Layout(grid_template_columns="90px repeat(4, auto)"))
+                          [W.HTML(f"<b>{br}</b>")] + [images[(br, kd)] for kd in kinds]]
+        grid = W.GridBox(cells, layout=W.Layout(grid_template_columns=f"90px repeat({len(kinds)}, auto)"))
         self._controls = dict(play=play, slider=slider, layer=layer, token=token, head=head,
-                              images=images)
-        box = W.VBox([W.HTML(f"<code>{self.prompt}</code>"), W.HBox([play, slider]),
-                      W.HBox([layer, token, head]), grid])
+                              images=images, query_y=qy, query_x=qx, reading=readout)
+        rows = [W.HTML(f"<code>{self.prompt}</code>"), W.HBox([play, slider]), W.HBox(controls)]
+        if qy is not None:
+            rows += [W.HBox([qy, qx]), readout]
+        box = W.VBox(rows + [grid])
         box.add_class("lr-scrubber")
         return box
 
-    def to_figure(self, steps=None):
+    def _reading_text(self, step: int, query) -> str:
+        r = self.reading(step, query)
+        layer = self.data.self_attention.layer
+        if r is None:
+            return f"step {step}: stage 1 (the target is the context); the swap starts at step {self.data.start}"
+        shares = ", ".join(f"the {k} {v:.2f}" for k, v in r.items())
+        return f"step {step}, <code>{layer}</code>: the target's query pixel reads {shares}"
+
+    def to_figure(self, steps=None, query: tuple[int, int] | None = None):
         """Static fallback: rows = branch x kind, columns = a few steps."""
         from .viz import image_grid
         d = self.data
         steps = steps if steps is not None else np.linspace(0, d.steps - 1, 6).round().astype(int)
+        query = query or (self.default_query() if d.self_attention is not None else None)
         imgs, titles = [], []
         for br in BRANCHES:
-            for kd in KINDS:
+            for kd in self.kinds:
                 for s in steps:
-                    imgs.append(self.frame(br, kd, int(s)))
+                    imgs.append(self.frame(br, kd, int(s), query=query if kd in SELF_KINDS else None))
                     titles.append(f"{br} {kd} k={s}")
         return image_grid(imgs, titles, ncols=len(steps), scale=1.2, suptitle=self.prompt)
+
+
+def _as_swap_sees(mask: np.ndarray, side: int) -> np.ndarray:
+    """A (h, w) mask at a layer's side, flattened, resized as swap.SwapController.mask_at does."""
+    import torch.nn.functional as F
+    m = torch.as_tensor(np.asarray(mask, np.float32))[None, None]
+    return F.interpolate(m, size=(side, side), mode="bilinear", align_corners=False).reshape(-1).numpy()
+
+
+def _peak(a: np.ndarray) -> np.ndarray:
+    return np.clip(a / (float(a.max()) or 1.0), 0, 1)
 
 
 class LambdaExplorer:

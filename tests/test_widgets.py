@@ -1,6 +1,7 @@
 """The timestep scrubber: frames per branch and step, the slider swaps images, static fallback."""
 import numpy as np
 import pytest
+import torch
 
 from lr_tutorial.layout import LayoutConfig
 from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
@@ -104,3 +105,109 @@ def test_lambda_explorer(result_and_bundle):
     ex._controls["slider"].value = 4
     assert ex._controls["text"].value != t
     assert ex.to_figure() is not None
+
+
+def test_scrubber_shows_the_mask_of_every_branch(result_and_bundle):
+    res, b = result_and_bundle
+    sc = TimestepScrubber(res, b)
+    k = sc.data.steps - 1
+    for br, m in (("reference", res.masks.reference.mask), ("context", res.masks.context[0].mask)):
+        assert np.array_equal(sc.data.mask(br, k), m)
+        if m.max() > 0.5:
+            assert not np.array_equal(sc.frame(br, "mask", k), sc.frame(br, "x0", k)), br
+    assert np.array_equal(sc.data.mask("target", k), res.masks.per_step[-1, 0])
+
+
+@pytest.fixture(scope="module")
+def recorded(result_and_bundle):
+    from lr_tutorial import swap
+    from lr_tutorial.widgets import record_self_attention
+    _, b = result_and_bundle
+    ref = (np.random.default_rng(0).random((1, 64, 64, 3)) * 255).astype(np.uint8)
+    project = swap.project_qkv
+    with record_self_attention(b) as rec:
+        res = LayoutAndRetouch(b, LRConfig(layout=LayoutConfig(steps=6)))(["a sks dog"], ref, seed=0)
+    assert swap.project_qkv is project  # put back
+    return res, b, rec
+
+
+def test_self_attention_record_holds_one_call_per_stage2_step(recorded):
+    res, b, rec = recorded
+    sc = TimestepScrubber(res, b, self_attention=rec)
+    d = sc.data
+    assert len(rec.calls) == d.steps - d.start > 0 and rec.layer.startswith("up_blocks")
+    assert rec.calls[0][0].shape[0] in (3, 6)  # [reference; context; target], one or two halves
+    assert d.actions[:d.start] == [None] * d.start and "retouch" in d.actions[d.start:]
+    with pytest.raises(ValueError, match="record exactly the run of this result"):
+        d.attach(type(rec)(rec.layer, rec.side, rec.calls[:1]), b.unet)
+
+
+def test_the_targets_reading_follows_the_swap(recorded):
+    res, b, rec = recorded
+    sc = TimestepScrubber(res, b, self_attention=rec)
+    d = sc.data
+    q = sc.default_query()
+    assert d.reads("target", d.start - 1, q) is None if d.start else True
+    for k in range(d.start, d.steps):
+        own = d.reads("context", k, q)["context"]
+        assert own.shape == (rec.side, rec.side) and own.sum() == pytest.approx(1, abs=1e-3)
+        shares = sc.reading(k, q)
+        assert sum(shares.values()) == pytest.approx(1, abs=1e-3)
+        if d.actions[k] == "structure":
+            assert set(shares) == {"context"}
+        elif d.actions[k] == "retouch":  # M^t of the reference, 1 - M^t of the context
+            m_t = torch.nn.functional.interpolate(torch.as_tensor(d.masks[k])[None, None],
+                                                  size=(rec.side,) * 2, mode="bilinear")[0, 0, q[0], q[1]]
+            assert shares["reference"] == pytest.approx(float(m_t), abs=1e-3)
+            assert np.array_equal(d.source_map(k), d.masks[k])
+    k = d.steps - 1
+    d.actions[k] = "structure"  # what a structure step reads (the target starting before lambda2)
+    assert set(sc.reading(k, q)) == {"context"} and not d.source_map(k).any()
+    d.actions[k] = "retouch"
+    for kind in ("self", "source"):
+        for br in ("reference", "context", "target"):
+            f = sc.frame(br, kind, d.steps - 1)
+            assert f.dtype == np.uint8 and f.shape == sc.frame(br, "x0", d.steps - 1).shape
+
+
+def test_the_query_pixel_and_its_reading_in_the_widget(recorded):
+    res, b, rec = recorded
+    sc = TimestepScrubber(res, b, self_attention=rec)
+    sc.widget()
+    c = sc._controls
+    assert set(kd for _, kd in c["images"]) == {"latent", "x0", "attention", "mask", "self", "source"}
+    before, text = c["images"][("context", "self")].value, c["reading"].value
+    assert "reads the" in text
+    c["query_y"].value = (c["query_y"].value + rec.side // 2) % rec.side
+    assert c["images"][("context", "self")].value != before
+    c["slider"].value = 0
+    assert c["reading"].value != text
+    assert len(sc.to_figure().axes) == 3 * 6 * 6
+    with pytest.raises(ValueError, match="no self-attention record"):
+        TimestepScrubber(res, b)._self_frame("target", "self", 5, (0, 0))
+
+
+def test_the_reading_is_the_swaps_own_attention(recorded):
+    """multi_source_attention on the recorded queries and keys, with one-hot values, returns the
+    attention weights it applied: the scrubber's reading of every target query equals them."""
+    from lr_tutorial import swap
+    res, b, rec = recorded
+    sc = TimestepScrubber(res, b, self_attention=rec)
+    d = sc.data
+    k = d.steps - 1
+    q_all, k_all = (x.float() for x in rec.calls[k - d.start])
+    half = q_all.shape[0] - 3  # the conditional half: [reference; context; target]
+    q_t, k_r, k_c = q_all[half + 2], k_all[half], k_all[half + 1]  # (heads, HW, d)
+    hw = q_t.shape[1]
+    eye = torch.eye(hw).expand(q_t.shape[0], hw, hw)
+    m_t = torch.nn.functional.interpolate(torch.as_tensor(d.masks[k])[None, None], size=(rec.side,) * 2,
+                                          mode="bilinear").flatten(1)
+    m_r = torch.nn.functional.interpolate(torch.as_tensor(d.mask("reference", k))[None, None],
+                                          size=(rec.side,) * 2, mode="bilinear").flatten(1) > 0.5
+    o = swap.multi_source_attention(q_t[None, None], (k_r[None, None], eye[None, None]),
+                                    (k_c[None, None], eye[None, None]), m_t, m_r,
+                                    q_t.shape[-1] ** -0.5)[0, 0].mean(0)  # (HW queries, HW keys)
+    for qi in (0, hw // 3, hw - 1):
+        r = d.reads("target", k, divmod(qi, rec.side))
+        mine = (r["reference"] + r["context"]).reshape(-1)
+        assert np.allclose(mine, o[qi].numpy(), atol=1e-4)
