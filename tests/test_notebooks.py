@@ -113,6 +113,9 @@ def exercise_cell_problems(code: str) -> list[str]:
     tree = ast.parse(code)
     defs = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
     out = []
+    if "# NBVAL_CHECK_OUTPUT" in code and "exercises.attempt(" in code:
+        out.append("an exercise cell prints the learner's view when built and the solution's under "
+                   "make test: do not mark it # NBVAL_CHECK_OUTPUT")
     for fn, name in _attempted(tree):
         if name not in EXERCISES:
             out.append(f"exercises.attempt({fn}): no exercise named {name!r} in exercises.EXERCISES")
@@ -129,6 +132,7 @@ def test_exercise_cell_rule_catches_an_answer_and_passes_a_stub():
     assert exercise_cell_problems(stub) == []
     answer = "def latent_blend(z_t, z_c, m):\n    return z_t\nlatent_blend = exercises.attempt(latent_blend)\n"
     assert "holds an answer" in exercise_cell_problems(answer)[0]
+    assert "NBVAL_CHECK_OUTPUT" in exercise_cell_problems("# NBVAL_CHECK_OUTPUT\n" + stub)[0]
     other = stub.replace("exercises.attempt(latent_blend)", "exercises.attempt(latent_blend, name='blend')")
     assert "no exercise named 'blend'" in exercise_cell_problems(other)[0]
 
