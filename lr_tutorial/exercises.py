@@ -51,11 +51,13 @@ class YourTurn(NotImplementedError):
 class Exercise:
     """`check(fn)` accepts a right answer (True) and rejects a wrong one (AssertionError with a
     hint); `solution` is the package's answer with the learner's signature; `plugs_into`,
-    "module:function", names the package function the learner's one can stand in for."""
+    "module:function", names the package function the learner's one can stand in for, and
+    `adapt` wraps the learner's function to that function's signature where the two differ."""
     name: str
     check: Callable
     solution: Callable
     plugs_into: str | None = None
+    adapt: Callable | None = None  # learner's function -> one with the package function's signature
 
 
 def solutions_on() -> bool:
@@ -112,7 +114,7 @@ def plugged(fn: Callable, name: str | None = None):
     module_name, attr = ex.plugs_into.split(":")
     module = importlib.import_module(module_name)
     original = getattr(module, attr)
-    setattr(module, attr, fn)
+    setattr(module, attr, ex.adapt(fn) if ex.adapt else fn)
     try:
         yield fn
     finally:
@@ -360,6 +362,26 @@ def check_inversion_step(fn, seed: int = 0) -> bool:
     return _ok("x0 from the level z is at, then up to the noisier level")
 
 
+def as_multi_source(fn: Callable) -> Callable:
+    """The learner's one-image retouch attention, fn(q_t, k_r, v_r, ref_mask, k_c, v_c, tgt_mask)
+    on (heads, N, d) (check_masked_attention), as swap.multi_source_attention: applied to each CFG
+    half and image of the batch, with the layer's scale, and every reference key kept where M^r
+    is empty (as the package does)."""
+    def multi_source_attention(q_t, reference, context, m_t, m_r, scale):
+        halves, b, d = q_t.shape[0], q_t.shape[1], q_t.shape[-1]
+        m_r = m_r | ~m_r.any(dim=1, keepdim=True)
+        q = q_t * (scale * d ** 0.5)  # SDPA's default scale is 1 / sqrt(d)
+        out = torch.empty_like(q_t)
+        for h in range(halves):
+            for i in range(b):
+                kr, vr = (x[h, min(i, x.shape[1] - 1)] for x in reference)
+                kc, vc = (x[h, min(i, x.shape[1] - 1)] for x in context)
+                out[h, i] = fn(q[h, i], kr, vr, m_r[min(i, m_r.shape[0] - 1)], kc, vc,
+                               m_t[min(i, m_t.shape[0] - 1)])
+        return out
+    return multi_source_attention
+
+
 def _registry() -> dict[str, Exercise]:
     from . import solutions as s
     entries = [
@@ -369,7 +391,8 @@ def _registry() -> dict[str, Exercise]:
         Exercise("iou", check_iou, s.iou),
         Exercise("vanilla_steps", check_lambda_steps, s.vanilla_steps),
         Exercise("ddim_step", check_ddim_step, s.ddim_step),
-        Exercise("retouch_attention", check_masked_attention, s.retouch_attention),
+        Exercise("retouch_attention", check_masked_attention, s.retouch_attention,
+                 "lr_tutorial.swap:multi_source_attention", as_multi_source),
         Exercise("phase", check_phase, s.phase),
         Exercise("feather", check_feather, s.feather, "lr_tutorial.masks:feather"),
         Exercise("latent_blend", check_latent_blend, s.latent_blend, "lr_tutorial.retouch:latent_blend"),
