@@ -430,15 +430,19 @@ class TimestepScrubber:
         shares = ", ".join(f"the {k} {v:.2f}" for k, v in r.items())
         return f"step {step}, <code>{layer}</code>: the target's query pixel reads {shares}"
 
-    def to_figure(self, steps=None, query: tuple[int, int] | None = None):
-        """Static fallback: rows = branch x kind, columns = a few steps."""
+    def to_figure(self, steps=None, query: tuple[int, int] | None = None, kinds=None):
+        """Static fallback: rows = branch x kind (default: every kind), columns = a few steps."""
         from .viz import image_grid
         d = self.data
+        kinds = tuple(kinds) if kinds is not None else self.kinds
+        bad = [k for k in kinds if k not in self.kinds]
+        if bad:
+            raise ValueError(f"kinds {bad} are not among {self.kinds}")
         steps = steps if steps is not None else np.linspace(0, d.steps - 1, 6).round().astype(int)
         query = query or (self.default_query() if d.self_attention is not None else None)
         imgs, titles = [], []
         for br in BRANCHES:
-            for kd in self.kinds:
+            for kd in kinds:
                 for s in steps:
                     imgs.append(self.frame(br, kd, int(s), query=query if kd in SELF_KINDS else None))
                     titles.append(f"{br} {kd} k={s}")

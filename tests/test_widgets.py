@@ -183,6 +183,9 @@ def test_the_query_pixel_and_its_reading_in_the_widget(recorded):
     c["slider"].value = 0
     assert c["reading"].value != text
     assert len(sc.to_figure().axes) == 3 * 6 * 6
+    assert len(sc.to_figure(steps=[2, 5], kinds=("x0", "source")).axes) == 3 * 2 * 2
+    with pytest.raises(ValueError, match="not among"):
+        TimestepScrubber(res, b).to_figure(kinds=("self",))
     with pytest.raises(ValueError, match="no self-attention record"):
         TimestepScrubber(res, b)._self_frame("target", "self", 5, (0, 0))
 
