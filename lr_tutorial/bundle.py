@@ -48,6 +48,10 @@ class ModelBundle:
     # the backend's classifier-free guidance weight, used wherever a guidance is left None:
     # Stable Diffusion's usual 7.5; the toy's TOY_GUIDANCE
     guidance: float = 7.5
+    # the backend's default hand-over lambda1 of stage 1, used wherever LayoutConfig.lambda1 is
+    # left None: where its vanilla model has fixed the layout. Stable Diffusion: 0.2 N
+    # (docs/method.md "Stage 1"); the toy backend sets its own (models.TOY_LAMBDA1)
+    lambda1: float = 0.2
     # whether the UNets' convolutions on a CPU go through oneDNN (torch.backends.mkldnn, torch's
     # default), and in UNet calls of at least how many rows; set_unet_onednn. The toy loader
     # keeps it for calls of TOY_ONEDNN_MIN_ROWS rows or more: its layers are too small for it

@@ -360,6 +360,17 @@ def cmd_toy_report(a) -> int:
         raise UsageError(f"--prompts {a.prompts}: {e}") from e
     if a.limit:
         prompts = prompts[:a.limit]
+    sheet = None
+    if a.contact_sheet:
+        from .files import atomic_file
+        if Path(a.contact_sheet).suffix.lower() != ".png":
+            raise UsageError(f"--contact-sheet {a.contact_sheet}: give a .png path")
+        if Path(a.contact_sheet).exists() and not a.overwrite:
+            raise UsageError(f"--contact-sheet {a.contact_sheet} exists; choose another path or "
+                             "pass --overwrite to replace it")
+        if a.ckpt_dir:
+            raise UsageError("--contact-sheet needs a personalized model; drop --ckpt-dir")
+        sheet = a.contact_sheet
     _validated(a)
     from .models import load_models
     from .toy import report
@@ -375,8 +386,33 @@ def cmd_toy_report(a) -> int:
     res["prompt_file"] = str(a.prompts)
     if overrides:
         res["config_overrides"] = overrides
+    if sheet:
+        from .toy import contact
+        with atomic_file(sheet, overwrite=True, what="contact sheet") as tmp:
+            contact.contact_sheet(bundle, tmp, steps=a.steps, config=config)
+        res["contact_sheet"] = str(sheet)
     print(json.dumps(res, indent=1) if a.json else _pretty(res))
     return 0
+
+
+def _properties(s: str) -> str:
+    """toy-diagnose --only: property numbers 1-4, comma-separated."""
+    parts = [x.strip() for x in str(s).split(",")]
+    if not parts or not all(x in ("1", "2", "3", "4") for x in parts):
+        raise argparse.ArgumentTypeError(f"{s!r}: give property numbers from 1 to 4, e.g. 1,3")
+    return ",".join(parts)
+
+
+_properties.__name__ = "property list"
+
+
+def cmd_toy_diagnose(a) -> int:
+    from .toy import properties
+
+    if a.personalized:
+        _lora_folder("--personalized", a.personalized)
+    _validated(a)
+    return properties.run(a)
 
 
 def _pretty(res: dict) -> str:
@@ -738,7 +774,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ckpt-dir", type=_path, default=None,
                    help="measure a train-toy checkpoint folder instead of data/toy (vanilla rows)")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--contact-sheet", type=_path, default=None, metavar="PNG",
+                   help="also draw vanilla | personalized | stage 1 | Layout-and-Retouch for six "
+                        "prompts, titled with the oracle's reading (e.g. "
+                        "data/results/shapeworld/contact_sheet.png)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --contact-sheet")
     s.set_defaults(func=cmd_toy_report)
+
+    x = sub.add_parser("toy-diagnose", parents=common,
+                       help="measure the four properties of the toy world the method relies on "
+                            "(exit status 3 when one does not hold)")
+    x.add_argument("--personalized", type=_path, default=None,
+                   help="a LoRA folder instead of data/toy/lora (personalize-toy --out)")
+    x.add_argument("--only", type=_properties, default="1,2,3,4",
+                   help="which properties, e.g. 1,3")
+    x.add_argument("--prompts", type=_int(1, 10 ** 4, example=24), default=None,
+                   help="how many of the diagnostic's 74 prompts (default: all)")
+    x.add_argument("--seeds", type=_int(1, 10 ** 4, example=2), default=2, help="seeds per prompt")
+    x.add_argument("--steps", type=_steps, default=25)
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=cmd_toy_diagnose)
 
     g = sub.add_parser("generate", parents=common,
                        help="run Layout-and-Retouch on one prompt and seed")
@@ -759,8 +814,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sd: the subject's class noun, e.g. dog")
     g.add_argument("--reference", type=_path, nargs="+", default=None,
                    help="reference photos, or folders of them (default on toy: data/toy/reference)")
-    g.add_argument("--lambda1", type=_boundary, default=0.2,
-                   help="vanilla steps: fraction (0.2) or count (10)")
+    g.add_argument("--lambda1", type=_boundary, default=None,
+                   help="vanilla steps: fraction (0.2) or count (10); default: the backend's "
+                        "own hand-over (Stable Diffusion 0.2, the toy 0.4)")
     g.add_argument("--lambda2", type=_boundary, default=0.2, help="end of the structure phase")
     g.add_argument("--lambda3", type=_boundary, default=0.8, help="end of latent blending")
     g.add_argument("--steps", type=_steps, default=50)

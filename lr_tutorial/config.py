@@ -57,6 +57,13 @@ def check_guidance(guidance, allow_none: bool = False) -> None:
                          "backend's (1 means no classifier-free guidance)")
 
 
+def resolve_lambda1(bundle, lambda1):
+    """`lambda1`, or the bundle's own hand-over (ModelBundle.lambda1) when it is None."""
+    lambda1 = getattr(bundle, "lambda1", 0.2) if lambda1 is None else lambda1
+    check_boundary(lambda1, "lambda1")
+    return lambda1
+
+
 def resolve_guidance(bundle, guidance) -> float:
     """`guidance`, or the bundle's own weight (ModelBundle.guidance) when it is None."""
     guidance = getattr(bundle, "guidance", 7.5) if guidance is None else guidance
@@ -66,11 +73,13 @@ def resolve_guidance(bundle, guidance) -> float:
 
 @dataclass
 class LayoutConfig:
-    """Stage 1 knobs. lambda1: vanilla steps, a fraction of N or a count (default 0.2 N [ours],
-    docs/method.md "Stage 1"). The toy backend fixes its layouts later, between 0.32 and 0.40 N
-    (docs/results.md compares 0.2-0.4 N). steps: N DDIM steps. guidance: CFG weight; None (default): the models' own
-    (ModelBundle.guidance: Stable Diffusion's 7.5, the toy backend's 3.0) [ours]."""
-    lambda1: float | int = 0.2
+    """Stage 1 knobs (docs/method.md "Stage 1"). lambda1: vanilla steps, a fraction of N or a
+    count; None (default): the models' own hand-over (ModelBundle.lambda1: Stable Diffusion's
+    0.2 N [ours], the toy backend's 0.4 N, where its vanilla model has fixed the layout:
+    `python -m lr_tutorial toy-diagnose --only 1`). steps: N DDIM steps. guidance: CFG weight;
+    None (default): the models' own (ModelBundle.guidance: Stable Diffusion's 7.5, the toy
+    backend's 3.0) [ours]."""
+    lambda1: float | int | None = None
     steps: int = 50
     guidance: float | None = None
 
@@ -81,11 +90,13 @@ class LayoutConfig:
         """Raise a ValueError/TypeError naming the bad knob (also after fields were changed)."""
         check_steps(self.steps)
         check_guidance(self.guidance, allow_none=True)
-        resolve_steps(self.lambda1, self.steps, "lambda1")
+        if self.lambda1 is not None:
+            resolve_steps(self.lambda1, self.steps, "lambda1")
 
     def resolved(self, bundle) -> "LayoutConfig":
-        """A copy with the guidance filled in from the bundle when it is None."""
-        return replace(self, guidance=resolve_guidance(bundle, self.guidance))
+        """A copy with lambda1 and guidance filled in from the bundle where they are None."""
+        return replace(self, lambda1=resolve_lambda1(bundle, self.lambda1),
+                       guidance=resolve_guidance(bundle, self.guidance))
 
 
 @dataclass
@@ -332,6 +343,9 @@ class LRConfig:
         n = self.layout.steps
         if self.start_step is not None:
             return resolve_steps(self.start_step, n, "start_step")
+        if self.layout.lambda1 is None:
+            raise ValueError("lambda1 is None (the models' own hand-over): resolve the config "
+                             "first, LayoutConfig.resolved(bundle) or LayoutAndRetouch.resolved_config()")
         return max(self.swap.lambda2_steps(n), resolve_steps(self.layout.lambda1, n, "lambda1"))
 
     def to_dict(self) -> dict:

@@ -283,7 +283,7 @@ class _Worker:
         elapsed = (time.perf_counter() - t0) / len(batch)
         steps = lr.config.layout.steps
         rows = [{"key": it.key, "variant": it.variant.name, "method": it.variant.method,
-                 "lambda1": resolve_steps(lr.config.layout.lambda1, steps) / steps,
+                 "lambda1": resolve_steps(lr.resolved_config().layout.lambda1, steps) / steps,
                  "subject": subject.name, "prompt_index": it.prompt_index,
                  "category": subject.prompts[it.prompt_index].category, "prompt": p,
                  "seed": it.seed, "settings": settings_hash(spec, it, self.protocol),

@@ -20,6 +20,7 @@ Every term is reported, so the options in the warning come with the amount they 
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -198,6 +199,7 @@ def kv_bytes(bundle, config, batch: int, store: str | None = None, dtype=None) -
     `config` (an LRConfig): the context's (2 rows per prompt under CFG) and the reference's
     (one row, once per reference: its inversion's own UNet call), as `store` holds them (None:
     config.kv_store, "kv" for "auto"), in `dtype` (None: config.kv_dtype, else the model's)."""
+    config = dataclasses.replace(config, layout=config.layout.resolved(bundle))  # lambda1 None
     n = config.layout.steps
     start = config.target_start()
     store = store or (config.kv_store if config.kv_store != "auto" else "kv")

@@ -103,7 +103,7 @@ def generate(method: str, bundle, lr, prompts: list[str], seeds: list[int],
     from .prompts import strip_identifier, token_index
     from .retouch import aggregate, mask_layers
 
-    cfg = lr.config
+    cfg = lr.resolved_config()
     if METHODS[method].kind == "lr":
         res = lr(prompts, references, seed=seeds)
         final = res.masks.per_step[-1] if len(res.masks.per_step) else \

@@ -175,7 +175,7 @@ class LayoutAndRetouch:
         """The last step the reference is inverted to (LRConfig.reference_inversion): 0, or with
         "start" the target's first step, unless the mask window ends before it
         (retouch.reference_stop)."""
-        cfg = self.config
+        cfg = self.resolved_config()
         if cfg.reference_inversion == "full":
             return 0
         return reference_stop(cfg.mask, cfg.layout.steps, cfg.target_start())
@@ -259,13 +259,13 @@ class LayoutAndRetouch:
         return prompts, [int(x) for x in seeds]
 
     def resolved_config(self) -> LRConfig:
-        """The config a call runs with: guidance None filled in from the models
-        (ModelBundle.guidance); recorded in Result.config."""
+        """The config a call runs with: lambda1 and guidance None filled in from the models
+        (ModelBundle.lambda1, ModelBundle.guidance); recorded in Result.config."""
         return replace(self.config, layout=self.config.layout.resolved(self.models))
 
     def start_step(self) -> int:
         """The step the target branch starts from (LRConfig.target_start)."""
-        return self.config.target_start()
+        return self.resolved_config().target_start()
 
 
 ENGINES["reference"] = LayoutAndRetouch

@@ -79,7 +79,7 @@ def test_config_overrides_and_method_precedence():
                                                "reference_index": 2})
     assert cfg.layout.lambda1 == 0.3 and cfg.mask.tau_lo == 0.4 and cfg.reference_index == 2
     assert cfg.mask.attention_fractions == (0.25,)
-    assert LRConfig().layout.lambda1 == 0.2  # the base is not mutated
+    assert LRConfig().layout.lambda1 is None  # the base is not mutated (None: the backend's own)
     with pytest.raises(ValueError, match="no field 'tau'"):
         methods.apply_overrides(LRConfig(), {"mask.tau": 1})
     with pytest.raises(ValueError, match="tau_lo"):  # sub-config validation runs

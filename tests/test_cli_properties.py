@@ -28,6 +28,7 @@ BASE = {
     "train-toy": ["--ckpt-dir", "{tmp}/ckpt", "--out", "{tmp}/export"],
     "toy-references": ["--out", "{tmp}/refs"],
     "demo": ["--out", "{tmp}/demo"],
+    "toy-diagnose": [],
 }
 
 # Flags that take a file or folder name: any non-empty name is a valid name of a new output
@@ -48,6 +49,7 @@ ACCEPTED = {
     ("evaluate", "--lambda1-sweep"): ({"0", ""}, "0: lambda1 = 0; empty: no sweep"),
     ("evaluate", "--subjects"): ({""}, "empty: every subject"),
     ("toy-report", "--limit"): ({"0"}, "0: every prompt"),
+    ("toy-report", "--contact-sheet"): (set(), "a .png path"),
     ("toy-report", "--methods"): ({""}, "empty: no method rows"),
     ("toy-report", "--guidance"): ({"0"}, "0: the unconditional prediction only"),
     ("generate", "--guidance"): ({"0"}, "0: the unconditional prediction only"),
@@ -167,7 +169,7 @@ FIELD_ACCEPTED = {
     ("LRConfig", "kv_budget_gb"): ({"None", "0", str(10 ** 30), "1e+308"},
                                    "None: half the memory; 0: never cache; huge: always cache"),
     ("LRConfig", "kv_dtype"): ({"None"}, "None: the model's dtype"),
-    ("LayoutConfig", "lambda1"): ({"0"}, "0: no vanilla steps"),
+    ("LayoutConfig", "lambda1"): ({"None", "0"}, "None: the backend's hand-over; 0: no vanilla steps"),
     ("LayoutConfig", "guidance"): ({"None", "0"}, "None: the backend's; 0: unconditional"),
     ("SwapConfig", "lambda2"): ({"0"}, "0: min_lambda2 steps"),
     ("SwapConfig", "min_lambda2"): ({"0"}, "0: no minimum"),

@@ -120,7 +120,7 @@ class FastLayoutAndRetouch(LayoutAndRetouch):
 
     def _caches(self, batch: int) -> dict:
         """Where and how this call's key/value caches are kept, and what they hold."""
-        cfg, bundle = self.config, self.models
+        cfg, bundle = self.resolved_config(), self.models
         n, start = cfg.layout.steps, cfg.target_start()
         return {"device": self.cache_device(), "dtype": self.cache_dtype(),
                 "store": self.cache_store(batch), "context": kv_plan(bundle, cfg.swap, n, start),
@@ -189,7 +189,7 @@ class FastLayoutAndRetouch(LayoutAndRetouch):
         call). On a CPU a new reference costs the cached path nothing, since its keys/values are
         recorded while it is inverted. Raises for "cached" when the target starts before
         lambda1."""
-        cfg = self.config
+        cfg = self.resolved_config()
         n = cfg.layout.steps
         if capture is not None or cfg.stage2 == "batched":
             return "batched"
@@ -214,7 +214,7 @@ class FastLayoutAndRetouch(LayoutAndRetouch):
         context's (2 rows per prompt under CFG) and the reference's (one row, once per
         reference: its inversion's own UNet call, kv.reference_plan's layers and steps), as
         `store` holds them (None: what `cache_store(batch)` picks)."""
-        return kv_bytes(self.models, self.config, batch, store or self.cache_store(batch),
+        return kv_bytes(self.models, self.resolved_config(), batch, store or self.cache_store(batch),
                         self.cache_dtype())
 
     def cache_device(self):
