@@ -104,6 +104,14 @@ def _where(fn) -> str:
     return f"{fn.__module__}.{fn.__qualname__}"
 
 
+_IN_USE: list[str] = []  # what is plugged in now (the fast engine refuses to run past it)
+
+
+def in_use() -> list[str]:
+    """The exercise pieces (and recorders) plugged into the reference engine right now."""
+    return list(_IN_USE)
+
+
 @contextlib.contextmanager
 def plugged(fn: Callable, name: str | None = None):
     """`with plugged(fn):` the package calls `fn` where the exercise's `plugs_into` function
@@ -115,10 +123,12 @@ def plugged(fn: Callable, name: str | None = None):
     module = importlib.import_module(module_name)
     original = getattr(module, attr)
     setattr(module, attr, ex.adapt(fn) if ex.adapt else fn)
+    _IN_USE.append(ex.name)
     try:
         yield fn
     finally:
         setattr(module, attr, original)
+        _IN_USE.remove(ex.name)
 
 
 def _ok(msg: str) -> bool:

@@ -90,11 +90,14 @@ def record_self_attention(bundle, layer: str | None = None):
             rec.calls.append((q.detach().to("cpu", torch.float16), k.detach().to("cpu", torch.float16)))
         return q, k, v
 
+    from .exercises import _IN_USE
     swap.project_qkv = recording
+    _IN_USE.append("record_self_attention")
     try:
         yield rec
     finally:
         swap.project_qkv = project
+        _IN_USE.remove("record_self_attention")
 
 
 @dataclass

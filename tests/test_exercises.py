@@ -263,3 +263,10 @@ def test_plugged_pieces_run_inside_the_pipeline(tmp_path):
         mine = lr(["a sks dog"], ref, seed=0).images
     assert all(calls.values()), calls
     assert np.abs(mine.astype(int) - lr(["a sks dog"], ref, seed=0).images.astype(int)).max() <= 2
+    assert ex.in_use() == []  # unplugged on the way out
+    # the fast engine runs its own code paths, so it refuses to run past a plugged piece
+    fast = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=6), engine="fast"))
+    with ex.plugged(counting("latent_blend"), name="latent_blend"):
+        assert ex.in_use() == ["latent_blend"]
+        with pytest.raises(RuntimeError, match="latent_blend is plugged into the reference engine"):
+            fast(["a sks dog"], ref, seed=0)

@@ -90,6 +90,11 @@ class FastLayoutAndRetouch(LayoutAndRetouch):
     def __call__(self, prompt, reference_images=None, seed=0, callback=None,
                  capture: attention.CaptureSpec | None = None) -> Result:
         """LayoutAndRetouch.__call__, fast (module docstring)."""
+        from ..exercises import in_use
+        if in_use():
+            raise RuntimeError(f"{', '.join(in_use())} is plugged into the reference engine, which "
+                               "this fast engine does not run; use LRConfig(engine=\"reference\") "
+                               "(the default) while it is plugged in")
         cfg, bundle = self.resolved_config(), self.models
         prompts, seeds = self.checked(prompt, seed)
         cls = check_prompts(bundle, prompts)
