@@ -168,3 +168,20 @@ def test_look_pairs_show_one_uncaptioned_look_twice():
         for s in (a, b):
             x, y = (int(round(c)) for c in s.centre)
             assert np.abs(img[y, x].astype(int) - a.pattern.core).max() <= 1
+
+
+def test_a_damaged_checkpoint_is_named_and_a_damaged_latent_cache_is_encoded_again(tmp_path, capsys):
+    cfg = tiny_cfg(tmp_path / "ck")
+    (tmp_path / "ck").mkdir()
+    vae = train.train_vae(cfg)
+    latents, scaling = train.encode_dataset(cfg, vae)
+    cache = tmp_path / "ck" / "latents.pt"
+    cache.write_bytes(cache.read_bytes()[:100])  # a copy cut short
+    again, scaling2 = train.encode_dataset(cfg, vae)
+    assert torch.allclose(again, latents, atol=1e-2) and scaling2 == pytest.approx(scaling, rel=1e-3)
+    assert (tmp_path / "ck" / "latents.pt.damaged").exists()  # set aside, not deleted
+    assert "latents.pt is damaged" in capsys.readouterr().err
+    ckpt = tmp_path / "ck" / "vae.pt"
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(train.DamagedCheckpoint, match=r"VAE checkpoint .*vae.pt is damaged.*move it away"):
+        train.train_vae(cfg)

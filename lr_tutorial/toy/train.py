@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -123,6 +125,36 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class DamagedCheckpoint(OSError):
+    """A checkpoint file that does not load (a disk filled up, a copy cut short)."""
+
+
+def load_checkpoint(path: Path, what: str) -> dict:
+    """torch.load of one of train-toy's own files, or DamagedCheckpoint naming it and the fix."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise DamagedCheckpoint(
+            f"the {what} checkpoint {path} is damaged ({type(e).__name__}: {first}); move it away to "
+            f"train the {what} again from its start, or restore it from a copy") from e
+
+
+def _cached(path: Path, what: str) -> dict | None:
+    """A cache of encoded latents, or None when there is none; a damaged one is set aside
+    (renamed *.damaged, named on stderr) so that it is encoded again."""
+    if not path.exists():
+        return None
+    try:
+        return load_checkpoint(path, what)
+    except DamagedCheckpoint as e:
+        aside = path.with_name(path.name + ".damaged")
+        os.replace(path, aside)
+        tqdm.write(f"note: {e.args[0].split(';')[0]}; moved to {aside.name}, encoding again",
+                   file=sys.stderr)
+        return None
+
+
 def _log(cfg: ToyTrainConfig, **row) -> None:
     with open(Path(cfg.ckpt_dir) / "log.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -157,7 +189,7 @@ def train_vae(cfg: ToyTrainConfig):
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     start, path = 0, ckdir / "vae.pt"
     if path.exists():
-        state = torch.load(path, weights_only=True)
+        state = load_checkpoint(path, "VAE")
         vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
         start = state["step"]
     bar = tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="vae")
@@ -207,8 +239,8 @@ def _encode_images(vae, image_of, n: int, what: str) -> torch.Tensor:
 def encode_dataset(cfg: ToyTrainConfig, vae) -> tuple[torch.Tensor, float]:
     """Latent means of `dataset_size` scenes, and the scaling factor 1/std of those latents."""
     path = Path(cfg.ckpt_dir) / "latents.pt"
-    if path.exists():
-        state = torch.load(path, weights_only=True)
+    state = _cached(path, "latents")
+    if state is not None:
         return state["latents"].float(), state["scaling_factor"]
     latents = _encode_images(vae, lambda i: world.render(dataset_scene(cfg.seed, i)),
                              cfg.dataset_size, "latents")
@@ -245,8 +277,9 @@ def look_scene(seed: int, i: int) -> world.Scene:
 def encode_looks(cfg: ToyTrainConfig, vae, scaling: float) -> torch.Tensor:
     """Latent means of `look_dataset_size` free-look scenes (unscaled, like `encode_dataset`)."""
     path = Path(cfg.ckpt_dir) / "latents_looks.pt"
-    if path.exists():
-        return torch.load(path, weights_only=True)["latents"].float()
+    state = _cached(path, "free-look latents")
+    if state is not None:
+        return state["latents"].float()
     latents = _encode_images(vae, lambda i: world.render(look_scene(cfg.seed, i)),
                              cfg.look_dataset_size, "free looks")
     _atomic_save({"latents": latents.half(), "scaling_factor": scaling}, path)
@@ -280,8 +313,9 @@ def pair_image(seed: int, i: int) -> np.ndarray:
 def encode_pairs(cfg: ToyTrainConfig, vae, scaling: float) -> torch.Tensor:
     """Latent means of `pair_dataset_size` look pairs (unscaled, like `encode_dataset`)."""
     path = Path(cfg.ckpt_dir) / "latents_pairs.pt"
-    if path.exists():
-        return torch.load(path, weights_only=True)["latents"].float()
+    state = _cached(path, "look-pair latents")
+    if state is not None:
+        return state["latents"].float()
     latents = _encode_images(vae, lambda i: pair_image(cfg.seed, i), cfg.pair_dataset_size,
                              "look pairs")
     _atomic_save({"latents": latents.half(), "scaling_factor": scaling}, path)
@@ -320,8 +354,9 @@ def diptych_caption(seed: int, i: int) -> str:
 def encode_diptychs(cfg: ToyTrainConfig, vae, scaling: float) -> torch.Tensor:
     """Latent means (n, 4, 16, 32) of `diptych_dataset_size` diptychs (unscaled)."""
     path = Path(cfg.ckpt_dir) / "latents_diptychs.pt"
-    if path.exists():
-        return torch.load(path, weights_only=True)["latents"].float()
+    state = _cached(path, "diptych latents")
+    if state is not None:
+        return state["latents"].float()
     latents = _encode_images(vae, lambda i: diptych_image(cfg.seed, i), cfg.diptych_dataset_size,
                              "diptychs")
     _atomic_save({"latents": latents.half(), "scaling_factor": scaling}, path)
@@ -376,7 +411,7 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float,
     head_opt = torch.optim.AdamW(head.parameters(), lr=cfg.unet_lr)
     start, warm_start, path = 0, 0, ckdir / "unet.pt"
     if path.exists():
-        state = torch.load(path, weights_only=True)
+        state = load_checkpoint(path, "UNet")
         unet.load_state_dict(state["unet"]), te.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["opt"])
         ema = state["ema"]
@@ -471,7 +506,7 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float,
 
 def ema_models(cfg: ToyTrainConfig):
     """(tokenizer, text_encoder, unet) from the newest UNet checkpoint, with EMA weights."""
-    state = torch.load(Path(cfg.ckpt_dir) / "unet.pt", weights_only=True)
+    state = load_checkpoint(Path(cfg.ckpt_dir) / "unet.pt", "UNet")
     tok = components.build_tokenizer()
     te = components.build_text_encoder(tok)
     unet = components.build_unet(**cfg.unet_overrides)
@@ -484,7 +519,7 @@ def ema_models(cfg: ToyTrainConfig):
 
 def trained_vae(cfg: ToyTrainConfig, scaling: float | None = None):
     vae = components.build_vae()
-    vae.load_state_dict(torch.load(Path(cfg.ckpt_dir) / "vae.pt", weights_only=True)["model"])
+    vae.load_state_dict(load_checkpoint(Path(cfg.ckpt_dir) / "vae.pt", "VAE")["model"])
     if scaling is not None:
         vae.register_to_config(scaling_factor=scaling)
     return vae.eval()
@@ -507,7 +542,7 @@ def export(cfg: ToyTrainConfig, out_dir: str | Path, overwrite: bool = False) ->
     if (out / "unet").exists() and not overwrite:
         raise FileExistsError(f"{out} already holds toy weights; pass overwrite=True "
                               "(--overwrite) to replace them")
-    scaling = torch.load(Path(cfg.ckpt_dir) / "latents.pt", weights_only=True)["scaling_factor"]
+    scaling = load_checkpoint(Path(cfg.ckpt_dir) / "latents.pt", "latents")["scaling_factor"]
     tok, te, unet, unet_step = ema_models(cfg)
     pipe = StableDiffusionPipeline(
         vae=trained_vae(cfg, scaling), text_encoder=te, tokenizer=tok, unet=unet,
@@ -516,7 +551,7 @@ def export(cfg: ToyTrainConfig, out_dir: str | Path, overwrite: bool = False) ->
     log = [json.loads(x) for x in open(Path(cfg.ckpt_dir) / "log.jsonl")]
     last = {st: [r for r in log if r["stage"] == st][-1] for st in ("vae", "unet")
             if any(r["stage"] == st for r in log)}
-    ck = torch.load(Path(cfg.ckpt_dir) / "unet.pt", weights_only=True)
+    ck = load_checkpoint(Path(cfg.ckpt_dir) / "unet.pt", "UNet")
     meta = {"config": ck.get("config", asdict(cfg)),  # the recipe the last steps ran with
             "unet_step": unet_step, "scaling_factor": scaling,
             "resumed_from_export_at": ck.get("warm_start") or None,
@@ -557,7 +592,7 @@ def checkpoint_bundle(cfg: ToyTrainConfig):
     """A vanilla ModelBundle straight from the newest checkpoints (to watch training)."""
     from ..models import TOY_ONEDNN_MIN_ROWS, ModelBundle
 
-    scaling = torch.load(Path(cfg.ckpt_dir) / "latents.pt", weights_only=True)["scaling_factor"]
+    scaling = load_checkpoint(Path(cfg.ckpt_dir) / "latents.pt", "latents")["scaling_factor"]
     tok, te, unet, step = ema_models(cfg)
     bundle = ModelBundle(tokenizer=tok, text_encoder=te, vae=trained_vae(cfg, scaling), unet=unet,
                          scheduler=components.build_scheduler(), backend="toy",
