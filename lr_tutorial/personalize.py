@@ -17,7 +17,7 @@ LoRA format (pytorch_lora_weights.safetensors, plus identifier_embedding.safeten
 identifier was trained), which `load_models(..., personalized=DIR)` reads; any diffusers
 pipeline's `load_lora_weights` reads the LoRA file.
 
-Toy-construction knobs (data/toy/README.md, sessions 11-17) change which rows are trained where:
+Toy-construction knobs (data/toy/README.md, "How they were trained") change which rows are trained where:
 `augment_max_timestep` keeps the augmented copies (`augment.py`) below a timestep,
 `above_weight` weights the photos' rows above it, and `recolour_share` noises some rows from the
 subject painted one flat colour with the subject as target (`recolour_target`). `init_lora` goes
@@ -45,7 +45,7 @@ from .models import IDENTIFIER_FILE, ModelBundle
 class DreamBoothConfig:
     """Knobs of DreamBooth-LoRA fine-tuning (Ruiz et al. 2023; diffusers' train_dreambooth_lora).
     The defaults are a mild, generic LoRA on the attention projections; the shipped toy LoRA
-    uses `toy_recipe()` (data/toy/README.md says how it was chosen)."""
+    uses `toy_recipe()` (data/toy/README.md)."""
     instance_prompt: str = "a sks star"
     # prior preservation: None (off), one class prompt ("a star") or several ("a star at night",
     # "a star on the grass", ...) that the class images cycle through
@@ -63,17 +63,17 @@ class DreamBoothConfig:
     uncond_prob: float = 0.0  # share of instance captions replaced by "" (CFG-aware LoRA)
     # the training noise: white + offset_noise * N(0, 1) per channel (diffusers' --offset_noise)
     # + pyramid_noise * N(0, 1) at 2x2, 4x4, 8x8 upsampled, to fine-tune with the noise the base
-    # model was trained with. On the toy it did not change identity (data/toy/README.md).
+    # model was trained with. On the toy it did not change identity.
     offset_noise: float = 0.0
     pyramid_noise: float = 0.0
     # masked loss: the loss of the references' background pixels is weighted by this (1: plain
     # DreamBooth; < 1 needs `masks`, the subject's masks, e.g. from a Segmenter), so the
-    # references' backdrop pulls the model's scenes less (measured on the toy: data/toy/README.md).
+    # references' backdrop pulls the model's scenes less.
     background_weight: float = 1.0
     # background augmentation: this many extra training images, each reference's subject (by its
     # mask) pasted on a random solid backdrop, so the subject is also seen on dark and coloured
     # backdrops; needs `masks`. On the toy it lifted identity at night but cost it elsewhere and
-    # removed the backdrop pull (data/toy/README.md, session 8).
+    # removed the backdrop pull.
     background_augment: int = 0
     # layout augmentation: this many extra training images, each a reference photo zoomed by a
     # random factor in [layout_scale[0], layout_scale[1]] (< 1: shrunk onto a canvas of the
@@ -82,7 +82,7 @@ class DreamBoothConfig:
     # look at several places and sizes instead of memorizing the photos' one framing. Applied
     # after background_augment (its composites are re-framed too); not with the masked loss.
     # On the toy (40 copies) the LoRA then kept a committed layout but only 0.37 of the
-    # subject's identity (data/toy/README.md, "Issue 3", session 10).
+    # subject's identity.
     layout_augment: int = 0
     layout_scale: tuple[float, float] = (0.5, 1.2)
     # None: the zoomed photo stays inside the frame (or covers it), so a photo zoomed by 0.75
@@ -96,12 +96,12 @@ class DreamBoothConfig:
     # Not a DreamBooth practice but a toy-construction knob: the LoRA then composes like the
     # photos when it starts from noise (the paper's collapse) and paints the subject into any
     # layout handed to it below that timestep (what step-blended denoising assumes of a
-    # Stable Diffusion DreamBooth model; data/toy/README.md, "Issue 3", session 11).
+    # Stable Diffusion DreamBooth model).
     augment_max_timestep: int | None = None
     # with augment_max_timestep: True keeps background_augment's composites (the subject in the
     # photos' framing on other backdrops) at every timestep too, so only the re-framed copies are
     # held below it. On the toy this cost identity (0.52 against 0.63 without it; the random
-    # backdrops at high noise drift the subject's colours; data/toy/README.md, session 16).
+    # backdrops at high noise drift the subject's colours).
     backdrops_every_timestep: bool = False
     # with augment_max_timestep: the loss of the rows at and above it (the photos') is weighted
     # by this, so that from noise the LoRA wins the layout and backdrop as the unsplit recipe
@@ -118,8 +118,7 @@ class DreamBoothConfig:
     # from the same image with its subject painted one flat random colour (recolour_variants per
     # image), while the target stays the subject (`recolour_target`). The model learns to paint
     # the subject over a plain object of its shape, which is what stage 1's vanilla steps hand
-    # it on the toy, where an object's colour is committed with the layout (data/toy/README.md,
-    # session 16). Needs `masks`; re-framed copies carry theirs. Below ~200 the pull
+    # it on the toy, where an object's colour is committed with the layout. Needs `masks`; re-framed copies carry theirs. Below ~200 the pull
     # sqrt(a_t / (1 - a_t)) (z_from - z0) outgrows the noise, hence the lower bound.
     recolour_share: float = 0.0
     recolour_min_timestep: int = 200
@@ -139,7 +138,7 @@ ALL_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "
 
 def toy_recipe(**overrides) -> DreamBoothConfig:
     """The recipe of the shipped toy LoRA (`python -m lr_tutorial personalize-toy`); measured
-    against weaker ones in data/toy/README.md. Keyword arguments override single knobs."""
+    against weaker ones on the toy. Keyword arguments override single knobs."""
     recipe = dict(target_modules=ALL_UNET_TARGETS, rank=8, alpha=8.0, steps=4000, lr=3e-3,
                   lr_schedule="cosine", uncond_prob=0.0, identifier_lr=5e-3)
     return DreamBoothConfig(**{**recipe, **overrides})

@@ -40,14 +40,6 @@ def test_method_sections_cited_exist():
         "\n".join(bad)
 
 
-# The toy world is being redesigned: these files are rewritten with it, and leave this list then.
-PENDING_REWRITE = (
-    "data/toy/README.md",
-    "data/toy/experiments/",
-    "lr_tutorial/toy/",
-    "lr_tutorial/personalize.py",
-    "lr_tutorial/augment.py",
-)
 
 # What a product's text never says: the project's working history (sessions, issue numbers,
 # acceptance bars) lives in the git log, not in the docs, docstrings, notebooks or tests.
@@ -68,7 +60,7 @@ def test_no_development_narration_in_tracked_text():
     hits = []
     for f in tracked(*TEXT_SUFFIXES):
         rel = f.relative_to(ROOT).as_posix()
-        if rel == THIS_TEST or rel.startswith(PENDING_REWRITE):
+        if rel == THIS_TEST:
             continue
         for i, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
             m = NARRATION.search(line)

@@ -7,7 +7,7 @@ For a base prompt and prompts that change one word (position, colour, shape, siz
 (1) how far apart the text encoder's output states are at the changed word, and (2) how much the
 UNet's x0 prediction from the same noise changes, relative to its norm, at a few timesteps. A word
 whose states barely differ, or that barely moves x0 at high noise, is a word the model cannot
-follow (data/toy/README.md: the position words in the first run).
+follow (the position words, before the position additions of `ToyTrainConfig`).
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from . import components, heldout, world
 
 @dataclass
 class ToyTrainConfig:
-    """Knobs of `train-toy`. Defaults are what produced the shipped weights (data/toy/README.md)."""
+    """Knobs of `train-toy` (data/toy/README.md, "How they were trained")."""
     ckpt_dir: str
     seed: int = 0
     # VAE
@@ -75,28 +75,19 @@ class ToyTrainConfig:
     # 500 steps after the third the position words were 12 apart and drove the UNet's x0.
     token_id_loss: float = 0.1
     token_id_from: int = 8500
-    # Free looks [ours]: ShapeWorld's six named colours are all the first runs' UNet ever drew,
-    # so a DreamBooth-LoRA had to teach it a new colour from five light-backdrop photos, and it
-    # never learned to draw the subject's teal at night or on grass (the base model itself
-    # drew "a teal star at night" yellow; identity on those backgrounds 0.07 and 0.21). Like
-    # Stable Diffusion, which has seen every colour on every background, from `looks_from` on
-    # this share of each batch shows objects in random colours and random two-colour patterns
-    # (captions leave the colour out; the subject's own look is never drawn: `look_scene`).
-    # Off by default: 1,000 such steps on top of step 14,000 (share 0.25) gave clearer stars
-    # and teal at night, but not the subject's pattern (LoRA identity 0.446; data/toy/README.md).
+    # Free looks [ours]: with only ShapeWorld's six named colours, a base model never draws
+    # the subject's teal at night or on grass, and a DreamBooth-LoRA has to teach it a new colour
+    # from five light-backdrop photos. Like Stable Diffusion, which has seen every colour on
+    # every background, from `looks_from` on this share of each batch shows objects in random
+    # colours and random two-colour patterns (captions leave the colour out; the subject's own
+    # look is never drawn: `look_scene`).
     look_share: float = 0.0
     looks_from: int = 14_000
     look_dataset_size: int = 20_000
-    # Look pairs [ours, an experiment for issue 3]: Layout-and-Retouch's retouch assumes that
-    # self-attention carries an object's look (MasaCtrl), which Stable Diffusion learned from
-    # natural images full of repeated objects and textures. Every ShapeWorld scene holds one
-    # object whose look the caption names, and the toy's swap carries no look (data/toy/
-    # README.md, sessions 10 and 13). From `pairs_from` on, this share of each batch shows two
-    # copies of one free-look object (`pair_image`), uncaptioned, so the only way to draw the
-    # second copy right is to read the first one's look through self-attention. Off by default;
-    # 8,750 steps at share 0.25 on the free-look export: the reference swap's identity 0.014 ->
-    # 0.123, the first toy base whose swap carries the look (data/toy/README.md, "Look pairs"
-    # and "Session 14").
+    # Look pairs [ours]: this share of each batch shows two small copies of one free-look
+    # object at opposite places (`pair_image`), uncaptioned, so drawing the second copy right
+    # needs the first one's look through self-attention. Diptychs (below) ask the same across
+    # two whole scenes, as the retouch does across two images.
     pair_share: float = 0.0
     pairs_from: int = 14_000
     pair_dataset_size: int = 20_000
