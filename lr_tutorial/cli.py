@@ -209,7 +209,8 @@ def cmd_train_toy(a) -> int:
     files._check_writable(ckpt / "x", "--ckpt-dir")
     cfg = train.ToyTrainConfig(ckpt_dir=str(ckpt), seed=a.seed)
     for k in ("vae_steps", "unet_steps", "dataset_size", "pyramid_from", "boost_from",
-              "token_id_from", "looks_from", "look_share", "pairs_from", "pair_share"):
+              "token_id_from", "looks_from", "look_share", "pairs_from", "pair_share",
+              "diptychs_from", "diptych_share", "unet_batch"):
         if getattr(a, k) is not None:
             setattr(cfg, k, getattr(a, k))
     check_fields(cfg)
@@ -687,6 +688,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pairs-from", type=_count,
                    help="UNet step from which look pairs (two copies of a free-look object) join")
     t.add_argument("--pair-share", type=_share, help="share of each batch with look pairs")
+    t.add_argument("--diptychs-from", type=_count,
+                   help="UNet step from which diptychs (two scenes, one shape in one uncaptioned "
+                        "look) join")
+    t.add_argument("--diptych-share", type=_share, help="share of each batch with diptychs")
+    t.add_argument("--unet-batch", type=_int(1, 4096, example=64), default=None,
+                   help="UNet batch size (default 64)")
     t.add_argument("--overwrite", action="store_true")
     t.add_argument("--from-export", type=_path, default=None,
                    help="seed empty checkpoints from exported weights (e.g. data/toy) to go on "

@@ -67,7 +67,8 @@ ACCEPTED = {
     ("personalize-toy", "--background-weight"): ({"0"}, "0: the background is not learned"),
     **{("train-toy", f): ({"0"}, "0: from the first step / none") for f in (
         "--vae-steps", "--unet-steps", "--pyramid-from", "--boost-from", "--token-id-from",
-        "--looks-from", "--pairs-from", "--look-share", "--pair-share")},
+        "--looks-from", "--pairs-from", "--look-share", "--pair-share", "--diptychs-from",
+        "--diptych-share")},
 }
 
 
