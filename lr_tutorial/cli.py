@@ -463,6 +463,9 @@ def cmd_generate(a) -> int:
     _only_with(a, {"base": "--base", "class_noun": "--class-noun"}, not toy,
                "the toy backend's base model is data/toy and its class noun 'star'; add "
                "--backend sd for Stable Diffusion")
+    if a.stage2 != "auto" and a.engine != "fast":
+        raise UsageError(f"--stage2 {a.stage2} chooses the fast engine's stage 2; add --engine "
+                         "fast (the reference engine runs the three branches together)")
     if toy:
         from .toy import world
         if a.personalized:
@@ -530,10 +533,11 @@ def cmd_generate(a) -> int:
             bundle = load_models("sd", **extra)
         bundle._warned_vanilla_only = True
     bundle.allow_unknown_words = a.allow_unknown_words
-    if a.fuse_lora:
+    if a.fuse_lora if a.fuse_lora is not None else a.engine == "fast":
         bundle.set_fuse_lora(True)
     ref_images = images.load_images(refs, bundle.image_size) if refs is not None else None
-    cfg.stage2 = one_call_stage2(a.stage2, bundle.device)
+    cfg.engine = a.engine
+    cfg.stage2 = one_call_stage2(a.stage2, bundle.device) if a.engine == "fast" else "auto"
     seeds = list(a.seed)
     result = LayoutAndRetouch(bundle, cfg)([a.prompt] * len(seeds), ref_images, seed=seeds)
     with files.atomic_folder(out, a.overwrite, what="generate output") as tmp:
@@ -829,13 +833,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=_steps, default=50)
     g.add_argument("--guidance", type=_guidance, default=None,
                    help="classifier-free guidance (default: the backend's: toy 3.0, sd 7.5)")
-    g.add_argument("--fuse-lora", action=argparse.BooleanOptionalAction, default=True,
-                   help="merge the LoRA into the weights while personalized (default; faster "
-                        "on the CPU, outputs differ from the unmerged LoRA's by float rounding)")
+    g.add_argument("--engine", choices=("reference", "fast"), default="reference",
+                   help="reference (default): the method as docs/method.md writes it; fast: the "
+                        "same result with key/value caches and a merged LoRA (LRConfig.engine)")
+    g.add_argument("--fuse-lora", action=argparse.BooleanOptionalAction, default=None,
+                   help="merge the LoRA into the weights while personalized (default: with "
+                        "--engine fast; faster on the CPU, outputs differ from the unmerged "
+                        "LoRA's by float rounding)")
     g.add_argument("--stage2", choices=("auto", "cached", "batched"), default="auto",
-                   help="LRConfig.stage2; auto: batched on a GPU (this command makes one call, "
-                        "so the cached path would pin host memory it never reuses), else the "
-                        "library's auto")
+                   help="with --engine fast: LRConfig.stage2; auto: batched on a GPU (this "
+                        "command makes one call, so the cached path would pin host memory it "
+                        "never reuses), else the library's auto")
     g.add_argument("--allow-unknown-words", action="store_true",
                    help="warn instead of refusing a prompt word outside the text encoder's "
                         "vocabulary (toy: the ShapeWorld words)")

@@ -151,7 +151,7 @@ def test_default_start_is_lambda2_or_lambda1_when_later(bundle):
     assert LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=10, lambda1=1))).start_step() == 4
 
 
-def test_cli_generate_writes_the_image_panel_and_intermediates(tmp_path):
+def test_cli_generate_writes_the_image_panel_and_intermediates(tmp_path, capsys):
     """`python -m lr_tutorial generate` on the toy backend, 6 steps, merged LoRA; and with 4
     steps, where the retouch starts at the last step (min_lambda2 = 4) and the panel has no
     x0 row."""
@@ -186,11 +186,16 @@ def test_cli_generate_writes_the_image_panel_and_intermediates(tmp_path):
     assert not (two / "final.png").exists()
     same = np.asarray(Image.open(out / "final_00.png")).astype(int)
     assert np.abs(np.asarray(Image.open(two / "final_00.png")).astype(int) - same).max() <= 1
-    # the reference engine runs stage 2 batched; --stage2 batched gives the same images
+    # the reference engine runs stage 2 batched; the fast engine's batched stage 2 gives the
+    # same images, and --stage2 without --engine fast is refused by name
     assert json.loads((two / "result.json").read_text())["config"]["stage2_used"] == "batched"
+    assert cli.main(["generate", "--prompt", "a sks star", "--stage2", "cached",
+                     "--out", str(tmp_path / "c")]) == 2
+    assert "--engine fast" in capsys.readouterr().err and not (tmp_path / "c").exists()
     assert cli.main(["generate", "--prompt", "a sks star on the left", "--seed", "3", "5",
                      "--steps", "6", "--lambda1", "1", "--lambda2", "1", "--lambda3", "3",
-                     "--fuse-lora", "--stage2", "batched", "--out", str(tmp_path / "b")]) == 0
+                     "--fuse-lora", "--engine", "fast", "--stage2", "batched",
+                     "--out", str(tmp_path / "b")]) == 0
     assert json.loads((tmp_path / "b" / "result.json").read_text())["config"]["stage2_used"] == "batched"
     for name in ("final_00.png", "final_01.png"):
         assert np.abs(np.asarray(Image.open(tmp_path / "b" / name)).astype(int)

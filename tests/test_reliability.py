@@ -587,7 +587,7 @@ def test_source_audit_torch_load_is_weights_only_and_no_remote_code():
                 assert safe, f"{f}:{call.lineno}: torch.load without weights_only=True"
         for bad in ("trust_remote_code=True", "allow_pickle=True", "pickle.load", "custom_pipeline"):
             assert bad not in src, f"{f}: {bad}"
-    assert loads >= 5  # the audit sees the loads that exist (SAM, LoRA .bin, training ckpts)
+    assert loads >= 4  # the audit sees the loads that exist (SAM, LoRA .bin, train-toy checkpoints, ...)
 
 
 _RAN = []

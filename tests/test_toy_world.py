@@ -176,7 +176,8 @@ def test_toy_report_cli_set_overrides_the_method_rows(tmp_path, capsys):
     assert res["config_overrides"] == {"layout.lambda1": 1.0}
     for key in ("identity", "fidelity"):
         assert res["stage1"][key] == res["vanilla"][key]
-    assert cli.main(base + ["--methods", "stage1"]) == 0  # the default 0.2 N differs
+    # lambda1 = 0: every step personalized, so the stage-1 row is no longer the vanilla one
+    assert cli.main(base + ["--methods", "stage1", "--set", "layout.lambda1=0.0"]) == 0
     assert json.loads(capsys.readouterr().out)["stage1"]["identity"] != res["vanilla"]["identity"]
     for bad, says in ((["--set", "layout.lambda1=0.4"], "--methods"),
                       (["--methods", "stage1", "--set", "layout.lambda1"], "KEY=VALUE"),
