@@ -27,8 +27,8 @@ demo: setup
 # `make test`: the unit tests, the browser test (skips without Chromium/Playwright) and every built
 # notebook re-executed by nbval (--nbval-lax: only cells marked # NBVAL_CHECK_OUTPUT compare
 # outputs). --dist loadfile keeps each notebook's cells on one worker. PYTHONPATH makes the
-# notebook kernels import this checkout's lr_tutorial; LR_EXERCISE_SOLUTIONS=1 runs every exercise
-# with the package's solution through its checker (the stored cells hold stubs).
+# notebook kernels import this checkout's lr_tutorial; LR_EXERCISE_SOLUTIONS=1 makes every
+# exercise cell that goes through exercises.attempt run the package's solution through its checker.
 NOTEBOOKS = $(wildcard notebooks/[0-9][0-9]_*.ipynb)
 
 test: setup

@@ -214,6 +214,10 @@ def cmd_train_toy(a) -> int:
         if getattr(a, k) is not None:
             setattr(cfg, k, getattr(a, k))
     check_fields(cfg)
+    try:
+        train.check_shares(cfg)
+    except ValueError as e:
+        raise UsageError(f"--look-share/--pair-share/--diptych-share: {e}") from None
     out = Path(a.out) if a.out else data_dir() / "toy"
     if a.stage in ("all", "export"):
         if out.exists() and not out.is_dir():
@@ -362,8 +366,11 @@ def cmd_toy_report(a) -> int:
     if a.limit:
         prompts = prompts[:a.limit]
     sheet = None
+    if a.overwrite and not a.contact_sheet:
+        raise UsageError("--overwrite replaces an existing --contact-sheet; without one it does "
+                         "nothing: drop it")
     if a.contact_sheet:
-        from .files import atomic_file
+        from . import files
         if Path(a.contact_sheet).suffix.lower() != ".png":
             raise UsageError(f"--contact-sheet {a.contact_sheet}: give a .png path")
         if Path(a.contact_sheet).exists() and not a.overwrite:
@@ -371,6 +378,9 @@ def cmd_toy_report(a) -> int:
                              "pass --overwrite to replace it")
         if a.ckpt_dir:
             raise UsageError("--contact-sheet needs a personalized model; drop --ckpt-dir")
+        if Path(a.contact_sheet).is_dir():
+            raise UsageError(f"--contact-sheet {a.contact_sheet} is a folder; give a .png path")
+        files._check_writable(Path(a.contact_sheet), "--contact-sheet")
         sheet = a.contact_sheet
     _validated(a)
     from .models import load_models
@@ -388,6 +398,7 @@ def cmd_toy_report(a) -> int:
     if overrides:
         res["config_overrides"] = overrides
     if sheet:
+        from .files import atomic_file
         from .toy import contact
         with atomic_file(sheet, overwrite=True, what="contact sheet") as tmp:
             contact.contact_sheet(bundle, tmp, steps=a.steps, config=config)
@@ -411,6 +422,9 @@ def cmd_toy_diagnose(a) -> int:
     from .toy import properties
 
     if a.personalized:
+        if not {"2", "4"} & set(a.only.split(",")):
+            raise UsageError(f"--personalized is used by properties 2 and 4 only; --only {a.only} "
+                             "measures the base model: drop it or add 2 or 4")
         _lora_folder("--personalized", a.personalized)
     _validated(a)
     return properties.run(a)

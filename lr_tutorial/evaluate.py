@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import methods, metrics
+from . import files, methods, metrics
 from .benchmarks import Benchmark, Subject
 
 
@@ -91,8 +91,12 @@ def config_for(spec: Benchmark, item: Item):
 
 def settings_hash(spec: Benchmark, item: Item, protocol: str) -> str:
     """What a sample depends on; a stored sample with another hash is not this sample."""
+    from types import SimpleNamespace
+    from .models import backend_defaults
     s = item.subject
-    data = {"config": config_for(spec, item).to_dict(), "method": item.variant.method,
+    cfg = config_for(spec, item)  # lambda1/guidance None: the backend's own, hashed as such
+    cfg.layout = cfg.layout.resolved(SimpleNamespace(**backend_defaults(spec.backend)))
+    data = {"config": cfg.to_dict(), "method": item.variant.method,
             "backend": spec.backend, "base": spec.base, "sam": spec.sam,
             "subject": [s.name, s.class_noun, s.identifier, s.source, s.personalized,
                         [Path(r).name for r in s.references]],
@@ -108,8 +112,7 @@ def _paths(out: Path, item: Item) -> tuple[Path, Path]:
 
 
 # What an evaluation folder holds; anything else in it is the user's, never touched.
-OWN_FILES = ("spec.json", "results.csv", "results.md", "rows.csv", "plots/*.png",
-             "samples/*.png", "samples/*.json")
+OWN_FILES = files.OUTPUT_NAMES["evaluation"]  # spec, results, rows, plots, samples
 
 
 def _stored(out: Path, item: Item, say: bool = True) -> dict | None:
@@ -145,8 +148,6 @@ def _damage(png: Path, js: Path) -> str | None:
 
 def foreign_files(out: Path) -> list[str]:
     """Files in `out` that an evaluation did not write (files.OUTPUT_NAMES' rule, OWN_FILES)."""
-    from . import files
-    files.OUTPUT_NAMES.setdefault("evaluation", OWN_FILES)
     return files.foreign_files(out, "evaluation")
 
 
@@ -192,10 +193,8 @@ def check_folder(out: Path, spec: Benchmark, protocol: str, overwrite: bool) -> 
 
 def _discard(out: Path) -> None:
     """Delete the evaluation's own files in `out` (check_folder has refused foreign ones)."""
-    import fnmatch
-    from . import files
     for rel in files._all_files(out):
-        if rel == files.MANIFEST or any(fnmatch.fnmatchcase(rel, p) for p in OWN_FILES):
+        if rel == files.MANIFEST or any(files._matches(rel, p) for p in OWN_FILES):
             (out / rel).unlink(missing_ok=True)
     for d in sorted((p for p in out.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
         if not any(d.iterdir()):

@@ -47,6 +47,8 @@ OUTPUT_NAMES: dict[str, tuple[str, ...]] = {
     "demo": ("method_comparison.png", "intermediates.png", "final_images.npy"),
     "toy export": ("unet/*", "vae/*", "text_encoder/*", "tokenizer/*", "scheduler/*",
                    "model_index.json", "training.json"),
+    "evaluation": ("spec.json", "results.csv", "results.md", "rows.csv", "plots/*.png",
+                   "samples/**/*.png", "samples/**/*.json"),
 }
 
 
@@ -95,22 +97,31 @@ def _all_files(folder: Path) -> list[str]:
 
 
 def foreign_files(folder: str | Path, what: str = "output") -> list[str]:
-    """Files in `folder` that its writer does not own: neither listed in its manifest nor
-    one of the names an output of kind `what` has (OUTPUT_NAMES)."""
+    """Files in `folder` that its writer does not own. With a manifest, the writer owns exactly
+    the files it lists; without one (an output written before manifests), the names an output
+    of kind `what` has (OUTPUT_NAMES), matched segment by segment, and our temporaries."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     manifest = read_manifest(folder)
-    listed = set(manifest["files"]) if manifest else set()
+    if manifest:
+        listed = set(manifest["files"])
+        return [rel for rel in _all_files(folder) if rel != MANIFEST and rel not in listed]
     patterns = OUTPUT_NAMES.get(what, ())
-    out = []
-    for rel in _all_files(folder):
-        if rel == MANIFEST or rel in listed or _is_temporary(rel):
-            continue
-        if any(fnmatch.fnmatchcase(rel, p) for p in patterns):
-            continue
-        out.append(rel)
-    return out
+    return [rel for rel in _all_files(folder)
+            if not _is_temporary(rel) and not any(_matches(rel, p) for p in patterns)]
+
+
+def _matches(rel: str, pattern: str) -> bool:
+    """fnmatch per path segment, so `*` never crosses a `/`; a `**` segment spans any number
+    of folders (`samples/**/*.png`)."""
+    def match(parts, pats):
+        if not pats:
+            return not parts
+        if pats[0] == "**":
+            return any(match(parts[i:], pats[1:]) for i in range(len(parts) + 1))
+        return bool(parts) and fnmatch.fnmatchcase(parts[0], pats[0]) and match(parts[1:], pats[1:])
+    return match(rel.split("/"), pattern.split("/"))
 
 
 def _is_temporary(rel: str) -> bool:

@@ -29,8 +29,8 @@ def data_dir() -> Path:
 
 
 # The toy backend's guidance weight. Chosen on the vanilla model alone: the smallest weight at
-# which its prompt fidelity is at the plateau it keeps up to Stable Diffusion's 7.5 (data/toy/
-# README.md, "Guidance"). Above it, the DreamBooth-LoRA's images on dark backdrops fall apart:
+# which its prompt fidelity is at the plateau it keeps up to Stable Diffusion's 7.5. Above it,
+# the DreamBooth-LoRA's images on dark backdrops fall apart:
 # classifier-free guidance multiplies a conditional direction the fine-tune has bent.
 TOY_GUIDANCE = 3.0
 
@@ -39,6 +39,14 @@ TOY_GUIDANCE = 3.0
 # latent's structure). Switching the position word after 0.2 N still moves 8 of 8 stars, after
 # 0.3 N 3 of 8, after 0.4 N at most 1 (`python -m lr_tutorial toy-diagnose --only 1`).
 TOY_LAMBDA1 = 0.4
+
+
+def backend_defaults(backend: str) -> dict:
+    """What a backend's bundle fills in where a config leaves None: its hand-over lambda1 and
+    its guidance weight (ModelBundle.lambda1, ModelBundle.guidance)."""
+    if backend == "toy":
+        return {"lambda1": TOY_LAMBDA1, "guidance": TOY_GUIDANCE}
+    return {"lambda1": 0.2, "guidance": 7.5}  # Stable Diffusion (docs/method.md "Stage 1")
 
 # The toy UNet's CPU convolutions use oneDNN in calls of at least this many rows only
 # (ModelBundle.set_unet_onednn). Its forward without oneDNN took 0.70-0.81x the time at 2-5 rows
@@ -67,7 +75,7 @@ def load_toy(personalized: str | Path | None = "default", device: str = "cpu") -
         unet=UNet2DConditionModel.from_pretrained(root / "unet").eval(),
         scheduler=DDIMScheduler.from_pretrained(root / "scheduler"),
         backend="toy", identifier=world.SUBJECT_IDENTIFIER, class_noun=world.SUBJECT_CLASS,
-        source={"base": str(root)}, guidance=TOY_GUIDANCE, lambda1=TOY_LAMBDA1,
+        source={"base": str(root)}, **backend_defaults("toy"),
         unet_onednn_min_rows=TOY_ONEDNN_MIN_ROWS,
     )
     for m in (bundle.text_encoder, bundle.vae, bundle.unet):

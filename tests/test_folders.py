@@ -327,3 +327,24 @@ def test_train_toy_refuses_an_export_it_could_not_write_before_training(tmp_path
     assert cli.main(["train-toy", "--ckpt-dir", str(tmp_path / "afile")]) == 2
     assert "is a file" in capsys.readouterr().err
     assert not (tmp_path / "ckpt").exists()  # nothing made before the checks passed
+
+
+def test_a_manifest_owns_exactly_what_it_lists(tmp_path):
+    """With a manifest, a user's file is foreign even when its name looks like an output's
+    (final_draft.png matches final_*.png) or like a temporary of ours; without one, names are
+    matched segment by segment (`*` never crosses a folder)."""
+    from lr_tutorial import files
+    out = tmp_path / "out"
+    with files.atomic_folder(out, what="generate output") as tmp:
+        (tmp / "final_00.png").write_bytes(b"x")
+    for name in ("final_draft.png", ".notes.partial.txt"):
+        (out / name).write_text("mine")
+    assert sorted(files.foreign_files(out, "generate output")) == [".notes.partial.txt",
+                                                                   "final_draft.png"]
+    bare = tmp_path / "bare"
+    (bare / "sub").mkdir(parents=True)
+    (bare / "final_00.png").write_bytes(b"x")
+    (bare / "sub" / "final_00.png").write_bytes(b"x")
+    assert files.foreign_files(bare, "generate output") == ["sub/final_00.png"]
+    assert files._matches("samples/v/s/000_s0.png", "samples/**/*.png")
+    assert not files._matches("samples/000_s0.txt", "samples/**/*.png")

@@ -129,7 +129,9 @@ def swap_carries_look(vanilla_bundle, config, prompts, *, steps: int = 25,
     bundle.identifier = None  # prompts without the identifier pass the pipeline's checks
     out = {}
     for name, mode in (("no swap", "none"), ("reference", "reference"), ("multi-source", "multi")):
-        cfg = apply_overrides(config, {"swap.mode": mode})
+        # the reference is inverted on "a star" too: no identifier anywhere in this run
+        cfg = apply_overrides(config, {"swap.mode": mode,
+                                       "reference_prompt": f"a {bundle.class_noun}"})
         images = report.generate_method(bundle, plain, list(range(seeds)), "layout_and_retouch",
                                         steps=steps, config=cfg, progress=False)
         out[name] = round(float(np.mean([oracle.identity_score(im) for im in images])), 4)

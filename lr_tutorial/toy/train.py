@@ -54,7 +54,7 @@ class ToyTrainConfig:
     # layout's frequencies. A blob on the left and one on the right differ mostly in 2x2 and
     # 4x4 block means of the latent; what is left of them at t = T is as large as white
     # noise's block means there, so the model reads the layout off the noise and the prompt's
-    # position never matters (step 6250 of the first run: position fidelity 27%, the same
+    # position never matters (without it: position fidelity 27% at step 6,250, the same
     # place for a seed whatever the prompt). Extra noise of this std at 2x2, 4x4 and 8x8,
     # upsampled, drowns it; added from step `pyramid_from` on.
     pyramid_noise: float = 0.5
@@ -70,9 +70,9 @@ class ToyTrainConfig:
     # colour words 10 apart, at step 8500), so no UNet could read the position. SD's frozen CLIP
     # keeps every word distinct; here a linear head must recover each token's id from its
     # output state (cross-entropy, this weight), from `token_id_from` on. 0: off.
-    # The three fixes came one after another in the first run (positions still ignored after
-    # each of the first two, 1,000 steps each); the defaults replay that history exactly, and
-    # 500 steps after the third the position words were 12 apart and drove the UNet's x0.
+    # Each of the three additions alone left positions ignored; with all three, the position
+    # words' states were 12 apart 500 steps later and drove the UNet's x0. The shipped base
+    # turned them on at step 2,500 (data/toy/README.md, "How they were trained").
     token_id_loss: float = 0.1
     token_id_from: int = 8500
     # Free looks [ours]: with only ShapeWorld's six named colours, a base model never draws
@@ -114,6 +114,15 @@ def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def check_shares(cfg: ToyTrainConfig) -> None:
+    """The free-look, look-pair and diptych rows share one batch: together at most all of it."""
+    total = cfg.look_share + cfg.pair_share + cfg.diptych_share
+    if total > 1:
+        raise ValueError(f"look_share {cfg.look_share} + pair_share {cfg.pair_share} + "
+                         f"diptych_share {cfg.diptych_share} = {total:g} is more than the whole "
+                         "batch; lower them to a sum of at most 1")
 
 
 class DamagedCheckpoint(OSError):
@@ -389,6 +398,7 @@ def training_noise(shape, gen: torch.Generator, cfg: ToyTrainConfig, step: int) 
 def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float,
                looks: torch.Tensor | None = None, pairs: torch.Tensor | None = None,
                diptychs: torch.Tensor | None = None):
+    check_shares(cfg)
     ckdir = Path(cfg.ckpt_dir)
     torch.manual_seed(cfg.seed)
     tok = components.build_tokenizer()
@@ -581,12 +591,13 @@ def seed_from_export(cfg: ToyTrainConfig, export_dir: str | Path) -> None:
 
 def checkpoint_bundle(cfg: ToyTrainConfig):
     """A vanilla ModelBundle straight from the newest checkpoints (to watch training)."""
-    from ..models import TOY_ONEDNN_MIN_ROWS, ModelBundle
+    from ..models import TOY_ONEDNN_MIN_ROWS, ModelBundle, backend_defaults
 
     scaling = load_checkpoint(Path(cfg.ckpt_dir) / "latents.pt", "latents")["scaling_factor"]
     tok, te, unet, step = ema_models(cfg)
     bundle = ModelBundle(tokenizer=tok, text_encoder=te, vae=trained_vae(cfg, scaling), unet=unet,
                          scheduler=components.build_scheduler(), backend="toy",
                          unet_onednn_min_rows=TOY_ONEDNN_MIN_ROWS,
-                         identifier=world.SUBJECT_IDENTIFIER, class_noun=world.SUBJECT_CLASS)
+                         identifier=world.SUBJECT_IDENTIFIER, class_noun=world.SUBJECT_CLASS,
+                         **backend_defaults("toy"))
     return bundle, step
