@@ -274,16 +274,23 @@ def look_scene(seed: int, i: int) -> world.Scene:
 
 
 @torch.no_grad()
-def encode_looks(cfg: ToyTrainConfig, vae, scaling: float) -> torch.Tensor:
-    """Latent means of `look_dataset_size` free-look scenes (unscaled, like `encode_dataset`)."""
-    path = Path(cfg.ckpt_dir) / "latents_looks.pt"
-    state = _cached(path, "free-look latents")
+def _encode_cached(cfg: ToyTrainConfig, vae, scaling: float, name: str, image_of, n: int,
+                   what: str) -> torch.Tensor:
+    """Latent means of images image_of(0..n-1) (unscaled, like `encode_dataset`), encoded once
+    into ckpt_dir/latents_{name}.pt and read from there afterwards."""
+    path = Path(cfg.ckpt_dir) / f"latents_{name}.pt"
+    state = _cached(path, f"{what} latents")
     if state is not None:
         return state["latents"].float()
-    latents = _encode_images(vae, lambda i: world.render(look_scene(cfg.seed, i)),
-                             cfg.look_dataset_size, "free looks")
+    latents = _encode_images(vae, image_of, n, what)
     _atomic_save({"latents": latents.half(), "scaling_factor": scaling}, path)
     return latents
+
+
+def encode_looks(cfg: ToyTrainConfig, vae, scaling: float) -> torch.Tensor:
+    """Latent means of `look_dataset_size` free-look scenes."""
+    return _encode_cached(cfg, vae, scaling, "looks", lambda i: world.render(look_scene(cfg.seed, i)),
+                          cfg.look_dataset_size, "free-look")
 
 
 PAIR_SPOTS = (("left", "right"), ("top", "bottom"))  # small objects there never overlap
@@ -311,15 +318,9 @@ def pair_image(seed: int, i: int) -> np.ndarray:
 
 @torch.no_grad()
 def encode_pairs(cfg: ToyTrainConfig, vae, scaling: float) -> torch.Tensor:
-    """Latent means of `pair_dataset_size` look pairs (unscaled, like `encode_dataset`)."""
-    path = Path(cfg.ckpt_dir) / "latents_pairs.pt"
-    state = _cached(path, "look-pair latents")
-    if state is not None:
-        return state["latents"].float()
-    latents = _encode_images(vae, lambda i: pair_image(cfg.seed, i), cfg.pair_dataset_size,
-                             "look pairs")
-    _atomic_save({"latents": latents.half(), "scaling_factor": scaling}, path)
-    return latents
+    """Latent means of `pair_dataset_size` look pairs."""
+    return _encode_cached(cfg, vae, scaling, "pairs", lambda i: pair_image(cfg.seed, i),
+                          cfg.pair_dataset_size, "look-pair")
 
 
 def diptych_scenes(seed: int, i: int) -> tuple[world.Scene, world.Scene]:
@@ -352,20 +353,14 @@ def diptych_caption(seed: int, i: int) -> str:
 
 @torch.no_grad()
 def encode_diptychs(cfg: ToyTrainConfig, vae, scaling: float) -> torch.Tensor:
-    """Latent means (n, 4, 16, 32) of `diptych_dataset_size` diptychs (unscaled)."""
-    path = Path(cfg.ckpt_dir) / "latents_diptychs.pt"
-    state = _cached(path, "diptych latents")
-    if state is not None:
-        return state["latents"].float()
-    latents = _encode_images(vae, lambda i: diptych_image(cfg.seed, i), cfg.diptych_dataset_size,
-                             "diptychs")
-    _atomic_save({"latents": latents.half(), "scaling_factor": scaling}, path)
-    return latents
+    """Latent means (n, 4, 16, 32) of `diptych_dataset_size` diptychs."""
+    return _encode_cached(cfg, vae, scaling, "diptychs", lambda i: diptych_image(cfg.seed, i),
+                          cfg.diptych_dataset_size, "diptych")
 
 
 def unet_data(cfg: ToyTrainConfig, vae):
-    """(latents, scaling factor, free-look latents or None, look-pair latents or None): what
-    `train_unet` reads."""
+    """(latents, scaling factor, and the free-look, look-pair and diptych latents, each None when
+    unused): what `train_unet` reads."""
     latents, scaling = encode_dataset(cfg, vae)
     needs_looks = cfg.look_share > 0 and cfg.looks_from < cfg.unet_steps
     needs_pairs = cfg.pair_share > 0 and cfg.pairs_from < cfg.unet_steps
