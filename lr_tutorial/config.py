@@ -301,8 +301,8 @@ class LRConfig:
                 isinstance(self.start_step, bool) or not isinstance(self.start_step, numbers.Integral)
                 or not 0 <= self.start_step < n):
             raise ValueError(f"start_step = {self.start_step!r} must be None (start at the later "
-                             f"of lambda2 and lambda1) or a step in [0, {n - 1}] for {n} steps (0: the target starts "
-                             "from the context's noise)")
+                             f"of lambda2 and lambda1) or a step in [0, {n - 1}] for {n} steps "
+                             "(0: the target starts from the context's noise)")
         if isinstance(self.reference_index, bool) \
                 or not isinstance(self.reference_index, numbers.Integral) \
                 or self.reference_index < 0:
