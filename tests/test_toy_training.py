@@ -19,13 +19,15 @@ def tiny_cfg(tmp_path, **kw):
 def test_training_smoke_runs_checkpoints_and_exports(tmp_path):
     cfg = tiny_cfg(tmp_path / "ck", look_share=0.25, look_dataset_size=6, looks_from=1,
                    pair_share=0.25, pair_dataset_size=5, pairs_from=1,
-                   diptych_share=0.25, diptych_dataset_size=3, diptychs_from=1)
+                   diptych_share=0.25, diptych_dataset_size=3, diptychs_from=1,
+                   read_pairs=2, read_dataset_size=3, reads_from=1)
     (tmp_path / "ck").mkdir()
     vae = train.train_vae(cfg)
-    latents, scaling, looks, pairs, diptychs = train.unet_data(cfg, vae)
+    latents, scaling, looks, pairs, diptychs, reads = train.unet_data(cfg, vae)
     assert latents.shape == (12, 4, 16, 16) and scaling > 0 and looks.shape == (6, 4, 16, 16)
     assert pairs.shape == (5, 4, 16, 16) and diptychs.shape == (3, 4, 16, 32)
-    train.train_unet(cfg, latents, scaling, looks, pairs, diptychs)
+    assert reads.shape == (3, 2, 4, 16, 16)
+    train.train_unet(cfg, latents, scaling, looks, pairs, diptychs, reads)
     log = [json.loads(x) for x in open(tmp_path / "ck" / "log.jsonl")]
     assert [r["stage"] for r in log] == ["vae"] * 2 + ["unet"] * 3
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
@@ -185,3 +187,27 @@ def test_a_damaged_checkpoint_is_named_and_a_damaged_latent_cache_is_encoded_aga
     ckpt.write_bytes(b"not a checkpoint")
     with pytest.raises(train.DamagedCheckpoint, match=r"VAE checkpoint .*vae.pt is damaged.*move it away"):
         train.train_vae(cfg)
+
+
+def test_read_scenes_share_shape_and_look_and_the_first_is_a_close_up():
+    for i in range(20):
+        ref, scene = train.read_scenes(0, i)
+        assert ref.shape == scene.shape and ref.pattern == scene.pattern
+        assert ref.background == "plain" and ref.size == "big"
+
+
+def test_reads_reference_makes_each_scene_attend_to_its_close_up_only():
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, heads=2, dim_head=4)
+    x = torch.randn(4, 6, 8)  # [close-up 0, close-up 1, scene 0, scene 1]
+    got = train.ReadsReference()(attn, x)
+    plain = AttnProcessor()
+    assert torch.allclose(got[:2], plain(attn, x[:2]), atol=1e-6)  # close-ups: themselves
+    y = x.clone()
+    y[2, 1:] += 1.0  # scene 0's other tokens change: its first token's output does not
+    assert torch.allclose(train.ReadsReference()(attn, y)[2, 0], got[2, 0], atol=1e-6)
+    z = x.clone()
+    z[0] += 1.0  # change close-up 0: scene 0 changes, scene 1 does not
+    out = train.ReadsReference()(attn, z)
+    assert not torch.allclose(out[2], got[2], atol=1e-4) and torch.allclose(out[3], got[3], atol=1e-6)

@@ -102,6 +102,17 @@ class ToyTrainConfig:
     diptych_share: float = 0.0
     diptychs_from: int = 14_000
     diptych_dataset_size: int = 20_000
+    # Reference reads [ours]: Stable Diffusion learned from web-scale data that its
+    # self-attention can fetch a look from another image; a CPU-sized base does not learn it
+    # from diptychs in hours. From `reads_from` on, each step adds `read_pairs` pairs of one
+    # shape in one free look: a reference-like close-up and a random scene. They are denoised in
+    # one call in which the scene's self-attention at the retouch layers (SwapConfig's
+    # `retouch_layers`) reads the close-up's keys and values instead of its own: the
+    # reference-only swap of docs/method.md, trained. The scene's caption leaves the look out,
+    # so the close-up is its only source. 0: off.
+    read_pairs: int = 0
+    reads_from: int = 14_000
+    read_dataset_size: int = 10_000
     ema_decay: float = 0.999
     keep_prob: float = 0.7  # each attribute is stated in the caption with this probability
     uncond_prob: float = 0.1  # empty caption, for classifier-free guidance
@@ -351,6 +362,64 @@ def diptych_caption(seed: int, i: int) -> str:
     return f"a {shape}" if np.random.default_rng([seed, 7, i]).random() < 0.5 else ""
 
 
+def read_scenes(seed: int, i: int) -> tuple[world.Scene, world.Scene]:
+    """A reference-like close-up (big, near the centre, plain backdrop, rotated a little) and a
+    random scene of the same shape in the same free look (`look_scene`'s)."""
+    rng = np.random.default_rng([seed, 8, i])
+    look = look_scene(seed, 3_000_000 + i)
+    ref = world.with_attrs(world.reference_scene(rng), shape=look.shape, pattern=look.pattern)
+    scene = world.sample_scene(rng, shape=look.shape, pattern=look.pattern,
+                               rotation=float(rng.uniform(-15, 15)))
+    return ref, scene
+
+
+@torch.no_grad()
+def encode_reads(cfg: ToyTrainConfig, vae, scaling: float) -> torch.Tensor:
+    """Latent means (n, 2, 4, 16, 16) of `read_dataset_size` reference-read pairs
+    [close-up, scene]."""
+    flat = _encode_cached(cfg, vae, scaling, "reads",
+                          lambda j: world.render(read_scenes(cfg.seed, j // 2)[j % 2]),
+                          2 * cfg.read_dataset_size, "reference-read")
+    return flat.view(-1, 2, *flat.shape[1:])
+
+
+class ReadsReference:
+    """Training-time self-attention processor for a batch [close-ups (n); scenes (n)]: the
+    close-ups attend to themselves, each scene to its close-up's keys and values."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        from ..attention import output, project_qkv
+        q, k, v = project_qkv(attn, hidden_states)  # (2n, heads, HW, d)
+        k, v = torch.cat([k[: len(k) // 2]] * 2), torch.cat([v[: len(v) // 2]] * 2)
+        o = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        return output(attn, o, hidden_states)
+
+
+def read_loss(cfg: ToyTrainConfig, unet, te, tok, reads: torch.Tensor, scaling: float,
+              sched, w: torch.Tensor, rng: np.random.Generator, gen: torch.Generator,
+              step: int) -> torch.Tensor:
+    """Per-row losses (2n,) of `read_pairs` reference-read pairs (see ToyTrainConfig)."""
+    from ..attention import processors, select_layers
+    from ..config import SwapConfig
+
+    n = cfg.read_pairs
+    rdx = rng.integers(0, len(reads), size=n)
+    pairs = [read_scenes(cfg.seed, int(j)) for j in rdx]
+    excluded = heldout.training_exclusions()
+    caps = [f"a {ref.shape}" for ref, _ in pairs] + [
+        training_caption(scene, rng, cfg, excluded) for _, scene in pairs]
+    ids = tok(caps, padding="max_length", max_length=tok.model_max_length,
+              return_tensors="pt").input_ids
+    r0 = reads[torch.from_numpy(rdx)].transpose(0, 1).flatten(0, 1) * scaling  # (2n, 4, 16, 16)
+    noise = training_noise(r0.shape, gen, cfg, step)
+    t = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=gen).repeat(2)
+    layers = select_layers(unet, SwapConfig().retouch_layers, "self")
+    with processors(unet, {p: ReadsReference() for p in layers}):
+        pred = unet(sched.add_noise(r0, noise, t), t, te(ids)[0]).sample
+    return w[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))
+
+
 @torch.no_grad()
 def encode_diptychs(cfg: ToyTrainConfig, vae, scaling: float) -> torch.Tensor:
     """Latent means (n, 4, 16, 32) of `diptych_dataset_size` diptychs."""
@@ -365,9 +434,11 @@ def unet_data(cfg: ToyTrainConfig, vae):
     needs_looks = cfg.look_share > 0 and cfg.looks_from < cfg.unet_steps
     needs_pairs = cfg.pair_share > 0 and cfg.pairs_from < cfg.unet_steps
     needs_diptychs = cfg.diptych_share > 0 and cfg.diptychs_from < cfg.unet_steps
+    needs_reads = cfg.read_pairs > 0 and cfg.reads_from < cfg.unet_steps
     return (latents, scaling, encode_looks(cfg, vae, scaling) if needs_looks else None,
             encode_pairs(cfg, vae, scaling) if needs_pairs else None,
-            encode_diptychs(cfg, vae, scaling) if needs_diptychs else None)
+            encode_diptychs(cfg, vae, scaling) if needs_diptychs else None,
+            encode_reads(cfg, vae, scaling) if needs_reads else None)
 
 
 # ----------------------------------------------------------------------------- UNet
@@ -392,7 +463,7 @@ def training_noise(shape, gen: torch.Generator, cfg: ToyTrainConfig, step: int) 
 
 def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float,
                looks: torch.Tensor | None = None, pairs: torch.Tensor | None = None,
-               diptychs: torch.Tensor | None = None):
+               diptychs: torch.Tensor | None = None, reads: torch.Tensor | None = None):
     check_shares(cfg)
     ckdir = Path(cfg.ckpt_dir)
     torch.manual_seed(cfg.seed)
@@ -471,6 +542,12 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float,
             d_t = torch.randint(0, sched.config.num_train_timesteps, (n_dip,), generator=gen)
             d_pred = unet(sched.add_noise(d0, d_noise, d_t), d_t, te(d_ids)[0]).sample
             per_row = torch.cat([per_row, w[d_t] * (d_pred - d_noise).pow(2).mean(dim=(1, 2, 3))])
+        if cfg.read_pairs and step >= cfg.reads_from:
+            if reads is None:
+                raise ValueError("read_pairs > 0 from reads_from on needs the reference-read "
+                                 "latents (train.encode_reads)")
+            per_row = torch.cat([per_row, read_loss(cfg, unet, te, tok, reads, scaling, sched, w,
+                                                    rng, gen, step)])
         loss = per_row.mean()
         total = loss
         if cfg.token_id_loss and step >= cfg.token_id_from:
