@@ -604,8 +604,7 @@ def cmd_demo(a) -> int:
     from . import demo, files
     out = files.check_output(a.out, a.overwrite, "demo", "--out")
     _validated(a)
-    path = demo.run(out, overwrite=a.overwrite)
-    print(f"figures written to {path}")
+    print(demo.summary(demo.run(out, overwrite=a.overwrite)))
     return 0
 
 
