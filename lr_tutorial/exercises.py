@@ -136,16 +136,6 @@ def _ok(msg: str) -> bool:
     return True
 
 
-def check_lambda_steps(fn) -> bool:
-    """Ex. 3.1: fn(lambda1, n) -> number of vanilla steps (fraction or count, like resolve_steps)."""
-    from .layout import resolve_steps
-    for lam, n in [(0.2, 50), (0.0, 50), (1.0, 30), (7, 50), (0.33, 25), (0, 10)]:
-        got, want = fn(lam, n), resolve_steps(lam, n)
-        assert got == want, f"lambda1={lam!r}, N={n}: got {got}, expected {want}. A float is a " \
-                            "fraction of N (round to the nearest step); an int is a step count."
-    return _ok("floats are fractions of N, ints are step counts")
-
-
 def _ddim(steps: int = 10):
     from diffusers import DDIMScheduler
     s = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -192,7 +182,8 @@ def check_add_noise(fn, seed: int = 0) -> bool:
 
 
 def check_strip_identifier(fn) -> bool:
-    """Ex. 1.2: fn(prompt, identifier) -> the prompt without the identifier (y^p -> y^-p)."""
+    """Ex. 1.1: fn(prompt, identifier) -> the prompt without the identifier (y^p -> y^-p). It
+    stands in for the strip_identifier stage 1 calls (lr_tutorial.layout)."""
     from .prompts import strip_identifier
     cases = [("a sks dog on the beach", "sks"), ("sks dog", "sks"), ("a photo of a sks cat", "sks"),
              ("a sks  star at night", "sks"), ("a skss dog", "sks")]
@@ -224,18 +215,8 @@ def check_masked_attention(fn, seed: int = 0) -> bool:
     return _ok("masked multi-source attention")
 
 
-def check_phase(fn) -> bool:
-    """Ex. 4.2: fn(k, lambda2, is_decoder_layer) -> 'structure', 'retouch' or None."""
-    for k, l2, dec in [(0, 10, True), (9, 10, False), (10, 10, True), (10, 10, False), (30, 4, True)]:
-        want = "structure" if k < l2 else ("retouch" if dec else None)
-        got = fn(k, l2, dec)
-        assert got == want, f"k={k}, lambda2={l2}, decoder={dec}: got {got!r}, expected {want!r}: " \
-            "structure while k < lambda2, in every layer; from lambda2 on, retouch in the decoder only"
-    return _ok("structure first, everywhere; then retouch in the decoder only")
-
-
 def check_feather(fn) -> bool:
-    """Ex. 5.1: fn(binary (h, w) bool, width) -> soft mask, like masks.feather."""
+    """Ex. 5.1: fn(binary (h, w) bool, width) -> soft mask, like masks.feather (which it stands in for)."""
     from .solutions import feather  # the package's, even while a learner's is plugged in
     rng = np.random.default_rng(0)
     for w in (0.5, 1.0, 2.0):
@@ -250,89 +231,121 @@ def check_feather(fn) -> bool:
     return _ok("signed-distance feather")
 
 
-def check_iou(fn) -> bool:
-    """Ex. 5.2: fn(a, b) -> intersection over union of two boolean masks (1.0 if both empty)."""
-    rng = np.random.default_rng(1)
-    for _ in range(5):
-        a, b = rng.random((8, 8)) > 0.5, rng.random((8, 8)) > 0.5
-        want = (a & b).sum() / (a | b).sum()
-        assert abs(fn(a, b) - want) < 1e-6, "IoU = |a & b| / |a | b|"
-    z = np.zeros((4, 4), bool)
-    assert fn(z, z) == 1.0, "two empty masks agree perfectly: return 1.0"
-    return _ok("IoU")
+
+def check_attention_probs(fn, seed: int = 0) -> bool:
+    """Ex. 2.1: fn(q, k, scale) -> softmax(q k^T * scale) over the keys, the attention weights a
+    capture stores. q (B, heads, Nq, d), k (B, heads, Nk, d) -> (B, heads, Nq, Nk). It stands in
+    for lr_tutorial.attention.attention_probs (as_attention_probs)."""
+    from .solutions import attention_probs  # the package's, even while a learner's is plugged in
+    g = torch.Generator().manual_seed(seed)
+    for b, h, nq, nk, d in ((1, 2, 16, 6, 8), (2, 1, 9, 9, 4)):
+        q, k = torch.randn(b, h, nq, d, generator=g), 2 * torch.randn(b, h, nk, d, generator=g)
+        scale = d ** -0.5
+        want = attention_probs(q, k, scale)
+        got = fn(q, k, scale)
+        assert isinstance(got, torch.Tensor) and got.shape == want.shape, \
+            f"shape {tuple(getattr(got, 'shape', ()))}, expected {tuple(want.shape)}: the logits are " \
+            "q @ k^T (k.transpose(-1, -2)), one row per query, one column per key"
+        got = got.float()
+        assert torch.allclose(got.sum(-1), torch.ones(b, h, nq), atol=1e-4), \
+            "each query's weights must sum to 1 over the keys: softmax over the last axis (dim=-1)"
+        assert torch.allclose(got, want, atol=1e-5), \
+            "values differ: multiply the logits by scale (1 / sqrt(d)) before the softmax"
+    return _ok("softmax over the keys of the scaled dot products")
 
 
-def check_capture_size(fn) -> bool:
-    """Ex. 2.1: fn(resolutions, n_tokens, steps) -> the bytes an fp16 capture of the
-    cross-attention of `n_tokens` tokens stores, one image, heads averaged, one map of side r per
-    layer in `resolutions`, for `steps` steps (CaptureSpec.estimate counts the same)."""
-    rng = np.random.default_rng(2)
-    for _ in range(4):
-        res = [int(r) for r in rng.choice([8, 16, 32, 64], size=int(rng.integers(2, 8)))]
-        n, steps = int(rng.integers(1, 5)), int(rng.integers(1, 30))
-        want = sum(r * r for r in res) * n * steps * 2
-        got = fn(res, n, steps)
-        assert got == want, f"layers {res}, {n} tokens, {steps} steps: got {got}, expected {want}. " \
-            "Each layer stores an r x r map per token and step, 2 bytes per fp16 value"
-    return _ok("sum over layers of r^2, times tokens, steps and 2 bytes")
+class _Bundle:
+    """What stage1_loop reads of a ModelBundle: `using(mode)` and `personal_mode`."""
+    personal_mode = "personalized"
+
+    def __init__(self):
+        self.mode = None  # no model chosen outside a `using` block
+
+    @contextlib.contextmanager
+    def using(self, mode: str):
+        before, self.mode = self.mode, mode
+        try:
+            yield self
+        finally:
+            self.mode = before
 
 
-def check_capture_bytes(answer: int, spec, unet, steps: int, batch: int = 1,
-                        n_tokens: int | None = None) -> bool:
-    """The number of bytes a capture spec stores, as a value (compare with spec.estimate)."""
-    want = spec.estimate(unet, steps, batch=batch, n_tokens=n_tokens)
-    assert int(answer) == want, f"got {answer}, expected {want}: sum over the selected layers of " \
-        "rows x heads x HW x keys, times the steps kept, times the bytes per element"
-    return _ok(f"{want} bytes")
+def check_stage1_loop(fn) -> bool:
+    """Ex. 3.1: fn(bundle, z, l1, n, y_minus_p, y_p, denoise) -> z_N, stage 1's two phases, where
+    `denoise(z, prompts, k_range)` runs the steps in k_range with the model `bundle.using(...)`
+    has switched on and returns the latent after them. It stands in for
+    lr_tutorial.layout.stage1_loop; the check runs it on a bundle and a denoiser that record
+    which model and prompt each step used."""
+    y_minus, y_p = ["a star on the left"], ["a sks star on the left"]
+    for l1, n in ((3, 8), (0, 5), (5, 5), (1, 4)):
+        bundle, steps = _Bundle(), []
+
+        def denoise(z, prompts, k_range):
+            for k in k_range:
+                steps.append((k, bundle.mode, list(prompts)))
+                z = 2 * z + k  # a step whose result depends on the latent it starts from
+            return z
+        z0 = torch.ones(1)
+        got = fn(bundle, z0, l1, n, list(y_minus), list(y_p), denoise)
+        want_z = z0
+        for k in range(n):
+            want_z = 2 * want_z + k
+        ks = [k for k, _, _ in steps]
+        assert ks == list(range(n)), \
+            f"lambda1 = {l1}, N = {n}: the steps ran were {ks}; every step k = 0..N-1 runs once, " \
+            "in order: range(0, lambda1) and then range(lambda1, N)"
+        for k, mode, prompts in steps:
+            want = "vanilla" if k < l1 else "personalized"
+            assert mode == want, \
+                f"lambda1 = {l1}: step {k} ran with " + \
+                ("no model switched on" if mode is None else f"the {mode} model") + \
+                f", expected the {want} one: the vanilla model for k < lambda1 (inside " \
+                "`with bundle.using('vanilla'):`), the personalized one from lambda1 on " \
+                "(`with bundle.using(bundle.personal_mode):`)"
+            assert prompts == (y_minus if k < l1 else y_p), \
+                f"lambda1 = {l1}: step {k} read {prompts!r}: the vanilla model reads y^-p (the " \
+                "prompt without the identifier), the personalized model y^p"
+        assert torch.is_tensor(got) and torch.equal(got, want_z), \
+            f"lambda1 = {l1}, N = {n}: the returned latent is not the last step's: start the " \
+            "personalized phase from the z the vanilla phase returned, and return the final z"
+    return _ok("the vanilla model on y^-p for k < lambda1, then the personalized model on y^p")
 
 
-def check_fraction(answer: float, truth: float, name: str, tol: float = 0.02) -> bool:
-    """A measured share (e.g. position fidelity) computed by the learner vs the package's value."""
-    assert abs(float(answer) - truth) <= tol, f"{name}: got {answer:.3f}, expected {truth:.3f}"
-    return _ok(f"{name} = {truth:.3f}")
+def check_fuse(fn) -> bool:
+    """Ex. 5.2: fn(attn, seg, tau_lo, tau_hi, width) -> M = max(feather(B, width), A >= tau_hi)
+    with B = (A >= tau_lo) & S; attn A (h, w) normalized, seg S (h, w) bool at A's resolution.
+    It stands in for lr_tutorial.masks.fuse (as_fuse)."""
+    from .solutions import feather, fuse  # the package's, even while a learner's is plugged in
+    h = 16
+    yy, xx = np.mgrid[:h, :h]
 
-
-
-def _rows(rng, n: int = 12) -> list[dict]:
-    """Rows like toy.report.score's: what the prompt states, whether each stated attribute
-    matched, the identity score."""
-    rows = []
-    for _ in range(n):
-        match = {a: bool(rng.random() < 0.6) for a in ("shape", "background", "position", "size")
-                 if a == "shape" or rng.random() < 0.5}
-        rows.append({"match": match, "identity": float(rng.random())})
-    return rows
-
-
-def check_position_fidelity(fn) -> bool:
-    """Ex. 1.1 and 6.1: fn(rows) -> the share of the rows whose prompt states a position (a
-    "position" key in row["match"]) where the image's position matched."""
-    rng = np.random.default_rng(3)
-    for _ in range(5):
-        rows = _rows(rng)
-        stated = [r["match"]["position"] for r in rows if "position" in r["match"]]
-        if not stated:
+    def blob(cy, cx, s, amp):
+        return amp * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
+    # the subject (where S is), a confident spot S missed, a weak spot S rightly leaves out
+    a = np.maximum.reduce([blob(6, 6, 2.5, 1.0), blob(12, 12, 1.5, 0.9), blob(3, 13, 2.0, 0.45)])
+    a = (a / a.max()).astype(np.float32)
+    s = (yy - 6) ** 2 + (xx - 6) ** 2 <= 16
+    for lo, hi, w in ((0.3, 0.8, 1.0), (0.2, 0.7, 2.0), (0.35, 0.85, 0.0)):
+        got, want = np.asarray(fn(a.copy(), s.copy(), lo, hi, w), dtype=np.float32), fuse(a, s, lo, hi, w)
+        assert got.shape == want.shape, f"shape {got.shape}, expected {want.shape}"
+        if np.allclose(got, want, atol=1e-4):
             continue
-        want, got = float(np.mean(stated)), fn(rows)
-        assert got is not None and abs(float(got) - want) < 1e-6, \
-            f"got {got}, expected {want:.3f}: count only the rows whose prompt states a position " \
-            "(\"position\" in row[\"match\"]), and divide by their number"
-    return _ok("matches over the prompts that state a position")
-
-
-def check_mean_identity(fn) -> bool:
-    """Ex. 6.2 and 7.2: fn(rows) -> the mean of row["identity"] over the rows."""
-    rng = np.random.default_rng(4)
-    for n in (3, 8):
-        rows = _rows(rng, n)
-        want, got = float(np.mean([r["identity"] for r in rows])), fn(rows)
-        assert got is not None and abs(float(got) - want) < 1e-6, \
-            f"got {got}, expected {want:.3f}: the mean of row[\"identity\"] over every row"
-    return _ok("mean identity")
+        attention_only = np.maximum(feather(a >= lo, w), a >= hi)
+        no_confident = feather((a >= lo) & s, w)
+        assert not np.allclose(got, attention_only, atol=1e-4), \
+            f"tau_lo {lo}: your mask keeps the weak attention the segmenter left out: keep only " \
+            "the attention support the segmenter agrees with, B = (A >= tau_lo) & S"
+        assert not np.allclose(got, no_confident, atol=1e-4), \
+            f"tau_hi {hi}: your mask misses the confident attention the segmenter missed: add it " \
+            "back, M = max(feather(B, width), A >= tau_hi)"
+        raise AssertionError(f"tau_lo {lo}, tau_hi {hi}, width {w}: values differ: B = (A >= tau_lo) "
+                             "& S, feathered with the width (masks.feather), then "
+                             "M = max(feather(B, width), A >= tau_hi)")
+    return _ok("attention support the segmenter agrees with, feathered, plus confident attention")
 
 
 def check_latent_blend(fn, seed: int = 0) -> bool:
-    """Ex. 5.3: fn(z_t, z_c, m) -> M z^t + (1 - M) z^c, the target kept inside the subject mask
+    """Ex. 7.2: fn(z_t, z_c, m) -> M z^t + (1 - M) z^c, the target kept inside the subject mask
     and the context's latent outside. z_t, z_c: (B, C, h, w); m: (B, h, w) in [0, 1]. It stands
     in for lr_tutorial.retouch.latent_blend."""
     from .solutions import latent_blend  # the package's, even while a learner's is plugged in
@@ -352,8 +365,8 @@ def check_latent_blend(fn, seed: int = 0) -> bool:
 
 
 def check_inversion_step(fn, seed: int = 0) -> bool:
-    """DDIM inversion: fn(sched, k, z, eps) -> (z_k, x0), from z_{k+1} at level t_{k+1} to the
-    noisier z_k at t_k (a_N, past the last step, is sched.final_alpha_cumprod). An
+    """Ex. 6.1, DDIM inversion: fn(sched, k, z, eps) -> (z_k, x0), from z_{k+1} at level
+    t_{k+1} to the noisier z_k at t_k (a_N, past the last step, is sched.final_alpha_cumprod). An
     epsilon-prediction scheduler; it stands in for lr_tutorial.sampling.inversion_step."""
     from .solutions import inversion_step  # the package's, even while a learner's is plugged in
     g = torch.Generator().manual_seed(seed)
@@ -392,24 +405,42 @@ def as_multi_source(fn: Callable) -> Callable:
     return multi_source_attention
 
 
+
+def as_attention_probs(fn: Callable) -> Callable:
+    """The learner's fn(q, k, scale) as attention.attention_probs(attn, q, k)."""
+    def attention_probs(attn, q, k):
+        return fn(q, k, attn.scale)
+    return attention_probs
+
+
+def as_fuse(fn: Callable) -> Callable:
+    """The learner's fn(attn, seg, tau_lo, tau_hi, width) on one resolution as
+    masks.fuse(attn, seg, cfg), whose segmenter mask comes at the image's resolution."""
+    def fuse(attn, seg, cfg):
+        from .masks import FusedMask, resize
+        s = resize(np.asarray(seg, np.float32), attn.shape[-1]) >= 0.5
+        m = np.asarray(fn(attn, s, cfg.tau_lo, cfg.tau_hi, cfg.feather), dtype=np.float32)
+        return FusedMask(attn, s, (attn >= cfg.tau_lo) & s, m)
+    return fuse
+
+
 def _registry() -> dict[str, Exercise]:
     from . import solutions as s
-    entries = [
-        Exercise("position_fidelity", check_position_fidelity, s.position_fidelity),
-        Exercise("strip_identifier", check_strip_identifier, s.strip_identifier),
-        Exercise("capture_bytes", check_capture_size, s.capture_bytes),
-        Exercise("iou", check_iou, s.iou),
-        Exercise("vanilla_steps", check_lambda_steps, s.vanilla_steps),
+    entries = [  # in the order of the notebooks
+        Exercise("strip_identifier", check_strip_identifier, s.strip_identifier,
+                 "lr_tutorial.layout:strip_identifier"),
+        Exercise("attention_probs", check_attention_probs, s.attention_probs,
+                 "lr_tutorial.attention:attention_probs", as_attention_probs),
+        Exercise("stage1_loop", check_stage1_loop, s.stage1_loop, "lr_tutorial.layout:stage1_loop"),
         Exercise("ddim_step", check_ddim_step, s.ddim_step),
         Exercise("retouch_attention", check_masked_attention, s.retouch_attention,
                  "lr_tutorial.swap:multi_source_attention", as_multi_source),
-        Exercise("phase", check_phase, s.phase),
         Exercise("feather", check_feather, s.feather, "lr_tutorial.masks:feather"),
-        Exercise("latent_blend", check_latent_blend, s.latent_blend, "lr_tutorial.retouch:latent_blend"),
+        Exercise("fuse", check_fuse, s.fuse, "lr_tutorial.masks:fuse", as_fuse),
         Exercise("inversion_step", check_inversion_step, s.inversion_step,
                  "lr_tutorial.sampling:inversion_step"),
-        Exercise("mean_identity", check_mean_identity, s.mean_identity),
         Exercise("add_noise", check_add_noise, s.add_noise),
+        Exercise("latent_blend", check_latent_blend, s.latent_blend, "lr_tutorial.retouch:latent_blend"),
     ]
     return {e.name: e for e in entries}
 

@@ -49,15 +49,25 @@ def step_blended(bundle, prompts: list[str], seeds: list[int], config: LayoutCon
     z = sampling.initial_noise(bundle, seeds)
     traj = sampling.Trajectory(latents=[sampling.to_host(z)])
     uncond = sampling.encode_prompts(bundle, [""] * len(prompts))
-    common = dict(sched=sched, guidance=cfg.guidance, traj=traj, callback=callback,
-                  observers=observers)
-    if l1 > 0:  # k < lambda1: z_{k+1} = Step(z_k, CFG(eps, z_k, y^-p, t_k))
-        with bundle.using("vanilla"):
-            cond = sampling.encode_prompts(bundle, vanilla_prompts)
-            z = sampling.denoise(bundle, z, cond, uncond, k_range=range(0, l1), **common)
-    if l1 < n:  # k >= lambda1: z_{k+1} = Step(z_k, CFG(eps*, z_k, y^p, t_k))
-        with bundle.using(bundle.personal_mode):
-            cond = sampling.encode_prompts(bundle, list(prompts))
-            z = sampling.denoise(bundle, z, cond, uncond, k_range=range(l1, n), **common)
+
+    def denoise(z, prompts_, k_range):  # the steps k_range with the current model and text encoder
+        cond = sampling.encode_prompts(bundle, list(prompts_))
+        return sampling.denoise(bundle, z, cond, uncond, sched=sched, guidance=cfg.guidance,
+                                k_range=k_range, traj=traj, callback=callback, observers=observers)
+
+    z = stage1_loop(bundle, z, l1, n, vanilla_prompts, list(prompts), denoise)
     images = sampling.decode(bundle, z) if decode else None  # x^c = Decode(z_N)
     return LayoutResult(images, traj, l1, list(prompts), vanilla_prompts)
+
+
+def stage1_loop(bundle, z, l1: int, n: int, y_minus_p: list[str], y_p: list[str], denoise):
+    """The two phases of stage 1 from z = z_0: `denoise(z, prompts, k_range)` runs the steps
+    k_range with the bundle's current model (the prompts encoded by it) and returns z after them.
+    Exercise 3.1 writes this function (lr_tutorial.exercises)."""
+    if l1 > 0:  # k < lambda1: z_{k+1} = Step(z_k, CFG(eps, z_k, y^-p, t_k))
+        with bundle.using("vanilla"):
+            z = denoise(z, y_minus_p, range(0, l1))
+    if l1 < n:  # k >= lambda1: z_{k+1} = Step(z_k, CFG(eps*, z_k, y^p, t_k))
+        with bundle.using(bundle.personal_mode):
+            z = denoise(z, y_p, range(l1, n))
+    return z

@@ -7,35 +7,21 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .layout import resolve_steps
+from .layout import stage1_loop
 from .masks import feather
 from .prompts import strip_identifier
 from .retouch import latent_blend
 from .sampling import inversion_step
 
-__all__ = ["position_fidelity", "strip_identifier", "capture_bytes", "iou", "vanilla_steps",
-           "ddim_step", "retouch_attention", "phase", "feather", "latent_blend", "inversion_step",
-           "mean_identity", "add_noise"]
+__all__ = ["strip_identifier", "attention_probs", "stage1_loop", "ddim_step", "retouch_attention",
+           "feather", "fuse", "latent_blend", "inversion_step", "add_noise"]
 
 
-def position_fidelity(rows: list[dict]) -> float:
-    hits = [r["match"]["position"] for r in rows if "position" in r["match"]]
-    return float(np.mean(hits)) if hits else float("nan")
-
-
-def capture_bytes(resolutions: list[int], n_tokens: int, steps: int) -> int:
-    return sum(r * r for r in resolutions) * n_tokens * steps * 2
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = (a | b).sum()
-    return 1.0 if union == 0 else float((a & b).sum() / union)
-
-
-def vanilla_steps(lambda1, n: int) -> int:
-    return resolve_steps(lambda1, n)
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) over the keys, in float32: (B, heads, Nq, d), (B, heads, Nk, d)
+    -> (B, heads, Nq, Nk). Stands in for lr_tutorial.attention.attention_probs."""
+    return torch.softmax(q.float() @ k.float().transpose(-1, -2) * scale, dim=-1)
 
 
 def ddim_step(z_t, eps, a_t, a_prev):
@@ -44,6 +30,7 @@ def ddim_step(z_t, eps, a_t, a_prev):
 
 
 def retouch_attention(q_t, k_r, v_r, ref_mask, k_c, v_c, tgt_mask):
+    import torch.nn.functional as F
     h, n, _ = q_t.shape
     o_ref = F.scaled_dot_product_attention(q_t, k_r, v_r,
                                            attn_mask=ref_mask[None, None, :].expand(h, n, n))
@@ -52,14 +39,11 @@ def retouch_attention(q_t, k_r, v_r, ref_mask, k_c, v_c, tgt_mask):
     return m * o_ref + (1 - m) * o_ctx
 
 
-def phase(k: int, lambda2: int, is_decoder_layer: bool):
-    if k < lambda2:
-        return "structure"
-    return "retouch" if is_decoder_layer else None
-
-
-def mean_identity(rows: list[dict]) -> float:
-    return float(np.mean([r["identity"] for r in rows]))
+def fuse(attn: np.ndarray, seg: np.ndarray, tau_lo: float, tau_hi: float, width: float) -> np.ndarray:
+    """M = max(feather((A >= tau_lo) & S, width), A >= tau_hi); A, S (h, w) at one resolution.
+    Stands in for lr_tutorial.masks.fuse (exercises.as_fuse)."""
+    support = (attn >= tau_lo) & seg
+    return np.maximum(feather(support, width), (attn >= tau_hi).astype(np.float32))
 
 
 def add_noise(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 rejects a plausible wrong one with its hint; `attempt` goes on with the package's solution while
 a cell holds the stub, and with LR_EXERCISE_SOLUTIONS=1 checks that solution and refuses a cell
 that holds an answer; `plugged` puts a learner's function where the pipeline calls the package's."""
+import contextlib
 import inspect
 import re
 
@@ -52,48 +53,59 @@ def _strip(p, i):
     return " ".join(w for w in p.split() if w != i)
 
 
-def _lambda(lam, n):
-    return int(round(lam * n)) if isinstance(lam, float) else int(lam)
+def _probs(q, k, scale, dim=-1, scaled=True):
+    logits = torch.einsum("bhqd,bhkd->bhqk", q, k)
+    return (logits * (scale if scaled else 1)).softmax(dim)
 
 
-def _position(rows):
-    hits = [r["match"]["position"] for r in rows if "position" in r["match"]]
-    return sum(hits) / len(hits)
+def _stage1(bundle, z, l1, n, y_minus, y_p, denoise, vanilla_until=None, restart=False,
+            prompts_swapped=False):
+    """A right stage-1 loop, or one of the wrong ones the keywords make."""
+    split = l1 if vanilla_until is None else vanilla_until
+    first, second = (y_p, y_minus) if prompts_swapped else (y_minus, y_p)
+    z1 = z
+    if split > 0:
+        with bundle.using("vanilla"):
+            z1 = denoise(z, first, range(0, split))
+    if split < n:
+        with bundle.using(bundle.personal_mode):
+            z1 = denoise(z if restart else z1, second, range(split, n))
+    return z1
+
+
+def _fuse(a, s, lo, hi, w, segmenter=True, confident=True):
+    b = (a >= lo) & s if segmenter else a >= lo
+    m = _feather(b, w)
+    return np.maximum(m, a >= hi) if confident else m
 
 
 RIGHT = {
-    "position_fidelity": _position,
     "strip_identifier": _strip,
-    "capture_bytes": lambda res, n, steps: 2 * n * steps * sum(r ** 2 for r in res),
-    "iou": lambda a, b: 1.0 if not (a | b).any() else (a & b).sum() / (a | b).sum(),
-    "vanilla_steps": _lambda,
+    "attention_probs": _probs,
+    "stage1_loop": _stage1,
     "ddim_step": _ddim_step,
     "retouch_attention": _masked,
-    "phase": lambda k, l2, d: "structure" if k < l2 else ("retouch" if d else None),
     "feather": _feather,
-    "latent_blend": lambda z_t, z_c, m: z_c + m.unsqueeze(1) * (z_t - z_c),
+    "fuse": _fuse,
     "inversion_step": _inversion_step,
-    "mean_identity": lambda rows: sum(r["identity"] for r in rows) / len(rows),
     "add_noise": lambda x0, e, a: a.sqrt() * x0 + (1 - a).sqrt() * e,
+    "latent_blend": lambda z_t, z_c, m: z_c + m.unsqueeze(1) * (z_t - z_c),
 }
 
 # (a plausible wrong answer, the hint its rejection must give)
 WRONG = {
-    "position_fidelity": (lambda rows: sum(r["match"].get("position", False) for r in rows) / len(rows),
-                          "only the rows whose prompt states a position"),
     "strip_identifier": (lambda p, i: p.replace(i, "").strip(), "drop only the whole word"),
-    "capture_bytes": (lambda res, n, steps: n * steps * sum(r ** 2 for r in res), "2 bytes per fp16"),
-    "iou": (lambda a, b: (a & b).sum() / max(1, a.sum()), "IoU = "),
-    "vanilla_steps": (lambda lam, n: int(lam * n), "a fraction of N"),  # truncates
+    "attention_probs": (lambda q, k, sc: _probs(q, k, sc, dim=-2), "softmax over the last axis"),
+    "stage1_loop": (lambda *a: _stage1(*a, vanilla_until=a[2] + 1) if a[2] < a[3] else _stage1(*a),
+                    "the vanilla model for k < lambda1"),  # k <= lambda1
     "ddim_step": (lambda z, e, a, ap: _ddim_step(z, e, a ** 2, ap), "x0 differs"),  # no sqrt
     "retouch_attention": (lambda q, kr, vr, mr, kc, vc, mt: _masked(q, kr, vr, torch.ones_like(mr), kc, vc, mt),
                           "mask the reference"),
-    "phase": (lambda k, l2, d: "structure" if k <= l2 else "retouch", "while k < lambda2"),
     "feather": (lambda b, w: b.astype(float), "signed distance"),
-    "latent_blend": (lambda z_t, z_c, m: m[:, None] * z_c + (1 - m[:, None]) * z_t, "M marks the subject"),
+    "fuse": (lambda *a: _fuse(*a, segmenter=False), "the segmenter agrees with"),
     "inversion_step": (lambda s, k, z, e: _inversion_step(s, k, z, e, level_of_x0=0), "x0 differs"),
-    "mean_identity": (lambda rows: float(np.median([r["identity"] for r in rows])), "the mean"),
     "add_noise": (lambda x0, e, a: a * x0 + (1 - a) * e, "square roots"),
+    "latent_blend": (lambda z_t, z_c, m: m[:, None] * z_c + (1 - m[:, None]) * z_t, "M marks the subject"),
 }
 
 
@@ -129,22 +141,37 @@ def test_latent_blend_rejects_a_mask_without_a_channel_axis():
         ex.check_latent_blend(lambda z_t, z_c, m: (m * z_t.sum(1) + (1 - m) * z_c.sum(1)))
 
 
-def test_the_value_checks():
-    assert ex.check_fraction(0.5, 0.51, "x")
-    with pytest.raises(AssertionError):
-        ex.check_fraction(0.4, 0.51, "x")
+def test_attention_probs_rejects_unscaled_logits_and_an_untransposed_key():
+    with pytest.raises(AssertionError, match=r"multiply the logits by scale"):
+        ex.check_attention_probs(lambda q, k, sc: _probs(q, k, sc, scaled=False))
+    with pytest.raises(AssertionError, match=r"k.transpose"):
+        ex.check_attention_probs(lambda q, k, sc: (q @ k[..., :1, :].transpose(-1, -2)).softmax(-1))
 
 
-def test_capture_bytes_counts_what_capture_spec_estimates():
-    from lr_tutorial.attention import CaptureSpec, layer_resolution, select_layers
-    from lr_tutorial.toy import components
-    unet = components.build_unet()
-    spec = CaptureSpec(kind="cross", tokens=[1, 2, 3])
-    res = [layer_resolution(unet, p) for p in select_layers(unet, "*", "cross")]
-    assert ex.EXERCISES["capture_bytes"].solution(res, 3, 10) == spec.estimate(unet, 10)
-    assert ex.check_capture_bytes(spec.estimate(unet, 10), spec, unet, 10)
-    with pytest.raises(AssertionError):
-        ex.check_capture_bytes(spec.estimate(unet, 10) * 2, spec, unet, 10)
+@pytest.mark.parametrize("wrong, hint", [
+    (dict(prompts_swapped=True), "the vanilla model reads y^-p"),
+    (dict(restart=True), "start the personalized phase from the z the vanilla phase returned"),
+])
+def test_stage1_loop_rejects_swapped_prompts_and_a_restarted_latent(wrong, hint):
+    with pytest.raises(AssertionError, match=re.escape(hint)):
+        ex.check_stage1_loop(lambda *a: _stage1(*a, **wrong))
+
+
+def test_stage1_loop_rejects_steps_outside_a_model_and_skipped_steps():
+    def no_switch(bundle, z, l1, n, y_minus, y_p, denoise):
+        return denoise(denoise(z, y_minus, range(0, l1)), y_p, range(l1, n))
+    with pytest.raises(AssertionError, match="no model switched on"):
+        ex.check_stage1_loop(no_switch)
+
+    def one_step_short(bundle, z, l1, n, y_minus, y_p, denoise):
+        return _stage1(bundle, z, l1, n - 1, y_minus, y_p, denoise)
+    with pytest.raises(AssertionError, match=r"every step k = 0..N-1 runs once"):
+        ex.check_stage1_loop(one_step_short)
+
+
+def test_fuse_rejects_a_mask_without_the_confident_attention():
+    with pytest.raises(AssertionError, match=re.escape("max(feather(B, width), A >= tau_hi)")):
+        ex.check_fuse(lambda *a: _fuse(*a, confident=False))
 
 
 # ----------------------------------------------------------------------------- attempt
@@ -198,7 +225,7 @@ def test_plugged_stands_in_for_the_package_function_and_is_undone(capsys):
             raise RuntimeError
     assert retouch.latent_blend is solutions.latent_blend
     with pytest.raises(ValueError, match="not a piece of the pipeline"):
-        with ex.plugged(RIGHT["iou"], name="iou"):
+        with ex.plugged(RIGHT["add_noise"], name="add_noise"):
             pass
 
 
@@ -236,8 +263,10 @@ def test_a_learners_retouch_attention_runs_as_the_swaps():
 
 
 def test_plugged_pieces_run_inside_the_pipeline(tmp_path):
-    """A learner's latent blend, retouch attention and inversion step, plugged in, are what a
-    Layout-and-Retouch run calls (reference engine, a tiny Stable Diffusion)."""
+    """Every piece a learner writes that plugs into the method (the identifier strip, the
+    attention weights, the stage-1 loop, the retouch attention, the feather and the fusion of
+    the masks, the inversion step, the latent blend), plugged in, is what a Layout-and-Retouch
+    run calls (reference engine, a tiny Stable Diffusion), and gives the package's images."""
     from lr_tutorial.layout import LayoutConfig
     from lr_tutorial.pipeline import LayoutAndRetouch, LRConfig
     from lr_tutorial.sd import load_sd
@@ -246,7 +275,7 @@ def test_plugged_pieces_run_inside_the_pipeline(tmp_path):
     make_tiny_lora(tiny_unet(), tmp_path / "lora")
     bundle = load_sd(str(tmp_path / "base"), personalized=str(tmp_path / "lora"), class_noun="dog",
                      local_files_only=True)
-    calls = {"latent_blend": 0, "retouch_attention": 0, "inversion_step": 0}
+    calls = {name: 0 for name, e in ex.EXERCISES.items() if e.plugs_into}
 
     def counting(name):
         right = RIGHT[name]
@@ -257,12 +286,18 @@ def test_plugged_pieces_run_inside_the_pipeline(tmp_path):
         return fn
     ref = (np.random.default_rng(0).random((1, 64, 64, 3)) * 255).astype(np.uint8)
     lr = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=6)))
-    with ex.plugged(counting("latent_blend"), name="latent_blend"), \
-            ex.plugged(counting("retouch_attention"), name="retouch_attention"), \
-            ex.plugged(counting("inversion_step"), name="inversion_step"):
+    with contextlib.ExitStack() as stack:
+        for name in calls:
+            stack.enter_context(ex.plugged(counting(name), name=name))
         mine = lr(["a sks dog"], ref, seed=0).images
+    package = LayoutAndRetouch(bundle, lr.config)(["a sks dog"], ref, seed=0).images  # no cache
+    assert calls.pop("feather") == 0  # the learner's fuse calls a feather of its own
     assert all(calls.values()), calls
-    assert np.abs(mine.astype(int) - lr(["a sks dog"], ref, seed=0).images.astype(int)).max() <= 2
+    assert np.abs(mine.astype(int) - package.astype(int)).max() <= 2
+    calls["feather"] = 0
+    with ex.plugged(counting("feather"), name="feather"):  # the package's fuse calls the learner's
+        mine = LayoutAndRetouch(bundle, lr.config)(["a sks dog"], ref, seed=0).images
+    assert calls["feather"] and np.abs(mine.astype(int) - package.astype(int)).max() <= 2
     assert ex.in_use() == []  # unplugged on the way out
     # the fast engine runs its own code paths, so it refuses to run past a plugged piece
     fast = LayoutAndRetouch(bundle, LRConfig(layout=LayoutConfig(steps=6), engine="fast"))
