@@ -26,7 +26,7 @@ def test_there_are_seven_notebooks():
 def test_notebook_is_built_executed_small_with_badge_and_exercises(src):
     """Strict: fails until every notebook is built (python notebooks/build.py, after the final
     toy weights are in). Built from its current source, every code cell executed without an
-    error, figures stored, under 1.5 MiB, the Colab badge first, two or more checked exercises
+    error, figures stored, under 1.5 MiB, the Colab badge first, one or more checked exercises
     (an exercise's stub says it is the learner's turn)."""
     import nbformat
     nb_path = NB / (src.stem + ".ipynb")
@@ -47,7 +47,7 @@ def test_notebook_is_built_executed_small_with_badge_and_exercises(src):
         return "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in c.outputs)
     checked = [c for c in code if "exercises.check_" in c.source and "correct:" in text(c)
                or "exercises.attempt(" in c.source and re.search(r"^(your turn|correct): ", text(c), re.M)]
-    assert len(checked) >= 2, f"{len(checked)} exercise checks ran in the stored outputs"
+    assert len(checked) >= 1, f"{len(checked)} exercise checks ran in the stored outputs"
 
 
 def _built_text(src) -> str:
@@ -59,7 +59,8 @@ def test_notebook_has_badge_goals_exercises_and_checks(src):
     text = _built_text(src)
     assert re.search(BADGE.format(re.escape(src.stem)), text) and "Learning goals" in text
     assert "Prerequisites" in text and ("pick_backend()" in text or "load_models(" in text)
-    assert text.count("exercises.check_") + text.count("exercises.attempt(") >= 2
+    assert text.count("exercises.attempt(") >= 1  # a piece of the method, checked and plugged in
+    assert "exercises.plugged(" in text
     assert "google.colab" in text  # the first cell installs the package in Colab
 
 

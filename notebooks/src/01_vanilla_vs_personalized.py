@@ -118,30 +118,38 @@ if toy_only(bundle, "the histogram of positions the oracle reads"):
     fig.tight_layout()
 
 # %% [markdown]
-# ## Exercises
-# **1.1** Using `report.score(images, prompts)` rows (each has `row["match"]`, a dict of
-# attribute -> bool), compute the personalized model's *position* fidelity on the first 8 test
-# prompts with seed 0, then check it.
+# ## Exercise
+# **1.1** Layout-and-Retouch's first stage hands the first, noisiest steps to the vanilla model,
+# on the prompt *without* the identifier: the vanilla model has never seen `sks`, so it must
+# read $y^{-p}$ ("a sks dog on the beach" -> "a dog on the beach"). Write
+# `strip_identifier(prompt, identifier)`: drop the whole word `identifier`, keep every other word,
+# single spaces. Run the cell: it checks your function, and until you write it the notebook goes
+# on with the package's.
 
 # %%
 from lr_tutorial import exercises
-if toy_only(bundle, "exercise 1.1, which reads positions with the oracle"):
-    imgs = report.generate(bundle, test_prompts[:8], [0], "personalized", steps=25, progress=False)
-    rows_ = report.score(imgs, test_prompts[:8])
-    # your answer: replace None
-    answer = None
-    # solution (delete to try yourself):
-    hits = [r["match"]["position"] for r in rows_ if "position" in r["match"]]
-    answer = sum(hits) / len(hits)
-    truth = report.summarize(rows_)["fidelity"]["position"]
-exercises.check_fraction(answer, truth, "position fidelity") if bundle.backend == "toy" else None
+
+def strip_identifier(prompt, identifier):
+    # "a sks star on the left" -> "a star on the left" (hint: prompt.split())
+    raise exercises.YourTurn("strip_identifier")
+
+strip_identifier = exercises.attempt(strip_identifier)
 
 # %% [markdown]
-# **1.2** Write `strip(prompt, identifier)` that turns $y^p$ into $y^{-p}$ ("a sks dog on the
-# beach" -> "a dog on the beach"): the vanilla model must never see the identifier.
+# Your function now stands in for the package's inside stage 1 (`exercises.plugged`). With
+# $\lambda_1 = N$ every step is a vanilla step, so stage 1 gives exactly the vanilla samples of
+# the grid above, as long as the vanilla model reads $y^{-p}$:
 
 # %%
-def strip(prompt, identifier):
-    return " ".join(w for w in prompt.split() if w != identifier)
+from lr_tutorial.layout import LayoutConfig, step_blended
+with exercises.plugged(strip_identifier):
+    stage1 = step_blended(bundle, prompts, [0] * len(prompts), LayoutConfig(lambda1=1.0, steps=25))
+for p, v in zip(prompts, stage1.vanilla_prompt):
+    print(f"{p!r} -> the vanilla model reads {v!r}")
+image_grid(stage1.images, stage1.vanilla_prompt, scale=1.4);
 
-exercises.check_strip_identifier(strip)
+# %%
+# NBVAL_CHECK_OUTPUT
+same = all(np.abs(img.astype(int) - by_mode["vanilla"][3 * i].astype(int)).max() <= 2  # float rounding
+           for i, img in enumerate(stage1.images))
+print("stage 1 with lambda1 = N and your strip_identifier gives the vanilla samples above:", same)

@@ -16,7 +16,7 @@
 # %%
 import numpy as np
 from lr_tutorial import attention, sampling
-from lr_tutorial.notebook import have_references, pick_backend, prompts_for, reference_images, toy_only
+from lr_tutorial.notebook import have_references, pick_backend, prompts_for, reference_images
 bundle = pick_backend()  # toy without a GPU; Stable Diffusion with one (LR_BACKEND=toy|sd forces it)
 R = min(16, bundle.latent_size)  # the side of the maps we look at: the toy's latent, one of SD's resolutions
 
@@ -122,34 +122,36 @@ if have_references(refs, "the scrubber's frames"):
     scrubber.to_figure(steps=[0, 5, 10, 15, 20, 24]);
 
 # %% [markdown]
-# ## Exercises
-# **2.1** How many bytes does a capture of the cross-attention of tokens 1-3 at every layer,
-# heads averaged, for 10 steps of one image, store in fp16? Work it out from the layer list
-# above (rows x heads x HW x tokens x steps x 2 bytes), then check.
+# ## Exercise
+# **2.1** Every map above is a row of attention weights. Write the function that computes them,
+# `attention_probs(q, k, scale)`: queries `q` of shape (B, heads, Nq, d) and keys `k` of shape
+# (B, heads, Nk, d) give the weights (B, heads, Nq, Nk), softmax over the keys of the scaled
+# dot products, $\mathrm{softmax}_j(q_i \cdot k_j \cdot \text{scale})$ with scale $= 1/\sqrt d$.
 
 # %%
 from lr_tutorial import exercises
-ex_spec = attention.CaptureSpec(kind="cross", tokens=[1, 2, 3])
-sizes = [attention.layer_resolution(bundle.unet, p) for p in attention.select_layers(bundle.unet, "*", "cross")]
-answer = None
-answer = sum(s * s for s in sizes) * 3 * 10 * 2  # solution
-exercises.check_capture_bytes(answer, ex_spec, bundle.unet, steps=10)
+
+def attention_probs(q, k, scale):
+    # (B, heads, Nq, d), (B, heads, Nk, d) -> (B, heads, Nq, Nk); each row sums to 1
+    raise exercises.YourTurn("attention_probs")
+
+attention_probs = exercises.attempt(attention_probs)
 
 # %% [markdown]
-# **2.2** Threshold the class token's map (normalized, >= 0.5) and compare it with the object
-# mask the oracle reads from the image: write `iou(a, b)` for boolean masks and check it.
+# Plugged in (`exercises.plugged`), your function computes the weights every capture stores, and
+# stage 2's subject masks start from them. The same run as above, captured with your weights:
 
 # %%
-def iou(a, b):
-    union = (a | b).sum()
-    return 1.0 if union == 0 else (a & b).sum() / union
-
-exercises.check_iou(iou)
+from lr_tutorial.masks import normalize
+with exercises.plugged(attention_probs), bundle.using("personalized"), \
+        attention.capture(bundle.unet, spec) as mine:
+    sampling.sample(bundle, [prompt], [0], steps=steps, observers=(mine,))
+cls = token_index(bundle.tokenizer, prompt, bundle.class_noun)
+yours, package = (normalize(s.cross_map(cls, R).numpy()[0]) for s in (mine, store))
+image_grid([overlay(img, yours, (255, 200, 0), 0.7), overlay(img, package, (255, 200, 0), 0.7)],
+           [f"'{bundle.class_noun}', your weights", f"'{bundle.class_noun}', the package's"], scale=1.8);
 
 # %%
 # NBVAL_CHECK_OUTPUT
-from lr_tutorial.toy import oracle
-from lr_tutorial.masks import normalize, resize
-if toy_only(bundle, "the IoU with the object mask the oracle reads"):
-    cls_map = normalize(store.cross_map(token_index(bundle.tokenizer, prompt, "star"), 16).numpy()[0])
-    print(f"IoU(attention >= 0.5, oracle mask) = {iou(resize(cls_map, 64) >= 0.5, oracle.analyze(img).mask):.2f}")
+print("your attention weights give the class token's map captured above:",
+      bool(np.allclose(yours, package, atol=1e-2)))

@@ -96,28 +96,45 @@ explorer.to_figure();
 # identity from the reference photo.
 #
 # ## Exercises
-# **3.1** `lambda1` may be a fraction of $N$ (float) or a step count (int). Write the conversion.
+# **3.1** Write stage 1 itself from the two equations at the top: the vanilla model on $y^{-p}$
+# for $k < \lambda_1$, then the personalized model on $y^p$ up to $N$, one latent carried
+# through. `denoise(z, prompts, k_range)` runs the DDIM steps `k_range` with whichever model
+# `bundle.using(...)` has switched on and returns the latent after them.
 
 # %%
 from lr_tutorial import exercises
-def vanilla_steps(lambda1, n):
-    # your answer here; solution:
-    return int(round(lambda1 * n)) if isinstance(lambda1, float) else int(lambda1)
 
-exercises.check_lambda_steps(vanilla_steps)
+def stage1_loop(bundle, z, l1, n, y_minus_p, y_p, denoise):
+    # with bundle.using("vanilla"): ...   with bundle.using(bundle.personal_mode): ...
+    raise exercises.YourTurn("stage1_loop")
+
+stage1_loop = exercises.attempt(stage1_loop)
+
+# %% [markdown]
+# Plugged into `step_blended` (`exercises.plugged`), your loop draws the strip at the top of
+# this notebook again:
+
+# %%
+check = list(zip(lams, imgs))[::2]  # every other lambda1 of the strip, with its image
+with exercises.plugged(stage1_loop):
+    mine = [step_blended(bundle, [prompt], [1], LayoutConfig(lambda1=l, steps=N)).images[0]
+            for l, _ in check]
+image_grid(mine, [f"your loop, lambda1 = {l}" for l, _ in check], scale=1.4);
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("your stage 1 gives the package's layouts:",
+      all(np.abs(m.astype(int) - img.astype(int)).max() <= 2 for m, (_, img) in zip(mine, check)))
 
 # %% [markdown]
 # **3.2** Write one DDIM step from the two equations above: given $z_t$, the noise estimate
 # $\epsilon$ and $\bar\alpha_t$, $\bar\alpha_{t_\text{prev}}$ (tensors), return
-# $(z_{t_\text{prev}}, \hat x_0)$. The check compares it with diffusers' `DDIMScheduler.step`.
+# $(z_{t_\text{prev}}, \hat x_0)$. The check compares it with diffusers' `DDIMScheduler.step`,
+# the step `denoise` takes.
 
 # %%
 def ddim_step(z_t, eps, a_t, a_prev):
-    x0 = None      # your answer
-    z_prev = None  # your answer
-    # solution (delete to try yourself):
-    x0 = (z_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-    z_prev = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-    return z_prev, x0
+    # x0 from z_t and eps, then z_prev from x0 and the same eps
+    raise exercises.YourTurn("ddim_step")
 
-exercises.check_ddim_step(ddim_step)
+ddim_step = exercises.attempt(ddim_step)

@@ -111,29 +111,37 @@ else:  # Stable Diffusion: T_CLIP (prompt) and I_DINO (subject) of each variant
 # caption alone, so its self-attention carries backdrops but not an object's look: the swap has
 # little to move here (docs/results.md).
 #
-# ## Exercises
-# **4.1** Implement the retouch output for one layer (shapes in the docstring of
-# `exercises.check_masked_attention`).
+# ## Exercise
+# **4.1** Write the retouch-phase output of one self-attention layer, the second equation above,
+# for one image: queries `q_t` of the target, keys and values `k_r, v_r` of the reference with
+# `ref_mask` ($M^r$, bool over the reference's keys), `k_c, v_c` of the context, and `tgt_mask`
+# ($M^t$, in [0, 1] over the target's queries). All of `q, k, v` are (heads, N, d).
 
 # %%
 import torch.nn.functional as F
 from lr_tutorial import exercises
-def retouch_attention(q_t, k_r, v_r, ref_mask, k_c, v_c, tgt_mask):
-    h, n, _ = q_t.shape
-    o_ref = F.scaled_dot_product_attention(q_t, k_r, v_r, attn_mask=ref_mask[None, None, :].expand(h, n, n))
-    o_ctx = F.scaled_dot_product_attention(q_t, k_c, v_c)
-    m = tgt_mask[None, :, None]
-    return m * o_ref + (1 - m) * o_ctx
 
-exercises.check_masked_attention(retouch_attention)
+def retouch_attention(q_t, k_r, v_r, ref_mask, k_c, v_c, tgt_mask):
+    # F.scaled_dot_product_attention(q, k, v, attn_mask=...) takes a bool mask: True = may attend
+    raise exercises.YourTurn("retouch_attention")
+
+retouch_attention = exercises.attempt(retouch_attention)
 
 # %% [markdown]
-# **4.2** Which phase does a layer run at step $k$? Return "structure", "retouch" or None.
+# Plugged into the swap (`exercises.plugged`; the package runs your one-image function over
+# each image and guidance half), your attention retouches the multi-source run above:
 
 # %%
-def phase(k, lambda2, is_decoder_layer):
-    if k < lambda2:
-        return "structure"
-    return "retouch" if is_decoder_layer else None
+if have_references(refs, "the swap with your retouch attention"):
+    lr.config.swap = SwapConfig(mode="multi")
+    with exercises.plugged(retouch_attention):
+        yours = LayoutAndRetouch(bundle, lr.config)(prompt, refs, seed=2)
+    paper = results["multi-source (paper)"]
+    image_grid([paper.layout.images[0], yours.images[0], paper.images[0]],
+               ["the layout (context)", "your retouch attention", "the package's"], scale=1.6);
 
-exercises.check_phase(phase)
+# %%
+# NBVAL_CHECK_OUTPUT
+if have_references(refs, "the comparison with the package's swap"):
+    print("your retouch attention gives the method's image:",
+          np.abs(yours.images[0].astype(int) - paper.images[0].astype(int)).max() <= 2)

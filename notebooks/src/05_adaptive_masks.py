@@ -100,35 +100,62 @@ if have_references(refs, "the mask areas"):
           f"fixed: {result.masks.per_step[-1, 0].mean():.2f} (fraction of the latent)")
 
 # %% [markdown]
-# ## Exercises
-# **5.1** Implement the feather from a boolean mask (hint: `scipy.ndimage.distance_transform_edt`).
-
-# %%
-from scipy import ndimage
-from lr_tutorial import exercises
-def my_feather(binary, width):
-    if width <= 0 or not binary.any() or binary.all():
-        return binary.astype(np.float32)
-    sd = ndimage.distance_transform_edt(binary) - ndimage.distance_transform_edt(~binary)
-    sd = np.where(binary, sd - 0.5, sd + 0.5)
-    return np.clip(0.5 + sd / (2 * width), 0, 1)
-
-exercises.check_feather(my_feather)
-
-# %% [markdown]
-# **5.2** Write the IoU of two boolean masks, then compare the attention-only support with the
-# fused mask against the oracle's object mask.
-
-# %%
-def iou(a, b):
-    u = (a | b).sum()
-    return 1.0 if u == 0 else (a & b).sum() / u
-
-exercises.check_iou(iou)
+# How close do the masks come to the object? The intersection over union (IoU) with the object
+# mask the oracle reads from the layout image, for the attention support alone and the fused mask:
 
 # %%
 # NBVAL_CHECK_OUTPUT
 from lr_tutorial.toy import oracle
+def iou(a, b):
+    union = (a | b).sum()
+    return 1.0 if union == 0 else (a & b).sum() / union
 if toy_only(bundle, "the IoU with the object mask the oracle reads"):
     truth = masks.resize(oracle.analyze(x_c).mask.astype(np.float32), 16) >= 0.5
     print(f"attention only: {iou(ctx.attention >= 0.3, truth):.2f}   fused: {iou(ctx.mask >= 0.5, truth):.2f}")
+
+# %% [markdown]
+# ## Exercises
+# **5.1** Write the feather: from a boolean mask `binary` (h, w) and a width $w$, the soft mask
+# $\mathrm{clip}(\tfrac12 + \mathrm{sd} / (2w), 0, 1)$, with $\mathrm{sd}$ the signed distance to
+# the boundary, positive inside, each side's distance shifted by $\tfrac12$ to lie on the boundary.
+# A width of 0, an empty or a full mask give the binary mask back.
+
+# %%
+from scipy import ndimage
+from lr_tutorial import exercises
+
+def feather(binary, width):
+    # ndimage.distance_transform_edt(binary): each pixel's distance to the nearest False pixel
+    raise exercises.YourTurn("feather")
+
+feather = exercises.attempt(feather)
+
+# %% [markdown]
+# **5.2** Write the fusion, the equation at the top: $B = (A \ge \tau_{lo}) \wedge S$, then
+# $M = \max(\mathrm{feather}(B, w), [A \ge \tau_{hi}])$, for an attention map `attn` ($A$, (h, w),
+# normalized) and a segmenter mask `seg` ($S$, bool, the same size). Use your `feather`.
+
+# %%
+def fuse(attn, seg, tau_lo, tau_hi, width):
+    raise exercises.YourTurn("fuse")
+
+fuse = exercises.attempt(fuse)
+
+# %% [markdown]
+# Plugged in together (`exercises.plugged`), your feather and fusion make every mask of a new
+# run of the method, the reference's $M^r$ and the context's $M^c$:
+
+# %%
+if have_references(refs, "the method with your masks"):
+    with exercises.plugged(feather), exercises.plugged(fuse):
+        yours = LayoutAndRetouch(bundle, lr.config)(prompts_for(bundle, "a big sks star on the right at night"),
+                                                     refs, seed=3)
+    mine = yours.masks.context[0]
+    image_grid([overlay(x_c, mine.mask), overlay(x_c, ctx.mask), yours.images[0], result.images[0]],
+               ["your M^c", "the package's M^c", "with your masks", "the package's"], scale=1.5);
+
+# %%
+# NBVAL_CHECK_OUTPUT
+if have_references(refs, "the comparison with the package's masks"):
+    print("your feather and fusion give the package's mask:", bool(np.allclose(mine.mask, ctx.mask, atol=1e-3)))
+    print("and the method's image:", np.abs(yours.images[0].astype(int) - result.images[0].astype(int)).max() <= 2)

@@ -204,29 +204,42 @@ if toy_only(bundle, "the other toy LoRA") and have_references(refs, "the other L
 # On this toy, the LoRAs that keep a handed layout also keep less of the subject (0.57 here
 # against 0.81), because the identity and the collapse come from the same memorized photos.
 #
-# ## Exercises
-# **6.1** Compute Layout-and-Retouch's *position* fidelity on the images above from the
-# oracle's readout, then check it.
+# ## Exercise
+# **6.1** Stage 2 reads the reference photo through its DDIM inversion: the photo's latent walked
+# back to noise along the deterministic DDIM path, one step at a time. Write one step, from
+# $z_{k+1}$ (at the level $t_{k+1}$) to the noisier $z_k$ (at $t_k$), given the model's noise
+# estimate $\epsilon$ at $t_k$:
+# $$\hat x_0 = \frac{z_{k+1} - \sqrt{1-\bar\alpha_{k+1}}\,\epsilon}{\sqrt{\bar\alpha_{k+1}}},\qquad
+# z_k = \sqrt{\bar\alpha_k}\,\hat x_0 + \sqrt{1-\bar\alpha_k}\,\epsilon$$
+# with $\bar\alpha_k$ = `sched.alphas_cumprod[sched.timesteps[k]]`; past the last step
+# ($k + 1 = N$) the level is `sched.final_alpha_cumprod`. Return $(z_k, \hat x_0)$.
 
 # %%
 from lr_tutorial import exercises
-if toy_only(bundle, "exercise 6.1, which reads positions with the oracle"):
-    sc = scores["Layout-and-Retouch"]  # one row per image; row["match"]: attribute -> bool
-    answer = None  # your answer
-    # solution (delete to try yourself):
-    hits = [r["match"]["position"] for r in sc if "position" in r["match"]]
-    answer = sum(hits) / len(hits)
-exercises.check_fraction(answer, report.summarize(sc)["fidelity"]["position"], "L&R position fidelity") \
-    if bundle.backend == "toy" else None
+
+def inversion_step(sched, k, z, eps):
+    raise exercises.YourTurn("inversion_step")
+
+inversion_step = exercises.attempt(inversion_step)
 
 # %% [markdown]
-# **6.2** Is the gain in fidelity paid for in identity? Compute the mean identity of the
-# personalized images and check it.
+# Plugged in (`exercises.plugged`), your step inverts the reference photo for a new run of the
+# method, the first prompt above with seed 0:
 
 # %%
-if toy_only(bundle, "exercise 6.2, whose identity score is the oracle's"):
-    answer = None  # your answer, from scores["personalized"] (each row has row["identity"])
-    # solution (delete to try yourself):
-    answer = float(np.mean([r["identity"] for r in scores["personalized"]]))
-exercises.check_fraction(answer, report.summarize(scores["personalized"])["identity"], "personalized identity") \
-    if bundle.backend == "toy" else None
+from lr_tutorial import sampling
+if have_references(refs, "the method with your inversion"):
+    with exercises.plugged(inversion_step):
+        mine_lr = LayoutAndRetouch(bundle, lr.config)
+        inv = mine_lr.reference(refs)
+        yours = mine_lr(prompts_for(bundle, "a sks star on the left in the snow"), refs, seed=0)
+    noise = sampling.decode(bundle, inv.trajectory.latents[0].to(bundle.device, bundle.dtype))[0]
+    image_grid([inv.image, noise, yours.images[0], result.images[0]],
+               ["reference photo", "its inversion, z^r at the start", "with your inversion",
+                "the package's"], scale=1.5);
+
+# %%
+# NBVAL_CHECK_OUTPUT
+if have_references(refs, "the comparison with the package's inversion"):
+    print("your inversion step gives the method's image:",
+          np.abs(yours.images[0].astype(int) - result.images[0].astype(int)).max() <= 2)

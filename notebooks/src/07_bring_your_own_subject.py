@@ -94,23 +94,52 @@ else:
 # %% [markdown]
 # ## Exercises
 # **7.1** Write the noising step of the DreamBooth loss above: given a clean latent $x_0$
-# ($E(x)$), noise $\epsilon$ and $\bar\alpha_t$, return $z_t$. The check compares it with
-# diffusers' `DDIMScheduler.add_noise`.
+# ($E(x)$), noise $\epsilon$ and $\bar\alpha_t$ (a tensor), return $z_t$. The check compares it
+# with diffusers' `DDIMScheduler.add_noise`, what `dreambooth_lora` trains on.
 
 # %%
 from lr_tutorial import exercises
-def add_noise(x0, eps, alpha_bar):
-    z_t = None  # your answer
-    # solution (delete to try yourself):
-    z_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
-    return z_t
 
-exercises.check_add_noise(add_noise)
+def add_noise(x0, eps, alpha_bar):
+    raise exercises.YourTurn("add_noise")
+
+add_noise = exercises.attempt(add_noise)
 
 # %% [markdown]
-# **7.2** Compute the mean identity of the personalized samples `per` to the new subject
-# (`oracle.identity_score(image, shape="circle", pattern=pattern)`), then check it.
+# **7.2** The last piece of the method: the latent blend of stage 2. For $k < \lambda_3$ the
+# target keeps its own latent inside the subject mask and takes the context's (the layout's)
+# outside it, $z^t \leftarrow M z^t + (1 - M) z^c$. `z_t` and `z_c` are (B, C, h, w), the mask
+# `m` is (B, h, w) in [0, 1].
 
 # %%
-answer = float(np.mean([oracle.identity_score(im, shape="circle", pattern=pattern) for im in per]))
-exercises.check_fraction(answer, score(per), "identity of the personalized samples")
+def latent_blend(z_t, z_c, m):
+    raise exercises.YourTurn("latent_blend")
+
+latent_blend = exercises.attempt(latent_blend)
+
+# %% [markdown]
+# Plugged in (`exercises.plugged`), your blend runs the method on the new subject; next to it,
+# the same run with a blend that keeps the target everywhere (no blending), to see what it does:
+
+# %%
+from lr_tutorial.masks import resize
+def no_blend(z_t, z_c, m):
+    return z_t
+runs = {}
+for name, fn in (("your blend", latent_blend), ("no blend", no_blend)):
+    with exercises.plugged(fn, name="latent_blend"):
+        runs[name] = LayoutAndRetouch(bundle, lr.config)(prompts[0], photos, seed=0)
+mine = runs["your blend"]
+layout = mine.layout.images[0].astype(int)
+outside = resize(mine.masks.per_step[-1, 0], layout.shape[0]) < 0.5  # the background, image pixels
+drift = {name: np.abs(r.images[0].astype(int) - layout)[outside].mean() for name, r in runs.items()}
+image_grid([mine.layout.images[0], runs["your blend"].images[0], runs["no blend"].images[0]],
+           ["the layout (context)", f"your blend\nbackground off by {drift['your blend']:.1f}",
+            f"no blend\nbackground off by {drift['no blend']:.1f}"], scale=1.6);
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("your blend gives the method's image:",
+      np.abs(mine.images[0].astype(int) - ours[0].astype(int)).max() <= 2)
+print("blending keeps the background closer to the layout than no blending:",
+      drift["your blend"] < drift["no blend"])
