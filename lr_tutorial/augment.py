@@ -1,7 +1,7 @@
 """Training-data augmentations of a few DreamBooth reference photos (DreamBoothConfig's
-background_augment, layout_augment and recolour_share): the subject pasted on solid backdrops,
-the photos re-framed (zoomed, moved, mirrored, the random crop and flip of DreamBooth trainers),
-and the subject painted one flat colour. Pure numpy on uint8 (n, H, W, 3) images, seeded."""
+background_augment and layout_augment): the subject pasted on solid backdrops and the photos
+re-framed (zoomed, moved, mirrored, the random crop and flip of DreamBooth trainers). Pure numpy
+on uint8 (n, H, W, 3) images, seeded."""
 from __future__ import annotations
 
 import numpy as np
@@ -68,16 +68,6 @@ def reframe(images: np.ndarray, n: int, scale: tuple[float, float] = (0.5, 1.2),
         out.append(canvas[:, ::-1] if mirror else canvas)
         out_masks.append(m_canvas[:, ::-1] if mirror else m_canvas)
     return np.stack(out) if masks is None else (np.stack(out), np.stack(out_masks))
-
-
-def flat_recolour(images: np.ndarray, masks: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-    """(n, k, H, W, 3) uint8: each image k times with its subject's pixels (masks, (n, H, W))
-    painted one uniformly random RGB colour (drawn from `seed`): a plain object of the
-    subject's shape, as a base model draws it (DreamBoothConfig.recolour_share)."""
-    rng = np.random.default_rng(seed)
-    colours = rng.integers(0, 256, (len(images), k, 1, 1, 3)).astype(np.uint8)
-    m = np.asarray(masks, bool)[:, None, :, :, None]  # (n, 1, H, W, 1)
-    return np.where(m, colours, images[:, None])
 
 
 def _check_shift(shift) -> None:

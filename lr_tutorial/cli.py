@@ -276,11 +276,7 @@ def cmd_personalize_toy(a) -> int:
                                          "pyramid_noise", "background_weight", "background_augment",
                                          "layout_augment", "layout_shift",
                                          "augment_max_timestep", "num_class_images",
-                                         "recolour_share", "recolour_min_timestep",
-                                         "recolour_max_timestep", "recolour_variants",
-                                         "above_weight", "init_lora")}
-    if a.backdrops_every_timestep:
-        given["backdrops_every_timestep"] = True
+                                         "init_lora")}
     if a.layout_scale:
         lo, hi = a.layout_scale
         if lo > hi:
@@ -314,7 +310,7 @@ def cmd_personalize_toy(a) -> int:
     bundle = load_models("toy", personalized=None)
     refs = subject.reference_images()
     masks = None
-    if cfg.background_weight < 1 or cfg.background_augment or cfg.recolour_share:
+    if cfg.background_weight < 1 or cfg.background_augment:
         # the toy's masks: from the oracle
         from .toy import oracle
         masks = np.stack([oracle.analyze(r).mask for r in refs])
@@ -760,19 +756,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--augment-max-timestep", type=_timestep, default=None,
                    help="train the augmented copies only at timesteps below this and only the "
                         "photos at and above it; a toy-construction knob, see DreamBoothConfig")
-    q.add_argument("--backdrops-every-timestep", action="store_true",
-                   help="with --augment-max-timestep: keep the --background-augment composites "
-                        "at every timestep; only the re-framed copies are held below it")
     q.add_argument("--targets", default=None,
                    help="comma-separated module names that get LoRA layers")
-    q.add_argument("--recolour-share", type=_share, default=None,
-                   help="share of the rows below --augment-max-timestep noised from the subject "
-                        "painted one flat random colour, target the subject (DreamBoothConfig)")
-    q.add_argument("--above-weight", type=_float(0, 100, example=1.0), default=None,
-                   help="with --augment-max-timestep: loss weight of the rows at and above it")
-    q.add_argument("--recolour-min-timestep", type=_timestep, default=None)
-    q.add_argument("--recolour-max-timestep", type=_timestep, default=None)
-    q.add_argument("--recolour-variants", type=_int(1, 10 ** 4, example=2), default=None)
     q.add_argument("--init-lora", type=_path, default=None, metavar="DIR",
                    help="start from this LoRA folder's weights (and learned identifier) instead "
                         "of a fresh init; same --rank and --targets")

@@ -18,10 +18,8 @@ identifier was trained), which `load_models(..., personalized=DIR)` reads; any d
 pipeline's `load_lora_weights` reads the LoRA file.
 
 Toy-construction knobs (data/toy/README.md, "How they were trained") change which rows are trained where:
-`augment_max_timestep` keeps the augmented copies (`augment.py`) below a timestep,
-`above_weight` weights the photos' rows above it, and `recolour_share` noises some rows from the
-subject painted one flat colour with the subject as target (`recolour_target`). `init_lora` goes
-on from a saved LoRA.
+`augment_max_timestep` keeps the augmented copies (`augment.py`) below a timestep. `init_lora`
+goes on from a saved LoRA.
 """
 from __future__ import annotations
 
@@ -36,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import sampling
-from .augment import _check_scale, _check_shift, flat_recolour, paste_on_backdrops, reframe
+from .augment import _check_scale, _check_shift, paste_on_backdrops, reframe
 from .files import atomic_folder, refuse_existing
 from .models import IDENTIFIER_FILE, ModelBundle
 
@@ -98,34 +96,12 @@ class DreamBoothConfig:
     # layout handed to it below that timestep (what step-blended denoising assumes of a
     # Stable Diffusion DreamBooth model).
     augment_max_timestep: int | None = None
-    # with augment_max_timestep: True keeps background_augment's composites (the subject in the
-    # photos' framing on other backdrops) at every timestep too, so only the re-framed copies are
-    # held below it. On the toy this cost identity (0.52 against 0.63 without it; the random
-    # backdrops at high noise drift the subject's colours).
-    backdrops_every_timestep: bool = False
-    # with augment_max_timestep: the loss of the rows at and above it (the photos') is weighted
-    # by this, so that from noise the LoRA wins the layout and backdrop as the unsplit recipe
-    # does, although most of its rows teach it to paint into other layouts (a toy knob).
-    above_weight: float = 1.0
     # a LoRA folder this function wrote: its LoRA matrices (and learned identifier embedding, if
     # any) start the training instead of a fresh init, to go on training a LoRA or to refine
     # one with other data (e.g. the shipped toy LoRA with re-framed copies below a timestep).
     # Its rank and target modules must equal this config's; its dreambooth_config.json is
     # checked for that when present. The folder is only read, never written.
     init_lora: str | None = None
-    # recolour pairs, a toy-construction knob like augment_max_timestep: this share of the
-    # instance rows drawn at timesteps in [recolour_min_timestep, augment_max_timestep) is noised
-    # from the same image with its subject painted one flat random colour (recolour_variants per
-    # image), while the target stays the subject (`recolour_target`). The model learns to paint
-    # the subject over a plain object of its shape, which is what stage 1's vanilla steps hand
-    # it on the toy, where an object's colour is committed with the layout. Needs `masks`; re-framed copies carry theirs. Below ~200 the pull
-    # sqrt(a_t / (1 - a_t)) (z_from - z0) outgrows the noise, hence the lower bound.
-    recolour_share: float = 0.0
-    recolour_min_timestep: int = 200
-    # the pairs' upper timestep bound; None: augment_max_timestep (or every timestep). Above
-    # augment_max_timestep the recoloured rows are the photos' (the paper's collapse stays).
-    recolour_max_timestep: int | None = None
-    recolour_variants: int = 4
     seed: int = 0
     adapter_name: str = "personal"
     extra: dict = field(default_factory=dict)
@@ -180,28 +156,17 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     if cfg.background_augment:
         _check_masks(images, masks, "background_augment", cfg.background_augment)
         images, masks = paste_on_backdrops(images, masks, cfg.background_augment, cfg.seed)
-    if cfg.recolour_share > 0:
-        _check_masks(images, masks, "recolour_share", cfg.recolour_share)
     n_photos = len(images) - cfg.background_augment  # the rows before are the photos themselves
-    # the first rows trained at and above augment_max_timestep: the photos (+ the composites)
-    n_above = n_photos + (cfg.background_augment if cfg.backdrops_every_timestep else 0)
     if cfg.layout_augment:
         if cfg.background_weight < 1:
             raise ValueError("layout_augment moves the subject, so the masks of the masked loss "
                              "(background_weight < 1) would no longer fit; use background_weight=1 "
                              "with layout_augment")
         # after background_augment: the composites are re-framed too (on their own backdrops)
-        if cfg.recolour_share > 0:  # the recolour pairs need the copies' masks
-            copies, copy_masks = reframe(images, cfg.layout_augment, cfg.layout_scale, cfg.seed,
-                                         shift=cfg.layout_shift, masks=masks)
-            masks = np.concatenate([masks, copy_masks])
-        else:
-            copies = reframe(images, cfg.layout_augment, cfg.layout_scale, cfg.seed,
-                             shift=cfg.layout_shift)
-            masks = None
+        copies = reframe(images, cfg.layout_augment, cfg.layout_scale, cfg.seed,
+                         shift=cfg.layout_shift)
+        masks = None
         images = np.concatenate([images, copies])
-    if cfg.recolour_share > 0:
-        flats = flat_recolour(images, masks, cfg.recolour_variants, cfg.seed)  # (n, k, H, W, 3)
     weights = _loss_weights(bundle, images, masks if not cfg.layout_augment else None, cfg)
     if out_dir is not None:  # fail before training, not after
         refuse_existing(out_dir, overwrite, what="LoRA")
@@ -217,10 +182,6 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
 
     with bundle.using("vanilla") if bundle.has_personal else _nullctx():
         z_inst = sampling.encode(bundle, images)  # (n, 4, h, w)
-        z_flat = None
-        if cfg.recolour_share > 0:  # (n, k, 4, h, w)
-            z_flat = sampling.encode(bundle, flats.reshape(-1, *flats.shape[2:])).reshape(
-                len(images), cfg.recolour_variants, *z_inst.shape[1:])
         z_class, cond_class = None, None
         prompts = class_prompts(cfg)
         if prompts:  # prior preservation: class images from the frozen base model
@@ -258,7 +219,7 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     unet.train()
     try:
         _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, encode_instance,
-               g, progress, n_above, z_flat)
+               g, progress, n_photos)
     finally:
         unet.eval()
         for p in params:
@@ -327,21 +288,6 @@ def _check_masks(images: np.ndarray, masks, knob: str, value) -> None:
                          f"{np.asarray(masks).shape}")
 
 
-def recolour_target(sched, z_from: torch.Tensor, z0: torch.Tensor, noise: torch.Tensor,
-                    t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(noisy latent, prediction target) that teach a denoiser to go from `z_from` noised to
-    timestep t to the clean latent `z0`: z_t = sqrt(a_t) z_from + sqrt(1 - a_t) noise and the
-    target is the noise that would make its x0 prediction z0,
-        eps' = (z_t - sqrt(a_t) z0) / sqrt(1 - a_t) = noise + sqrt(a_t / (1 - a_t)) (z_from - z0)
-    (as a velocity for v-prediction models). z_from = z0 gives plain denoising."""
-    noisy = sched.add_noise(z_from, noise, t)
-    a = sched.alphas_cumprod.to(z0.device, torch.float32)[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    eps = ((noisy.float() - a.sqrt() * z0.float()) / (1 - a).sqrt()).to(z0.dtype)
-    if sched.config.prediction_type == "epsilon":
-        return noisy, eps
-    return noisy, sched.get_velocity(z0, eps, t)
-
-
 def _loss_weights(bundle, images, masks, cfg) -> torch.Tensor | None:
     """Per-latent-pixel loss weights (n, 1, h, w) of the instance images: 1 on the subject,
     `background_weight` elsewhere (area-averaged to the latent grid); None for the plain loss."""
@@ -355,7 +301,7 @@ def _loss_weights(bundle, images, masks, cfg) -> torch.Tensor | None:
 
 
 def _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, encode_instance, g,
-           progress, n_above, z_flat=None):
+           progress, n_photos):
     """The DreamBooth loop (module docstring): LoRA (and identifier) steps on noised latents."""
     unet, sched = bundle.unet, bundle.scheduler
     bar = tqdm(range(cfg.steps), desc="dreambooth-lora", disable=not progress)
@@ -375,30 +321,16 @@ def _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, e
         noise = training_noise(z0.shape, g, cfg.offset_noise, cfg.pyramid_noise).to(z0)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(z0),), generator=g).to(z0.device)
         if cfg.augment_max_timestep is not None:  # at t >= max the instance rows are photos
-            idx = photos_above(idx, t[:len(idx)].cpu(), n_above, cfg.augment_max_timestep)
+            idx = photos_above(idx, t[:len(idx)].cpu(), n_photos, cfg.augment_max_timestep)
             z0 = torch.cat([z_inst[idx], z0[len(idx):]])
-        if z_flat is None:
-            noisy = sched.add_noise(z0, noise, t)
-            target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
-        else:  # recolour pairs: some instance rows start from the flat-coloured subject
-            hi = (cfg.recolour_max_timestep or cfg.augment_max_timestep
-                  or sched.config.num_train_timesteps)
-            tt = t[:len(idx)].cpu()
-            pick = ((torch.rand(len(idx), generator=g) < cfg.recolour_share)
-                    & (tt >= cfg.recolour_min_timestep) & (tt < hi))  # (B,)
-            k = torch.randint(0, z_flat.shape[1], (len(idx),), generator=g)
-            z_from = torch.cat([torch.where(pick.view(-1, 1, 1, 1).to(z0.device), z_flat[idx, k],
-                                            z0[:len(idx)]), z0[len(idx):]])
-            noisy, target = recolour_target(sched, z_from, z0, noise, t)
+        noisy = sched.add_noise(z0, noise, t)
+        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
         se = F.mse_loss(pred.float(), target.float(), reduction="none")  # (B', C, h, w)
         per = se.mean(dim=(1, 2, 3))
         if weights is not None:  # masked loss on the instance rows, normalized by the weights
             w = weights[idx]  # (B, 1, h, w)
             per = torch.cat([(se[:cfg.batch_size] * w).mean(dim=(1, 2, 3)) / w.mean(dim=(1, 2, 3)),
-                             per[cfg.batch_size:]])
-        if cfg.above_weight != 1.0:  # the photos' rows at and above augment_max_timestep
-            per = torch.cat([per[:cfg.batch_size] * above_weights(t[:cfg.batch_size], cfg),
                              per[cfg.batch_size:]])
         loss = per[:cfg.batch_size].mean()
         if z_class is not None:
@@ -409,17 +341,9 @@ def _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, e
         bar.set_postfix(loss=f"{loss.item():.4f}")
 
 
-def above_weights(t: torch.Tensor, cfg: DreamBoothConfig) -> torch.Tensor:
-    """(B,) loss weights of instance rows at timesteps t (B,): cfg.above_weight at and above
-    cfg.augment_max_timestep, 1 below (DreamBoothConfig.above_weight)."""
-    above = (t >= cfg.augment_max_timestep).float()
-    return 1 + (cfg.above_weight - 1) * above
-
-
 def photos_above(idx: torch.Tensor, t: torch.Tensor, n_photos: int, max_timestep: int) -> torch.Tensor:
     """The training rows' image indices (B,) with every row whose timestep t (B,) is at or above
-    `max_timestep` moved onto a photo (index mod `n_photos`; the photos are the first rows, and
-    with `backdrops_every_timestep` n_photos also counts the composites that follow them), so
+    `max_timestep` moved onto a photo (index mod `n_photos`; the photos are the first rows), so
     augmented copies are trained only below it and the photos alone above it
     (DreamBoothConfig.augment_max_timestep). Uniform over the photos when n_photos divides the
     number of images."""
@@ -532,21 +456,6 @@ def check_config(cfg: DreamBoothConfig) -> None:
     if cfg.augment_max_timestep is not None and cfg.augment_max_timestep < 1:
         raise ValueError(f"augment_max_timestep must be None or a timestep >= 1, got "
                          f"{cfg.augment_max_timestep}")
-    if cfg.backdrops_every_timestep and (cfg.augment_max_timestep is None or not cfg.background_augment):
-        raise ValueError("backdrops_every_timestep only changes a split LoRA with composites: set "
-                         "augment_max_timestep and background_augment > 0, or leave it False")
-    if not 0 <= cfg.recolour_share < 1:
-        raise ValueError(f"recolour_share is a share of the training rows in [0, 1), got "
-                         f"{cfg.recolour_share}")
-    if cfg.recolour_share and (cfg.recolour_variants < 1 or cfg.recolour_min_timestep < 0):
-        raise ValueError(f"recolour_share needs recolour_variants >= 1 and recolour_min_timestep "
-                         f">= 0, got {cfg.recolour_variants} and {cfg.recolour_min_timestep}")
-    if cfg.recolour_max_timestep is not None and cfg.recolour_max_timestep <= cfg.recolour_min_timestep:
-        raise ValueError(f"recolour_max_timestep={cfg.recolour_max_timestep} must be above "
-                         f"recolour_min_timestep={cfg.recolour_min_timestep} (or None)")
-    if cfg.above_weight <= 0 or (cfg.above_weight != 1.0 and cfg.augment_max_timestep is None):
-        raise ValueError(f"above_weight={cfg.above_weight} weights the rows at and above "
-                         "augment_max_timestep: it must be > 0 and needs augment_max_timestep")
     if cfg.identifier_lr < 0 or cfg.lr <= 0 or cfg.steps < 1 or cfg.rank < 1:
         raise ValueError(f"need lr > 0, identifier_lr >= 0, steps >= 1, rank >= 1; got lr={cfg.lr}, "
                          f"identifier_lr={cfg.identifier_lr}, steps={cfg.steps}, rank={cfg.rank}")

@@ -48,9 +48,6 @@ RANGES: dict[str, tuple[float, float]] = {
     "DreamBoothConfig.background_augment": (0, 10 ** 5),
     "DreamBoothConfig.layout_augment": (0, 10 ** 5),
     "DreamBoothConfig.augment_max_timestep": (1, 1000),
-    "DreamBoothConfig.recolour_min_timestep": (0, 1000),
-    "DreamBoothConfig.recolour_max_timestep": (0, 1000),
-    "DreamBoothConfig.recolour_variants": (1, 10 ** 4),
 }
 
 

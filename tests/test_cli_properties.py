@@ -62,8 +62,7 @@ ACCEPTED = {
     **{("personalize-toy", f): ({"0"}, "0: off") for f in (
         "--identifier-lr", "--uncond-prob", "--offset-noise", "--pyramid-noise",
         "--background-augment", "--layout-augment", "--layout-shift", "--num-class-images",
-        "--recolour-share", "--above-weight", "--augment-max-timestep",
-        "--recolour-min-timestep", "--recolour-max-timestep")},
+        "--augment-max-timestep")},
     ("personalize-toy", "--background-weight"): ({"0"}, "0: the background is not learned"),
     **{("train-toy", f): ({"0"}, "0: from the first step / none") for f in (
         "--vae-steps", "--unet-steps", "--pyramid-from", "--boost-from", "--token-id-from",

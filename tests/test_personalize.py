@@ -123,8 +123,6 @@ def test_fixed_instance_prompt_reads_the_kept_identifier():
     ({"background_augment": 4}, "background_augment=4 needs the subject's masks"),
     ({"background_augment": -1}, "background_augment"),
     ({"layout_augment": -1}, "layout_augment"),
-    ({"above_weight": 2.0}, "needs augment_max_timestep"),
-    ({"above_weight": 0.0, "augment_max_timestep": 500}, "above_weight=0.0"),
     ({"layout_augment": 2, "layout_scale": (0.0, 1.0)}, "layout_scale"),
     ({"layout_augment": 2, "layout_shift": 0.7}, "layout_shift"),
     ({"class_prompt": ("a star", ""), "num_class_images": 4}, "class_prompt"),
@@ -160,20 +158,17 @@ def test_cli_trains_the_toy_recipe_with_flag_overrides(tmp_path):
     assert cfg["layout_augment"] == 0 and cfg["layout_scale"] == [0.6, 1.1]
 
 
-def test_cli_goes_on_from_a_lora_with_recolour_pairs(tmp_path, capsys):
+def test_cli_goes_on_from_a_lora_with_reframed_copies(tmp_path, capsys):
     import json
 
     from lr_tutorial import cli
     first, second = tmp_path / "first", tmp_path / "second"
     assert cli.main(["personalize-toy", "--out", str(first), "--steps", "1", "--rank", "4"]) == 0
     assert cli.main(["personalize-toy", "--out", str(second), "--steps", "2", "--rank", "4",
-                     "--init-lora", str(first), "--recolour-share", "0.5", "--recolour-min-timestep",
-                     "100", "--recolour-max-timestep", "900", "--recolour-variants", "2",
-                     "--layout-augment", "2", "--layout-shift", "0.2",
+                     "--init-lora", str(first), "--layout-augment", "2", "--layout-shift", "0.2",
                      "--augment-max-timestep", "600"]) == 0
     cfg = json.loads((second / "dreambooth_config.json").read_text())
-    assert cfg["init_lora"] == str(first) and cfg["recolour_share"] == 0.5
-    assert (cfg["recolour_min_timestep"], cfg["recolour_max_timestep"], cfg["recolour_variants"]) == (100, 900, 2)
+    assert cfg["init_lora"] == str(first) and cfg["augment_max_timestep"] == 600
     # the recipe's rank 8 against the init's 4: one line on stderr, exit status 2
     assert cli.main(["personalize-toy", "--out", str(tmp_path / "third"), "--steps", "1",
                      "--init-lora", str(first)]) == 2
@@ -242,15 +237,9 @@ def test_augment_max_timestep_trains_only_photos_above_it():
     with pytest.raises(ValueError, match="augment_max_timestep"):
         dreambooth_lora(load_models("toy", personalized=None), subject.reference_images(),
                         DreamBoothConfig(steps=1, augment_max_timestep=0), progress=False)
-    with pytest.raises(ValueError, match="backdrops_every_timestep"):  # needs a split and composites
-        dreambooth_lora(load_models("toy", personalized=None), subject.reference_images(),
-                        DreamBoothConfig(steps=1, backdrops_every_timestep=True), progress=False)
-    # backdrops_every_timestep: the photos and the composites after them (5 + 20 rows) stay above
-    kept = photos_above(idx, t, n_photos=25, max_timestep=600)
-    assert torch.equal(kept[t < 600], idx[t < 600]) and kept[t >= 600].max() == 24
     b = load_models("toy", personalized=None)  # one real step with the knobs and both augments
     cfg = DreamBoothConfig(steps=2, layout_augment=3, background_augment=2, layout_shift=0.2,
-                           augment_max_timestep=500, backdrops_every_timestep=True)
+                           augment_max_timestep=500)
     masks = np.stack([oracle_mask(r) for r in subject.reference_images()])
     dreambooth_lora(b, subject.reference_images(), cfg, progress=False, masks=masks)
     assert b.has_personal
@@ -341,65 +330,3 @@ def test_reframe_moves_the_masks_with_the_subject():
     assert moved.shape == (30, 64, 64) and moved.dtype == bool
     iou = [(oracle_mask(c) & m).sum() / (oracle_mask(c) | m).sum() for c, m in zip(copies, moved)]
     assert min(iou) >= 0.8
-
-
-def test_flat_recolour_paints_the_subject_one_colour_and_nothing_else():
-    from lr_tutorial.personalize import flat_recolour
-    refs = subject.reference_images()[:2]
-    masks = np.stack([oracle_mask(r) for r in refs])
-    flats = flat_recolour(refs, masks, 3, seed=0)
-    assert flats.shape == (2, 3, 64, 64, 3) and flats.dtype == np.uint8
-    for i in range(2):
-        for k in range(3):
-            assert np.array_equal(flats[i, k][~masks[i]], refs[i][~masks[i]])
-            assert len(np.unique(flats[i, k][masks[i]], axis=0)) == 1  # one flat colour
-    assert not np.array_equal(flats[0, 0], flats[0, 1])  # the variants differ
-    assert np.array_equal(flats, flat_recolour(refs, masks, 3, seed=0))  # seeded
-
-
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_recolour_target_points_the_prediction_at_the_clean_latent(prediction_type):
-    """The x0 that the scheduler reads from (z_t, target) is z0, not the flat-coloured start;
-    with z_from = z0 the pair is plain DreamBooth denoising."""
-    from diffusers import DDIMScheduler
-
-    from lr_tutorial.personalize import recolour_target
-    sched = DDIMScheduler(prediction_type=prediction_type)
-    g = torch.Generator().manual_seed(0)
-    z0, z_from, noise = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
-    t = torch.tensor([250, 500, 900])
-    noisy, target = recolour_target(sched, z_from, z0, noise, t)
-    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
-    torch.testing.assert_close(noisy, sched.add_noise(z_from, noise, t))
-    if prediction_type == "epsilon":
-        x0 = (noisy - (1 - a).sqrt() * target) / a.sqrt()
-    else:
-        x0 = a.sqrt() * noisy - (1 - a).sqrt() * target
-    torch.testing.assert_close(x0, z0, atol=1e-4, rtol=0)
-    noisy, target = recolour_target(sched, z0, z0, noise, t)
-    want = noise if prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
-    torch.testing.assert_close(target, want, atol=1e-5, rtol=0)
-
-
-def test_recolour_pairs_train_and_are_refused_without_masks():
-    b = load_models("toy", personalized=None)
-    refs = subject.reference_images()
-    with pytest.raises(ValueError, match="recolour_share=0.5 needs the subject's masks"):
-        dreambooth_lora(b, refs, DreamBoothConfig(steps=1, recolour_share=0.5), progress=False)
-    with pytest.raises(ValueError, match="recolour_share is a share"):
-        dreambooth_lora(b, refs, DreamBoothConfig(steps=1, recolour_share=1.0), progress=False)
-    with pytest.raises(ValueError, match="must be above recolour_min_timestep"):
-        dreambooth_lora(b, refs, DreamBoothConfig(steps=1, recolour_share=0.5, recolour_max_timestep=200),
-                        progress=False)
-    masks = np.stack([oracle_mask(r) for r in refs])
-    cfg = DreamBoothConfig(steps=2, recolour_share=0.9, recolour_min_timestep=0, layout_augment=3,
-                           layout_shift=0.2, augment_max_timestep=999)
-    dreambooth_lora(b, refs, cfg, progress=False, masks=masks)
-    assert b.has_personal
-
-
-def test_above_weights_weight_only_the_rows_at_and_above_the_split():
-    from lr_tutorial.personalize import above_weights
-    cfg = DreamBoothConfig(augment_max_timestep=600, above_weight=3.0)
-    got = above_weights(torch.tensor([0, 599, 600, 999]), cfg)
-    torch.testing.assert_close(got, torch.tensor([1.0, 1.0, 3.0, 3.0]))
