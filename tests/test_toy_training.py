@@ -20,13 +20,14 @@ def test_training_smoke_runs_checkpoints_and_exports(tmp_path):
     cfg = tiny_cfg(tmp_path / "ck", look_share=0.25, look_dataset_size=6, looks_from=1,
                    pair_share=0.25, pair_dataset_size=5, pairs_from=1,
                    diptych_share=0.25, diptych_dataset_size=3, diptychs_from=1,
-                   read_pairs=2, read_dataset_size=3, reads_from=1)
+                   read_pairs=2, read_dataset_size=3, reads_from=1,
+                   repaint_share=0.5, repaint_min_timestep=0)
     (tmp_path / "ck").mkdir()
     vae = train.train_vae(cfg)
     latents, scaling, looks, pairs, diptychs, reads = train.unet_data(cfg, vae)
     assert latents.shape == (12, 4, 16, 16) and scaling > 0 and looks.shape == (6, 4, 16, 16)
     assert pairs.shape == (5, 4, 16, 16) and diptychs.shape == (3, 4, 16, 32)
-    assert reads.shape == (3, 2, 4, 16, 16)
+    assert reads.shape == (3, 3, 4, 16, 16)
     train.train_unet(cfg, latents, scaling, looks, pairs, diptychs, reads)
     log = [json.loads(x) for x in open(tmp_path / "ck" / "log.jsonl")]
     assert [r["stage"] for r in log] == ["vae"] * 2 + ["unet"] * 3
@@ -191,9 +192,11 @@ def test_a_damaged_checkpoint_is_named_and_a_damaged_latent_cache_is_encoded_aga
 
 def test_read_scenes_share_shape_and_look_and_the_first_is_a_close_up():
     for i in range(20):
-        ref, scene = train.read_scenes(0, i)
+        ref, scene, other = train.read_scenes(0, i)
         assert ref.shape == scene.shape and ref.pattern == scene.pattern
         assert ref.background == "plain" and ref.size == "big"
+        assert (other.centre, other.radius, other.shape) == (scene.centre, scene.radius, scene.shape)
+        assert other.pattern != scene.pattern
 
 
 def test_reads_reference_makes_each_scene_attend_to_its_close_up_only():

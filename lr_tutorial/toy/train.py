@@ -113,6 +113,14 @@ class ToyTrainConfig:
     read_pairs: int = 0
     reads_from: int = 14_000
     read_dataset_size: int = 10_000
+    # Repaints [ours]: in Stable Diffusion a look is decided late in denoising, so a swap that
+    # starts at the hand-over can still change it; in ShapeWorld an object's colour is
+    # committed with its layout. This share of the read pairs therefore noises the scene from
+    # the same scene in another look (a named colour or another free look) at timesteps >=
+    # `repaint_min_timestep`, while the target stays the close-up's look: reading the close-up
+    # then repaints a committed object, as the retouch asks. 0: off.
+    repaint_share: float = 0.0
+    repaint_min_timestep: int = 300
     ema_decay: float = 0.999
     keep_prob: float = 0.7  # each attribute is stated in the caption with this probability
     uncond_prob: float = 0.1  # empty caption, for classifier-free guidance
@@ -362,25 +370,31 @@ def diptych_caption(seed: int, i: int) -> str:
     return f"a {shape}" if np.random.default_rng([seed, 7, i]).random() < 0.5 else ""
 
 
-def read_scenes(seed: int, i: int) -> tuple[world.Scene, world.Scene]:
-    """A reference-like close-up (big, near the centre, plain backdrop, rotated a little) and a
-    random scene of the same shape in the same free look (`look_scene`'s)."""
+def read_scenes(seed: int, i: int) -> tuple[world.Scene, world.Scene, world.Scene]:
+    """A reference-like close-up (big, near the centre, plain backdrop, rotated a little), a
+    random scene of the same shape in the same free look (`look_scene`'s), and that scene in
+    another look (a named colour half of the time, else another free look): the repaint's
+    starting point."""
     rng = np.random.default_rng([seed, 8, i])
     look = look_scene(seed, 3_000_000 + i)
     ref = world.with_attrs(world.reference_scene(rng), shape=look.shape, pattern=look.pattern)
     scene = world.sample_scene(rng, shape=look.shape, pattern=look.pattern,
                                rotation=float(rng.uniform(-15, 15)))
-    return ref, scene
+    if rng.random() < 0.5:
+        other = world.with_attrs(scene, pattern=None, colour=str(rng.choice(list(world.COLOURS))))
+    else:
+        other = world.with_attrs(scene, pattern=look_scene(seed, 4_000_000 + i).pattern)
+    return ref, scene, other
 
 
 @torch.no_grad()
 def encode_reads(cfg: ToyTrainConfig, vae, scaling: float) -> torch.Tensor:
-    """Latent means (n, 2, 4, 16, 16) of `read_dataset_size` reference-read pairs
-    [close-up, scene]."""
-    flat = _encode_cached(cfg, vae, scaling, "reads",
-                          lambda j: world.render(read_scenes(cfg.seed, j // 2)[j % 2]),
-                          2 * cfg.read_dataset_size, "reference-read")
-    return flat.view(-1, 2, *flat.shape[1:])
+    """Latent means (n, 3, 4, 16, 16) of `read_dataset_size` reference-read triples
+    [close-up, scene, scene in another look]."""
+    flat = _encode_cached(cfg, vae, scaling, "reads3",
+                          lambda j: world.render(read_scenes(cfg.seed, j // 3)[j % 3]),
+                          3 * cfg.read_dataset_size, "reference-read")
+    return flat.view(-1, 3, *flat.shape[1:])
 
 
 class ReadsReference:
@@ -405,19 +419,29 @@ def read_loss(cfg: ToyTrainConfig, unet, te, tok, reads: torch.Tensor, scaling: 
 
     n = cfg.read_pairs
     rdx = rng.integers(0, len(reads), size=n)
-    pairs = [read_scenes(cfg.seed, int(j)) for j in rdx]
+    triples = [read_scenes(cfg.seed, int(j)) for j in rdx]
     excluded = heldout.training_exclusions()
-    caps = [f"a {ref.shape}" for ref, _ in pairs] + [
-        training_caption(scene, rng, cfg, excluded) for _, scene in pairs]
+    caps = [f"a {ref.shape}" for ref, _, _ in triples] + [
+        training_caption(scene, rng, cfg, excluded) for _, scene, _ in triples]
     ids = tok(caps, padding="max_length", max_length=tok.model_max_length,
               return_tensors="pt").input_ids
-    r0 = reads[torch.from_numpy(rdx)].transpose(0, 1).flatten(0, 1) * scaling  # (2n, 4, 16, 16)
+    r = reads[torch.from_numpy(rdx)] * scaling  # (n, 3, 4, 16, 16)
+    r0 = torch.cat([r[:, 0], r[:, 1]])  # (2n, ...): [close-ups; scenes]
     noise = training_noise(r0.shape, gen, cfg, step)
     t = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=gen).repeat(2)
+    zt = sched.add_noise(r0, noise, t)
+    target = noise
+    repaint = (torch.rand(n, generator=gen) < cfg.repaint_share) & (t[n:] >= cfg.repaint_min_timestep)
+    if repaint.any():  # noised from the scene in another look; x0 stays the close-up's look
+        rows = n + torch.nonzero(repaint)[:, 0]
+        zt[rows] = sched.add_noise(r[repaint, 2], noise[rows], t[rows])
+        a = sched.alphas_cumprod[t[rows]].view(-1, 1, 1, 1)
+        target = noise.clone()
+        target[rows] = (zt[rows] - a.sqrt() * r0[rows]) / (1 - a).sqrt()
     layers = select_layers(unet, SwapConfig().retouch_layers, "self")
     with processors(unet, {p: ReadsReference() for p in layers}):
-        pred = unet(sched.add_noise(r0, noise, t), t, te(ids)[0]).sample
-    return w[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        pred = unet(zt, t, te(ids)[0]).sample
+    return w[t] * (pred - target).pow(2).mean(dim=(1, 2, 3))
 
 
 @torch.no_grad()
