@@ -1,5 +1,5 @@
-"""Training-data augmentations of a few DreamBooth reference photos (DreamBoothConfig's
-background_augment and layout_augment): the subject pasted on solid backdrops and the photos
+"""Training-data augmentations of a few DreamBooth reference photos (the toy LoRAs' copies,
+`toy.personal.ToyPersonalConfig`): the subject pasted on solid backdrops and the photos
 re-framed (zoomed, moved, mirrored, the random crop and flip of DreamBooth trainers). Pure numpy
 on uint8 (n, H, W, 3) images, seeded."""
 from __future__ import annotations
@@ -31,7 +31,7 @@ def reframe(images: np.ndarray, n: int, scale: tuple[float, float] = (0.5, 1.2),
     a factor drawn uniformly from `scale` (< 1 shrinks the photo onto a canvas of its median
     border colour, > 1 crops it), placed at a random offset, mirrored with probability 1/2.
     The offset keeps the zoomed photo inside the frame (or covering it) when `shift` is None;
-    otherwise its centre moves by up to `shift` x the side in x and y (DreamBoothConfig).
+    otherwise its centre moves by up to `shift` x the side in x and y (ToyPersonalConfig).
     With `masks` ((n_images, H, W) bool) returns (copies, their masks), moved the same way."""
     from PIL import Image
 

@@ -267,21 +267,22 @@ def cmd_personalize_toy(a) -> int:
 
     from . import files
     from .models import data_dir, load_models
-    from .personalize import check_config, dreambooth_lora, toy_recipe
+    from .personalize import toy_recipe
     from .prompts import check_vocabulary
     from .toy import subject
+    from .toy.personal import ToyPersonalConfig, check_config, train_lora
 
     given = {k: getattr(a, k) for k in ("steps", "seed", "rank", "alpha", "lr", "lr_schedule",
                                          "identifier_lr", "uncond_prob", "offset_noise",
-                                         "pyramid_noise", "background_weight", "background_augment",
-                                         "layout_augment", "layout_shift",
-                                         "augment_max_timestep", "num_class_images",
+                                         "pyramid_noise", "background_weight", "num_class_images",
                                          "init_lora")}
+    toy_given = {k: getattr(a, k) for k in ("background_augment", "layout_augment",
+                                             "layout_shift", "augment_max_timestep")}
     if a.layout_scale:
         lo, hi = a.layout_scale
         if lo > hi:
             raise UsageError(f"--layout-scale {lo:g} {hi:g}: LOW is above HIGH; give e.g. 0.5 1.2")
-        given["layout_scale"] = tuple(a.layout_scale)
+        toy_given["layout_scale"] = tuple(a.layout_scale)
     if a.class_prompt:
         for p in a.class_prompt:
             try:
@@ -301,20 +302,20 @@ def cmd_personalize_toy(a) -> int:
         given["alpha"] = float(a.rank)
     try:
         cfg = toy_recipe(**{k: v for k, v in given.items() if v is not None})
-        check_config(cfg)
+        toy = ToyPersonalConfig(**{k: v for k, v in toy_given.items() if v is not None})
+        check_config(toy, cfg)
     except (TypeError, ValueError) as e:
-        raise _with_flags(e, a, given) from e
+        raise _with_flags(e, a, {**given, **toy_given}) from e
     out = Path(a.out) if a.out else data_dir() / "toy" / "lora"
     files.check_output(out, a.overwrite, "LoRA", "--out")
     _validated(a)
     bundle = load_models("toy", personalized=None)
     refs = subject.reference_images()
     masks = None
-    if cfg.background_weight < 1 or cfg.background_augment:
-        # the toy's masks: from the oracle
+    if cfg.background_weight < 1 or toy.background_augment:  # the toy's masks: from the oracle
         from .toy import oracle
         masks = np.stack([oracle.analyze(r).mask for r in refs])
-    dreambooth_lora(bundle, refs, cfg, out_dir=out, overwrite=a.overwrite, masks=masks)
+    train_lora(bundle, refs, cfg, toy, masks=masks, out_dir=out, overwrite=a.overwrite)
     print(f"wrote the LoRA to {out}")
     return 0
 
@@ -755,7 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the side (default: the zoomed photo stays inside the frame)")
     q.add_argument("--augment-max-timestep", type=_timestep, default=None,
                    help="train the augmented copies only at timesteps below this and only the "
-                        "photos at and above it; a toy-construction knob, see DreamBoothConfig")
+                        "photos at and above it (toy.personal.ToyPersonalConfig)")
     q.add_argument("--targets", default=None,
                    help="comma-separated module names that get LoRA layers")
     q.add_argument("--init-lora", type=_path, default=None, metavar="DIR",

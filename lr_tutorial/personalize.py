@@ -17,9 +17,9 @@ LoRA format (pytorch_lora_weights.safetensors, plus identifier_embedding.safeten
 identifier was trained), which `load_models(..., personalized=DIR)` reads; any diffusers
 pipeline's `load_lora_weights` reads the LoRA file.
 
-Toy-construction knobs (data/toy/README.md, "How they were trained") change which rows are trained where:
-`augment_max_timestep` keeps the augmented copies (`augment.py`) below a timestep. `init_lora`
-goes on from a saved LoRA.
+Extra training images (`TrainingCopies`, e.g. augmented copies of the photos, which the toy
+backend builds in `toy/personal.py`) are drawn with the photos; with a `max_timestep` they are
+noised only below it, the photos alone at and above it. `init_lora` goes on from a saved LoRA.
 """
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import sampling
-from .augment import _check_scale, _check_shift, paste_on_backdrops, reframe
 from .files import atomic_folder, refuse_existing
 from .models import IDENTIFIER_FILE, ModelBundle
 
@@ -68,37 +67,9 @@ class DreamBoothConfig:
     # DreamBooth; < 1 needs `masks`, the subject's masks, e.g. from a Segmenter), so the
     # references' backdrop pulls the model's scenes less.
     background_weight: float = 1.0
-    # background augmentation: this many extra training images, each reference's subject (by its
-    # mask) pasted on a random solid backdrop, so the subject is also seen on dark and coloured
-    # backdrops; needs `masks`. On the toy it lifted identity at night but cost it elsewhere and
-    # removed the backdrop pull.
-    background_augment: int = 0
-    # layout augmentation: this many extra training images, each a reference photo zoomed by a
-    # random factor in [layout_scale[0], layout_scale[1]] (< 1: shrunk onto a canvas of the
-    # photo's border colour; > 1: a crop), shifted at random within the frame and mirrored half
-    # of the time (the random crop/flip of DreamBooth trainers), so the LoRA learns the subject's
-    # look at several places and sizes instead of memorizing the photos' one framing. Applied
-    # after background_augment (its composites are re-framed too); not with the masked loss.
-    # On the toy (40 copies) the LoRA then kept a committed layout but only 0.37 of the
-    # subject's identity.
-    layout_augment: int = 0
-    layout_scale: tuple[float, float] = (0.5, 1.2)
-    # None: the zoomed photo stays inside the frame (or covers it), so a photo zoomed by 0.75
-    # moves its centre by at most 1/8 of the side. A float: the zoomed photo's centre moves by up
-    # to this fraction of the side in x and y whatever the zoom, the uncovered canvas in the
-    # photo's border colour (0.22 reaches the toy world's left/right/top/bottom positions).
-    layout_shift: float | None = None
-    # None: the augmented copies (background_augment, layout_augment) are noised at every
-    # timestep like the photos. An int: only at timesteps below it; at and above it every
-    # training row is one of the photos.
-    # Not a DreamBooth practice but a toy-construction knob: the LoRA then composes like the
-    # photos when it starts from noise (the paper's collapse) and paints the subject into any
-    # layout handed to it below that timestep (what step-blended denoising assumes of a
-    # Stable Diffusion DreamBooth model).
-    augment_max_timestep: int | None = None
     # a LoRA folder this function wrote: its LoRA matrices (and learned identifier embedding, if
     # any) start the training instead of a fresh init, to go on training a LoRA or to refine
-    # one with other data (e.g. the shipped toy LoRA with re-framed copies below a timestep).
+    # one with other data (e.g. a toy LoRA with re-framed copies below a timestep).
     # Its rank and target modules must equal this config's; its dreambooth_config.json is
     # checked for that when present. The folder is only read, never written.
     init_lora: str | None = None
@@ -114,13 +85,29 @@ ALL_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "
 
 def toy_recipe(**overrides) -> DreamBoothConfig:
     """The recipe of the shipped toy LoRA (`python -m lr_tutorial personalize-toy`); measured
-    against weaker ones on the toy. Keyword arguments override single knobs."""
+    against weaker ones on the toy. Keyword arguments override single knobs. The toy's other
+    LoRAs add augmented copies of the photos: `toy.personal.ToyPersonalConfig`."""
     recipe = dict(target_modules=ALL_UNET_TARGETS, rank=8, alpha=8.0, steps=4000, lr=3e-3,
                   lr_schedule="cosine", uncond_prob=0.0, identifier_lr=5e-3)
     return DreamBoothConfig(**{**recipe, **overrides})
 
 
-def _save_lora(bundle: ModelBundle, out_dir: Path, cfg: DreamBoothConfig, overwrite: bool) -> None:
+@dataclass
+class TrainingCopies:
+    """Extra training images (m, H, W, 3) uint8 drawn with the photos: each step's instance rows
+    are drawn uniformly from the photos and these, and with `max_timestep` every row noised at a
+    timestep at or above it is moved onto a photo (`photos_above`), so the copies are trained
+    only below it (None: at every timestep). `masks` ((m, H, W), True on the subject) are needed
+    with the masked loss (background_weight < 1). `recipe`, the knobs that made the copies, is
+    written with the LoRA's dreambooth_config.json."""
+    images: np.ndarray
+    max_timestep: int | None = None
+    masks: np.ndarray | None = None
+    recipe: dict = field(default_factory=dict)
+
+
+def _save_lora(bundle: ModelBundle, out_dir: Path, cfg: DreamBoothConfig, overwrite: bool,
+               recipe: dict | None = None) -> None:
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
@@ -133,41 +120,26 @@ def _save_lora(bundle: ModelBundle, out_dir: Path, cfg: DreamBoothConfig, overwr
             save_file({bundle.identifier: bundle.identifier_embedding[1].contiguous()},
                       str(tmp / IDENTIFIER_FILE))
         with open(tmp / "dreambooth_config.json", "w") as f:
-            json.dump(asdict(cfg), f, indent=1)
+            json.dump({**asdict(cfg), **(recipe or {})}, f, indent=1)
 
 
 def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConfig | None = None,
                     out_dir: str | Path | None = None, overwrite: bool = False,
-                    progress: bool = True, masks: np.ndarray | None = None) -> ModelBundle:
+                    progress: bool = True, masks: np.ndarray | None = None,
+                    copies: TrainingCopies | None = None) -> ModelBundle:
     """Fine-tune a LoRA on `images` (uint8, (n, H, W, 3) at the model's resolution) and attach
     it to `bundle` as its personalized model. Saves it to `out_dir` when given. `masks` ((n, H,
-    W), True on the subject) are needed when `cfg.background_weight < 1`."""
+    W), True on the subject) are needed when `cfg.background_weight < 1`. `copies`: extra
+    training images drawn with the photos (TrainingCopies)."""
     from peft import LoraConfig
 
     cfg = cfg or DreamBoothConfig()
     check_config(cfg)
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 of shape (n, H, W, 3), got {images.dtype} "
-                         f"{images.shape}; use lr_tutorial.images.load_images to prepare files")
-    if images.shape[1] != bundle.image_size or images.shape[2] != bundle.image_size:
-        raise ValueError(f"images are {images.shape[1]}x{images.shape[2]} but the model works at "
-                         f"{bundle.image_size}x{bundle.image_size}; resize them first")
-    if cfg.background_augment:
-        _check_masks(images, masks, "background_augment", cfg.background_augment)
-        images, masks = paste_on_backdrops(images, masks, cfg.background_augment, cfg.seed)
-    n_photos = len(images) - cfg.background_augment  # the rows before are the photos themselves
-    if cfg.layout_augment:
-        if cfg.background_weight < 1:
-            raise ValueError("layout_augment moves the subject, so the masks of the masked loss "
-                             "(background_weight < 1) would no longer fit; use background_weight=1 "
-                             "with layout_augment")
-        # after background_augment: the composites are re-framed too (on their own backdrops)
-        copies = reframe(images, cfg.layout_augment, cfg.layout_scale, cfg.seed,
-                         shift=cfg.layout_shift)
-        masks = None
-        images = np.concatenate([images, copies])
-    weights = _loss_weights(bundle, images, masks if not cfg.layout_augment else None, cfg)
+    images = check_images(bundle, images)
+    n_photos = len(images)  # the first rows; the copies follow them
+    if copies is not None:
+        images, masks = _with_copies(images, masks, copies, cfg)
+    weights = _loss_weights(bundle, images, masks, cfg)
     if out_dir is not None:  # fail before training, not after
         refuse_existing(out_dir, overwrite, what="LoRA")
     fused = bundle.fuse_lora
@@ -181,7 +153,7 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     torch.manual_seed(cfg.seed)
 
     with bundle.using("vanilla") if bundle.has_personal else _nullctx():
-        z_inst = sampling.encode(bundle, images)  # (n, 4, h, w)
+        z_inst = sampling.encode(bundle, images)  # (n + m, 4, h, w): the photos, the copies
         z_class, cond_class = None, None
         prompts = class_prompts(cfg)
         if prompts:  # prior preservation: class images from the frozen base model
@@ -219,7 +191,7 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     unet.train()
     try:
         _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, encode_instance,
-               g, progress, n_photos)
+               g, progress, n_photos, copies.max_timestep if copies is not None else None)
     finally:
         unet.eval()
         for p in params:
@@ -230,7 +202,7 @@ def dreambooth_lora(bundle: ModelBundle, images: np.ndarray, cfg: DreamBoothConf
     if token is not None:
         _finish_identifier(bundle, token)
     if out_dir is not None:
-        _save_lora(bundle, Path(out_dir), cfg, overwrite)
+        _save_lora(bundle, Path(out_dir), cfg, overwrite, copies.recipe if copies else None)
     bundle.set_fuse_lora(fused)
     return bundle
 
@@ -277,7 +249,20 @@ def _load_init_lora(unet, init, cfg: DreamBoothConfig) -> None:
                          f"config's adapter {len(loaded)}; use its rank and target_modules")
 
 
-def _check_masks(images: np.ndarray, masks, knob: str, value) -> None:
+def check_images(bundle: ModelBundle, images) -> np.ndarray:
+    """`images` as an array, after checking that they are uint8 (n, H, W, 3) photos at the
+    model's resolution (ValueError if not)."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 of shape (n, H, W, 3), got {images.dtype} "
+                         f"{images.shape}; use lr_tutorial.images.load_images to prepare files")
+    if images.shape[1] != bundle.image_size or images.shape[2] != bundle.image_size:
+        raise ValueError(f"images are {images.shape[1]}x{images.shape[2]} but the model works at "
+                         f"{bundle.image_size}x{bundle.image_size}; resize them first")
+    return images
+
+
+def check_masks(images: np.ndarray, masks, knob: str, value) -> None:
     """Raise, naming `knob`, unless `masks` is (n, H, W) like the images."""
     if masks is None:
         raise ValueError(f"{knob}={value} needs the subject's masks, but no masks were given; "
@@ -288,12 +273,35 @@ def _check_masks(images: np.ndarray, masks, knob: str, value) -> None:
                          f"{np.asarray(masks).shape}")
 
 
+def _with_copies(images: np.ndarray, masks, copies: TrainingCopies, cfg: DreamBoothConfig):
+    """(photos + copies (n + m, H, W, 3), their masks or None) after checking the copies."""
+    extra = np.asarray(copies.images)
+    if extra.ndim != 4 or extra.shape[1:] != images.shape[1:] or extra.dtype != np.uint8:
+        raise ValueError(f"copies.images must be uint8 of shape (m, *{images.shape[1:]}) like "
+                         f"the photos, got {extra.dtype} {extra.shape}")
+    if copies.max_timestep is not None and copies.max_timestep < 1:
+        raise ValueError(f"copies.max_timestep must be None or a timestep >= 1, got "
+                         f"{copies.max_timestep}")
+    clash = sorted(set(copies.recipe) & set(asdict(cfg)))
+    if clash:
+        raise ValueError(f"copies.recipe names DreamBoothConfig fields {clash}; give the copies' "
+                         "own knobs only")
+    if cfg.background_weight == 1.0:
+        return np.concatenate([images, extra]), None
+    check_masks(images, masks, "background_weight", cfg.background_weight)
+    if copies.masks is None:
+        raise ValueError(f"background_weight={cfg.background_weight} needs the copies' masks, "
+                         "but copies.masks is None; give them or use background_weight=1")
+    check_masks(extra, copies.masks, "background_weight", cfg.background_weight)
+    return np.concatenate([images, extra]), np.concatenate([np.asarray(masks), copies.masks])
+
+
 def _loss_weights(bundle, images, masks, cfg) -> torch.Tensor | None:
     """Per-latent-pixel loss weights (n, 1, h, w) of the instance images: 1 on the subject,
     `background_weight` elsewhere (area-averaged to the latent grid); None for the plain loss."""
     if cfg.background_weight == 1.0:
         return None
-    _check_masks(images, masks, "background_weight", cfg.background_weight)
+    check_masks(images, masks, "background_weight", cfg.background_weight)
     masks = np.asarray(masks)
     m = torch.from_numpy(masks.astype(np.float32))[:, None]  # (n, 1, H, W)
     m = F.adaptive_avg_pool2d(m, bundle.latent_size)  # (n, 1, h, w): subject share per latent
@@ -301,8 +309,10 @@ def _loss_weights(bundle, images, masks, cfg) -> torch.Tensor | None:
 
 
 def _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, encode_instance, g,
-           progress, n_photos):
-    """The DreamBooth loop (module docstring): LoRA (and identifier) steps on noised latents."""
+           progress, n_photos, max_timestep=None):
+    """The DreamBooth loop (module docstring): LoRA (and identifier) steps on noised latents.
+    z_inst's first `n_photos` rows are the photos, the rest copies (TrainingCopies), trained only
+    below `max_timestep` when it is given."""
     unet, sched = bundle.unet, bundle.scheduler
     bar = tqdm(range(cfg.steps), desc="dreambooth-lora", disable=not progress)
     for step in bar:
@@ -320,8 +330,8 @@ def _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, e
             cond = torch.cat([cond, cond_class[jdx]])
         noise = training_noise(z0.shape, g, cfg.offset_noise, cfg.pyramid_noise).to(z0)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(z0),), generator=g).to(z0.device)
-        if cfg.augment_max_timestep is not None:  # at t >= max the instance rows are photos
-            idx = photos_above(idx, t[:len(idx)].cpu(), n_photos, cfg.augment_max_timestep)
+        if max_timestep is not None:  # at t >= max the instance rows are photos
+            idx = photos_above(idx, t[:len(idx)].cpu(), n_photos, max_timestep)
             z0 = torch.cat([z_inst[idx], z0[len(idx):]])
         noisy = sched.add_noise(z0, noise, t)
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
@@ -343,10 +353,10 @@ def _train(cfg, bundle, opt, z_inst, weights, z_class, cond_class, cond_empty, e
 
 def photos_above(idx: torch.Tensor, t: torch.Tensor, n_photos: int, max_timestep: int) -> torch.Tensor:
     """The training rows' image indices (B,) with every row whose timestep t (B,) is at or above
-    `max_timestep` moved onto a photo (index mod `n_photos`; the photos are the first rows), so
-    augmented copies are trained only below it and the photos alone above it
-    (DreamBoothConfig.augment_max_timestep). Uniform over the photos when n_photos divides the
-    number of images."""
+    `max_timestep` moved onto a photo (index mod `n_photos`; the photos are the first rows, the
+    copies follow them), so the copies are trained only below it and the photos alone above it
+    (TrainingCopies.max_timestep). Uniform over the photos when n_photos divides the number of
+    images."""
     return torch.where(t >= max_timestep, idx % n_photos, idx)
 
 
@@ -447,15 +457,6 @@ def check_config(cfg: DreamBoothConfig) -> None:
         raise ValueError(f"uncond_prob is a probability in [0, 1), got {cfg.uncond_prob}")
     if not 0 <= cfg.background_weight <= 1:
         raise ValueError(f"background_weight is a loss weight in [0, 1], got {cfg.background_weight}")
-    if cfg.background_augment < 0:
-        raise ValueError(f"background_augment is a number of extra images, got {cfg.background_augment}")
-    if cfg.layout_augment < 0:
-        raise ValueError(f"layout_augment is a number of extra images, got {cfg.layout_augment}")
-    _check_scale(cfg.layout_scale)
-    _check_shift(cfg.layout_shift)
-    if cfg.augment_max_timestep is not None and cfg.augment_max_timestep < 1:
-        raise ValueError(f"augment_max_timestep must be None or a timestep >= 1, got "
-                         f"{cfg.augment_max_timestep}")
     if cfg.identifier_lr < 0 or cfg.lr <= 0 or cfg.steps < 1 or cfg.rank < 1:
         raise ValueError(f"need lr > 0, identifier_lr >= 0, steps >= 1, rank >= 1; got lr={cfg.lr}, "
                          f"identifier_lr={cfg.identifier_lr}, steps={cfg.steps}, rank={cfg.rank}")

@@ -45,9 +45,9 @@ RANGES: dict[str, tuple[float, float]] = {
     "DreamBoothConfig.identifier_lr": (0, 1),
     "DreamBoothConfig.offset_noise": (0, 10),
     "DreamBoothConfig.pyramid_noise": (0, 10),
-    "DreamBoothConfig.background_augment": (0, 10 ** 5),
-    "DreamBoothConfig.layout_augment": (0, 10 ** 5),
-    "DreamBoothConfig.augment_max_timestep": (1, 1000),
+    "ToyPersonalConfig.background_augment": (0, 10 ** 5),
+    "ToyPersonalConfig.layout_augment": (0, 10 ** 5),
+    "ToyPersonalConfig.augment_max_timestep": (1, 1000),
 }
 
 

@@ -155,7 +155,8 @@ def test_debug_shows_the_traceback_and_errors_exit_two(stopped, capsys):
 def _configs():
     from lr_tutorial.config import LayoutConfig, LRConfig, MaskConfig, SwapConfig
     from lr_tutorial.personalize import DreamBoothConfig
-    return [LRConfig, LayoutConfig, SwapConfig, MaskConfig, DreamBoothConfig]
+    from lr_tutorial.toy.personal import ToyPersonalConfig
+    return [LRConfig, LayoutConfig, SwapConfig, MaskConfig, DreamBoothConfig, ToyPersonalConfig]
 
 
 VALUES = [float("nan"), float("inf"), -float("inf"), -1, 0, 10 ** 30, 1e308, "x", "", None,
@@ -226,8 +227,8 @@ def test_every_config_field_refuses_bad_values_naming_it_or_documents_them(cls, 
 
 
 def _dreambooth_ok(cls, name, value) -> bool:
-    """DreamBoothConfig's fields: 0 switches an augmentation or a learning rate off, None is
-    the default where the annotation allows it."""
-    if cls.__name__ != "DreamBoothConfig":
+    """DreamBoothConfig's and ToyPersonalConfig's fields: 0 switches an augmentation or a
+    learning rate off, None is the default where the annotation allows it."""
+    if cls.__name__ not in ("DreamBoothConfig", "ToyPersonalConfig"):
         return False
     return (value == 0 and not isinstance(value, bool)) or value is None

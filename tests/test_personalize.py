@@ -120,11 +120,6 @@ def test_fixed_instance_prompt_reads_the_kept_identifier():
     ({"identifier_lr": 1e-3, "instance_prompt": "a star"}, "does not contain the bundle's identifier"),
     ({"background_weight": 0.5}, "no masks were given"),
     ({"background_weight": 1.5}, "background_weight"),
-    ({"background_augment": 4}, "background_augment=4 needs the subject's masks"),
-    ({"background_augment": -1}, "background_augment"),
-    ({"layout_augment": -1}, "layout_augment"),
-    ({"layout_augment": 2, "layout_scale": (0.0, 1.0)}, "layout_scale"),
-    ({"layout_augment": 2, "layout_shift": 0.7}, "layout_shift"),
     ({"class_prompt": ("a star", ""), "num_class_images": 4}, "class_prompt"),
     ({"class_prompt": ("a star", "a star at night"), "num_class_images": 1}, "num_class_images"),
 ])
@@ -134,66 +129,6 @@ def test_bad_config_is_refused_before_training(kw, match):
     with pytest.raises(ValueError, match=match):
         dreambooth_lora(b, imgs, DreamBoothConfig(steps=1, **kw), progress=False)
     assert b.personalization == "none"
-
-
-def test_cli_trains_the_toy_recipe_with_flag_overrides(tmp_path):
-    import json
-
-    from lr_tutorial import cli
-    from lr_tutorial.personalize import ALL_UNET_TARGETS, toy_recipe
-    out = tmp_path / "lora"
-    assert cli.main(["personalize-toy", "--out", str(out), "--steps", "2", "--rank", "4",
-                     "--identifier-lr", "1e-3", "--background-weight", "0.5", "--offset-noise",
-                     "0.1", "--background-augment", "3", "--class-prompt", "a star", "a star at night",
-                     "--num-class-images", "2", "--layout-augment", "0",
-                     "--layout-scale", "0.6", "1.1"]) == 0
-    cfg = json.loads((out / "dreambooth_config.json").read_text())
-    recipe = toy_recipe()
-    assert (cfg["steps"], cfg["rank"], cfg["alpha"], cfg["identifier_lr"]) == (2, 4, 4.0, 1e-3)
-    assert (cfg["lr"], cfg["lr_schedule"]) == (recipe.lr, recipe.lr_schedule)  # unset flags
-    assert tuple(cfg["target_modules"]) == ALL_UNET_TARGETS and (out / IDENTIFIER_FILE).is_file()
-    assert (cfg["background_weight"], cfg["offset_noise"], cfg["pyramid_noise"]) == (0.5, 0.1, 0.0)
-    assert cfg["class_prompt"] == ["a star", "a star at night"] and cfg["num_class_images"] == 2
-    assert cfg["background_augment"] == 3
-    assert cfg["layout_augment"] == 0 and cfg["layout_scale"] == [0.6, 1.1]
-
-
-def test_cli_goes_on_from_a_lora_with_reframed_copies(tmp_path, capsys):
-    import json
-
-    from lr_tutorial import cli
-    first, second = tmp_path / "first", tmp_path / "second"
-    assert cli.main(["personalize-toy", "--out", str(first), "--steps", "1", "--rank", "4"]) == 0
-    assert cli.main(["personalize-toy", "--out", str(second), "--steps", "2", "--rank", "4",
-                     "--init-lora", str(first), "--layout-augment", "2", "--layout-shift", "0.2",
-                     "--augment-max-timestep", "600"]) == 0
-    cfg = json.loads((second / "dreambooth_config.json").read_text())
-    assert cfg["init_lora"] == str(first) and cfg["augment_max_timestep"] == 600
-    # the recipe's rank 8 against the init's 4: one line on stderr, exit status 2
-    assert cli.main(["personalize-toy", "--out", str(tmp_path / "third"), "--steps", "1",
-                     "--init-lora", str(first)]) == 2
-    assert "rank=4" in capsys.readouterr().err
-    assert not (tmp_path / "third").exists()
-
-
-def test_background_augment_pastes_the_subject_on_solid_backdrops():
-    from lr_tutorial.personalize import paste_on_backdrops
-    from lr_tutorial.toy import oracle
-    refs = subject.reference_images()[:2]
-    masks = np.stack([oracle.analyze(r).mask for r in refs])
-    imgs, ms = paste_on_backdrops(refs, masks, 5, seed=0)
-    assert imgs.shape == (7, 64, 64, 3) and imgs.dtype == np.uint8 and ms.shape == (7, 64, 64)
-    assert np.array_equal(imgs[:2], refs) and np.array_equal(ms[2:], masks[[0, 1, 0, 1, 0]])
-    backdrops = set()
-    for k in range(2, 7):
-        j = (k - 2) % 2
-        assert np.array_equal(imgs[k][masks[j]], refs[j][masks[j]])  # the subject untouched
-        outside = imgs[k][~masks[j]]  # one solid colour everywhere else
-        assert (outside == outside[0]).all()
-        backdrops.add(tuple(outside[0]))
-    assert len(backdrops) == 5  # a new colour each time, the same ones for the same seed
-    assert np.array_equal(paste_on_backdrops(refs, masks, 5, seed=0)[0], imgs)
-    assert not np.array_equal(paste_on_backdrops(refs, masks, 5, seed=1)[0], imgs)
 
 
 def test_masked_loss_weights_follow_the_subject_mask():
@@ -225,26 +160,6 @@ def test_training_noise_adds_a_per_channel_offset_and_block_noise():
     assert (pyr[..., 1:, :] - pyr[..., :-1, :]).abs().mean() < pyr.abs().mean()
 
 
-def test_augment_max_timestep_trains_only_photos_above_it():
-    from lr_tutorial.personalize import photos_above
-    g = torch.Generator().manual_seed(0)
-    idx, t = torch.randint(0, 65, (4000,), generator=g), torch.randint(0, 1000, (4000,), generator=g)
-    moved = photos_above(idx, t, n_photos=5, max_timestep=800)
-    assert torch.equal(moved[t < 800], idx[t < 800])  # below: every image, as drawn
-    assert moved[t >= 800].max() < 5  # at and above: the five photos only, each about as often
-    counts = torch.bincount(moved[t >= 800], minlength=5)
-    assert counts.min() > 0.8 * counts.float().mean()
-    with pytest.raises(ValueError, match="augment_max_timestep"):
-        dreambooth_lora(load_models("toy", personalized=None), subject.reference_images(),
-                        DreamBoothConfig(steps=1, augment_max_timestep=0), progress=False)
-    b = load_models("toy", personalized=None)  # one real step with the knobs and both augments
-    cfg = DreamBoothConfig(steps=2, layout_augment=3, background_augment=2, layout_shift=0.2,
-                           augment_max_timestep=500)
-    masks = np.stack([oracle_mask(r) for r in subject.reference_images()])
-    dreambooth_lora(b, subject.reference_images(), cfg, progress=False, masks=masks)
-    assert b.has_personal
-
-
 def oracle_mask(image):
     from lr_tutorial.toy import oracle
     return oracle.analyze(image).mask
@@ -271,62 +186,109 @@ def test_prior_preservation_cycles_through_several_class_prompts(monkeypatch):
     torch.testing.assert_close(seen["cond"], want)
 
 
-def test_layout_augment_reframes_the_photos_without_changing_the_subject():
-    from lr_tutorial.personalize import reframe
-    from lr_tutorial.toy import oracle
-    refs = subject.reference_images()[:2]
-    same = reframe(refs, 4, scale=(1.0, 1.0), seed=0)  # zoom 1: each photo itself or its mirror
-    assert same.shape == (4, 64, 64, 3) and same.dtype == np.uint8
-    for k, img in enumerate(same):
-        assert np.array_equal(img, refs[k % 2]) or np.array_equal(img, refs[k % 2][:, ::-1])
-    small = reframe(refs, 6, scale=(0.5, 0.5), seed=0)
-    area = np.mean([oracle.analyze(r).mask.sum() for r in refs])
-    for img in small:
-        facts = oracle.analyze(img)
-        # half the side: a quarter of the area (measured 0.24-0.27 of it), the look intact
-        # (the oracle's identity 0.99-1.0 on every copy of seed 0)
-        assert 0.2 < facts.mask.sum() / area < 0.3 and oracle.identity_score(img, facts) > 0.95
-    assert len({oracle.analyze(img).position for img in reframe(refs, 16, seed=0)}) >= 2
-    assert np.array_equal(reframe(refs, 6, seed=3), reframe(refs, 6, seed=3))
-    assert not np.array_equal(reframe(refs, 6, seed=3), reframe(refs, 6, seed=4))
+def test_photos_above_moves_only_the_rows_at_and_above_max_timestep_onto_photos():
+    from lr_tutorial.personalize import photos_above
+    g = torch.Generator().manual_seed(0)
+    idx, t = torch.randint(0, 65, (4000,), generator=g), torch.randint(0, 1000, (4000,), generator=g)
+    moved = photos_above(idx, t, n_photos=5, max_timestep=800)
+    assert torch.equal(moved[t < 800], idx[t < 800])  # below: every image, as drawn
+    assert moved[t >= 800].max() < 5  # at and above: the five photos only, each about as often
+    counts = torch.bincount(moved[t >= 800], minlength=5)
+    assert counts.min() > 0.8 * counts.float().mean()
+    assert torch.equal(moved[t >= 800], idx[t >= 800] % 5)  # the photo the copy was made from
 
 
-def test_layout_shift_moves_the_subject_to_every_position():
-    from lr_tutorial.personalize import reframe
-    from lr_tutorial.toy import oracle
+def _lora(b):
+    return {k: v.detach().clone() for k, v in b.unet.named_parameters() if "lora" in k}
+
+
+def test_copies_without_max_timestep_train_like_more_photos():
+    """TrainingCopies(max_timestep=None): the copies are drawn with the photos at every
+    timestep, the same rows (and LoRA) as passing photos and copies together as the photos."""
+    from lr_tutorial.personalize import TrainingCopies
     refs = subject.reference_images()
-    # the within-frame default barely moves a photo zoomed by 0.75-1.05 (measured: centre and
-    # one other position in 40 copies), a shift of 0.22 of the side reaches all five (seed 0:
-    # 5-12 copies each), the look intact (identity 0.99-1.0 on all 40)
-    kept = reframe(refs, 40, scale=(0.75, 1.05), seed=0)
-    moved = reframe(refs, 40, scale=(0.75, 1.05), seed=0, shift=0.22)
-    facts = [oracle.analyze(img) for img in moved]
-    assert len({oracle.analyze(img).position for img in kept}) <= 2
-    assert {f.position for f in facts} == {"left", "right", "top", "bottom", "centre"}
-    assert min(oracle.identity_score(img, f) for img, f in zip(moved, facts)) > 0.95
-    still = reframe(refs, 4, scale=(1.0, 1.0), seed=1, shift=0.0)  # no zoom, no shift
-    assert all(np.array_equal(img, refs[k]) or np.array_equal(img, refs[k][:, ::-1])
-               for k, img in enumerate(still))
+    extra = refs[:, ::-1].copy()  # mirrored photos
+    cfg = DreamBoothConfig(steps=2, identifier_lr=1e-2)
+    a, b = load_models("toy", personalized=None), load_models("toy", personalized=None)
+    dreambooth_lora(a, refs, cfg, progress=False, copies=TrainingCopies(extra))
+    dreambooth_lora(b, np.concatenate([refs, extra]), cfg, progress=False)
+    la, lb = _lora(a), _lora(b)
+    assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+    assert torch.equal(a.identifier_embedding[1], b.identifier_embedding[1])
 
 
-def test_layout_augment_refuses_masks_it_would_misalign():
+def test_copies_are_trained_only_below_max_timestep(monkeypatch, tmp_path):
+    """Every instance row noised at or above max_timestep is a photo; the copies' recipe is
+    saved with the LoRA's config."""
+    import json
+
+    from lr_tutorial import personalize
+    from lr_tutorial.personalize import TrainingCopies
+    rows, real = [], personalize.photos_above
+
+    def spy(idx, t, n_photos, max_timestep):
+        out = real(idx, t, n_photos, max_timestep)
+        rows.append((out, t))
+        return out
+
+    monkeypatch.setattr(personalize, "photos_above", spy)
+    refs = subject.reference_images()
+    copies = TrainingCopies(np.zeros((20, 64, 64, 3), np.uint8), max_timestep=500,
+                            recipe={"made_by": "zeros"})
+    cfg = DreamBoothConfig(steps=6, batch_size=8)
+    dreambooth_lora(load_models("toy", personalized=None), refs, cfg, out_dir=tmp_path / "l",
+                    progress=False, copies=copies)
+    assert len(rows) == 6
+    idx, t = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+    assert (idx[t >= 500] < len(refs)).all() and (idx[t < 500] >= len(refs)).any()
+    saved = json.loads((tmp_path / "l" / "dreambooth_config.json").read_text())
+    assert saved["made_by"] == "zeros" and saved["steps"] == 6
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"images": np.zeros((2, 32, 32, 3), np.uint8)}, "copies.images must be uint8"),
+    ({"max_timestep": 0}, "copies.max_timestep"),
+    ({"recipe": {"steps": 3}}, "DreamBoothConfig fields"),
+])
+def test_bad_copies_are_refused_before_training(kw, match):
+    from lr_tutorial.personalize import TrainingCopies
     b = load_models("toy", personalized=None)
-    refs = subject.reference_images()[:2]
-    masks = np.ones(refs.shape[:3], bool)
-    with pytest.raises(ValueError, match="layout_augment moves the subject.*background_weight=1"):
-        dreambooth_lora(b, refs, DreamBoothConfig(steps=1, layout_augment=2, background_weight=0.5),
-                        progress=False, masks=masks)
+    copies = TrainingCopies(**{"images": np.zeros((2, 64, 64, 3), np.uint8), **kw})
+    with pytest.raises(ValueError, match=match):
+        dreambooth_lora(b, subject.reference_images(), DreamBoothConfig(steps=1), progress=False,
+                        copies=copies)
+    assert b.personalization == "none"
 
 
-def test_reframe_moves_the_masks_with_the_subject():
-    """With masks, reframe returns the same copies and masks that follow the subject: against
-    the oracle's mask of each copy, IoU >= 0.8 (measured on these 30 copies: min 0.84, mean
-    0.94; the bicubic zoom blurs the subject's rim, the nearest-neighbour mask does not)."""
-    from lr_tutorial.personalize import reframe
+def test_masked_loss_needs_the_copies_masks():
+    from lr_tutorial.personalize import TrainingCopies
     refs = subject.reference_images()
     masks = np.stack([oracle_mask(r) for r in refs])
-    copies, moved = reframe(refs, 30, (0.75, 1.05), seed=0, shift=0.22, masks=masks)
-    assert np.array_equal(copies, reframe(refs, 30, (0.75, 1.05), seed=0, shift=0.22))
-    assert moved.shape == (30, 64, 64) and moved.dtype == bool
-    iou = [(oracle_mask(c) & m).sum() / (oracle_mask(c) | m).sum() for c, m in zip(copies, moved)]
-    assert min(iou) >= 0.8
+    cfg = DreamBoothConfig(steps=1, background_weight=0.5)
+    with pytest.raises(ValueError, match="needs the copies' masks"):
+        dreambooth_lora(load_models("toy", personalized=None), refs, cfg, progress=False,
+                        masks=masks, copies=TrainingCopies(refs[:2]))
+    b = load_models("toy", personalized=None)
+    dreambooth_lora(b, refs, cfg, progress=False, masks=masks,
+                    copies=TrainingCopies(refs[:2], masks=masks[:2]))
+    assert b.has_personal
+
+
+def test_init_lora_reads_the_shipped_configs_knobs_it_does_not_know():
+    """The shipped LoRAs' dreambooth_config.json files hold keys that are not DreamBoothConfig
+    fields (the toy's augmentation knobs among them): going on from them reads only rank and
+    target_modules."""
+    import dataclasses
+    import json
+
+    from lr_tutorial.models import data_dir
+    from lr_tutorial.personalize import toy_recipe
+    folders = sorted(p.parent for p in (data_dir() / "toy").glob("*/dreambooth_config.json"))
+    assert len(folders) >= 4
+    known = {f.name for f in dataclasses.fields(DreamBoothConfig)}
+    assert any(set(json.loads((f / "dreambooth_config.json").read_text())) - known for f in folders)
+    for folder in folders:
+        b = load_models("toy", personalized=None)
+        dreambooth_lora(b, subject.reference_images(),
+                        toy_recipe(steps=1, lr=1e-12, init_lora=str(folder)), progress=False)
+        assert b.has_personal
