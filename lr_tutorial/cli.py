@@ -210,7 +210,8 @@ def cmd_train_toy(a) -> int:
     cfg = train.ToyTrainConfig(ckpt_dir=str(ckpt), seed=a.seed)
     for k in ("vae_steps", "unet_steps", "dataset_size", "pyramid_from", "boost_from",
               "token_id_from", "looks_from", "look_share", "pairs_from", "pair_share",
-              "diptychs_from", "diptych_share", "unet_batch"):
+              "diptychs_from", "diptych_share", "unet_batch", "read_pairs", "reads_from",
+              "repaint_share"):
         if getattr(a, k) is not None:
             setattr(cfg, k, getattr(a, k))
     check_fields(cfg)
@@ -706,6 +707,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UNet step from which diptychs (two scenes, one shape in one uncaptioned "
                         "look) join")
     t.add_argument("--diptych-share", type=_share, help="share of each batch with diptychs")
+    t.add_argument("--reads-from", type=_count,
+                   help="UNet step from which reference reads (a scene whose retouch-layer "
+                        "self-attention reads a close-up's keys and values) join")
+    t.add_argument("--read-pairs", type=_int(0, 4096, example=16),
+                   help="reference-read pairs added to each batch (0: none)")
+    t.add_argument("--repaint-share", type=_share,
+                   help="share of the read pairs noised from the scene in another look")
     t.add_argument("--unet-batch", type=_int(1, 4096, example=64), default=None,
                    help="UNet batch size (default 64)")
     t.add_argument("--overwrite", action="store_true")

@@ -67,7 +67,7 @@ ACCEPTED = {
     **{("train-toy", f): ({"0"}, "0: from the first step / none") for f in (
         "--vae-steps", "--unet-steps", "--pyramid-from", "--boost-from", "--token-id-from",
         "--looks-from", "--pairs-from", "--look-share", "--pair-share", "--diptychs-from",
-        "--diptych-share")},
+        "--diptych-share", "--reads-from", "--read-pairs", "--repaint-share")},
 }
 
 
