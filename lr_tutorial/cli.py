@@ -424,6 +424,9 @@ def cmd_toy_diagnose(a) -> int:
             raise UsageError(f"--personalized is used by properties 2 and 4 only; --only {a.only} "
                              "measures the base model: drop it or add 2 or 4")
         _lora_folder("--personalized", a.personalized)
+    if set(a.only.split(",")) == {"1"} and (a.prompts is not None or a.seeds != 2):
+        print("note: property 1 switches a position word on its own 8 seeds; --prompts and "
+              "--seeds apply to properties 2-4", file=sys.stderr)
     _validated(a)
     return properties.run(a)
 
@@ -546,6 +549,9 @@ def cmd_generate(a) -> int:
         bundle._warned_vanilla_only = True
     bundle.allow_unknown_words = a.allow_unknown_words
     if a.fuse_lora if a.fuse_lora is not None else a.engine == "fast":
+        if a.fuse_lora and not bundle.has_personal:
+            print("note: --fuse-lora has no LoRA to merge (no personalized model is loaded)",
+                  file=sys.stderr)
         bundle.set_fuse_lora(True)
     ref_images = images.load_images(refs, bundle.image_size) if refs is not None else None
     cfg.engine = a.engine

@@ -232,3 +232,10 @@ def _dreambooth_ok(cls, name, value) -> bool:
     if cls.__name__ not in ("DreamBoothConfig", "ToyPersonalConfig"):
         return False
     return (value == 0 and not isinstance(value, bool)) or value is None
+
+
+def test_toy_diagnose_says_when_prompts_and_seeds_do_not_apply(stopped, capsys):
+    assert _run(["toy-diagnose", "--only", "1", "--seeds", "4"], capsys)[0] == "reached"
+    assert "property 1" in capsys.readouterr().err
+    assert _run(["toy-diagnose", "--only", "1,3", "--seeds", "4"], capsys)[0] == "reached"
+    assert capsys.readouterr().err == ""
