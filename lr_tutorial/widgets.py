@@ -8,12 +8,18 @@ also shows the self-attention of a chosen query pixel in each branch and, for th
 that pixel reads from the context and from the reference, with the target's per-pixel source
 map (which of its queries read the reference at that step). Every frame is computed on first
 view and cached, so moving the slider only swaps images.
+
+LambdaControls(bundle, prompt): sliders for the three step boundaries (lambda1, lambda2,
+lambda3) of one prompt and seed, showing the stage-1 layout, the mask used and the
+Layout-and-Retouch image of each setting, run on demand and cached; `precompute` and
+`to_figure` give the static version. LambdaExplorer, MaskExplorer and SwapExplorer look at one
+stage each.
 """
 from __future__ import annotations
 
 import contextlib
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
@@ -588,3 +594,252 @@ class SwapExplorer:
         first = next(iter(self.results.values()))
         imgs = [first.reference.image, first.layout.images[0]] + [r.images[0] for r in self.results.values()]
         return image_grid(imgs, ["reference", "layout x^c"] + list(self.results), scale=1.5)
+
+
+KNOBS = {  # knob -> what it does, in one phrase (the sliders' labels)
+    "lambda1": "stage 1: vanilla steps before the personalized model takes over",
+    "lambda2": "stage 2: the target copies the layout's self-attention until this step",
+    "lambda3": "stage 2: outside the mask the latent is the layout's until this step (0: off)",
+}
+LAMBDA_PRESETS = {"default": {}, "early hand-over": {"lambda1": 0.1},
+                  "no latent blending": {"lambda3": 0}}
+
+
+@dataclass
+class LambdaPanel:
+    """One computed setting of LambdaControls: the stage-1 layout, the last target mask the
+    retouch used (latent resolution), the Layout-and-Retouch image, and their readings."""
+    setting: tuple[int, int, int]  # (lambda1, lambda2, lambda3) in steps
+    layout: np.ndarray
+    mask: np.ndarray
+    image: np.ndarray
+    readings: dict  # "layout" / "mask" / "image" -> text ("" when no reader)
+    note: str = ""  # a warning the run raised (e.g. a stage that does nothing)
+
+    def images(self) -> list[np.ndarray]:
+        return [self.layout, overlay(self.layout, self.mask, (40, 220, 40), 0.6), self.image]
+
+
+class LambdaControls:
+    """The three step boundaries of the method on one prompt and seed: sliders for lambda1,
+    lambda2 and lambda3 (step counts of `steps`), a run button, and for the chosen setting the
+    stage-1 layout, the mask used and the Layout-and-Retouch image, each with the oracle's
+    reading on the toy backend (toy.contact.label; `reading(image, prompt) -> str` for others).
+
+    Every setting is computed once and cached (`self.runs` counts pipeline calls); a setting
+    the config classes refuse shows their message. `precompute(settings)` fills the cache, and
+    `to_figure()` draws the precomputed settings side by side without running anything.
+    A setting is a dict of knobs ({"lambda3": 0}; missing ones keep `config`'s values, lambda1
+    the models' own hand-over), a (lambda1, lambda2, lambda3) tuple, fractions of `steps` or
+    step counts; `presets` (label -> setting) fill the widget's preset menu."""
+
+    def __init__(self, bundle, prompt: str, seed: int = 0, steps: int = 25, config=None,
+                 reference_images=None, presets: dict | None = None, reading="auto"):
+        from .config import LRConfig
+        from .pipeline import LayoutAndRetouch
+        base = config or LRConfig()
+        self.config = replace(base, layout=replace(base.layout, steps=steps))
+        self.config.validate()
+        self.bundle, self.prompt, self.seed, self.steps = bundle, prompt, seed, steps
+        self.reference_images = reference_images
+        self.presets = dict(LAMBDA_PRESETS if presets is None else presets)
+        for s in self.presets.values():
+            self.setting(s)  # a bad preset fails here, naming the knob
+        if reading == "auto":
+            reading = _toy_label if bundle.backend == "toy" else None
+        self.reading = reading
+        self.cache: dict[tuple[int, int, int], LambdaPanel] = {}
+        self.shown: list[tuple[str, tuple[int, int, int]]] = []  # precomputed: (label, setting)
+        self.runs = 0
+        self._lr = LayoutAndRetouch(bundle, self.config)  # keeps the reference inversions
+
+    # ------------------------------------------------------------------ settings
+    def default_setting(self) -> tuple[int, int, int]:
+        return self.setting({})
+
+    def lr_config(self, setting):
+        """The LRConfig of a setting; the config classes raise, naming the knob, if it is bad."""
+        from .config import resolve_lambda1
+        knobs = self._knobs(setting)
+        cfg = self.config
+        lambda1 = resolve_lambda1(self.bundle, knobs.get("lambda1", cfg.layout.lambda1))
+        return replace(cfg, layout=replace(cfg.layout, lambda1=lambda1),
+                       swap=replace(cfg.swap, lambda2=knobs.get("lambda2", cfg.swap.lambda2)),
+                       mask=replace(cfg.mask, lambda3=knobs.get("lambda3", cfg.mask.lambda3)))
+
+    def setting(self, setting) -> tuple[int, int, int]:
+        """(lambda1, lambda2, lambda3) in steps, checked by the config classes: the cache key
+        (0.4 and 10 of 25 steps are the same setting)."""
+        from .config import resolve_steps
+        cfg = self.lr_config(setting)
+        n = self.steps
+        return (resolve_steps(cfg.layout.lambda1, n, "lambda1"),
+                resolve_steps(cfg.swap.lambda2, n, "lambda2"),
+                resolve_steps(cfg.mask.lambda3, n, "lambda3"))
+
+    @staticmethod
+    def _knobs(setting) -> dict:
+        if isinstance(setting, dict):
+            bad = set(setting) - set(KNOBS)
+            if bad:
+                raise ValueError(f"a setting names lambda1, lambda2 and lambda3, got {sorted(bad)}")
+            return dict(setting)
+        values = tuple(setting)
+        if len(values) != 3:
+            raise ValueError(f"a setting is (lambda1, lambda2, lambda3) or a dict of them, "
+                             f"got {setting!r}")
+        return dict(zip(KNOBS, values))
+
+    # ------------------------------------------------------------------ compute
+    def run(self, setting) -> LambdaPanel:
+        """The panel of a setting: from the cache, or one Layout-and-Retouch run (then cached)."""
+        import warnings
+
+        from .validate import NoOpWarning
+        key = self.setting(setting)
+        if key in self.cache:
+            return self.cache[key]
+        self._lr.config = self.lr_config(dict(zip(KNOBS, key)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = self._lr(self.prompt, self.reference_images, seed=self.seed)
+        self.runs += 1
+        used = res.masks.per_step
+        mask = used[-1, 0] if len(used) else res.masks.context[0].mask  # no retouch step: M^c
+        layout, image = res.layout.images[0], res.images[0]
+        area = float(np.asarray(mask).mean())
+        blend = f"blends until step {key[2]}" if key[2] else "no latent blending"
+        read = self.reading or (lambda img, prompt: "")
+        panel = LambdaPanel(key, layout, np.asarray(mask, np.float32), image,
+                            {"layout": read(layout, self.prompt),
+                             "mask": f"covers {area:.0%}; {blend}",
+                             "image": read(image, self.prompt)},
+                            " ".join(str(w.message).split(";")[0] for w in caught
+                                     if isinstance(w.message, NoOpWarning)))
+        self.cache[key] = panel
+        return panel
+
+    def precompute(self, settings=None) -> "LambdaControls":
+        """Compute (or take from the cache) each setting, for the widget and `to_figure`:
+        a dict label -> setting, or a list of settings (default: the presets)."""
+        settings = self.presets if settings is None else settings
+        items = settings.items() if isinstance(settings, dict) else \
+            [(None, s) for s in settings]
+        for label, s in items:
+            key = self.run(s).setting
+            label = label or self.describe(key)
+            self.shown = [(lb, k) for lb, k in self.shown if k != key] + [(label, key)]
+        return self
+
+    def describe(self, key) -> str:
+        return "lambda1 {} / lambda2 {} / lambda3 {} of {}".format(*key, self.steps)
+
+    # ------------------------------------------------------------------ display
+    def widget(self):
+        import html
+
+        import ipywidgets as W
+        default = self.default_setting()
+        sliders = {name: W.IntSlider(value=v, min=0, max=self.steps, description=name,
+                                     continuous_update=False)
+                   for name, v in zip(KNOBS, default)}
+        rows = [W.HBox([s, W.HTML(f"<small>{KNOBS[name]}</small>")]) for name, s in sliders.items()]
+        presets = {**{lb: self.setting(s) for lb, s in self.presets.items()},
+                   **{lb: k for lb, k in self.shown}}
+        menu = W.Dropdown(options=["(sliders)"] + list(presets), description="preset")
+        button = W.Button(description="run", button_style="primary")
+        message = W.HTML()
+        images = [W.Image(format="png") for _ in range(3)]
+        texts = [W.HTML() for _ in range(3)]
+        heads = ["stage 1 layout", "mask used (last step)", "Layout-and-Retouch"]
+        for s in sliders.values():
+            s.add_class("lr-lambda")
+        busy = [False]
+
+        def current():
+            return tuple(s.value for s in sliders.values())
+
+        def draw(panel):
+            for im, tx, img, part in zip(images, texts, panel.images(), ("layout", "mask", "image")):
+                im.value = png(img, 3)
+                tx.value = "<br>".join(html.escape(t) for t in panel.readings[part].splitlines())
+            message.value = f"<b>{html.escape(self.describe(panel.setting))}</b>" + (
+                f"<br><i>{html.escape(panel.note)}</i>" if panel.note else "")
+
+        def show(run: bool, setting=None):
+            try:
+                key = self.setting(current() if setting is None else setting)
+                if setting is not None:  # move the sliders there, without running twice
+                    busy[0] = True
+                    try:
+                        for s, v in zip(sliders.values(), key):
+                            s.value = v
+                    finally:
+                        busy[0] = False
+                if key in self.cache or run:
+                    return draw(self.run(key))
+            except (ValueError, TypeError) as e:  # the config's own message, no traceback
+                message.value = f"<span style='color:#b00020'>{html.escape(str(e))}</span>"
+                return
+            message.value = (f"{html.escape(self.describe(key))}: not computed yet, "
+                             "press <b>run</b>")
+
+        def on_slider(_):
+            if not busy[0]:
+                show(run=False)
+
+        def on_preset(change):
+            if change["new"] in presets:
+                show(False, presets[change["new"]])
+
+        for s in sliders.values():
+            s.observe(on_slider, "value")
+        menu.observe(on_preset, "value")
+        button.on_click(lambda _: show(run=True))
+        first = default if default in self.cache or not self.shown else self.shown[0][1]
+        show(False, first)
+        self._controls = dict(sliders=sliders, button=button, message=message, images=images,
+                              readings=texts, preset=menu, show=show)
+        columns = [W.VBox([W.HTML(f"<b>{h}</b>"), im, tx]) for h, im, tx in zip(heads, images, texts)]
+        box = W.VBox([W.HTML(f"<code>{html.escape(self.prompt)}</code>, seed {self.seed}, "
+                             f"{self.steps} steps"), *rows, W.HBox([menu, button]), message,
+                      W.HBox(columns)])
+        box.add_class("lr-lambda-controls")
+        return box
+
+    def show(self, setting, run: bool = True) -> None:
+        """Show a setting in the widget (made by `widget()`), as if the sliders were moved
+        there and run pressed; a setting the config classes refuse shows their message."""
+        if not hasattr(self, "_controls"):
+            raise RuntimeError("no widget yet: display controls.widget() first")
+        self._controls["show"](run, setting)
+
+    def to_figure(self, settings=None):
+        """Static fallback: one row per precomputed setting (or the given ones, if cached):
+        layout | mask used | Layout-and-Retouch, each with its reading under it."""
+        from .viz import image_grid
+        if settings is not None:
+            shown = [(self.describe(k), k) for k in map(self.setting, settings)]
+        else:
+            shown = self.shown or [(self.describe(k), k) for k in self.cache]
+        missing = [k for _, k in shown if k not in self.cache]
+        if not shown or missing:
+            raise ValueError(f"settings {missing or 'none'} not computed: precompute([...]) "
+                             "first (to_figure runs nothing)")
+        panels = [self.cache[k] for _, k in shown]
+        heads = ["stage 1 layout", "mask used", "Layout-and-Retouch"]
+        titles = [h if r == 0 else "" for r in range(len(panels)) for h in heads]
+        fig = image_grid([im for p in panels for im in p.images()], titles, ncols=3, scale=1.9,
+                         row_labels=[f"{lb}\n" + "{}/{}/{}".format(*k) for lb, k in shown],
+                         suptitle=f"{self.prompt} (seed {self.seed}): lambda1 / lambda2 / "
+                                  f"lambda3 of {self.steps} steps")
+        for ax, (p, part) in zip(fig.axes, [(p, part) for p in panels
+                                            for part in ("layout", "mask", "image")]):
+            ax.set_xlabel(p.readings[part], fontsize=6)
+        fig.tight_layout()
+        return fig
+
+
+def _toy_label(image: np.ndarray, prompt: str) -> str:
+    from .toy.contact import label
+    return label(image, prompt)

@@ -204,6 +204,30 @@ if toy_only(bundle, "the other toy LoRA") and have_references(refs, "the other L
 # On this toy, the LoRAs that keep a handed layout also keep less of the subject (0.57 here
 # against 0.81), because the identity and the collapse come from the same memorized photos.
 #
+# ## The three step boundaries, by hand
+# Each boundary is a step of the N = 25: $\lambda_1$ is how long the vanilla model draws the
+# layout before the personalized model takes over (stage 1), $\lambda_2$ how long the target
+# copies the layout's self-attention (the structure phase), and $\lambda_3$ how long the target
+# keeps the layout's latent outside the subject mask (the latent blending; 0 switches it off).
+# Move the sliders and press **run** (a few seconds per setting on the toy; a setting the config
+# refuses shows why). Three settings are computed in advance; the figure below the widget shows
+# them where no widget runs.
+
+# %%
+from lr_tutorial.widgets import LambdaControls
+controls = None
+if have_references(refs, "the lambda controls"):
+    controls = LambdaControls(bundle, prompts_for(bundle, "a sks star on the left in the snow"),
+                              seed=0, steps=25, reference_images=refs)
+    controls.precompute({"default": {}, "early hand-over": {"lambda1": 2},
+                         "no latent blending": {"lambda3": 0}})
+controls.widget() if controls else None
+
+# %%
+if controls:
+    controls.to_figure();
+
+# %% [markdown]
 # ## Exercise
 # **6.1** Stage 2 reads the reference photo through its DDIM inversion: the photo's latent walked
 # back to noise along the deterministic DDIM path, one step at a time. Write one step, from
