@@ -1,5 +1,5 @@
-"""Helpers for the course notebooks: the backend for this runtime, and the glue that lets every
-notebook run on both backends."""
+"""Helpers for the course notebooks: the backend for this runtime, the glue that lets every
+notebook run on both backends, and `show_source`, which quotes the package's code as it is."""
 from __future__ import annotations
 
 import os
@@ -206,3 +206,39 @@ def score_fn(bundle, refs=None):
             return nan, nan
         return s["text"], nan if s["identity"] is None else s["identity"]
     return scores
+
+
+# ----------------------------------------------------------------------------- the code, quoted
+def source_of(obj) -> tuple[str, str]:
+    """(header, code) of a function, method or class of the package: the header names its file
+    and qualified name ("lr_tutorial/swap.py, multi_source_attention"), the code is its current
+    source (inspect.getsource, decorators included), dedented."""
+    import inspect
+    import textwrap
+
+    target = inspect.unwrap(getattr(obj, "__func__", obj))  # a bound method: its function
+    module = inspect.getmodule(target)
+    if module is None:
+        raise TypeError(f"{obj!r} has no module to read its source from")
+    path = module.__name__.replace(".", "/")
+    path += "/__init__.py" if os.path.basename(module.__file__ or "") == "__init__.py" else ".py"
+    return f"{path}, {target.__qualname__}", textwrap.dedent(inspect.getsource(target))
+
+
+def show_source(obj) -> None:
+    """Show the package's own code for `obj`, as it is now: in Jupyter a highlighted Python block
+    under a line naming the file and the function; elsewhere the same two, printed."""
+    header, code = source_of(obj)
+    try:
+        from IPython import get_ipython
+        shell = get_ipython()
+    except ImportError:
+        shell = None
+    if getattr(shell, "kernel", None) is None:  # a script or a terminal: plain text
+        print(f"# {header}\n{code}", end="" if code.endswith("\n") else "\n")
+        return
+    from IPython.display import Markdown, display
+    fence = "```"
+    while fence in code:
+        fence += "`"
+    display(Markdown(f"`{header}`\n\n{fence}python\n{code.rstrip()}\n{fence}"))

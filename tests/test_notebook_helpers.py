@@ -198,3 +198,50 @@ def test_shapeworld_only_code_is_guarded(src):
             assert "prompts_for(" in code, f"toy prompt not passed through prompts_for:\n{code[:300]}"
         if re.search(r"\blr\(|\.reference\(|generate_method\(", code):
             assert "have_references(" in code, f"needs the reference photos:\n{code[:300]}"
+
+
+# ----------------------------------------------------------------------------- show_source
+def test_source_of_is_the_functions_current_source_under_its_file_and_name():
+    import inspect
+    from lr_tutorial import swap
+    header, code = notebook.source_of(swap.multi_source_attention)
+    assert header == "lr_tutorial/swap.py, multi_source_attention"
+    assert code == inspect.getsource(swap.multi_source_attention)
+
+
+def test_source_of_a_method_is_dedented_and_named_with_its_class():
+    import inspect
+    import textwrap
+    from lr_tutorial.pipeline import LayoutAndRetouch
+    header, code = notebook.source_of(LayoutAndRetouch.__call__)
+    assert header == "lr_tutorial/pipeline.py, LayoutAndRetouch.__call__"
+    assert code == textwrap.dedent(inspect.getsource(LayoutAndRetouch.__call__))
+    assert code.startswith("def __call__(self,")
+    # a bound method and a decorated function read the same way
+    bound = LayoutAndRetouch.__new__(LayoutAndRetouch).__call__
+    assert notebook.source_of(bound) == (header, code)
+    from lr_tutorial import retouch
+    header, code = notebook.source_of(retouch.retouch)
+    assert header == "lr_tutorial/retouch.py, retouch" and code.startswith("@torch.no_grad()\ndef retouch(")
+
+
+def test_show_source_prints_outside_jupyter(capsys):
+    from lr_tutorial import masks
+    notebook.show_source(masks.fuse)
+    header, code = notebook.source_of(masks.fuse)
+    assert capsys.readouterr().out == f"# {header}\n{code}"
+
+
+def test_show_source_displays_a_python_block_in_jupyter(monkeypatch):
+    import IPython
+    import IPython.display
+    from lr_tutorial.swap import SwapProcessor
+    shown = []
+    monkeypatch.setattr(IPython, "get_ipython", lambda: SimpleNamespace(kernel=object()))
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    notebook.show_source(SwapProcessor.target_attention)
+    header, code = notebook.source_of(SwapProcessor.target_attention)
+    assert len(shown) == 1 and isinstance(shown[0], IPython.display.Markdown)
+    first, rest = shown[0].data.split("\n", 1)
+    assert first == f"`{header}`" and header == "lr_tutorial/swap.py, SwapProcessor.target_attention"
+    assert rest == f"\n```python\n{code.rstrip()}\n```"

@@ -144,3 +144,110 @@ def test_exercise_cells_ship_the_stub(src):
     problems = [p for c in _build().parse(src.read_text()) if c.cell_type == "code"
                 for p in exercise_cell_problems(c.source)]
     assert not problems, "\n".join(problems)
+
+
+# ----------------------------------------------------------------------------- the code, quoted
+def _dotted(node) -> str | None:
+    """`a.b.c` of a Name / Attribute chain, else None."""
+    import ast
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else None
+
+
+def _bound_by_imports(tree, name: str):
+    """The object a notebook's `from lr_tutorial... import` / `import lr_tutorial...` binds to
+    `name`, or None."""
+    import ast
+    import importlib
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "lr_tutorial":
+            for a in node.names:
+                if (a.asname or a.name) == name:
+                    module = importlib.import_module(node.module)
+                    return getattr(module, a.name, None) or importlib.import_module(f"{node.module}.{a.name}")
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "lr_tutorial" and (a.asname or a.name.split(".")[0]) == name:
+                    return importlib.import_module(a.name if a.asname else "lr_tutorial")
+    return None
+
+
+def quoted_code(src: Path) -> list[tuple[int, str, object]]:
+    """(code cell index, dotted name as written, the object) of each show_source(...) in a
+    notebook source; AssertionError where a name does not resolve through its imports."""
+    import ast
+    code = [c.source for c in _build().parse(src.read_text()) if c.cell_type == "code"]
+    tree = ast.parse("\n".join(code))
+    out = []
+    for i, cell in enumerate(code):
+        for node in ast.walk(ast.parse(cell)):
+            if isinstance(node, ast.Call) and _dotted(node.func) in ("show_source", "notebook.show_source"):
+                assert len(node.args) == 1, f"{src.name}: {ast.unparse(node)} quotes one object"
+                dotted = _dotted(node.args[0])
+                assert dotted, f"{src.name}: {ast.unparse(node)} quotes a dotted name"
+                head, *rest = dotted.split(".")
+                obj = _bound_by_imports(tree, head)
+                assert obj is not None, f"{src.name}: {head} (in show_source({dotted})) is not imported from lr_tutorial"
+                for part in rest:
+                    assert hasattr(obj, part), f"{src.name}: show_source({dotted}): no {part}"
+                    obj = getattr(obj, part)
+                out.append((i, dotted, obj))
+    return out
+
+
+def method_table() -> set[str]:
+    """docs/method.md's equation table as show_source headers, "lr_tutorial/swap.py, multi_source_attention"."""
+    text = (ROOT / "docs" / "method.md").read_text()
+    table = text.split("<!-- equations -->")[1].split("<!-- /equations -->")[0]
+    rows = re.findall(r"^\| .+? \| `(lr_tutorial/\w+\.py)` `([\w.]+)` \| \d+ \|$", table, re.M)
+    assert len(rows) >= 10, table
+    return {f"{path}, {qualname}" for path, qualname in rows}
+
+
+@pytest.mark.parametrize("src", SOURCES, ids=lambda p: p.stem)
+def test_quoted_functions_exist_and_the_method_notebooks_quote_the_method(src):
+    """Every show_source(...) of a notebook names a function of the package that exists and has
+    source; notebooks 03-06 each quote at least one function of docs/method.md's table."""
+    from lr_tutorial.notebook import source_of
+    headers = {source_of(obj)[0] for _, _, obj in quoted_code(src)}
+    if src.stem[:2] in ("03", "04", "05", "06"):
+        assert headers & method_table(), \
+            f"{src.name} quotes none of docs/method.md's functions (it quotes {sorted(headers)})"
+
+
+@pytest.mark.parametrize("src", SOURCES, ids=lambda p: p.stem)
+def test_an_exercises_function_is_quoted_only_after_the_exercise(src):
+    """A package function that an exercise of the same notebook stands in for is shown after
+    that exercise, never before it (it is the exercise's answer)."""
+    import ast
+    import importlib
+    from lr_tutorial.exercises import EXERCISES
+    code = [c.source for c in _build().parse(src.read_text()) if c.cell_type == "code"]
+    quotes = quoted_code(src)
+    for i, cell in enumerate(code):
+        for _, name in _attempted(ast.parse(cell)):
+            target = EXERCISES[name].plugs_into
+            if not target:
+                continue
+            module, attr = target.split(":")
+            fn = getattr(importlib.import_module(module), attr)
+            early = [d for j, d, obj in quotes if obj is fn and j <= i]
+            assert not early, f"{src.name}: show_source({early[0]}) comes before exercise {name}"
+
+
+def test_quote_checks_catch_a_missing_function_and_an_early_answer(tmp_path):
+    bad = tmp_path / "09_bad.py"
+    bad.write_text("# %%\nfrom lr_tutorial import swap\nfrom lr_tutorial.notebook import show_source\n"
+                   "show_source(swap.no_such_function)\n")
+    with pytest.raises(AssertionError, match="no no_such_function"):
+        quoted_code(bad)
+    early = tmp_path / "09_early.py"
+    early.write_text("# %%\nfrom lr_tutorial import layout, exercises\nfrom lr_tutorial.notebook import show_source\n"
+                     "show_source(layout.stage1_loop)\n\n# %%\ndef stage1_loop(bundle, z, l1, n, y_minus_p, y_p, denoise):\n"
+                     "    raise exercises.YourTurn()\nstage1_loop = exercises.attempt(stage1_loop)\n")
+    with pytest.raises(AssertionError, match="before exercise stage1_loop"):
+        test_an_exercises_function_is_quoted_only_after_the_exercise(early)
+    assert [d for _, d, _ in quoted_code(early)] == ["layout.stage1_loop"]

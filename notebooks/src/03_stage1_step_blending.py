@@ -16,8 +16,8 @@
 # %%
 import numpy as np
 import torch
-from lr_tutorial import sampling
-from lr_tutorial.notebook import pick_backend, prompts_for, reference_images, score_fn
+from lr_tutorial import layout, sampling
+from lr_tutorial.notebook import pick_backend, prompts_for, reference_images, score_fn, show_source
 bundle = pick_backend()  # toy without a GPU; Stable Diffusion with one (LR_BACKEND=toy|sd forces it)
 
 # %% [markdown]
@@ -25,14 +25,15 @@ bundle = pick_backend()  # toy without a GPU; Stable Diffusion with one (LR_BACK
 # With $N$ DDIM steps, $z_0$ pure noise, $y^p$ the prompt with the identifier and $y^{-p}$ without:
 # $$z_{k+1} = \mathrm{DDIM}\big(z_k,\ \mathrm{CFG}(\epsilon, z_k, y^{-p}, t_k)\big)\quad k < \lambda_1$$
 # $$z_{k+1} = \mathrm{DDIM}\big(z_k,\ \mathrm{CFG}(\epsilon^*, z_k, y^{p}, t_k)\big)\quad k \ge \lambda_1$$
-# In `lr_tutorial/layout.py` that is two calls of the same visible denoising loop, with the LoRA
-# switched off, then on:
-# ```python
-# with bundle.using("vanilla"):
-#     z = denoise(bundle, z, encode(y_minus_p), uncond, k_range=range(0, l1), ...)
-# with bundle.using("personalized"):
-#     z = denoise(bundle, z, encode(y_p), uncond, k_range=range(l1, n), ...)
-# ```
+# In `lr_tutorial/layout.py` that is `step_blended`: the prompt without the identifier, the
+# seeds' noise $z_0$, a `denoise` that runs some of the DDIM steps with whichever model is
+# switched on, and `stage1_loop`, the two phases (exercise 3.1 below writes it), with the LoRA
+# switched off, then on. Here is the package's code as it is:
+
+# %%
+show_source(layout.step_blended)
+
+# %% [markdown]
 # Two invariants are tests (`tests/test_pipeline.py`): $\lambda_1 = 0$ is exactly the personalized
 # model's sample, $\lambda_1 = N$ exactly the vanilla model's.
 
@@ -51,7 +52,14 @@ image_grid(imgs, [f"lambda1 = {l}" for l in lams], scale=1.4);
 # $$\hat x_0 = \frac{z_t - \sqrt{1-\bar\alpha_t}\,\epsilon}{\sqrt{\bar\alpha_t}},\qquad
 # z_{t_\text{prev}} = \sqrt{\bar\alpha_{t_\text{prev}}}\,\hat x_0 + \sqrt{1-\bar\alpha_{t_\text{prev}}}\,\epsilon$$
 # `sampling.denoise` keeps both: `traj.x0[k]` is $\hat x_0$ at step $k$, `traj.latents[k+1]` the
-# new latent. The predicted $\hat x_0$ shows when the layout is decided. The vanilla steps
+# new latent. Its step is diffusers' `DDIMScheduler.step` (exercise 3.2 writes one), after the
+# guided noise estimate of `guided_eps`:
+
+# %%
+show_source(sampling.denoise)
+
+# %% [markdown]
+# The predicted $\hat x_0$ shows when the layout is decided. The vanilla steps
 # sketch the prompt's layout early; the personalized steps after them can still move it. The
 # shipped toy LoRA pulls hard towards its references (the centre of a light backdrop), so on
 # the toy a few vanilla steps are often not enough: the more of them, the more of the layout
@@ -125,6 +133,12 @@ image_grid(mine, [f"your loop, lambda1 = {l}" for l, _ in check], scale=1.4);
 # NBVAL_CHECK_OUTPUT
 print("your stage 1 gives the package's layouts:",
       all(np.abs(m.astype(int) - img.astype(int)).max() <= 2 for m, (_, img) in zip(mine, check)))
+
+# %% [markdown]
+# The package's loop, the one yours stood in for, to compare with:
+
+# %%
+show_source(layout.stage1_loop)
 
 # %% [markdown]
 # **3.2** Write one DDIM step from the two equations above: given $z_t$, the noise estimate

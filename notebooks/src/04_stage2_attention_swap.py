@@ -18,9 +18,9 @@
 # %%
 import numpy as np
 import torch
-from lr_tutorial import attention, sampling
+from lr_tutorial import attention, sampling, swap
 from lr_tutorial.notebook import (have_references, pick_backend, prompts_for, real_scores,
-                                  reference_images, toy_only)
+                                  reference_images, show_source, toy_only)
 from lr_tutorial.viz import image_grid
 bundle = pick_backend()  # toy without a GPU; Stable Diffusion with one (LR_BACKEND=toy|sd forces it)
 refs = reference_images(bundle)  # toy: the star's five photos; SD: the photos in $LR_SD_REFERENCE
@@ -58,13 +58,15 @@ if have_references(refs, "the reference inversion"):
 # $$O^t = \mathrm{Attn}(Q^t, K^c, V^c)$$
 # Retouch phase, $k \ge \lambda_2$, decoder self-attention layers:
 # $$O^t = M^t \odot \mathrm{Attn}(Q^t, K^r_{|M^r}, V^r) + (1 - M^t) \odot \mathrm{Attn}(Q^t, K^c, V^c)$$
-# where $K^r_{|M^r}$ gives keys outside the reference subject a logit of $-\infty$. From
-# `SwapProcessor` in `lr_tutorial/swap.py`:
-# ```python
-# o_ref = sdpa(q_t, k_r, v_r, mask=reference_mask_over_keys)
-# o_ctx = sdpa(q_t, k_c, v_c)
-# o[:, TARGET] = m_t * o_ref + (1 - m_t) * o_ctx          # m_t over queries
-# ```
+# where $K^r_{|M^r}$ gives keys outside the reference subject a logit of $-\infty$. In
+# `lr_tutorial/swap.py`, `SwapProcessor` replaces each self-attention layer: every branch attends
+# to itself, then the target's output is computed again by `target_attention`, which picks the
+# phase. The retouch phase's equation is `multi_source_attention`, exercise 4.1 below.
+
+# %%
+show_source(swap.SwapProcessor.target_attention)
+
+# %% [markdown]
 # A swap whose sources are the target itself is a no-op (a test): whatever changes, the swap did.
 
 # %%
@@ -145,3 +147,10 @@ if have_references(refs, "the swap with your retouch attention"):
 if have_references(refs, "the comparison with the package's swap"):
     print("your retouch attention gives the method's image:",
           np.abs(yours.images[0].astype(int) - paper.images[0].astype(int)).max() <= 2)
+
+# %% [markdown]
+# The package's version of the second equation, the one yours stood in for. It takes every
+# image and both guidance halves at once, and an empty $M^r$ keeps every reference key:
+
+# %%
+show_source(swap.multi_source_attention)

@@ -15,8 +15,9 @@
 
 # %%
 import numpy as np
-from lr_tutorial import masks
-from lr_tutorial.notebook import have_references, pick_backend, prompts_for, reference_images, toy_only
+from lr_tutorial import masks, retouch
+from lr_tutorial.notebook import (have_references, pick_backend, prompts_for, reference_images,
+                                  show_source, toy_only)
 from lr_tutorial.viz import image_grid, overlay
 bundle = pick_backend()  # toy without a GPU; Stable Diffusion with one (LR_BACKEND=toy|sd forces it)
 refs = reference_images(bundle)  # toy: the star's five photos; SD: the photos in $LR_SD_REFERENCE
@@ -38,12 +39,12 @@ if have_references(refs, "a Layout-and-Retouch run, and every cell that reads it
 #    at its peaks, negative points at its lowest values (`masks.segmenter_prompts`).
 # 3. Fusion:
 # $$B = (A \ge \tau_{lo}) \wedge S,\qquad M = \max\Big(\mathrm{clip}\big(\tfrac12 + \tfrac{\mathrm{sd}(B)}{2w}, 0, 1\big),\ [A \ge \tau_{hi}]\Big)$$
-# with $\mathrm{sd}$ the signed Euclidean distance to $B$'s boundary (positive inside):
-# ```python
-# support = (attn >= cfg.tau_lo) & seg
-# m = feather(support, cfg.feather)                 # signed distance transform ramp
-# m = np.maximum(m, attn >= cfg.tau_hi)             # confident attention SAM missed
-# ```
+# with $\mathrm{sd}$ the signed Euclidean distance to $B$'s boundary (positive inside). The
+# recipe for one image, `masks.subject_mask`: normalize $A$, prompt the segmenter, fuse. The
+# feather and the fusion itself (`masks.fuse`) are exercises 5.1 and 5.2 below.
+
+# %%
+show_source(masks.subject_mask)
 
 # %%
 from lr_tutorial.widgets import MaskExplorer
@@ -70,7 +71,13 @@ fig.tight_layout()
 # %% [markdown]
 # ## Blending, and the per-step option
 # For $k < \lambda_3$ the target keeps the context outside the mask:
-# $z^t_{k+1} \leftarrow M_k z^t_{k+1} + (1 - M_k) z^c_{k+1}$. The paper's "adaptive mask
+# $z^t_{k+1} \leftarrow M_k z^t_{k+1} + (1 - M_k) z^c_{k+1}$, in `lr_tutorial/retouch.py`:
+
+# %%
+show_source(retouch.latent_blend)
+
+# %% [markdown]
+# The paper's "adaptive mask
 # blending" is the fusion above: attention and segmenter, each fixing the other's errors.
 # `MaskConfig(adaptive=True)` adds our own per-step update: $M_k$ grows with the target's
 # class-token attention, $M_{k+1} = \max(M^c, \mathrm{feather}(A^t_{\le k} \ge \tau_{lo}))$, so that
@@ -159,3 +166,14 @@ if have_references(refs, "the method with your masks"):
 if have_references(refs, "the comparison with the package's masks"):
     print("your feather and fusion give the package's mask:", bool(np.allclose(mine.mask, ctx.mask, atol=1e-3)))
     print("and the method's image:", np.abs(yours.images[0].astype(int) - result.images[0].astype(int)).max() <= 2)
+
+# %% [markdown]
+# The package's feather and fusion, the ones yours stood in for. `masks.feather` takes one
+# (h, w) map and calls `feather_maps`, which feathers a batch of maps on their own device (a GPU
+# during stage 2) with an exact signed distance of its own, no round trip through SciPy:
+
+# %%
+show_source(masks.feather_maps)
+
+# %%
+show_source(masks.fuse)

@@ -16,7 +16,7 @@
 # %%
 import numpy as np
 from lr_tutorial.notebook import (have_references, pick_backend, prompts_for, real_scores,
-                                  reference_images, toy_only)
+                                  reference_images, show_source, toy_only)
 from lr_tutorial.viz import image_grid, result_panel
 bundle = pick_backend()  # toy without a GPU; Stable Diffusion with one (LR_BACKEND=toy|sd forces it)
 refs = reference_images(bundle)  # toy: the star's five photos; SD: the photos in $LR_SD_REFERENCE
@@ -34,6 +34,16 @@ if have_references(refs, "Layout-and-Retouch on one prompt"):
 # step, the target trajectory, the attention store and the config with the library versions;
 # `result.save(folder)` writes them (never over an existing folder without `overwrite=True`).
 #
+# ## The method in one call
+# `lr(prompt, refs, seed=0)` is `LayoutAndRetouch.__call__`, the method section in code: the
+# reference photo inverted with its mask $M^r$ (notebook 04), stage 1's layout $x^c$ with its
+# class-token attention (notebook 03), the context's mask $M^c$ (notebook 05), then stage 2, the
+# swap and the latent blending (`retouch`, notebooks 04-05), and the target decoded:
+
+# %%
+show_source(LayoutAndRetouch.__call__)
+
+# %% [markdown]
 # ## Several prompts and seeds, three methods
 
 # %%
@@ -267,3 +277,17 @@ if have_references(refs, "the method with your inversion"):
 if have_references(refs, "the comparison with the package's inversion"):
     print("your inversion step gives the method's image:",
           np.abs(yours.images[0].astype(int) - result.images[0].astype(int)).max() <= 2)
+
+# %% [markdown]
+# The package's step, the one yours stood in for (`to_eps` turns the output of a model that
+# predicts $v$ into $\epsilon$; the toy models and SD 1.5 predict $\epsilon$ itself):
+
+# %%
+show_source(sampling.inversion_step)
+
+# %% [markdown]
+# and the inversion that repeats it from $k = N - 1$ down to `stop` (0: all the way to noise),
+# the model evaluated at $t_k$ on a prompt (for stage 2, the reference's):
+
+# %%
+show_source(sampling.ddim_invert)
