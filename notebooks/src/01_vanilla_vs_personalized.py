@@ -130,7 +130,7 @@ if toy_only(bundle, "the histogram of positions the oracle reads"):
 from lr_tutorial import exercises
 
 def strip_identifier(prompt, identifier):
-    # "a sks star on the left" -> "a star on the left" (hint: prompt.split())
+    # a sks star on the left -> a star on the left (hint: prompt.split())
     raise exercises.YourTurn("strip_identifier")
 
 strip_identifier = exercises.attempt(strip_identifier)
