@@ -16,8 +16,6 @@ from pathlib import Path
 
 import torch
 
-from .fast import lora
-from .fast.lora import plain_lora
 
 MODES = ("vanilla", "personalized")
 
@@ -111,6 +109,7 @@ class ModelBundle:
         fine-tune, whose personalized model is another module, nor with a LoRA variant such as
         DoRA, whose update is not B A x."""
         if self.personalization == "lora":
+            from .fast.lora import plain_lora  # speed work lives in fast/, loaded on use
             return all(plain_lora(layer, self.adapter_name) for layer in self._peft_layers())
         return self.personalization in ("textual_inversion", "none")
 
@@ -153,7 +152,9 @@ class ModelBundle:
         fuse_lora the adapter stays off in both modes and personalized mode writes the merged
         weights in (fast/lora.py)."""
         key = (id(self.unet), self.adapter_name)
-        lora.unmerge(self)
+        if self._holds_merged:  # fuse_lora's merge (fast/lora.py) leaves the weights first
+            from .fast import lora
+            lora.unmerge(self)
         if self._lora_layers is None or self._lora_layers[0] != key:
             if on:
                 self.unet.enable_adapters()
@@ -169,22 +170,26 @@ class ModelBundle:
             if layer.disable_adapters == adapter_on:  # peft's flag: "off" now
                 layer.enable_adapters(adapter_on)
         if on and self.fuse_lora:
+            from .fast import lora
             lora.merge(self)
 
     def set_fuse_lora(self, fuse: bool) -> None:
         """Merge the LoRA into the UNet's weights whenever the bundle is personalized (off by
         default; inference only): personalized outputs differ from the unmerged LoRA's by float
         rounding, vanilla ones not at all (fast/lora.py)."""
+        from .fast import lora
         lora.set_fuse_lora(self, fuse)
 
     def set_unet_onednn(self, enabled: bool, min_rows: int = 1) -> None:
         """Whether the UNets' CPU convolutions use oneDNN: never (enabled False) or in UNet
         calls of at least `min_rows` rows (fast/lora.py)."""
+        from .fast import lora
         lora.set_unet_onednn(self, enabled, min_rows)
 
     def personal_rows(self, start: int, merged: bool | None = None):
         """`with bundle.personal_rows(n):` in vanilla mode, the block's UNet calls run the
         personalized model on their rows from `start` on (fast/lora.py)."""
+        from .fast import lora
         return lora.personal_rows(self, start, merged)
 
     def set_identifier_embedding(self, row: int | None, learned: torch.Tensor | None = None) -> None:
@@ -224,11 +229,14 @@ class ModelBundle:
     def to(self, device=None, dtype=None) -> "ModelBundle":
         kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         merged = self._holds_merged  # the kept merge is made again where the weights go
-        lora.forget_merge(self)
+        if merged or self._fused:
+            from .fast import lora
+            lora.forget_merge(self)
         for m in (self.text_encoder, self.vae, self._vanilla_unet, self.personal_unet):
             if m is not None and kw:
                 m.to(**kw)
         if merged:
+            from .fast import lora
             lora.merge(self)
         return self
 

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from .bundle import (ARCH_KEYS, IDENTIFIER_FILE, MODES, ModelBundle, attach_lora,  # noqa: F401
-                     check_lora, check_same_architecture, load_state_dict, other_base, plain_lora,
+                     check_lora, check_same_architecture, load_state_dict, other_base,
                      read_identifier_embedding)
 
 
