@@ -410,17 +410,23 @@ class ReadsReference:
         return output(attn, o, hidden_states)
 
 
+def read_layers(unet) -> list[str]:
+    """The self-attention layers a reference read replaces: the swap's retouch layers."""
+    from ..attention import select_layers
+    from ..config import SwapConfig
+    return select_layers(unet, SwapConfig().retouch_layers, "self")
+
+
 def read_loss(cfg: ToyTrainConfig, unet, te, tok, reads: torch.Tensor, scaling: float,
               sched, w: torch.Tensor, rng: np.random.Generator, gen: torch.Generator,
-              step: int) -> torch.Tensor:
-    """Per-row losses (2n,) of `read_pairs` reference-read pairs (see ToyTrainConfig)."""
-    from ..attention import processors, select_layers
-    from ..config import SwapConfig
+              step: int, layers: list[str], excluded: frozenset[str]) -> torch.Tensor:
+    """Per-row losses (2n,) of `read_pairs` reference-read pairs (see ToyTrainConfig) at the
+    self-attention `layers` (`read_layers`); `excluded`: the held-out captions."""
+    from ..attention import processors
 
     n = cfg.read_pairs
     rdx = rng.integers(0, len(reads), size=n)
     triples = [read_scenes(cfg.seed, int(j)) for j in rdx]
-    excluded = heldout.training_exclusions()
     caps = [f"a {ref.shape}" for ref, _, _ in triples] + [
         training_caption(scene, rng, cfg, excluded) for _, scene, _ in triples]
     ids = tok(caps, padding="max_length", max_length=tok.model_max_length,
@@ -438,7 +444,6 @@ def read_loss(cfg: ToyTrainConfig, unet, te, tok, reads: torch.Tensor, scaling: 
         a = sched.alphas_cumprod[t[rows]].view(-1, 1, 1, 1)
         target = noise.clone()
         target[rows] = (zt[rows] - a.sqrt() * r0[rows]) / (1 - a).sqrt()
-    layers = select_layers(unet, SwapConfig().retouch_layers, "self")
     with processors(unet, {p: ReadsReference() for p in layers}):
         pred = unet(zt, t, te(ids)[0]).sample
     return w[t] * (pred - target).pow(2).mean(dim=(1, 2, 3))
@@ -511,6 +516,7 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float,
         if "head" in state:
             head.load_state_dict(state["head"]), head_opt.load_state_dict(state["head_opt"])
     excluded = heldout.training_exclusions()
+    layers = read_layers(unet) if cfg.read_pairs else []
     alphas = sched.alphas_cumprod
     snr = alphas / (1 - alphas)
     weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # (1000,)
@@ -571,7 +577,7 @@ def train_unet(cfg: ToyTrainConfig, latents: torch.Tensor, scaling: float,
                 raise ValueError("read_pairs > 0 from reads_from on needs the reference-read "
                                  "latents (train.encode_reads)")
             per_row = torch.cat([per_row, read_loss(cfg, unet, te, tok, reads, scaling, sched, w,
-                                                    rng, gen, step)])
+                                                    rng, gen, step, layers, excluded)])
         loss = per_row.mean()
         total = loss
         if cfg.token_id_loss and step >= cfg.token_id_from:
