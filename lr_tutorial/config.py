@@ -75,7 +75,7 @@ def resolve_guidance(bundle, guidance) -> float:
 class LayoutConfig:
     """Stage 1 knobs (docs/method.md "Stage 1"). lambda1: vanilla steps, a fraction of N or a
     count; None (default): the models' own hand-over (ModelBundle.lambda1: Stable Diffusion's
-    0.2 N [ours], the toy backend's 0.4 N, where its vanilla model has fixed the layout:
+    0.2 N [ours], the toy backend's 0.6 N, where its vanilla model has fixed the layout:
     `python -m lr_tutorial toy-diagnose --only 1`). steps: N DDIM steps. guidance: CFG weight;
     None (default): the models' own (ModelBundle.guidance: Stable Diffusion's 7.5, the toy
     backend's 3.0) [ours]."""

@@ -84,11 +84,14 @@ def test_identity_score_is_position_and_size_invariant_and_pattern_sensitive():
     assert min(subject) >= 0.8, min(subject)
     refs = [oracle.identity_score(world.render(world.reference_scene(rng))) for _ in range(20)]
     assert min(refs) >= 0.8  # rotation jitter does not matter either
-    for colour in (world.SUBJECT_BODY, world.SUBJECT_CORE):  # plain star of the same shape/colour
-        plain = world.Pattern(colour, colour)
-        scores = [oracle.identity_score(world.render(world.subject_scene(rng, pattern=plain)))
+    # the subject's shape in a look 90 RGB units away (the free looks' margin), or teal with a
+    # core of another colour, is not the subject
+    others = [world.Pattern((110, 160, 150), (110, 160, 150)), world.Pattern((20, 70, 150), (20, 70, 150)),
+              world.Pattern(world.SUBJECT_BODY, (245, 120, 20))]
+    for look in others:
+        scores = [oracle.identity_score(world.render(world.subject_scene(rng, pattern=look)))
                   for _ in range(20)]
-        assert max(scores) <= 0.5, max(scores)
+        assert max(scores) <= 0.5, (look, max(scores))
     vanilla_stars = [oracle.identity_score(world.render(world.sample_scene(rng, shape="star")))
                      for _ in range(50)]
     assert max(vanilla_stars) <= 0.5

@@ -225,24 +225,24 @@ def toy_bundle():
 @pytest.fixture()
 def lambda_controls(toy_bundle):
     from lr_tutorial.widgets import LambdaControls
-    # 10 steps: the defaults are lambda1 = 4 (the toy's 0.4 N), lambda2 = 2, lambda3 = 8
+    # 10 steps: the defaults are lambda1 = 6 (the toy's 0.6 N), lambda2 = 2, lambda3 = 8
     return LambdaControls(toy_bundle, "a sks star on the left in the snow", seed=0, steps=10)
 
 
 def test_lambda_controls_run_each_setting_once(lambda_controls):
     c = lambda_controls
-    assert c.default_setting() == (4, 2, 8)
-    first = c.run((4, 2, 8))
+    assert c.default_setting() == (6, 2, 8)
+    first = c.run((6, 2, 8))
     assert c.runs == 1 and first.layout.shape == first.image.shape == (64, 64, 3)
     assert "stated, id" in first.readings["image"]  # the toy oracle's reading
     # the same setting, as fractions or as the defaults: from the cache, nothing runs
-    assert c.run({"lambda1": 0.4, "lambda2": 0.2, "lambda3": 0.8}) is first
+    assert c.run({"lambda1": 0.6, "lambda2": 0.2, "lambda3": 0.8}) is first
     assert c.run({}) is first
     c.precompute({"default": {}})
     assert c.runs == 1
     c.widget()
-    c.show((4, 2, 8))
-    assert c.runs == 1 and "lambda1 4 / lambda2 2 / lambda3 8" in c._controls["message"].value
+    c.show((6, 2, 8))
+    assert c.runs == 1 and "lambda1 6 / lambda2 2 / lambda3 8" in c._controls["message"].value
 
 
 def test_lambda_controls_figure_shows_the_precomputed_settings(lambda_controls):
@@ -250,15 +250,15 @@ def test_lambda_controls_figure_shows_the_precomputed_settings(lambda_controls):
     with pytest.raises(ValueError, match="precompute"):
         c.to_figure()
     c.precompute({"default": {}, "early hand-over": {"lambda1": 1}, "no latent blending": {"lambda3": 0}})
-    assert c.runs == 3 and [k for _, k in c.shown] == [(4, 2, 8), (1, 2, 8), (4, 2, 0)]
+    assert c.runs == 3 and [k for _, k in c.shown] == [(6, 2, 8), (1, 2, 8), (6, 2, 0)]
     fig = c.to_figure()
     assert c.runs == 3  # drawn from the cache
     assert len(fig.axes) == 9  # three settings x (layout, mask, Layout-and-Retouch)
     rows = [fig.axes[3 * r].get_ylabel() for r in range(3)]
     assert [r.split("\n")[0] for r in rows] == ["default", "early hand-over", "no latent blending"]
     shown = [np.asarray(ax.images[0].get_array()) for ax in fig.axes]
-    assert np.array_equal(shown[0], c.cache[(4, 2, 8)].layout)
-    assert np.array_equal(shown[8], c.cache[(4, 2, 0)].image)
+    assert np.array_equal(shown[0], c.cache[(6, 2, 8)].layout)
+    assert np.array_equal(shown[8], c.cache[(6, 2, 0)].image)
     assert "stated, id" in fig.axes[2].get_xlabel()
     assert "no latent blending" in fig.axes[7].get_xlabel()
 
@@ -289,6 +289,6 @@ def test_lambda_controls_lambda1_changes_the_layout(lambda_controls):
     assert "press <b>run</b>" in c._controls["message"].value and c.runs == 1
     c._controls["button"].click()
     assert c.runs == 2 and layout.value != before
-    assert not np.array_equal(c.cache[(4, 2, 8)].layout, c.cache[(10, 2, 8)].layout)
-    c._controls["sliders"]["lambda1"].value = 4  # back: from the cache, shown without a click
+    assert not np.array_equal(c.cache[(6, 2, 8)].layout, c.cache[(10, 2, 8)].layout)
+    c._controls["sliders"]["lambda1"].value = 6  # back: from the cache, shown without a click
     assert layout.value == before and c.runs == 2

@@ -149,7 +149,9 @@ def identity_score(image, facts: SceneFacts | None = None, shape: str = world.SU
     disc (distance < 0.75 r_core R) are compared with the core colour, object pixels well
     outside it (> 1.3 r_core R, not on the edge) with the body colour; agreement is
     exp(-d^2 / 2 sigma^2) of the RGB distance d. The score is the geometric mean of the two
-    regions' mean agreement, so a plain object in either colour scores near 0; 0 when no object.
+    regions' mean agreement, so for a two-colour look a plain object in either colour scores
+    near 0; a uniform look (the subject's) compares both regions with its one colour. 0 when no
+    object.
     """
     img = _as_array(image)
     facts = facts or analyze(img)

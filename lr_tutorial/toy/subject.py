@@ -1,7 +1,11 @@
 """The personal subject's reference photos: five DreamBooth-style PNGs in data/toy/reference.
 
-Centred, large, on plain light backdrops, with a small jitter of position, scale and rotation
-(`world.reference_scene`). Regenerate with `python -m lr_tutorial toy-references --overwrite`.
+Centred and large, with a small jitter of position, scale and rotation
+(`world.reference_scene`), on the backdrops of `REFERENCE_BACKDROPS`: mostly the plain light
+one, once at night and once on grass, like a real photo set taken in a few places. A
+DreamBooth-LoRA that overfits them then copies a photo's framing and backdrop, and it has seen
+the subject's colour on dark and green ground. Regenerate with
+`python -m lr_tutorial toy-references --overwrite`.
 """
 from __future__ import annotations
 
@@ -13,13 +17,14 @@ from PIL import Image
 from ..files import atomic_file
 from . import world
 
-N_REFERENCES = 5
+REFERENCE_BACKDROPS = ("plain", "night", "plain", "grass", "plain")
+N_REFERENCES = len(REFERENCE_BACKDROPS)
 REFERENCE_SEED = 1234
 
 
 def reference_scenes() -> list[world.Scene]:
     rng = np.random.default_rng(REFERENCE_SEED)
-    return [world.reference_scene(rng) for _ in range(N_REFERENCES)]
+    return [world.reference_scene(rng, background) for background in REFERENCE_BACKDROPS]
 
 
 def reference_dir() -> Path:

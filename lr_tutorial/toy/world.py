@@ -5,8 +5,8 @@ little continuous jitter. `render(scene)` turns it into an RGB uint8 array, dete
 given the scene (the texture seed is part of the scene). Captions mention any subset of the
 attributes: "a red star on the left in the snow", "a star", "a small circle at night".
 
-The personal subject (identifier `sks`, class noun `star`) is a teal star with an orange core:
-a two-colour pattern that the grammar cannot express. See docs in `lr_tutorial/toy/README.md`.
+The personal subject (identifier `sks`, class noun `star`) is a teal star: a colour that no
+caption can name (teal is not in the palette). The model card data/toy/README.md says why.
 """
 from __future__ import annotations
 
@@ -55,20 +55,29 @@ BACKGROUND_PHRASES = {
 # Rare words the vanilla model never sees in training: identifiers for personal subjects.
 IDENTIFIERS = ("sks", "zwx", "qrv", "vpq")
 
-# The personal subject: its class noun is a shape; its look is a two-colour pattern.
+# The personal subject: its class noun is a shape; its look is one colour outside the palette.
+# It is uniform on purpose: a retouch reads the look through self-attention, and a 16x16
+# latent's attention carries a colour from the reference photo but not where inside the object
+# a second colour goes (a two-colour look with an orange core kept its core in no swap;
+# data/toy/README.md).
 SUBJECT_IDENTIFIER = "sks"
 SUBJECT_CLASS = "star"
 SUBJECT_BODY = (20, 160, 150)  # teal
-SUBJECT_CORE = (245, 120, 20)  # orange core
-SUBJECT_CORE_RADIUS = 0.42  # core radius as a fraction of R
+SUBJECT_CORE = SUBJECT_BODY  # uniform: the core disc has the body's colour
+SUBJECT_CORE_RADIUS = 0.42  # core radius as a fraction of R (of two-colour looks)
 
 
 @dataclass(frozen=True)
 class Pattern:
-    """A two-colour look: body colour plus a centred disc of another colour."""
+    """A look: body colour plus a centred disc of a core colour (uniform when they are equal;
+    the free looks of the base's training data and notebook 07's subjects use both kinds)."""
     body: tuple[int, int, int]
     core: tuple[int, int, int]
     core_radius: float = SUBJECT_CORE_RADIUS
+
+    @property
+    def uniform(self) -> bool:
+        return tuple(self.body) == tuple(self.core)
 
 
 SUBJECT_PATTERN = Pattern(SUBJECT_BODY, SUBJECT_CORE)
@@ -118,11 +127,11 @@ def subject_scene(rng: np.random.Generator, **fixed) -> Scene:
     return sample_scene(rng, **fixed)
 
 
-def reference_scene(rng: np.random.Generator) -> Scene:
-    """A DreamBooth-style photo: subject centred and large on a plain light backdrop, with a
-    little jitter of position, scale and rotation."""
+def reference_scene(rng: np.random.Generator, background: str = "plain") -> Scene:
+    """A DreamBooth-style photo: subject centred and large on `background` (by default the plain
+    light backdrop), with a little jitter of position, scale and rotation."""
     return subject_scene(
-        rng, size="big", position="centre", background="plain",
+        rng, size="big", position="centre", background=background,
         dx=float(rng.uniform(-1.5, 1.5)), dy=float(rng.uniform(-1.5, 1.5)),
         scale=float(rng.uniform(0.92, 1.08)), rotation=float(rng.uniform(-12, 12)),
     )

@@ -26,8 +26,9 @@ bundle = pick_backend()  # toy without a GPU; Stable Diffusion with one (LR_BACK
 # ## The toy world
 # ShapeWorld images are 64x64: one shape, with a colour, size and position, on a background.
 # Our models have exactly Stable Diffusion's architecture, only tiny. The personal subject is a
-# teal star with an orange core, which no caption can describe: its identifier is `sks`, its
-# class noun `star`. These are its five "photos", DreamBooth style: centred, large, plain backdrop.
+# teal star, a colour no caption can name: its identifier is `sks`, its class noun `star`.
+# These are its five "photos", DreamBooth style: centred and large, three on a plain backdrop,
+# one at night, one on grass.
 
 # %%
 from lr_tutorial.toy import subject, world, oracle
@@ -101,12 +102,12 @@ if toy_only(bundle, "the comparison of the two models"):  # the claims, not the 
     print("and position fidelity:", p["fidelity"]["position"] < v["fidelity"]["position"])
 
 # %% [markdown]
-# The vanilla model follows the prompt but draws plain stars (identity near 0). The
-# personalized model draws *our* star (not always: "at night" is its weak spot), but it has
-# learnt "centred, large, plain backdrop" together with the subject: it puts the star in the
-# centre of the references' light backdrop and draws it big, whatever the prompt says. That is
-# the problem Layout-and-Retouch addresses. Where does the subject land when the prompt does
-# not say?
+# The vanilla model follows the prompt but draws stars in other colours (identity near 0).
+# The personalized model draws *our* star, but it has learnt "centred, large, on one of the
+# photos' backdrops" together with the subject: it puts the star in the centre, draws it big
+# and often swaps the asked-for backdrop for a photo's, whatever the prompt says. That is the
+# problem Layout-and-Retouch addresses. Where does the subject land when the prompt does not
+# say?
 
 # %%
 if toy_only(bundle, "the histogram of positions the oracle reads"):

@@ -169,51 +169,6 @@ plt.show()
 #
 # docs/results.md has the full discussion.
 #
-# ## When the personalized model keeps a layout it is handed
-# Step-blended denoising assumes that the personalized model, handed a latent whose layout the
-# vanilla model has fixed, paints the subject into that layout instead of redrawing it. The
-# shipped toy LoRA breaks that assumption: it learned its five big, centred photos so well that
-# it moves the subject back to the centre until late in the denoising. Other LoRAs of the same
-# subject ship for comparison. `data/toy/lora_identifier` trains the photos alone at high noise
-# (t >= 600, where the layout is chosen) and re-framed copies of them (moved, zoomed, mirrored,
-# on random backdrops) below, with the identifier's embedding learned faster. From noise it
-# follows a stated position, but where the prompt leaves the position free its subjects stay
-# near the centre (a centroid spread of 3.9 px against the vanilla model's 11.4, on the whole
-# held-out set). It keeps a layout it is handed once that layout is fixed, which on this
-# 16 x 16 latent happens around 0.4 N. The same
-# prompts and seeds with it, at lambda1 = 0.4 N:
-
-# %%
-if toy_only(bundle, "the other toy LoRA") and have_references(refs, "the other LoRA's L&R"):
-    from lr_tutorial.models import load_models
-    split = load_models("toy", personalized=data_dir() / "toy" / "lora_identifier")
-    late = LRConfig(layout=LayoutConfig(lambda1=0.4, steps=25))
-    per2 = report.generate(split, prompts, seeds, "personalized", steps=25, progress=False)
-    ours2 = report.generate_method(split, prompts, seeds, "layout_and_retouch", steps=25,
-                                   progress=False, reference_images=refs, config=late)
-    image_grid([im for pair in zip(per2, ours2) for im in pair],
-               [f"{m}\n{p[:28]}" for p in prompts for _ in seeds for m in ("personalized", "L&R")],
-               ncols=4, scale=1.25)
-    for name, imgs in (("personalized", per2), ("Layout-and-Retouch", ours2)):
-        s = report.summarize(report.score(imgs, [p for p in prompts for _ in seeds]))
-        print(f"{name:>20} (lora_identifier): fidelity {s['fidelity_mean']:.2f}  "
-              f"position {s['fidelity']['position']:.2f}  identity {s['identity']:.2f}")
-
-# %% [markdown]
-# Eight images are too few to rank the two. On the whole held-out set (76 prompts x 4 seeds,
-# 25 steps; `python -m lr_tutorial toy-report --prompts data/prompts/heldout_personal.txt
-# --seeds 4 --steps 25 --methods stage1,layout_and_retouch --personalized
-# data/toy/lora_identifier --set layout.lambda1=0.4`) the method keeps both fidelity and
-# identity with this pair. Vanilla scores fidelity 0.880 and spreads its position-free images over 4 places
-# (11.4 px). The personalized model scores fidelity 0.769 and identity 0.571, in 3 places
-# (3.9 px). Layout-and-Retouch scores fidelity 0.811 (92% of vanilla's), identity 0.524 (92% of
-# the personalized model's), in 5 places (9.6 px). Stage 1 alone keeps 0.458 of the subject
-# there: the retouch adds 0.066. With the default LoRA no lambda1 keeps both (docs/results.md).
-# The two LoRAs show the method's precondition: it
-# works on a personalized model that keeps a layout it is handed, not on one that redraws it.
-# On this toy, the LoRAs that keep a handed layout also keep less of the subject (0.57 here
-# against 0.81), because the identity and the collapse come from the same memorized photos.
-#
 # ## The three step boundaries, by hand
 # Each boundary is a step of the N = 25: $\lambda_1$ is how long the vanilla model draws the
 # layout before the personalized model takes over (stage 1), $\lambda_2$ how long the target

@@ -29,11 +29,12 @@ print("Stable Diffusion cell: " + ("will run on the GPU" if use_sd else
       "skipped (needs a GPU and weights in ./sd15 or $LR_SD_BASE)") + "; toy cells: CPU")
 
 # %% [markdown]
-# ## A new subject: a purple circle with a yellow core, identifier `zwx`
-# Five DreamBooth-style photos: centred, large, plain backdrop, a little jitter.
+# ## A new subject: an olive circle, identifier `zwx`
+# Five DreamBooth-style photos: centred, large, plain backdrop, a little jitter. Olive is in no
+# caption, like the star's teal.
 
 # %%
-pattern = world.Pattern(body=(120, 40, 170), core=(250, 220, 60), core_radius=0.45)
+pattern = world.Pattern(body=(130, 130, 20), core=(130, 130, 20))  # one colour, like the star
 rng = np.random.default_rng(7)
 photos = np.stack([world.render(world.with_attrs(world.reference_scene(rng), shape="circle",
                                                  pattern=pattern)) for _ in range(5)])
