@@ -61,9 +61,9 @@ show_source(sampling.denoise)
 # %% [markdown]
 # The predicted $\hat x_0$ shows when the layout is decided. The vanilla steps
 # sketch the prompt's layout early; the personalized steps after them can still move it. The
-# shipped toy LoRA pulls hard towards its references (the centre of a light backdrop), so on
-# the toy a few vanilla steps are often not enough: the more of them, the more of the layout
-# survives (docs/results.md measures it).
+# shipped toy LoRA pulls hard towards its photos (a big star in the centre), so on the toy a
+# few vanilla steps are not enough: the toy hands over at 0.6 N, where the vanilla model has
+# fixed the layout (docs/results.md measures it).
 
 # %%
 res = step_blended(bundle, [prompt], [1], LayoutConfig(lambda1=5, steps=N))

@@ -94,7 +94,7 @@ if refs is not None:
     grown = grow(prompts_for(bundle, "a big sks star on the right at night"), refs, seed=3)
     k0 = grow.start_step()  # the target leaves the context here; per_step[i] is the mask of step k0 + i
     per = grown.masks.per_step[:, 0]  # (N - k0, h, w)
-    ks = [0, 5, 10, len(per) - 1]
+    ks = [0, len(per) // 3, 2 * len(per) // 3, len(per) - 1]
     image_grid([overlay(grown.images[0], per[i]) for i in ks]
                + [grown.images[0], overlay(result.images[0], result.masks.per_step[-1, 0])],
                [f"adaptive M at k={k0 + i}" for i in ks] + ["adaptive result", "fixed M (default)"],
