@@ -275,8 +275,8 @@ def test_masked_loss_needs_the_copies_masks():
 
 
 def test_init_lora_reads_the_shipped_configs_knobs_it_does_not_know():
-    """The shipped LoRAs' dreambooth_config.json files hold keys that are not DreamBoothConfig
-    fields (the toy's augmentation knobs among them): going on from them reads only rank and
+    """The shipped LoRA's dreambooth_config.json holds keys that are not DreamBoothConfig
+    fields (the toy's augmentation knobs among them): going on from it reads only rank and
     target_modules."""
     import dataclasses
     import json
@@ -284,7 +284,7 @@ def test_init_lora_reads_the_shipped_configs_knobs_it_does_not_know():
     from lr_tutorial.models import data_dir
     from lr_tutorial.personalize import toy_recipe
     folders = sorted(p.parent for p in (data_dir() / "toy").glob("*/dreambooth_config.json"))
-    assert len(folders) >= 4
+    assert folders  # data/toy/lora
     known = {f.name for f in dataclasses.fields(DreamBoothConfig)}
     assert any(set(json.loads((f / "dreambooth_config.json").read_text())) - known for f in folders)
     for folder in folders:
