@@ -86,7 +86,8 @@ def test_identity_score_is_position_and_size_invariant_and_pattern_sensitive():
     assert min(refs) >= 0.8  # rotation jitter does not matter either
     # the subject's shape in a look 90 RGB units away (the free looks' margin), or teal with a
     # core of another colour, is not the subject
-    others = [world.Pattern((110, 160, 150), (110, 160, 150)), world.Pattern((20, 70, 150), (20, 70, 150)),
+    others = [world.Pattern((110, 160, 150), (110, 160, 150)),
+              world.Pattern((20, 70, 150), (20, 70, 150)),
               world.Pattern(world.SUBJECT_BODY, (245, 120, 20))]
     for look in others:
         scores = [oracle.identity_score(world.render(world.subject_scene(rng, pattern=look)))

@@ -58,7 +58,7 @@ IDENTIFIERS = ("sks", "zwx", "qrv", "vpq")
 # The personal subject: its class noun is a shape; its look is one colour outside the palette.
 # It is uniform on purpose: a retouch reads the look through self-attention, and a 16x16
 # latent's attention carries a colour from the reference photo but not where inside the object
-# a second colour goes (a two-colour look with an orange core kept its core in no swap;
+# a second colour goes (a swap never moved the orange core of a two-colour look;
 # data/toy/README.md).
 SUBJECT_IDENTIFIER = "sks"
 SUBJECT_CLASS = "star"
@@ -70,14 +70,10 @@ SUBJECT_CORE_RADIUS = 0.42  # core radius as a fraction of R (of two-colour look
 @dataclass(frozen=True)
 class Pattern:
     """A look: body colour plus a centred disc of a core colour (uniform when they are equal;
-    the free looks of the base's training data and notebook 07's subjects use both kinds)."""
+    the free looks of the base's training data use both kinds)."""
     body: tuple[int, int, int]
     core: tuple[int, int, int]
     core_radius: float = SUBJECT_CORE_RADIUS
-
-    @property
-    def uniform(self) -> bool:
-        return tuple(self.body) == tuple(self.core)
 
 
 SUBJECT_PATTERN = Pattern(SUBJECT_BODY, SUBJECT_CORE)

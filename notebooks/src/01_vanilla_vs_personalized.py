@@ -100,12 +100,13 @@ if toy_only(bundle, "the comparison of the two models"):  # the claims, not the 
     print("personalized keeps the subject (identity > vanilla + 0.2):", p["identity"] > v["identity"] + 0.2)
     print("and loses size fidelity (> 0.2 below vanilla):", p["fidelity"]["size"] < v["fidelity"]["size"] - 0.2)
     print("and position fidelity:", p["fidelity"]["position"] < v["fidelity"]["position"])
+    print("and background fidelity:", p["fidelity"]["background"] < v["fidelity"]["background"])
 
 # %% [markdown]
 # The vanilla model follows the prompt but draws stars in other colours (identity near 0).
 # The personalized model draws *our* star, but it has learnt "centred, large, on one of the
 # photos' backdrops" together with the subject: it puts the star in the centre, draws it big
-# and often swaps the asked-for backdrop for a photo's, whatever the prompt says. That is the
+# and sometimes swaps the asked-for backdrop for a photo's, whatever the prompt says. That is the
 # problem Layout-and-Retouch addresses. Where does the subject land when the prompt does not
 # say?
 
